@@ -1,0 +1,9 @@
+"""olmo-fast: custom kernels and a lean runtime for the OLMo family of language models."""
+from __future__ import annotations
+
+from . import ops
+from .config import ConfigError, ModelConfig
+from .model import OLMo
+
+__version__ = "0.1.0"
+__all__ = ["ModelConfig", "ConfigError", "OLMo", "ops", "__version__"]

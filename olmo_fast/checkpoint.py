@@ -1,0 +1,210 @@
+"""Checkpoint formats: HF `OlmoForCausalLM` directories and original allenai/OLMo directories.
+
+HF:       config.json + model.safetensors | model-0000i-of-0000n.safetensors + model.safetensors.index.json
+          (| pytorch_model.bin, read with weights_only=True); names `model.layers.{i}.self_attn.q_proj` ...
+Original: config.yaml + model.safetensors | model.pt; names `transformer.blocks.{i}.att_proj` ... (our own).
+Nothing is unpickled beyond tensors: safetensors, or `torch.load(weights_only=True)`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from .config import ConfigError, ModelConfig
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing tensors, has mis-shaped ones, or cannot be read."""
+
+
+# ---------------------------------------------------------------------------------------------- name maps
+def hf_to_olmo(hf: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """HF tensors -> our (= original OLMo) names; q/k/v and gate/up are fused as OLMo fuses them."""
+    def take(name: str) -> torch.Tensor:
+        if name not in hf:
+            raise CheckpointError(f"checkpoint is missing tensor {name!r}")
+        return hf[name]
+
+    out = {"transformer.wte.weight": take("model.embed_tokens.weight")}
+    for i in range(config.n_layers):
+        p, o = f"model.layers.{i}.", f"transformer.blocks.{i}."
+        out[o + "att_proj.weight"] = torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"], dim=0)
+        out[o + "attn_out.weight"] = take(p + "self_attn.o_proj.weight")
+        # OLMo's ff_proj output is [up | gate]: the first half is multiplied by silu(second half).
+        out[o + "ff_proj.weight"] = torch.cat([take(p + "mlp.up_proj.weight"), take(p + "mlp.gate_proj.weight")], 0)
+        out[o + "ff_out.weight"] = take(p + "mlp.down_proj.weight")
+    if not config.weight_tying:
+        out["transformer.ff_out.weight"] = take("lm_head.weight")
+    return out
+
+
+def olmo_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our names -> HF names (the inverse of `hf_to_olmo`)."""
+    d, kv = config.d_model, config.n_kv_heads * config.head_dim
+    out = {"model.embed_tokens.weight": state["transformer.wte.weight"]}
+    for i in range(config.n_layers):
+        p, o = f"model.layers.{i}.", f"transformer.blocks.{i}."
+        q, k, v = state[o + "att_proj.weight"].split((d, kv, kv), dim=0)
+        up, gate = state[o + "ff_proj.weight"].chunk(2, dim=0)
+        out.update({
+            p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k, p + "self_attn.v_proj.weight": v,
+            p + "self_attn.o_proj.weight": state[o + "attn_out.weight"],
+            p + "mlp.up_proj.weight": up, p + "mlp.gate_proj.weight": gate,
+            p + "mlp.down_proj.weight": state[o + "ff_out.weight"],
+        })
+    if not config.weight_tying:
+        out["lm_head.weight"] = state["transformer.ff_out.weight"]
+    return {name: t.contiguous() for name, t in out.items()}
+
+
+# ---------------------------------------------------------------------------------------------- reading
+def _read_safetensors(files: Iterable[Path]) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    for file in files:
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint shard {file} is missing")
+        try:
+            tensors.update(load_file(str(file)))
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"cannot read {file}: {err}") from None
+    return tensors
+
+
+def _read_torch(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as err:  # weights_only refuses anything but tensors and plain containers
+        raise CheckpointError(f"cannot read {file} as a tensor-only checkpoint: {err}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{file} does not hold a state dict")
+    return state
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory, whatever of the supported files holds them."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return _read_safetensors(path / s for s in shards)
+    for name in ("model.safetensors",):
+        if (path / name).is_file():
+            return _read_safetensors([path / name])
+    for name in ("pytorch_model.bin", "model.pt"):
+        if (path / name).is_file():
+            return _read_torch(path / name)
+    raise CheckpointError(f"{path} holds no weights (model.safetensors, a sharded index, pytorch_model.bin "
+                          f"or model.pt)")
+
+
+def load_state(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(config, state dict in our names) of an HF or original OLMo checkpoint directory."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    config = ModelConfig.from_file(path)
+    raw = read_weights(path)
+    if (path / "config.json").is_file():
+        return config, hf_to_olmo(raw, config)
+    # Original layout; files written by OLMo's trainer prefix every name with "model.".
+    state = {name.removeprefix("model."): t for name, t in raw.items()}
+    return config, state
+
+
+def load_model(path: str | Path, dtype: torch.dtype | None = None, device: Any = None,
+               backend: str | None = None):
+    from .model import OLMo
+
+    config, state = load_state(path)
+    with torch.device("meta"):
+        model = OLMo(config, backend=backend, init=False)
+    check_state(model, state)
+    model.load_state_dict(state, assign=True)
+    return model.to(device=device, dtype=dtype)
+
+
+def check_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Raise CheckpointError naming the first missing, unexpected or mis-shaped tensor."""
+    expected = {name: p.shape for name, p in model.state_dict().items()}
+    for name, shape in expected.items():
+        if name not in state:
+            raise CheckpointError(f"checkpoint is missing tensor {name!r} (expected shape {tuple(shape)})")
+        if state[name].shape != shape:
+            raise CheckpointError(f"tensor {name!r} has shape {tuple(state[name].shape)}, expected {tuple(shape)}")
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise CheckpointError(f"checkpoint has tensors the model does not: {extra[:5]}")
+
+
+# ---------------------------------------------------------------------------------------------- writing
+def _atomic_dir_write(path: Path, write) -> None:
+    """Write files into `path.tmp-*`, then move them in, so a crash never leaves half a checkpoint."""
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / f".tmp-{os.getpid()}"
+    tmp.mkdir(exist_ok=True)
+    write(tmp)
+    for file in sorted(tmp.iterdir(), key=lambda f: f.name.startswith("config")):  # config last
+        os.replace(file, path / file.name)
+    tmp.rmdir()
+
+
+def _write_safetensors(tensors: dict[str, torch.Tensor], folder: Path, max_shard_bytes: int) -> None:
+    from safetensors.torch import save_file
+
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.detach().cpu().contiguous()
+        size += nbytes
+    if len(shards) == 1:
+        save_file(shards[0], str(folder / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(folder / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, fname))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+
+
+def save_hf(model, path: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
+    """HF layout: config.json + (sharded) model.safetensors, readable by transformers and by us."""
+    config: ModelConfig = model.config
+    tensors = olmo_to_hf(model.state_dict(), config)
+    dtype = next(iter(tensors.values())).dtype
+
+    def write(folder: Path) -> None:
+        _write_safetensors(tensors, folder, max_shard_bytes)
+        hf_config = dict(config.to_hf(), torch_dtype=str(dtype).removeprefix("torch."))
+        (folder / "config.json").write_text(json.dumps(hf_config, indent=2))
+
+    _atomic_dir_write(Path(path), write)
+
+
+def save_olmo(model, path: str | Path) -> None:
+    """Original OLMo layout: config.yaml (`model:` section) + model.safetensors with OLMo's names."""
+    import yaml
+
+    state = {name: t for name, t in model.state_dict().items()}
+
+    def write(folder: Path) -> None:
+        _write_safetensors(state, folder, max_shard_bytes=2**62)
+        (folder / "config.yaml").write_text(yaml.safe_dump({"model": model.config.to_olmo()}, sort_keys=False))
+
+    _atomic_dir_write(Path(path), write)
+
+
+__all__ = ["CheckpointError", "ConfigError", "load_model", "load_state", "save_hf", "save_olmo",
+           "hf_to_olmo", "olmo_to_hf", "read_weights"]

@@ -1,0 +1,89 @@
+"""Functional ops, each with `backend=None | "torch" | "triton" | "cpp"` (see `dispatch.py`).
+
+`"torch"` runs `reference.py`. The Triton and compiled backends run through `ops/<op>.py`, whose `apply`
+wraps the registered kernels in one torch.library custom op with autograd, shared by both backends.
+"""
+from __future__ import annotations
+
+import importlib
+
+import torch
+
+from . import dispatch, reference
+from .dispatch import BackendError, available_backends  # noqa: F401  (re-exported)
+
+__all__ = ["layer_norm", "swiglu", "rope", "attention", "qkv_rope", "BackendError", "available_backends"]
+
+
+def _fused(op: str):
+    return importlib.import_module(f"{__name__}.{op}").apply
+
+
+def layer_norm(x: torch.Tensor, *, eps: float = 1e-5, residual: torch.Tensor | None = None,
+               backend: str | None = None):
+    """Non-parametric LayerNorm over the last dim (fp32 statistics), output in x's dtype.
+
+    With `residual`: `h = x + residual`, returns `(LN(h), h)` - the residual add every OLMo block does.
+    """
+    chosen = dispatch.resolve("layer_norm", backend, x.device)
+    if chosen == "torch":
+        return reference.layer_norm(x, eps, residual)
+    return _fused("layer_norm")(x, eps=eps, residual=residual, backend=chosen)
+
+
+def swiglu(h: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """`h = [x | gate]` (`[..., 2H]`) -> `silu(gate) * x` (`[..., H]`)."""
+    if h.shape[-1] % 2:
+        raise ValueError(f"swiglu needs an even last dim ([x | gate]), got {tuple(h.shape)}")
+    chosen = dispatch.resolve("swiglu", backend, h.device)
+    if chosen == "torch":
+        return reference.swiglu(h)
+    return _fused("swiglu")(h, backend=chosen)
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, *, positions: torch.Tensor | None = None,
+         offset: int | torch.Tensor = 0, theta: float = 10000.0, backend: str | None = None):
+    """Rotary embedding (NeoX rotate-half, fp32) of q `[B, T, Hq, D]` and k `[B, T, Hk, D]` -> `(q, k)`.
+
+    Positions are `positions` (`[T]` or `[B, T]`) or else `offset + arange(T)` (`offset` an int or `[B]`).
+    """
+    if q.dim() != 4 or k.dim() != 4 or q.shape[-1] != k.shape[-1] or q.shape[:2] != k.shape[:2]:
+        raise ValueError(f"rope wants q [B,T,Hq,D] and k [B,T,Hk,D], got {tuple(q.shape)} and {tuple(k.shape)}")
+    if q.shape[-1] % 2:
+        raise ValueError(f"rope needs an even head dim, got {q.shape[-1]}")
+    chosen = dispatch.resolve("rope", backend, q.device)
+    if chosen == "torch":
+        return reference.rope(q, k, positions, offset, theta)
+    return _fused("rope")(q, k, positions=positions, offset=offset, theta=theta, backend=chosen)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
+              clip: float | None = None, scale: float | None = None, backend: str | None = None) -> torch.Tensor:
+    """Softmax attention on `[B, T, H, D]` (flash-attn layout; k/v may have fewer heads), q/k/v clamped to
+    `[-clip, clip]` first when `clip` is set. Causal masks align bottom-right when Tq < Tk (KV cache)."""
+    if q.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"attention wants q [B,Tq,H,D], k and v [B,Tk,Hkv,D]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} key/value heads")
+    chosen = dispatch.resolve("attention", backend, q.device)
+    if chosen == "torch":
+        return reference.attention(q, k, v, causal, clip, scale)
+    return _fused("attention")(q, k, v, causal=causal, clip=clip, scale=scale, backend=chosen)
+
+
+def qkv_rope(qkv: torch.Tensor, *, n_heads: int, n_kv_heads: int, clip: float | None = None,
+             positions: torch.Tensor | None = None, offset: int | torch.Tensor = 0, theta: float = 10000.0,
+             backend: str | None = None):
+    """Attention prologue: `[B, T, (Hq + 2 Hkv) D]` -> clamp to ±clip -> split Q|K|V -> RoPE on q, k.
+
+    Returns `(q, k, v)` in `[B, T, H, D]`.
+    """
+    if qkv.dim() != 3 or qkv.shape[-1] % (n_heads + 2 * n_kv_heads):
+        raise ValueError(f"qkv_rope wants [B, T, (Hq + 2 Hkv) * D], got {tuple(qkv.shape)} "
+                         f"for {n_heads} query and {n_kv_heads} key/value heads")
+    chosen = dispatch.resolve("qkv_rope", backend, qkv.device)
+    if chosen == "torch":
+        return reference.qkv_rope(qkv, n_heads, n_kv_heads, clip, positions, offset, theta)
+    return _fused("qkv_rope")(qkv, n_heads=n_heads, n_kv_heads=n_kv_heads, clip=clip, positions=positions,
+                              offset=offset, theta=theta, backend=chosen)

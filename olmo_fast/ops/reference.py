@@ -1,0 +1,113 @@
+"""The "torch" backend: plain PyTorch implementations of every op, and the numerical reference for tests.
+
+They follow OLMo's semantics exactly (see shared REFERENCE.md): LayerNorm statistics in fp32, RoPE angles and
+rotation in fp32 with the rotate-half layout, clamp before the split and before RoPE, SwiGLU on `[x | gate]`.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def layer_norm(x: torch.Tensor, eps: float = 1e-5, residual: torch.Tensor | None = None):
+    """Non-parametric LayerNorm in fp32; with `residual`, returns `(LN(x + residual), x + residual)`."""
+    h = x if residual is None else x + residual
+    y = F.layer_norm(h.float(), h.shape[-1:], None, None, eps).to(h.dtype)
+    return y if residual is None else (y, h)
+
+
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """OLMo's fused layout: `h = [x | gate]` along the last dim -> `silu(gate) * x`."""
+    x, gate = h.chunk(2, dim=-1)
+    return F.silu(gate) * x
+
+
+def rope_positions(seq_len: int, offset: int | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Positions `offset .. offset+seq_len-1` ([T]) or, for a per-sequence offset tensor [B], ([B, T])."""
+    steps = torch.arange(seq_len, device=device)
+    if isinstance(offset, torch.Tensor):
+        return offset.to(device=device, dtype=torch.long).view(-1, 1) + steps
+    return steps + offset
+
+
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 cos and sin of shape `positions.shape + [head_dim]` (the two halves repeat: NeoX layout)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
+    freqs = positions.to(torch.float32)[..., None] * inv_freq
+    angles = torch.cat((freqs, freqs), dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def _rotate_half(t: torch.Tensor) -> torch.Tensor:
+    first, second = t.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None = None,
+         offset: int | torch.Tensor = 0, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q `[B, T, Hq, D]` and k `[B, T, Hk, D]` by their positions, in fp32, rotate-half layout.
+
+    `positions` is `[T]` or `[B, T]`; without it, positions run from `offset` (an int, or a `[B]` tensor).
+    """
+    if positions is None:
+        positions = rope_positions(q.shape[1], offset, q.device)
+    cos, sin = rope_cos_sin(positions, q.shape[-1], theta)
+    if cos.dim() == 2:  # [T, D] -> [1, T, 1, D]
+        cos, sin = cos[None, :, None, :], sin[None, :, None, :]
+    else:  # [B, T, D] -> [B, T, 1, D]
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+
+    def rotate(t: torch.Tensor) -> torch.Tensor:
+        t32 = t.float()
+        return (t32 * cos + _rotate_half(t32) * sin).to(t.dtype)
+
+    return rotate(q), rotate(k)
+
+
+def clip(t: torch.Tensor, value: float | None) -> torch.Tensor:
+    return t if value is None else t.clamp(-value, value)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, clip_value: float | None = None,
+              scale: float | None = None) -> torch.Tensor:
+    """Softmax attention on `[B, T, H, D]` tensors (k/v may have fewer heads: GQA/MQA), q/k/v clamped first.
+
+    With `causal` and fewer queries than keys, query i sees keys up to `Tk - Tq + i` (bottom-right aligned,
+    as flash-attn and a KV cache need).
+    """
+    q, k, v = clip(q, clip_value), clip(k, clip_value), clip(v, clip_value)
+    n_rep = q.shape[2] // k.shape[2]
+    if n_rep > 1:
+        k = k.repeat_interleave(n_rep, dim=2)
+        v = v.repeat_interleave(n_rep, dim=2)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+    t_q, t_k = q.shape[2], k.shape[2]
+    mask = None
+    if causal and t_q > 1:
+        mask = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(diagonal=t_k - t_q)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return out.transpose(1, 2)
+
+
+def qkv_rope(qkv: torch.Tensor, n_heads: int, n_kv_heads: int, clip_value: float | None = None,
+             positions: torch.Tensor | None = None, offset: int | torch.Tensor = 0, theta: float = 10000.0
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The attention prologue: fused projection output `[B, T, (Hq + 2 Hkv) D]` -> clamp -> split -> RoPE.
+
+    Returns q `[B, T, Hq, D]`, k and v `[B, T, Hkv, D]`.
+    """
+    B, T, width = qkv.shape
+    head_dim = width // (n_heads + 2 * n_kv_heads)
+    qkv = clip(qkv, clip_value)
+    q, k, v = qkv.split((n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim), dim=-1)
+    q, k = rope(q.view(B, T, n_heads, head_dim), k.view(B, T, n_kv_heads, head_dim), positions, offset, theta)
+    return q, k, v.view(B, T, n_kv_heads, head_dim)
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                  reduction: str = "mean") -> torch.Tensor:
+    """Token cross-entropy in fp32 over `[N, V]` logits and `[N]` labels."""
+    return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction=reduction)
