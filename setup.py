@@ -1,12 +1,12 @@
 """Install olmo-fast. The Triton kernels live in `kernels/` and install as `olmo_fast.kernels`."""
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="olmo-fast",
     version="0.1.0",
     description="Custom-kernel, performance-first runtime for OLMo language models",
     python_requires=">=3.10",
-    packages=["olmo_fast", "olmo_fast.ops", "olmo_fast.nn", "olmo_fast.kernels"],
+    packages=find_packages(include=["olmo_fast", "olmo_fast.*"]) + ["olmo_fast.kernels"],
     package_dir={"olmo_fast.kernels": "kernels"},
     install_requires=[
         "torch>=2.4",
