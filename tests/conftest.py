@@ -18,13 +18,15 @@ def _seed():
 
 def require_kernel(op: str, backend: str, device: str = DEVICE) -> None:
     """Skip a test of `backend`'s `op` where that backend is not built/installed here - unless the backend is
-    listed in OLMO_FAST_REQUIRE_BACKENDS (CI lists every backend it builds), where a missing one fails."""
+    listed in OLMO_FAST_REQUIRE_BACKENDS (default under CI=true: "triton,cpp", all that CI builds), where a
+    missing one fails the test."""
     from olmo_fast.ops import dispatch
 
     try:
         dispatch.kernel(op, backend, device)
     except dispatch.BackendError as err:
-        required = [b for b in os.environ.get("OLMO_FAST_REQUIRE_BACKENDS", "").split(",") if b]
+        default = "triton,cpp" if os.environ.get("CI") == "true" else ""
+        required = [b for b in os.environ.get("OLMO_FAST_REQUIRE_BACKENDS", default).split(",") if b]
         if backend in required:
             pytest.fail(f"backend {backend!r} is required here but unavailable: {err}")
         pytest.skip(str(err))
