@@ -169,6 +169,7 @@ class ModelConfig:
             unsupported = {
                 "attention_layer_norm": False, "bias_for_layer_norm": False, "include_bias": False,
                 "layer_norm_with_affine": False, "alibi": False, "multi_query_attention": False,
+                "embedding_layer_norm": False, "scale_logits": False, "norm_after": False,
             }
             for key, expected in unsupported.items():
                 if bool(model.get(key, expected)) != expected:
