@@ -12,38 +12,62 @@ import torch
 from . import dispatch, reference
 from .dispatch import BackendError, available_backends  # noqa: F401  (re-exported)
 
-__all__ = ["layer_norm", "swiglu", "rope", "attention", "decode_attention", "qkv_rope", "BackendError", "available_backends"]
+__all__ = ["layer_norm", "rms_norm", "swiglu", "silu_mul", "rope", "attention", "decode_attention", "qkv_rope", "BackendError", "available_backends"]
 
 
-def _fused(op: str):
-    return importlib.import_module(f"{__name__}.{op}").apply
+def _fused(op: str, fn: str = "apply"):
+    return getattr(importlib.import_module(f"{__name__}.{op}"), fn)
 
 
 def layer_norm(x: torch.Tensor, *, eps: float = 1e-5, residual: torch.Tensor | None = None,
-               backend: str | None = None):
-    """Non-parametric LayerNorm over the last dim (fp32 statistics), output in x's dtype.
+               weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, backend: str | None = None):
+    """LayerNorm over the last dim (fp32 statistics), output in x's dtype. OLMo's is non-parametric (no
+    `weight`, no `bias`); other models pass `[C]` ones.
 
     With `residual`: `h = x + residual`, returns `(LN(h), h)` - the residual add every OLMo block does.
     """
-    chosen = dispatch.resolve("layer_norm", backend, x.device)
+    parametric = weight is not None or bias is not None
+    chosen = dispatch.resolve("norm_fwd" if parametric else "layer_norm_fwd", backend, x.device)
     if chosen == "torch":
-        return reference.layer_norm(x, eps, residual)
-    return _fused("layer_norm")(x, eps=eps, residual=residual, backend=chosen)
+        return reference.layer_norm(x, eps, residual, weight, bias)
+    return _fused("layer_norm")(x, eps=eps, residual=residual, weight=weight, bias=bias, backend=chosen)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, *, eps: float = 1e-6,
+             residual: torch.Tensor | None = None, backend: str | None = None):
+    """RMSNorm over the last dim: `h * rsqrt(mean(h^2) + eps) * weight` with fp32 statistics (and an fp32
+    weight gradient, reduced over rows in fp32), output in x's dtype. With `residual`, returns `(y, h)`."""
+    chosen = dispatch.resolve("norm_fwd", backend, x.device)
+    if chosen == "torch":
+        return reference.rms_norm(x, weight, eps, residual)
+    return _fused("layer_norm")(x, eps=eps, residual=residual, weight=weight, rms=True, backend=chosen)
 
 
 def swiglu(h: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """`h = [x | gate]` (`[..., 2H]`) -> `silu(gate) * x` (`[..., H]`)."""
     if h.shape[-1] % 2:
         raise ValueError(f"swiglu needs an even last dim ([x | gate]), got {tuple(h.shape)}")
-    chosen = dispatch.resolve("swiglu", backend, h.device)
+    chosen = dispatch.resolve("swiglu_fwd", backend, h.device)
     if chosen == "torch":
         return reference.swiglu(h)
     return _fused("swiglu")(h, backend=chosen)
 
 
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """The separate gate/up SwiGLU layout (Llama's MLP): `silu(gate) * up`, both `[..., H]`."""
+    if gate.shape != up.shape:
+        raise ValueError(f"silu_mul wants gate and up of one shape, got {tuple(gate.shape)} and {tuple(up.shape)}")
+    chosen = dispatch.resolve("silu_mul_fwd", backend, gate.device)
+    if chosen == "torch":
+        return reference.silu_mul(gate, up)
+    return _fused("swiglu", "apply_silu_mul")(gate, up, backend=chosen)
+
+
 def rope(q: torch.Tensor, k: torch.Tensor, *, positions: torch.Tensor | None = None,
-         offset: int | torch.Tensor = 0, theta: float = 10000.0, backend: str | None = None):
-    """Rotary embedding (NeoX rotate-half, fp32) of q `[B, T, Hq, D]` and k `[B, T, Hk, D]` -> `(q, k)`.
+         offset: int | torch.Tensor = 0, theta: float = 10000.0, interleaved: bool = False,
+         backend: str | None = None):
+    """Rotary embedding (fp32) of q `[B, T, Hq, D]` and k `[B, T, Hk, D]` -> `(q, k)`, NeoX rotate-half layout
+    (OLMo's) or, with `interleaved`, GPT-J's adjacent pairs.
 
     Positions are `positions` (`[T]` or `[B, T]`) or else `offset + arange(T)` (`offset` an int or `[B]`).
     """
@@ -53,8 +77,9 @@ def rope(q: torch.Tensor, k: torch.Tensor, *, positions: torch.Tensor | None = N
         raise ValueError(f"rope needs an even head dim, got {q.shape[-1]}")
     chosen = dispatch.resolve("rope", backend, q.device)
     if chosen == "torch":
-        return reference.rope(q, k, positions, offset, theta)
-    return _fused("rope")(q, k, positions=positions, offset=offset, theta=theta, backend=chosen)
+        return reference.rope(q, k, positions, offset, theta, interleaved)
+    return _fused("rope")(q, k, positions=positions, offset=offset, theta=theta, interleaved=interleaved,
+                          backend=chosen)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
@@ -95,7 +120,7 @@ def qkv_rope(qkv: torch.Tensor, *, n_heads: int, n_kv_heads: int, clip: float | 
     if qkv.dim() != 3 or qkv.shape[-1] % (n_heads + 2 * n_kv_heads):
         raise ValueError(f"qkv_rope wants [B, T, (Hq + 2 Hkv) * D], got {tuple(qkv.shape)} "
                          f"for {n_heads} query and {n_kv_heads} key/value heads")
-    chosen = dispatch.resolve("qkv_rope", backend, qkv.device)
+    chosen = dispatch.resolve("qkv_rope_fwd", backend, qkv.device)
     if chosen == "torch":
         return reference.qkv_rope(qkv, n_heads, n_kv_heads, clip, positions, offset, theta)
     return _fused("qkv_rope")(qkv, n_heads=n_heads, n_kv_heads=n_kv_heads, clip=clip, positions=positions,

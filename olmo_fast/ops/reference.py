@@ -11,10 +11,31 @@ import torch
 import torch.nn.functional as F
 
 
-def layer_norm(x: torch.Tensor, eps: float = 1e-5, residual: torch.Tensor | None = None):
-    """Non-parametric LayerNorm in fp32; with `residual`, returns `(LN(x + residual), x + residual)`."""
+def layer_norm(x: torch.Tensor, eps: float = 1e-5, residual: torch.Tensor | None = None,
+               weight: torch.Tensor | None = None, bias: torch.Tensor | None = None):
+    """LayerNorm in fp32 (OLMo's is non-parametric: no weight, no bias); output in x's dtype.
+
+    With `residual`, returns `(LN(x + residual), x + residual)`.
+    """
     h = x if residual is None else x + residual
-    y = F.layer_norm(h.float(), h.shape[-1:], None, None, eps).to(h.dtype)
+    w = None if weight is None else weight.float()
+    b = None if bias is None else bias.float()
+    y = F.layer_norm(h.float(), h.shape[-1:], w, b, eps).to(h.dtype)
+    return y if residual is None else (y, h)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1e-6,
+             residual: torch.Tensor | None = None):
+    """RMSNorm in fp32 (`h * rsqrt(mean(h^2) + eps) * weight`), output in x's dtype.
+
+    With `residual`, returns `(RMSNorm(x + residual), x + residual)`.
+    """
+    h = x if residual is None else x + residual
+    h32 = h.float()
+    y = h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight.float()
+    y = y.to(h.dtype)
     return y if residual is None else (y, h)
 
 
@@ -22,6 +43,11 @@ def swiglu(h: torch.Tensor) -> torch.Tensor:
     """OLMo's fused layout: `h = [x | gate]` along the last dim -> `silu(gate) * x`."""
     x, gate = h.chunk(2, dim=-1)
     return F.silu(gate) * x
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The separate gate/up layout (Llama's MLP): `silu(gate) * up`."""
+    return F.silu(gate) * up
 
 
 def rope_positions(seq_len: int, offset: int | torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -45,15 +71,29 @@ def _rotate_half(t: torch.Tensor) -> torch.Tensor:
     return torch.cat((-second, first), dim=-1)
 
 
-def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None = None,
-         offset: int | torch.Tensor = 0, theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q `[B, T, Hq, D]` and k `[B, T, Hk, D]` by their positions, in fp32, rotate-half layout.
+def _rotate_pairs(t: torch.Tensor) -> torch.Tensor:
+    """The interleaved (GPT-J) counterpart of `_rotate_half`: (t0, t1) -> (-t1, t0) for each adjacent pair."""
+    even, odd = t[..., 0::2], t[..., 1::2]
+    return torch.stack((-odd, even), dim=-1).flatten(-2)
 
+
+def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None = None,
+         offset: int | torch.Tensor = 0, theta: float = 10000.0, interleaved: bool = False
+         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q `[B, T, Hq, D]` and k `[B, T, Hk, D]` by their positions, in fp32.
+
+    Layout: rotate-half (NeoX, OLMo's: dims i and i + D/2 form a pair) or, with `interleaved`, GPT-J's
+    (dims 2i and 2i + 1 form a pair); pair i turns by `position * theta^(-2i/D)` either way.
     `positions` is `[T]` or `[B, T]`; without it, positions run from `offset` (an int, or a `[B]` tensor).
     """
     if positions is None:
         positions = rope_positions(q.shape[1], offset, q.device)
     cos, sin = rope_cos_sin(positions, q.shape[-1], theta)
+    rotate_other = _rotate_half
+    if interleaved:  # [c0..c_{D/2-1}, c0..] -> [c0, c0, c1, c1, ...]
+        half = q.shape[-1] // 2
+        cos, sin = (t[..., :half].repeat_interleave(2, dim=-1) for t in (cos, sin))
+        rotate_other = _rotate_pairs
     if cos.dim() == 2:  # [T, D] -> [1, T, 1, D]
         cos, sin = cos[None, :, None, :], sin[None, :, None, :]
     else:  # [B, T, D] -> [B, T, 1, D]
@@ -61,7 +101,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None = None
 
     def rotate(t: torch.Tensor) -> torch.Tensor:
         t32 = t.float()
-        return (t32 * cos + _rotate_half(t32) * sin).to(t.dtype)
+        return (t32 * cos + rotate_other(t32) * sin).to(t.dtype)
 
     return rotate(q), rotate(k)
 
