@@ -1,0 +1,380 @@
+"""Clipped-QKV flash attention for training: forward and FlashAttention-2-style backward, in Triton.
+
+Computes, per batch b and query head h (q [B, Tq, H, D]; k, v [B, Tk, Hkv, D]; any strides with stride(-1) == 1):
+    O = softmax(scale * c(Q) c(K)^T + mask) c(V),   c(x) = min(max(x, -clip), clip)  (OLMo 1.7's QKV clipping)
+The clamp is applied to each tile as it is loaded: no clipped copy is made, and no mask is kept for the backward.
+K/V may have fewer heads (GQA/MQA): query head h reads key/value head h // (H // Hkv); K/V are never repeated.
+Causal masks align bottom-right (query i sees keys j <= i + Tk - Tq); a row that sees no key gives 0.
+Softmax statistics and accumulation are fp32 (online softmax in base 2); the forward saves the log-sum-exp
+LSE (base 2, of the scaled scores; [B, H, Tq] fp32; +inf for rows that see no key).
+
+Backward: `_attn_bwd_delta` (delta = rowsum(dO * O)), `_attn_bwd_dkdv` (one program per key block of a kv head,
+looping over the query blocks of every query head of its group, so GQA needs no atomics), `_attn_bwd_dq`
+(one program per query block). dQ, dK, dV are multiplied by the clamp's gradient, 1 where -clip <= x <= clip
+(inclusive, as torch.clamp) and 0 elsewhere, recomputed from the raw inputs.
+
+Work, with P = B * H * Tq * Tk * D (halved under a causal mask when Tq = Tk):
+  forward  4 P FLOPs (QK^T, PV).  Backward 14 P FLOPs executed (the nominal 10 P = 2.5x forward, plus QK^T and
+  dO V^T recomputed by the separate dQ pass).
+Bytes (e = element size): forward reads Q, K, V and writes O, LSE: e*B*D*(2*H*Tq + 2*Hkv*Tk) + 4*B*H*Tq from HBM
+(K/V tiles are re-read once per query block, mostly from L2). Backward reads Q, K, V, O, dO, LSE and writes dQ,
+dK, dV plus the fp32 delta: e*B*D*(5*H*Tq + 4*Hkv*Tk) + 12*B*H*Tq.
+Offsets: batch bases are int64; in-sequence offsets (t * stride_t) are int32, so one sequence's slab must stay
+below 2^31 elements.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+# Threads per warp (NVIDIA) or wavefront (AMD): a block may hold at most 1024 threads.
+WARP_SIZE = 64 if torch.version.hip else 32
+
+
+def configs(shapes: list[tuple[int, ...]], interpret: tuple[int, ...], names: tuple[str, ...] = ("BLOCK_M", "BLOCK_N")
+            ) -> list[triton.Config]:
+    """Autotune configs from (*block sizes named `names`, num_warps, num_stages), keeping those that fit 1024
+    threads; under the interpreter, only the small `interpret` block sizes, so that CPU tests stay fast."""
+    if INTERPRET:
+        shapes = [(*interpret, 1, 1)]
+    return [triton.Config(dict(zip(names, shape[:-2])), num_warps=shape[-2], num_stages=shape[-1])
+            for shape in shapes if shape[-2] * WARP_SIZE <= 1024]
+
+
+# ---------------------------------------------------------------------------------------------- shared helpers
+@triton.jit
+def load_tile(ptr, offs_t, offs_d, stride_t, T, HEAD_DIM: tl.constexpr):
+    """Rows `offs_t` (< T) of a [T, HEAD_DIM] slab with row stride `stride_t`; zeros outside."""
+    mask = (offs_t[:, None] < T) & (offs_d[None, :] < HEAD_DIM)
+    return tl.load(ptr + offs_t[:, None] * stride_t + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def clamp(x, clip, HAS_CLIP: tl.constexpr):
+    """c(x) in x's dtype (exact: the result is x or the clip value, which the host rounds to x's dtype)."""
+    if HAS_CLIP:
+        x = tl.minimum(tl.maximum(x.to(tl.float32), -clip), clip).to(x.dtype)
+    return x
+
+
+@triton.jit
+def clamp_grad(g, x, clip, HAS_CLIP: tl.constexpr):
+    """torch.clamp's backward: g where -clip <= x <= clip (inclusive), 0 elsewhere."""
+    if HAS_CLIP:
+        xf = x.to(tl.float32)
+        g = tl.where((xf >= -clip) & (xf <= clip), g, 0.0)
+    return g
+
+
+@triton.jit
+def key_limit(offs_m, Tq, Tk, CAUSAL: tl.constexpr):
+    """How many keys each query row sees (bottom-right causal alignment), as a [BLOCK_M] vector."""
+    if CAUSAL:
+        return tl.minimum(offs_m + 1 + Tk - Tq, Tk)
+    return tl.zeros_like(offs_m) + Tk
+
+
+@triton.jit
+def kv_range(start_m, Tq, Tk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Key blocks [0, n_full) are visible to every row of the query block at start_m; [n_full, n_end) need the mask."""
+    if CAUSAL:
+        n_end = tl.maximum(tl.minimum(start_m + BLOCK_M + Tk - Tq, Tk), 0)
+        n_full = tl.maximum(tl.minimum(start_m + 1 + Tk - Tq, Tk), 0)
+    else:
+        n_end = Tk
+        n_full = Tk
+    return n_full // BLOCK_N * BLOCK_N, n_end
+
+
+@triton.jit
+def attend_blocks(acc, m_i, l_i, q, K, V, stride_kt, stride_vt, offs_d, limit, lo, hi, clip, qk_scale,
+                  HAS_CLIP: tl.constexpr, MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr):
+    """Online-softmax update of (acc, m_i, l_i) with keys [lo, hi); with MASK, row r keeps keys < limit[r].
+
+    Shared by the training forward and the decoding kernel. Scores are in base 2 (qk_scale = scale * log2 e);
+    a row with no key so far keeps m_i = -inf, l_i = 0 (never NaN)."""
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        k = clamp(load_tile(K, offs_n, offs_d, stride_kt, hi, HEAD_DIM), clip, HAS_CLIP)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if MASK:
+            s = tl.where(offs_n[None, :] < limit[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_safe[:, None])
+        alpha = tl.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = clamp(load_tile(V, offs_n, offs_d, stride_vt, hi, HEAD_DIM), clip, HAS_CLIP)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+# ---------------------------------------------------------------------------------------------- forward
+_FWD_CONFIGS = configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3),
+                        (64, 32, 4, 4), (128, 64, 8, 4), (64, 128, 4, 3)], interpret=(32, 16))
+
+
+@triton.autotune(configs=_FWD_CONFIGS, key=["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_CLIP", "DOT_PRECISION"])
+@triton.jit
+def _attn_fwd(Q, K, V, O, LSE,
+              sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
+              H, GROUP, Tq, Tk, Q_BUCKET, K_BUCKET, qk_scale, clip,
+              HAS_CLIP: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+              DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    kh = h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = clamp(load_tile(Q + b * sqb + h * sqh, offs_m, offs_d, sqt, Tq, HEAD_DIM), clip, HAS_CLIP)
+    K += b * skb + kh * skh
+    V += b * svb + kh * svh
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    limit = key_limit(offs_m, Tq, Tk, CAUSAL)
+    n_full, n_end = kv_range(start_m, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
+    acc, m_i, l_i = attend_blocks(acc, m_i, l_i, q, K, V, skt, svt, offs_d, limit, 0, n_full, clip, qk_scale,
+                                  HAS_CLIP, False, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+    acc, m_i, l_i = attend_blocks(acc, m_i, l_i, q, K, V, skt, svt, offs_d, limit, n_full, n_end, clip, qk_scale,
+                                  HAS_CLIP, True, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    row_ok = offs_m < Tq
+    tl.store(LSE + bh * Tq + offs_m, lse, mask=row_ok)
+    o_ptrs = O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+# ---------------------------------------------------------------------------------------------- backward
+@triton.jit
+def _attn_bwd_delta(O, DO, DELTA, sob, sot, soh, sdb, sdt, sdh, H, Tq,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = load_tile(O + b * sob + h * soh, offs_m, offs_d, sot, Tq, HEAD_DIM).to(tl.float32)
+    do = load_tile(DO + b * sdb + h * sdh, offs_m, offs_d, sdt, Tq, HEAD_DIM).to(tl.float32)
+    tl.store(DELTA + bh * Tq + offs_m, tl.sum(o * do, 1), mask=offs_m < Tq)
+
+
+@triton.jit
+def _dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, sqt, sdt, offs_n, offs_d, lo, hi, Tq, Tk, clip, qk_scale,
+                 HAS_CLIP: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Accumulate one query head's query blocks [lo, hi) into dk (unscaled) and dv of one key block.
+
+    Rows past Tq load LSE = +inf and dO = 0, so they add nothing without a mask."""
+    offs_m0 = tl.arange(0, BLOCK_M)
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + offs_m0
+        q = clamp(load_tile(Q, offs_m, offs_d, sqt, Tq, HEAD_DIM), clip, HAS_CLIP)
+        do = load_tile(DO, offs_m, offs_d, sdt, Tq, HEAD_DIM)
+        lse = tl.load(LSE + offs_m, mask=offs_m < Tq, other=float("inf"))
+        delta = tl.load(DELTA + offs_m, mask=offs_m < Tq, other=0.0)
+        p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale - lse[:, None])
+        if MASK:
+            p = tl.where(offs_n[None, :] < key_limit(offs_m, Tq, Tk, CAUSAL)[:, None], p, 0.0)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+_DKDV_CONFIGS = configs([(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 4, 3), (64, 128, 4, 2),
+                         (16, 128, 4, 4)], interpret=(16, 32))
+
+
+@triton.autotune(configs=_DKDV_CONFIGS, key=["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_CLIP", "DOT_PRECISION"])
+@triton.jit
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
+                   sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh, sdkb, sdkt, sdkh, sdvb, sdvt, sdvh,
+                   H, GROUP, Tq, Tk, Q_BUCKET, K_BUCKET, scale, qk_scale, clip,
+                   HAS_CLIP: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                   DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_n = tl.program_id(0) * BLOCK_N
+    bkh = tl.program_id(1).to(tl.int64)
+    Hkv = H // GROUP
+    b, kh = bkh // Hkv, bkh % Hkv
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k_raw = load_tile(K + b * skb + kh * skh, offs_n, offs_d, skt, Tk, HEAD_DIM)
+    v_raw = load_tile(V + b * svb + kh * svh, offs_n, offs_d, svt, Tk, HEAD_DIM)
+    k, v = clamp(k_raw, clip, HAS_CLIP), clamp(v_raw, clip, HAS_CLIP)
+
+    # Query rows [m_lo, m_full) see part of this key block (masked); rows >= m_full see all of it.
+    if CAUSAL:
+        m_lo = tl.maximum(start_n - (Tk - Tq), 0) // BLOCK_M * BLOCK_M
+        m_full = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - (Tk - Tq), 0), BLOCK_M) * BLOCK_M
+        m_full = tl.minimum(tl.maximum(m_full, m_lo), Tq)
+    else:
+        m_lo = 0
+        m_full = 0
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for g in range(GROUP):
+        h = kh * GROUP + g
+        Qh = Q + b * sqb + h * sqh
+        DOh = DO + b * sdb + h * sdh
+        row = (b * H + h) * Tq
+        dk, dv = _dkdv_blocks(dk, dv, k, v, Qh, DOh, LSE + row, DELTA + row, sqt, sdt, offs_n, offs_d, m_lo, m_full,
+                              Tq, Tk, clip, qk_scale, HAS_CLIP, CAUSAL, True, HEAD_DIM, BLOCK_M, DOT_PRECISION)
+        dk, dv = _dkdv_blocks(dk, dv, k, v, Qh, DOh, LSE + row, DELTA + row, sqt, sdt, offs_n, offs_d, m_full, Tq,
+                              Tq, Tk, clip, qk_scale, HAS_CLIP, CAUSAL, False, HEAD_DIM, BLOCK_M, DOT_PRECISION)
+
+    dk = clamp_grad(dk * scale, k_raw, clip, HAS_CLIP)
+    dv = clamp_grad(dv, v_raw, clip, HAS_CLIP)
+    mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < HEAD_DIM)
+    tl.store(DK + b * sdkb + kh * sdkh + offs_n[:, None] * sdkt + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=mask)
+    tl.store(DV + b * sdvb + kh * sdvh + offs_n[:, None] * sdvt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dq_blocks(dq, q, do, lse, delta, K, V, skt, svt, offs_m, offs_d, limit, lo, hi, clip, qk_scale,
+               HAS_CLIP: tl.constexpr, MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    """Accumulate key blocks [lo, hi) into dq (unscaled) of one query block."""
+    offs_n0 = tl.arange(0, BLOCK_N)
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + offs_n0
+        k = clamp(load_tile(K, offs_n, offs_d, skt, hi, HEAD_DIM), clip, HAS_CLIP)
+        v = clamp(load_tile(V, offs_n, offs_d, svt, hi, HEAD_DIM), clip, HAS_CLIP)
+        p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale - lse[:, None])
+        if MASK:
+            p = tl.where(offs_n[None, :] < limit[:, None], p, 0.0)
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
+    return dq
+
+
+_DQ_CONFIGS = configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 4, 2), (64, 32, 4, 4)],
+                      interpret=(32, 16))
+
+
+@triton.autotune(configs=_DQ_CONFIGS, key=["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_CLIP", "DOT_PRECISION"])
+@triton.jit
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
+                 sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh, sdqb, sdqt, sdqh,
+                 H, GROUP, Tq, Tk, Q_BUCKET, K_BUCKET, scale, qk_scale, clip,
+                 HAS_CLIP: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // H, bh % H
+    kh = h // GROUP
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_raw = load_tile(Q + b * sqb + h * sqh, offs_m, offs_d, sqt, Tq, HEAD_DIM)
+    q = clamp(q_raw, clip, HAS_CLIP)
+    do = load_tile(DO + b * sdb + h * sdh, offs_m, offs_d, sdt, Tq, HEAD_DIM)
+    row_ok = offs_m < Tq
+    lse = tl.load(LSE + bh * Tq + offs_m, mask=row_ok, other=float("inf"))
+    delta = tl.load(DELTA + bh * Tq + offs_m, mask=row_ok, other=0.0)
+    K += b * skb + kh * skh
+    V += b * svb + kh * svh
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    limit = key_limit(offs_m, Tq, Tk, CAUSAL)
+    n_full, n_end = kv_range(start_m, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
+    dq = _dq_blocks(dq, q, do, lse, delta, K, V, skt, svt, offs_m, offs_d, limit, 0, n_full, clip, qk_scale,
+                    HAS_CLIP, False, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+    dq = _dq_blocks(dq, q, do, lse, delta, K, V, skt, svt, offs_m, offs_d, limit, n_full, n_end, clip, qk_scale,
+                    HAS_CLIP, True, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+    dq = clamp_grad(dq * scale, q_raw, clip, HAS_CLIP)
+    dq_ptrs = DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqt + offs_d[None, :]
+    tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
+
+
+# ---------------------------------------------------------------------------------------------- host side
+LOG2E = 1.4426950408889634
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"attention wants q [B,Tq,H,D], k and v [B,Tk,Hkv,D]; got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} key/value heads")
+    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"attention wants q, k, v of one dtype among fp16/bf16/fp32; got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def clip_value(clip: float | None, dtype: torch.dtype) -> float:
+    """The clip bound rounded to the inputs' dtype (what torch.clamp compares against); 0 when unused."""
+    return 0.0 if clip is None else float(torch.tensor(float(clip), dtype=dtype))
+
+
+def _common(q: torch.Tensor, k: torch.Tensor, causal: bool, clip: float | None, scale: float) -> dict:
+    """Scalar and constexpr arguments shared by the forward and backward kernels."""
+    B, Tq, H, D = q.shape
+    Tk = k.shape[1]
+    return dict(H=H, GROUP=H // k.shape[2], Tq=Tq, Tk=Tk, Q_BUCKET=triton.next_power_of_2(Tq),
+                K_BUCKET=triton.next_power_of_2(Tk), qk_scale=scale * LOG2E, clip=clip_value(clip, q.dtype),
+                HAS_CLIP=clip is not None, CAUSAL=bool(causal), HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
+                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, clip: float | None,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (out [B, Tq, H, D] contiguous in q's dtype, lse [B, H, Tq] fp32 base 2, +inf for rows with no key)."""
+    _check(q, k, v)
+    q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
+    B, Tq, H, D = q.shape
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    args = _common(q, k, causal, clip, scale)
+    grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)  # noqa: E731
+    _attn_fwd[grid](q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], **args)
+    return out, lse
+
+
+def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                  lse: torch.Tensor, causal: bool, clip: float | None, scale: float
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dq, dk, dv), contiguous, in the inputs' dtype; the clamp's gradient included."""
+    _check(q, k, v)
+    q, k, v, out, dout = (last_dim_contiguous(t) for t in (q, k, v, out, dout))
+    B, Tq, H, D = q.shape
+    Tk, Hkv = k.shape[1], k.shape[2]
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    if dq.numel() == 0 or dk.numel() == 0:  # no query or no key: nothing flows back
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    args = _common(q, k, causal, clip, scale)
+    delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
+    block_m = 16 if INTERPRET else 64
+    _attn_bwd_delta[(triton.cdiv(Tq, block_m), B * H)](
+        out, dout, delta, *out.stride()[:3], *dout.stride()[:3], H, Tq,
+        HEAD_DIM=D, BLOCK_D=args["BLOCK_D"], BLOCK_M=block_m)
+    strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
+    _attn_bwd_dkdv[lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * Hkv)](
+        q, k, v, dout, lse, delta, dk, dv, *strides, *dk.stride()[:3], *dv.stride()[:3], scale=scale, **args)
+    _attn_bwd_dq[lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)](
+        q, k, v, dout, lse, delta, dq, *strides, *dq.stride()[:3], scale=scale, **args)
+    return dq, dk, dv
+
+
+KERNELS = {"attention_fwd": attention_fwd, "attention_bwd": attention_bwd}

@@ -1,0 +1,144 @@
+"""Decoding attention (flash-decoding) in Triton: a few new queries against a KV cache, split across programs.
+
+Computes, for q [B, Tq, H, D] and caches k, v [B, S, Hkv, D] (any strides, stride(-1) == 1) where sequence b holds
+seqlens[b] valid keys (the Tq new ones last): query i of sequence b attends to keys 0 .. seqlens[b] - Tq + i
+(causal among the new tokens; slots past seqlens[b] are never read). Out [B, Tq, H, D] in q's dtype.
+
+Split-K: the cache is cut into `num_splits` chunks; program (split, b * Hkv + kv head, row block) runs the online
+softmax of the training forward (`attention.attend_blocks`, fp32, base 2) over one chunk for a block of rows
+(q head of the kv head's group, query) - so K/V are read once per group, never repeated for GQA - and writes a
+partial output and log-sum-exp (fp32). `_decode_combine` merges the splits (skipped when there is one split: the
+split kernel then writes the output itself). Small batches get many splits so that every SM has work.
+
+Work: 4 * B * H * Tq * L * D FLOPs (L = mean seqlen). Bytes: e * B * Hkv * L * 2 * D of K/V read once (e =
+element size; this dominates), plus q and out (e * 2 * B * Tq * H * D) and, with splits, the fp32 partials written
+and read back: 2 * 4 * B * H * Tq * num_splits * (D + 1).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .attention import INTERPRET, LOG2E, attend_blocks, configs
+
+CHUNK_ALIGN = 64  # split chunks are multiples of this (and of every BLOCK_N below)
+MAX_SPLITS = 128
+
+_SPLIT_CONFIGS = configs([(32, 2, 2), (64, 4, 2), (64, 4, 3), (32, 4, 3)], interpret=(16,), names=("BLOCK_N",))
+
+
+@triton.autotune(configs=_SPLIT_CONFIGS, key=["CHUNK", "HEAD_DIM", "ROWS", "SINGLE"])
+@triton.jit
+def _decode_split(Q, K, V, SEQLENS, O, OPART, LPART,
+                  sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
+                  H, Hkv, GROUP, Tq, CHUNK, n_splits, qk_scale,
+                  ROWS: tl.constexpr, SINGLE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                  DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    split = tl.program_id(0)
+    bkh = tl.program_id(1).to(tl.int64)
+    b, kh = bkh // Hkv, bkh % Hkv
+    # Row r of the block is query i of head kh * GROUP + g, with r = g * Tq + i.
+    rows = tl.program_id(2) * ROWS + tl.arange(0, BLOCK_M)
+    row_ok = (rows < GROUP * Tq) & (tl.arange(0, BLOCK_M) < ROWS)
+    g, i = rows // Tq, rows % Tq
+    h = kh * GROUP + g
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d[None, :] < HEAD_DIM
+    q_ptrs = Q + b * sqb + i[:, None] * sqt + h[:, None] * sqh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok, other=0.0)
+
+    seqlen = tl.load(SEQLENS + b).to(tl.int32)
+    lo = split * CHUNK
+    hi = tl.minimum(lo + CHUNK, seqlen)
+    limit = tl.minimum(seqlen - Tq + i + 1, hi)  # keys each row sees, within this chunk
+    n_full = tl.maximum(tl.minimum(seqlen - Tq + 1, hi) - lo, 0) // BLOCK_N * BLOCK_N + lo
+    K += b * skb + kh * skh
+    V += b * svb + kh * svh
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc, m_i, l_i = attend_blocks(acc, m_i, l_i, q, K, V, skt, svt, offs_d, limit, lo, n_full, 0.0, qk_scale,
+                                  False, False, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+    acc, m_i, l_i = attend_blocks(acc, m_i, l_i, q, K, V, skt, svt, offs_d, limit, n_full, hi, 0.0, qk_scale,
+                                  False, True, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    if SINGLE:
+        o_ptrs = O + b * sob + i[:, None] * sot + h[:, None] * soh + offs_d[None, :]
+        tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok)
+    else:
+        part = ((b * H + h) * Tq + i) * n_splits + split  # [B, H, Tq, n_splits]
+        tl.store(LPART + part, tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i))), mask=row_ok)
+        tl.store(OPART + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None] & d_ok)
+
+
+@triton.jit
+def _decode_combine(OPART, LPART, O, sob, sot, soh, H, Tq, n_splits,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)  # (b * H + h) * Tq + i
+    b, h, i = row // (H * Tq), (row // Tq) % H, row % Tq
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    lse = tl.load(LPART + row * n_splits + offs_s, mask=offs_s < n_splits, other=float("-inf"))
+    m = tl.max(lse, 0)
+    w = tl.where(lse == float("-inf"), 0.0, tl.exp2(lse - tl.where(m == float("-inf"), 0.0, m)))
+    parts = tl.load(OPART + (row * n_splits + offs_s[:, None]) * HEAD_DIM + offs_d[None, :],
+                    mask=(offs_s[:, None] < n_splits) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    total = tl.sum(w, 0)
+    out = tl.sum(w[:, None] * parts, 0) / tl.where(total == 0.0, 1.0, total)
+    tl.store(O + b * sob + i * sot + h * soh + offs_d, out.to(O.dtype.element_ty), mask=offs_d < HEAD_DIM)
+
+
+def _default_splits(programs: int, slots: int, device: torch.device) -> int:
+    """Enough splits for about two programs per SM (one on the CPU), each with at least CHUNK_ALIGN slots."""
+    want = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    return max(1, min(triton.cdiv(want, programs), triton.cdiv(slots, CHUNK_ALIGN), MAX_SPLITS))
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens: torch.Tensor,
+                     scale: float | None = None, num_splits: int | None = None) -> torch.Tensor:
+    """Out [B, Tq, H, D] (q's dtype) of q over the first seqlens[b] slots of each cache; see the module docstring.
+
+    seqlens[b] must lie in [Tq, S] (not checked on the device: that would synchronise)."""
+    if q.dim() != 4 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape or q.shape[0] != k_cache.shape[0] \
+            or q.shape[3] != k_cache.shape[3] or seqlens.shape != (q.shape[0],):
+        raise ValueError(f"decode_attention wants q [B,Tq,H,D], caches [B,S,Hkv,D] and seqlens [B]; got "
+                         f"{tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}, {tuple(seqlens.shape)}")
+    if q.shape[2] % k_cache.shape[2]:
+        raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k_cache.shape[2]} key/value heads")
+    if not (q.dtype == k_cache.dtype == v_cache.dtype) or seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"q and the caches must share a dtype and seqlens be integers; got {q.dtype}, "
+                         f"{k_cache.dtype}, {v_cache.dtype}, {seqlens.dtype}")
+    q, k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_cache, v_cache))
+    B, Tq, H, D = q.shape
+    S, Hkv = k_cache.shape[1], k_cache.shape[2]
+    group = H // Hkv
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    if out.numel() == 0:
+        return out
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    rows = min(triton.next_power_of_2(group * Tq), 64)  # rows of one program: (head of the group, query) pairs
+    row_blocks = triton.cdiv(group * Tq, rows)
+    splits = num_splits or _default_splits(B * Hkv * row_blocks, S, q.device)
+    chunk = triton.cdiv(triton.cdiv(max(S, 1), splits), CHUNK_ALIGN) * CHUNK_ALIGN
+    splits = triton.cdiv(max(S, 1), chunk)
+    single = splits == 1
+    opart = out if single else torch.empty((B, H, Tq, splits, D), dtype=torch.float32, device=q.device)
+    lpart = out if single else torch.empty((B, H, Tq, splits), dtype=torch.float32, device=q.device)
+    block_d = max(16, triton.next_power_of_2(D))
+    _decode_split[(splits, B * Hkv, row_blocks)](
+        q, k_cache, v_cache, seqlens, out, opart, lpart, *q.stride()[:3], *k_cache.stride()[:3],
+        *v_cache.stride()[:3], *out.stride()[:3], H, Hkv, group, Tq, chunk, splits, scale * LOG2E,
+        ROWS=rows, SINGLE=single, HEAD_DIM=D, BLOCK_D=block_d,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_M=max(16, rows))
+    if not single:
+        _decode_combine[(B * H * Tq,)](opart, lpart, out, *out.stride()[:3], H, Tq, splits,
+                                       HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits))
+    return out
+
+
+KERNELS = {"decode_attention": decode_attention}
