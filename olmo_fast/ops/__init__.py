@@ -12,11 +12,15 @@ import torch
 from . import dispatch, reference
 from .dispatch import BackendError, available_backends  # noqa: F401  (re-exported)
 
-__all__ = ["layer_norm", "rms_norm", "swiglu", "silu_mul", "rope", "attention", "decode_attention", "qkv_rope", "BackendError", "available_backends"]
+__all__ = ["layer_norm", "rms_norm", "swiglu", "silu_mul", "rope", "attention", "decode_attention", "qkv_rope",
+           "linear_cross_entropy", "BackendError", "available_backends"]
 
 
 def _fused(op: str, fn: str = "apply"):
-    return getattr(importlib.import_module(f"{__name__}.{op}"), fn)
+    public = globals()[op]
+    module = importlib.import_module(f"{__name__}.{op}")
+    globals()[op] = public  # importing ops/<op>.py rebinds the package attribute <op> to it: keep the function
+    return getattr(module, fn)
 
 
 def layer_norm(x: torch.Tensor, *, eps: float = 1e-5, residual: torch.Tensor | None = None,
@@ -91,7 +95,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} key/value heads")
-    chosen = dispatch.resolve("attention", backend, q.device)
+    chosen = dispatch.resolve("attention_fwd", backend, q.device)
     if chosen == "torch":
         return reference.attention(q, k, v, causal, clip, scale)
     return _fused("attention")(q, k, v, causal=causal, clip=clip, scale=scale, backend=chosen)
@@ -125,3 +129,32 @@ def qkv_rope(qkv: torch.Tensor, *, n_heads: int, n_kv_heads: int, clip: float | 
         return reference.qkv_rope(qkv, n_heads, n_kv_heads, clip, positions, offset, theta)
     return _fused("qkv_rope")(qkv, n_heads=n_heads, n_kv_heads=n_kv_heads, clip=clip, positions=positions,
                               offset=offset, theta=theta, backend=chosen)
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
+                         reduction: str = "mean", chunk_size: int | None = None,
+                         backend: str | None = None) -> torch.Tensor:
+    """`F.cross_entropy(x @ weight.T, labels)` (fp32 loss) without materialising the `[tokens, vocab]` logits:
+    x `[..., D]`, weight `[V, D]`, labels `[...]` (`ignore_index` skipped); `reduction` "mean" (over the
+    labelled tokens) or "sum". Computed `chunk_size` tokens at a time (default: chunks whose logits are about
+    x's size). See `ops/linear_cross_entropy.py` (gradients in the forward) and `reference.linear_cross_entropy`.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if weight.dim() != 2 or x.shape[-1] != weight.shape[1] or x.shape[:-1] != labels.shape:
+        raise ValueError(f"linear_cross_entropy wants x [..., D], weight [V, D] and labels [...]; got "
+                         f"{tuple(x.shape)}, {tuple(weight.shape)}, {tuple(labels.shape)}")
+    if x.dtype != weight.dtype or labels.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"x and weight must share a float dtype and labels be integers; got {x.dtype}, "
+                         f"{weight.dtype}, {labels.dtype}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    x, labels = x.reshape(-1, x.shape[-1]), labels.reshape(-1).long()
+    chosen = dispatch.resolve("cross_entropy_chunk", backend, x.device)
+    if chosen == "torch":
+        return reference.linear_cross_entropy(x, weight, labels, ignore_index, reduction, chunk_size or 1024)
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))
+    if bool(bad.any()):
+        raise ValueError(f"labels must lie in [0, {weight.shape[0]}) or equal ignore_index={ignore_index}")
+    return _fused("linear_cross_entropy")(x, weight, labels, ignore_index=ignore_index, reduction=reduction,
+                                          chunk_size=chunk_size, backend=chosen)

@@ -9,6 +9,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 
 def layer_norm(x: torch.Tensor, eps: float = 1e-5, residual: torch.Tensor | None = None,
@@ -170,3 +171,22 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
                   reduction: str = "mean") -> torch.Tensor:
     """Token cross-entropy in fp32 over `[N, V]` logits and `[N]` labels."""
     return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction=reduction)
+
+
+def _chunk_loss_sum(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    return F.cross_entropy(F.linear(x, weight).float(), labels, ignore_index=ignore_index, reduction="sum")
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                         reduction: str = "mean", chunk_size: int = 1024) -> torch.Tensor:
+    """`cross_entropy(x @ weight.T, labels)` over `[N, D]`, `[V, D]`, `[N]`, `chunk_size` tokens at a time.
+
+    Each chunk's logits are recomputed in the backward (torch.utils.checkpoint), so at most one `[chunk, V]`
+    block of logits (and its gradient) is alive at once.
+    """
+    total = x.new_zeros((), dtype=torch.float32)
+    for start in range(0, x.shape[0], chunk_size):
+        end = start + chunk_size
+        total = total + checkpoint(_chunk_loss_sum, x[start:end], weight, labels[start:end], ignore_index,
+                                   use_reentrant=False)
+    return total if reduction == "sum" else total / (labels != ignore_index).sum()

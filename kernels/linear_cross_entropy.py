@@ -1,0 +1,67 @@
+"""Cross-entropy of one chunk of logits and its gradient, in place: the per-chunk kernel of the fused linear
+cross-entropy (`olmo_fast/ops/linear_cross_entropy.py` runs the matmuls around it).
+
+For each row i of `logits [n, V]` (fp32/fp16/bf16, stride(-1) == 1, any row stride) with label y_i:
+    loss[i] = logsumexp(z_i) - z_i[y_i]              (fp32; 0 where y_i == ignore_index)
+and with COMPUTE_GRAD the row is overwritten by the gradient of `sum_i loss[i]`:
+    z_i <- softmax(z_i) - onehot(y_i)                 (0 where y_i == ignore_index)
+(the caller scales the products of these rows: 1/n_valid for a mean, the incoming gradient).
+All math in fp32. One program per row, two passes over it: an online max / sum-of-exp pass, then the gradient
+pass. Bytes moved: the logits are read twice and written once (read once without the gradient), plus n labels
+and n fp32 losses.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+@triton.jit
+def _cross_entropy_chunk_kernel(logits_ptr, row_stride, labels_ptr, loss_ptr, V, ignore_index,
+                                COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = logits_ptr + row * row_stride
+    label = tl.load(labels_ptr + row)
+    ignored = label == ignore_index
+    offs = tl.arange(0, BLOCK)
+
+    # Lanes start at a large finite negative, not -inf: exp(-inf - -inf) would be NaN for masked lanes.
+    m = tl.full([BLOCK], -3.0e38, tl.float32)  # per-lane running max
+    s = tl.zeros([BLOCK], tl.float32)  # per-lane sum of exp(z - m)
+    for start in range(0, V, BLOCK):
+        cols = start + offs
+        z = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, z)
+        s = s * tl.exp(m - m_new) + tl.exp(z - m_new)
+        m = m_new
+    row_max = tl.max(m, axis=0)
+    lse = row_max + tl.log(tl.sum(s * tl.exp(m - row_max), axis=0))
+
+    target = tl.where(ignored, 0, label)
+    z_target = tl.load(base + target).to(tl.float32)
+    tl.store(loss_ptr + row, tl.where(ignored, 0.0, lse - z_target))
+
+    if COMPUTE_GRAD:
+        keep = tl.where(ignored, 0.0, 1.0)
+        for start in range(0, V, BLOCK):
+            cols = start + offs
+            z = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32)
+            grad = (tl.exp(z - lse) - tl.where(cols == target, 1.0, 0.0)) * keep
+            tl.store(base + cols, grad.to(logits_ptr.dtype.element_ty), mask=cols < V)
+
+
+def cross_entropy_chunk(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+                        compute_grad: bool) -> torch.Tensor:
+    """Per-row losses `[n]` (fp32) of `logits [n, V]`; with `compute_grad`, `logits` becomes its gradient."""
+    n, vocab = logits.shape
+    loss = torch.full((n,), float("nan"), dtype=torch.float32, device=logits.device)
+    if n == 0:
+        return loss
+    block = min(triton.next_power_of_2(vocab), 4096)
+    # 8 warps = 256 threads (NVIDIA) or 512 (AMD, wavefront 64): valid on both.
+    _cross_entropy_chunk_kernel[(n,)](logits, logits.stride(0), labels, loss, vocab, ignore_index,
+                                      COMPUTE_GRAD=compute_grad, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+    return loss
+
+
+KERNELS = {"cross_entropy_chunk": cross_entropy_chunk}

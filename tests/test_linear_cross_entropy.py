@@ -1,0 +1,183 @@
+"""The fused linear + cross-entropy (`ops.linear_cross_entropy`) and its per-chunk kernel against float64
+`F.cross_entropy(x @ W.T, y)`.
+
+Tolerance (flash-attention's rule): the error against float64 is at most 2x that of plain PyTorch in the same
+dtype (fp32 `F.cross_entropy(x @ W.T)`), plus a tiny absolute slack.
+
+`python tests/test_linear_cross_entropy.py` measures peak memory at OLMo-7B's vocab (see `measure_memory`).
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE, require_kernel
+
+from olmo_fast import ops
+
+BACKENDS = ["torch", "triton", "cpp"]
+
+
+def _require(backend: str) -> None:
+    if backend != "torch":
+        require_kernel("cross_entropy_chunk", backend)
+
+
+def _loss_and_grads(fn, x, w, y, **kw):
+    x, w = x.detach().requires_grad_(), w.detach().requires_grad_()
+    loss = fn(x, w, y, **kw)
+    return (loss.detach(), *torch.autograd.grad(loss, (x, w)))
+
+
+def _plain(x, w, y, ignore_index=-100, reduction="mean"):
+    """Materialised logits: fp32 for fp32/half inputs (as HF's loss), float64 for the float64 reference."""
+    logits = x @ w.t()
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    return F.cross_entropy(logits, y, ignore_index=ignore_index, reduction=reduction)
+
+
+def _check_close(ours, plain, ref, slack=1e-6):
+    for name, o, p, r in zip(("loss", "dx", "dW"), ours, plain, ref):
+        assert not torch.isnan(o).any(), name
+        o, p, r = o.reshape(r.shape).double(), p.double(), r
+        err, base = (o - r).abs().max().item(), (p - r).abs().max().item()
+        assert err <= 2 * base + slack, f"{name}: error {err:.3g} vs plain fp32 {base:.3g}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("chunk_size", [8, None])
+def test_matches_float64_cross_entropy(backend, reduction, chunk_size):
+    _require(backend)
+    x = torch.randn(3, 13, 19, device=DEVICE)  # 39 tokens: chunks of 8 leave a ragged last one
+    w = torch.randn(203, 19, device=DEVICE) / 3
+    y = torch.randint(0, 203, (3, 13), device=DEVICE)
+    y[0, ::4] = -100
+    y[2, 5] = -100
+    kw = dict(reduction=reduction)
+    ours = _loss_and_grads(ops.linear_cross_entropy, x, w, y, chunk_size=chunk_size, backend=backend, **kw)
+    plain = _loss_and_grads(_plain, x.reshape(-1, 19), w, y.reshape(-1), **kw)
+    ref = _loss_and_grads(_plain, x.reshape(-1, 19).double(), w.double(), y.reshape(-1), **kw)
+    assert ours[1].shape == x.shape
+    _check_close(ours, plain, ref)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_custom_ignore_index_non_contiguous_and_single_token(backend):
+    _require(backend)
+    base = torch.randn(19, 2 * 11, device=DEVICE)
+    x = base[:, ::2]  # non-contiguous rows
+    w = torch.randn(101, 11, device=DEVICE).t().contiguous().t()  # a transposed view of [11, 101]
+    y = torch.randint(0, 101, (19,), device=DEVICE)
+    y[3:7] = 7  # ignore_index=7 masks these (and any random 7)
+    kw = dict(ignore_index=7)
+    ours = _loss_and_grads(ops.linear_cross_entropy, x, w, y, chunk_size=5, backend=backend, **kw)
+    plain = _loss_and_grads(_plain, x, w, y, **kw)
+    ref = _loss_and_grads(_plain, x.double(), w.double(), y, **kw)
+    _check_close(ours, plain, ref)
+    one = _loss_and_grads(ops.linear_cross_entropy, x[:1], w, y[:1], backend=backend, **kw)
+    _check_close(one, _loss_and_grads(_plain, x[:1], w, y[:1], **kw),
+                 _loss_and_grads(_plain, x[:1].double(), w.double(), y[:1], **kw))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_weight_and_no_grad(backend):
+    _require(backend)
+    x = torch.randn(23, 17, device=DEVICE, requires_grad=True)
+    w = torch.randn(67, 17, device=DEVICE)  # frozen: no dW is computed or returned
+    y = torch.randint(0, 67, (23,), device=DEVICE)
+    loss = ops.linear_cross_entropy(x, w, y, chunk_size=6, backend=backend)
+    (dx,) = torch.autograd.grad(loss, (x,))
+    ref = _plain(x.double(), w.double(), y)
+    (dx_ref,) = torch.autograd.grad(ref, (x,))
+    torch.testing.assert_close(dx.double(), dx_ref.double(), rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(ops.linear_cross_entropy(x, w, y, backend=backend).double(), ref.detach(),
+                                   rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_chunk_kernel_against_float64(dtype):
+    """The triton "cross_entropy_chunk" kernel alone: losses, and the gradient written in place into a strided
+    view whose neighbouring columns must stay untouched."""
+    require_kernel("cross_entropy_chunk", "triton")
+    from olmo_fast.ops import dispatch
+
+    kernel = dispatch.kernel("cross_entropy_chunk", "triton", DEVICE)
+    n, vocab = 9, 4099 + 2  # > one 4096-wide block: exercises the loop and its ragged tail
+    buffer = torch.full((n, vocab + 5), 1234.0, device=DEVICE, dtype=dtype)
+    logits = buffer[:, 2:2 + vocab]
+    logits.copy_(torch.randn(n, vocab, device=DEVICE) * 4)
+    y = torch.randint(0, vocab, (n,), device=DEVICE)
+    y[4] = -100
+    z64 = logits.double().clone().requires_grad_()
+    per_row = F.cross_entropy(z64, y, reduction="none")
+    (grad_ref,) = torch.autograd.grad(per_row.sum(), (z64,))
+    z16 = logits.clone()
+    plain_loss = F.cross_entropy(z16.float(), y, reduction="none")  # the same inputs in fp32
+    losses = kernel(logits, y, -100, True)
+    assert losses.dtype == torch.float32
+    assert (losses.double() - per_row).abs().max() <= 2 * (plain_loss.double() - per_row).abs().max() + 1e-5
+    grad_tol = 1e-6 if dtype == torch.float32 else 1e-3  # the gradient is stored in the logits' dtype
+    torch.testing.assert_close(logits.double(), grad_ref, rtol=0, atol=grad_tol)
+    assert (buffer[:, :2] == 1234).all() and (buffer[:, 2 + vocab:] == 1234).all()
+    fresh = torch.randn(n, vocab, device=DEVICE, dtype=dtype)
+    before = fresh.clone()
+    kernel(fresh, y, -100, False)
+    assert torch.equal(fresh, before)  # loss only: the logits are left as they are
+
+
+def test_clear_errors():
+    x, w = torch.randn(4, 8), torch.randn(10, 8)
+    with pytest.raises(ValueError, match="reduction"):
+        ops.linear_cross_entropy(x, w, torch.zeros(4, dtype=torch.long), reduction="none")
+    with pytest.raises(ValueError, match="labels"):
+        ops.linear_cross_entropy(x, w, torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="dtype"):
+        ops.linear_cross_entropy(x, w.double(), torch.zeros(4, dtype=torch.long))
+
+
+def test_bad_label_is_reported_by_fused_backends():
+    require_kernel("cross_entropy_chunk", "triton")
+    x, w = torch.randn(4, 8, device=DEVICE), torch.randn(10, 8, device=DEVICE)
+    with pytest.raises(ValueError, match=r"\[0, 10\)"):
+        ops.linear_cross_entropy(x, w, torch.tensor([1, 2, 10, -100], device=DEVICE), backend="triton")
+
+
+# ---------------------------------------------------------------- peak memory (run this file as a script)
+_MEASURE = """
+import resource, sys, torch, torch.nn.functional as F
+from olmo_fast import ops
+n, d, v, mode = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+torch.manual_seed(0)
+x = torch.randn(n, d, requires_grad=True)
+w = (torch.randn(v, d) / d ** 0.5).requires_grad_()
+y = torch.randint(0, v, (n,))
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+if mode == "plain":
+    loss = F.cross_entropy(x @ w.t(), y)
+else:
+    loss = ops.linear_cross_entropy(x, w, y, backend=mode)
+loss.backward()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print((peak - base) / 2**10, loss.item())
+"""
+
+
+def measure_memory(n_tokens: int = 4096, hidden: int = 4096, vocab: int = 50304) -> None:
+    """Peak memory of loss + backward, fp32 on the CPU, as the growth of the process's peak resident set
+    (ru_maxrss) over its value once x, W and y exist: each variant runs in a fresh process."""
+    inputs = (n_tokens * hidden + vocab * hidden) * 4 / 2**20
+    print(f"x [{n_tokens}, {hidden}] + W [{vocab}, {hidden}] fp32 = {inputs:.0f} MiB of inputs")
+    for mode in ("plain", "torch", "cpp"):
+        if mode == "cpp" and "cpp" not in ops.available_backends("cross_entropy_chunk", "cpu"):
+            continue
+        out = subprocess.run([sys.executable, "-c", _MEASURE, str(n_tokens), str(hidden), str(vocab), mode],
+                             capture_output=True, text=True, check=True).stdout.split()
+        print(f"{mode:>6}: peak growth {float(out[0]):8.0f} MiB  (loss {float(out[1]):.4f})")
+
+
+if __name__ == "__main__":
+    measure_memory()
