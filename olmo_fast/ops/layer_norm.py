@@ -1,0 +1,95 @@
+"""LayerNorm / RMSNorm (+ fused residual add) as custom ops "olmo_fast::norm_fwd" / "olmo_fast::norm_bwd".
+
+OLMo's non-parametric LayerNorm runs the kernels "layer_norm_fwd"/"layer_norm_bwd" (which every compiled
+backend provides) and keeps only its output y and rstd for the backward; with a weight or bias, or RMSNorm, it
+runs "norm_fwd"/"norm_bwd" and keeps the input h (+ mean, rstd). Signatures: kernels/layer_norm.py.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._library import as_rows, check_like, kernel, nothing
+
+
+def _parametric(weight: torch.Tensor | None, bias: torch.Tensor | None, rms: bool) -> bool:
+    return weight is not None or bias is not None or rms
+
+
+@torch.library.custom_op("olmo_fast::norm_fwd", mutates_args=())
+def _fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
+         eps: float, rms: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (y, h or nothing, mean or nothing, rstd), y and h shaped as x, mean/rstd [N] fp32."""
+    rows, res = as_rows(x), None if residual is None else as_rows(residual)
+    if _parametric(weight, bias, rms):
+        y, h, mean, rstd = kernel("norm_fwd", backend, x)(rows, res, weight, bias, eps, rms)
+    else:
+        (y, h, rstd), mean = kernel("layer_norm_fwd", backend, x)(rows, res, eps), None
+    return (y.view(x.shape), nothing(x) if h is None else h.view(x.shape),
+            nothing(rstd) if mean is None else mean, rstd)
+
+
+@_fwd.register_fake
+def _(x, residual, weight, bias, eps, rms, backend):
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    stats = x.new_empty(rows, dtype=torch.float32)
+    store_mean = not rms and (weight is not None or bias is not None)
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            nothing(x) if residual is None else torch.empty_like(x, memory_format=torch.contiguous_format),
+            stats.new_empty(rows) if store_mean else nothing(stats), stats)
+
+
+@torch.library.custom_op("olmo_fast::norm_bwd", mutates_args=())
+def _bwd(dy: torch.Tensor, saved: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor | None,
+         rstd: torch.Tensor, dh: torch.Tensor | None, has_bias: bool, rms: bool, backend: str
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dx shaped as dy, dweight or nothing, dbias or nothing) (weight grads in fp32)."""
+    rows, saved_rows, dh_rows = as_rows(dy), as_rows(saved), None if dh is None else as_rows(dh)
+    if _parametric(weight, None, rms) or has_bias:
+        dx, dw, db = kernel("norm_bwd", backend, dy)(rows, saved_rows, weight, mean, rstd, dh_rows, has_bias, rms)
+    else:
+        dx, dw, db = kernel("layer_norm_bwd", backend, dy)(rows, saved_rows, rstd, dh_rows), None, None
+    return dx.view(dy.shape), nothing(rstd) if dw is None else dw, nothing(rstd) if db is None else db
+
+
+@_bwd.register_fake
+def _(dy, saved, weight, mean, rstd, dh, has_bias, rms, backend):
+    width = dy.shape[-1]
+    return (torch.empty_like(dy, memory_format=torch.contiguous_format),
+            nothing(rstd) if weight is None else rstd.new_empty(width),
+            rstd.new_empty(width) if has_bias else nothing(rstd))
+
+
+def _setup(ctx, inputs, output) -> None:
+    x, residual, weight, bias, _, rms, backend = inputs
+    y, h, mean, rstd = output
+    from_input = weight is not None or bias is not None
+    saved = (x if residual is None else h) if from_input else y
+    ctx.save_for_backward(saved, weight, mean if from_input and not rms else None, rstd)
+    ctx.has_residual, ctx.rms, ctx.backend = residual is not None, rms, backend
+    ctx.bias_dtype = None if bias is None else bias.dtype
+
+
+def _backward(ctx, dy, dh, _dmean, _drstd):
+    saved, weight, mean, rstd = ctx.saved_tensors
+    has_bias = ctx.bias_dtype is not None
+    dx, dw, db = _bwd(dy, saved, weight, mean, rstd, dh if ctx.has_residual else None, has_bias, ctx.rms,
+                      ctx.backend)
+    dw = None if weight is None else dw.to(weight.dtype)
+    db = db.to(ctx.bias_dtype) if has_bias else None
+    return dx, dx if ctx.has_residual else None, dw, db, None, None, None
+
+
+_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def apply(x: torch.Tensor, *, eps: float, residual: torch.Tensor | None = None, weight: torch.Tensor | None = None,
+          bias: torch.Tensor | None = None, rms: bool = False, backend: str):
+    """`ops.layer_norm` / `ops.rms_norm` on a compiled backend: y, or (y, h) with a residual."""
+    width = x.shape[-1]
+    check_like("residual", residual, x, x.shape)
+    check_like("weight", weight, x, (width,))
+    check_like("bias", bias, x, (width,))
+    if residual is not None and residual.dtype != x.dtype:
+        raise ValueError(f"residual must have x's dtype {x.dtype}, got {residual.dtype}")
+    y, h, _, _ = _fwd(x, residual, weight, bias, eps, rms, backend)
+    return y if residual is None else (y, h)
