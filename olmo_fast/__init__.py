@@ -4,6 +4,7 @@ from __future__ import annotations
 from . import ops
 from .config import ConfigError, ModelConfig
 from .model import OLMo
+from .generation import Completion, benchmark_decode, generate
 
 __version__ = "0.1.0"
-__all__ = ["ModelConfig", "ConfigError", "OLMo", "ops", "__version__"]
+__all__ = ["ModelConfig", "ConfigError", "OLMo", "ops", "generate", "benchmark_decode", "Completion", "__version__"]

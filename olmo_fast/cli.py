@@ -8,6 +8,8 @@ import sys
 # subcommand -> module that defines `add_parser(subparsers)`; the parser's `run` default does the work.
 SUBCOMMANDS = {
     "info": "olmo_fast.info",
+    "bench": "olmo_fast.bench_cli",
+    "generate": "olmo_fast.generate_cli",
 }
 
 
