@@ -1,0 +1,202 @@
+"""Triton clipped-QKV flash attention (forward + backward) against float64 PyTorch (`ops.reference` in float64).
+
+Rule (flash-attention's): max |kernel - f64| <= 2 * max |torch same dtype - f64| + atol, for out, dq, dk, dv,
+where "torch same dtype" is the "torch" backend (clamp + SDPA) run in the kernel's dtype and atol is twice the
+dtype's rounding error at 0.3 (flash-attention's choice). Never NaN, fully masked rows exactly 0.
+On the CPU (TRITON_INTERPRET=1) only fp16 and fp32 run: the interpreter's bf16 tl.dot is wrong; bf16 is covered by
+the `gpu`-marked tests on a GPU. Kernel outputs are poisoned (NaN-filled allocations) so unwritten elements fail.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import pytest
+import torch
+
+from conftest import DEVICE, require_kernel
+from olmo_fast import ModelConfig, OLMo, ops
+from olmo_fast.ops import reference
+
+CLIP = 0.75  # exactly representable in fp16/bf16; inputs are N(0, 1): ~45% of values lie beyond it
+
+
+@pytest.fixture(autouse=True)
+def _need_kernels():
+    require_kernel("attention_fwd", "triton")
+    require_kernel("attention_bwd", "triton")
+
+
+@contextlib.contextmanager
+def poisoned_allocations():
+    """Every float tensor torch.empty/empty_like allocates meanwhile starts as NaN (kernel outputs included)."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    torch.empty = lambda *a, **k: fill(empty(*a, **k))
+    torch.empty_like = lambda *a, **k: fill(empty_like(*a, **k))
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = empty, empty_like
+
+
+def make_qkv(B, Tq, Tk, H, Hkv, D, dtype, clip):
+    """Non-contiguous q/k/v (q a slice of a wider buffer, k/v allocated head-major), N(0, 1), with ~10% of the
+    entries set exactly to +-clip (the clamp's gradient must pass there)."""
+    q = torch.randn(B, Tq, H + 1, D, device=DEVICE)[:, :, 1:]
+    k = torch.randn(B, Hkv, Tk, D, device=DEVICE).transpose(1, 2)
+    v = torch.randn(B, Hkv, Tk, D, device=DEVICE).transpose(1, 2)
+    out = []
+    for t in (q, k, v):
+        if clip is not None:
+            at_edge = torch.rand(t.shape, device=DEVICE) < 0.1
+            t = torch.where(at_edge, torch.sign(torch.randn_like(t)) * clip, t)
+        out.append(t.to(dtype))
+    return out
+
+
+def atol_for(dtype):
+    x = torch.tensor(0.3, dtype=torch.float64)
+    return 2 * (x.to(dtype).double() - x).abs().item()
+
+
+def run(q, k, v, dout, causal, clip, backend, scale=None):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out = ops.attention(q, k, v, causal=causal, clip=clip, scale=scale, backend=backend)
+    grads = torch.autograd.grad(out, (q, k, v), dout)
+    return (out, *grads)
+
+
+def check_against_f64(q, k, v, causal, clip, scale=None):
+    """Forward and backward of the triton kernel vs float64, within 2x the same-dtype torch error."""
+    dout = torch.randn(q.shape, device=DEVICE).to(q.dtype)
+    with poisoned_allocations():
+        got = run(q, k, v, dout, causal, clip, "triton", scale)
+    same = run(q, k, v, dout, causal, clip, "torch", scale)
+    ref = run(q.double(), k.double(), v.double(), dout.double(), causal, clip, "torch", scale)
+    atol = atol_for(q.dtype)
+    for name, g, s, r in zip(("out", "dq", "dk", "dv"), got, same, ref):
+        assert g.dtype == s.dtype and g.shape == s.shape, name
+        assert not g.isnan().any(), f"{name} has NaN"
+        err, base = (g.double() - r).abs().max().item(), (s.double() - r).abs().max().item()
+        assert err <= 2 * base + atol, f"{name}: kernel error {err:.3g} > 2 x torch {q.dtype} error {base:.3g} + {atol:.2g}"
+    if clip is not None:  # the clamp's gradient is exactly zero beyond the clip
+        for x, grad in zip((q, k, v), got[1:]):
+            assert (grad[x.abs() > clip] == 0).all()
+    return got
+
+
+# (B, Tq, Tk, H, Hkv, D, causal): T=1, odd lengths, Tq < Tk and Tq > Tk (rows with no key), GQA ratios 1/2/4.
+CASES = [
+    (1, 1, 1, 2, 1, 64, True),
+    (2, 7, 7, 4, 4, 64, True),
+    (1, 33, 33, 4, 2, 64, False),
+    (2, 65, 65, 4, 1, 64, True),
+    (1, 17, 40, 2, 2, 96, True),
+    (1, 40, 17, 4, 2, 128, True),
+    (1, 33, 65, 4, 4, 128, False),
+    (1, 1, 33, 4, 1, 96, True),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-Tq{}-Tk{}-H{}-Hkv{}-D{}-{}".format(*c[:6], "causal" if c[6] else "full"))
+def test_attention_matches_f64(case, dtype):
+    B, Tq, Tk, H, Hkv, D, causal = case
+    check_against_f64(*make_qkv(B, Tq, Tk, H, Hkv, D, dtype, CLIP), causal, CLIP)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_without_clip_and_custom_scale(causal):
+    q, k, v = make_qkv(2, 19, 23, 4, 2, 64, torch.float16, None)
+    check_against_f64(3 * q, 3 * k, v, causal, None, scale=0.3)
+
+
+def test_fully_masked_rows_are_zero():
+    """Tq > Tk with a causal mask: the first Tq - Tk queries see no key -> output 0, no gradient, no NaN."""
+    q, k, v = make_qkv(1, 21, 5, 2, 1, 64, torch.float32, CLIP)
+    out, dq, dk, dv = check_against_f64(q, k, v, True, CLIP)
+    assert (out[:, :16] == 0).all() and (dq[:, :16] == 0).all()
+    assert out[:, 16:].abs().sum() > 0
+
+
+@pytest.mark.parametrize("blocks", [(16, 16), (16, 32), (32, 16), (64, 32)], ids=str)
+def test_block_shapes(blocks):
+    """The range logic (unmasked/masked block split, bottom-right diagonal) for other BLOCK_M/BLOCK_N pairs than
+    the interpreter's default ones: every kernel is forced onto the given config."""
+    import triton
+
+    from olmo_fast.kernels import attention as kern
+
+    tuners = (kern._attn_fwd, kern._attn_bwd_dkdv, kern._attn_bwd_dq)
+    saved = [(t.configs, dict(t.cache)) for t in tuners]
+    try:
+        for t in tuners:
+            t.configs = [triton.Config({"BLOCK_M": blocks[0], "BLOCK_N": blocks[1]}, num_warps=4, num_stages=1)]
+            t.cache.clear()
+        for Tq, Tk in ((37, 50), (50, 37)):
+            check_against_f64(*make_qkv(1, Tq, Tk, 4, 2, 64, torch.float32, CLIP), True, CLIP)
+    finally:
+        for t, (configs, cache) in zip(tuners, saved):
+            t.configs, t.cache = configs, cache
+
+
+def test_gradient_through_expanded_dout_and_opcheck():
+    """`out.sum().backward()` hands the backward an all-stride-0 gradient; and the custom ops pass opcheck
+    (schema, fake tensors, autograd registration)."""
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 9, 9, 2, 1, 64, torch.float32, CLIP))
+    ops.attention(q, k, v, clip=CLIP, backend="triton").sum().backward()
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    reference.attention(qd, kd, vd, True, CLIP).sum().backward()
+    for got, want in ((q.grad, qd.grad), (k.grad, kd.grad), (v.grad, vd.grad)):
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
+
+    args = (q.detach(), k.detach(), v.detach(), True, CLIP, 0.125, "triton")
+    torch.library.opcheck(torch.ops.olmo_fast.attention_fwd.default, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_bad_inputs_raise():
+    q = torch.randn(1, 4, 3, 64, device=DEVICE)
+    k = torch.randn(1, 4, 2, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="multiple"):
+        ops.attention(q, k, k, backend="triton")
+    with pytest.raises(ValueError, match="dtype"):
+        ops.attention(q, q.half(), q.half(), backend="triton")
+
+
+def test_olmo_with_triton_attention_matches_torch(monkeypatch):
+    """The test OLMo with clip_qkv small enough to clip ~30% of q/k/v, attention on the triton backend and every
+    other op on torch: logits and every parameter gradient within 2x the fp32 torch model's error vs float64."""
+    cfg = ModelConfig.preset("test", clip_qkv=0.5, n_kv_heads=2)
+    model = OLMo(cfg, backend="torch").to(DEVICE)
+    model64 = OLMo(cfg, backend="torch").to(DEVICE).double()
+    model64.load_state_dict(model.state_dict())
+    ids = torch.randint(0, cfg.vocab_size, (2, 23), device=DEVICE)
+
+    def logits_and_grads(m):
+        m.zero_grad()
+        logits, loss = m(ids, labels=ids)
+        loss.backward()
+        return [logits] + [p.grad for p in m.parameters()]
+
+    want, same = logits_and_grads(model64), logits_and_grads(model)
+    attention = ops.attention
+    monkeypatch.setattr(ops, "attention", lambda *a, **kw: attention(*a, **{**kw, "backend": "triton"}))
+    got = logits_and_grads(model)
+    for i, (g, s, w) in enumerate(zip(got, same, want)):
+        err, base = (g.double() - w).abs().max().item(), (s.double() - w).abs().max().item()
+        assert err <= 2 * base + 1e-6, f"tensor {i}: triton error {err:.3g} vs torch fp32 error {base:.3g}"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 tl.dot needs a GPU (the interpreter's is wrong)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", [(2, 257, 257, 8, 2, 128, True), (1, 1000, 1000, 4, 4, 64, False),
+                                  (2, 100, 300, 4, 1, 96, True), (1, 300, 100, 8, 8, 128, True)], ids=str)
+def test_attention_gpu(case, dtype):
+    B, Tq, Tk, H, Hkv, D, causal = case
+    check_against_f64(*make_qkv(B, Tq, Tk, H, Hkv, D, dtype, CLIP), causal, CLIP)
