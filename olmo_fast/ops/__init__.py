@@ -79,7 +79,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, *, positions: torch.Tensor | None = N
         raise ValueError(f"rope wants q [B,T,Hq,D] and k [B,T,Hk,D], got {tuple(q.shape)} and {tuple(k.shape)}")
     if q.shape[-1] % 2:
         raise ValueError(f"rope needs an even head dim, got {q.shape[-1]}")
-    chosen = dispatch.resolve("rope", backend, q.device)
+    chosen = dispatch.resolve("rope_interleaved" if interleaved else "rope", backend, q.device)
     if chosen == "torch":
         return reference.rope(q, k, positions, offset, theta, interleaved)
     return _fused("rope")(q, k, positions=positions, offset=offset, theta=theta, interleaved=interleaved,

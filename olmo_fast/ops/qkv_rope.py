@@ -1,0 +1,66 @@
+"""The attention prologue (clamp -> split -> RoPE) as custom ops "olmo_fast::qkv_rope_fwd" / "_bwd", kernels of
+the same names (signatures: kernels/qkv_rope.py). The backward keeps the qkv input only when clipping (for the
+clamp's gradient); without a clip it keeps nothing but the positions.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import reference
+from ._library import kernel
+
+
+@torch.library.custom_op("olmo_fast::qkv_rope_fwd", mutates_args=())
+def _fwd(qkv: torch.Tensor, n_heads: int, n_kv_heads: int, clip: float | None, positions: torch.Tensor | None,
+         offset: int, theta: float, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    return kernel("qkv_rope_fwd", backend, qkv)(qkv, n_heads, n_kv_heads, clip, positions, offset, theta)
+
+
+@_fwd.register_fake
+def _(qkv, n_heads, n_kv_heads, clip, positions, offset, theta, backend):
+    B, T, width = qkv.shape
+    D = width // (n_heads + 2 * n_kv_heads)
+    return qkv.new_empty(B, T, n_heads, D), qkv.new_empty(B, T, n_kv_heads, D), qkv.new_empty(B, T, n_kv_heads, D)
+
+
+@torch.library.custom_op("olmo_fast::qkv_rope_bwd", mutates_args=())
+def _bwd(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, qkv: torch.Tensor | None, clip: float | None,
+         positions: torch.Tensor | None, offset: int, theta: float, backend: str) -> torch.Tensor:
+    if qkv is not None and qkv.stride(-1) != 1:
+        qkv = qkv.contiguous()
+    return kernel("qkv_rope_bwd", backend, dq)(dq, dk, dv, qkv, clip, positions, offset, theta)
+
+
+@_bwd.register_fake
+def _(dq, dk, dv, qkv, clip, positions, offset, theta, backend):
+    B, T, n_heads, D = dq.shape
+    return dq.new_empty(B, T, (n_heads + 2 * dk.shape[2]) * D)
+
+
+def _setup(ctx, inputs, output) -> None:
+    qkv, _, _, clip, positions, ctx.offset, ctx.theta, ctx.backend = inputs
+    ctx.clip = clip
+    ctx.save_for_backward(qkv if clip is not None else None, positions)
+
+
+def _backward(ctx, dq, dk, dv):
+    qkv, positions = ctx.saved_tensors
+    dqkv = _bwd(dq, dk, dv, qkv, ctx.clip, positions, ctx.offset, ctx.theta, ctx.backend)
+    return dqkv, None, None, None, None, None, None, None
+
+
+_fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def apply(qkv: torch.Tensor, *, n_heads: int, n_kv_heads: int, clip: float | None = None,
+          positions: torch.Tensor | None = None, offset: int | torch.Tensor = 0, theta: float = 10000.0,
+          backend: str):
+    """`ops.qkv_rope` on a compiled backend -> (q, k, v), contiguous `[B, T, H, D]`."""
+    if (qkv.shape[-1] // (n_heads + 2 * n_kv_heads)) % 2:
+        raise ValueError(f"qkv_rope needs an even head dim, got {qkv.shape[-1] // (n_heads + 2 * n_kv_heads)}")
+    if positions is None and isinstance(offset, torch.Tensor):
+        positions, offset = reference.rope_positions(qkv.shape[1], offset, qkv.device), 0
+    return _fwd(qkv, n_heads, n_kv_heads, None if clip is None else float(clip), positions, int(offset),
+                float(theta), backend)

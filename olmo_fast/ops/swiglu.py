@@ -1,0 +1,95 @@
+"""SwiGLU as custom ops: "olmo_fast::swiglu_fwd"/"_bwd" (OLMo's fused `[up | gate]` layout) and
+"olmo_fast::silu_mul_fwd"/"_bwd" (separate gate and up tensors), kernels of the same names
+(signatures: kernels/swiglu.py). The backward keeps the inputs and recomputes the sigmoid.
+"""
+from __future__ import annotations
+
+import torch
+
+from ._library import as_rows, kernel
+
+
+def _out_shape(t: torch.Tensor, width: int) -> tuple[int, ...]:
+    return (*t.shape[:-1], width)
+
+
+@torch.library.custom_op("olmo_fast::swiglu_fwd", mutates_args=())
+def _swiglu_fwd(h: torch.Tensor, backend: str) -> torch.Tensor:
+    return kernel("swiglu_fwd", backend, h)(as_rows(h)).view(_out_shape(h, h.shape[-1] // 2))
+
+
+@_swiglu_fwd.register_fake
+def _(h, backend):
+    return h.new_empty(_out_shape(h, h.shape[-1] // 2))
+
+
+@torch.library.custom_op("olmo_fast::swiglu_bwd", mutates_args=())
+def _swiglu_bwd(dout: torch.Tensor, h: torch.Tensor, backend: str) -> torch.Tensor:
+    return kernel("swiglu_bwd", backend, h)(as_rows(dout), as_rows(h)).view(h.shape)
+
+
+@_swiglu_bwd.register_fake
+def _(dout, h, backend):
+    return h.new_empty(h.shape)
+
+
+def _swiglu_setup(ctx, inputs, output) -> None:
+    h, ctx.backend = inputs
+    ctx.save_for_backward(h)
+
+
+def _swiglu_backward(ctx, dout):
+    (h,) = ctx.saved_tensors
+    return _swiglu_bwd(dout, h, ctx.backend), None
+
+
+_swiglu_fwd.register_autograd(_swiglu_backward, setup_context=_swiglu_setup)
+
+
+@torch.library.custom_op("olmo_fast::silu_mul_fwd", mutates_args=())
+def _silu_mul_fwd(gate: torch.Tensor, up: torch.Tensor, backend: str) -> torch.Tensor:
+    return kernel("silu_mul_fwd", backend, gate)(as_rows(gate), as_rows(up)).view(gate.shape)
+
+
+@_silu_mul_fwd.register_fake
+def _(gate, up, backend):
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.custom_op("olmo_fast::silu_mul_bwd", mutates_args=())
+def _silu_mul_bwd(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, backend: str
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    d_gate, d_up = kernel("silu_mul_bwd", backend, gate)(as_rows(dout), as_rows(gate), as_rows(up))
+    return d_gate.view(gate.shape), d_up.view(up.shape)
+
+
+@_silu_mul_bwd.register_fake
+def _(dout, gate, up, backend):
+    return gate.new_empty(gate.shape), up.new_empty(up.shape)
+
+
+def _silu_mul_setup(ctx, inputs, output) -> None:
+    gate, up, ctx.backend = inputs
+    ctx.save_for_backward(gate, up)
+
+
+def _silu_mul_backward(ctx, dout):
+    gate, up = ctx.saved_tensors
+    d_gate, d_up = _silu_mul_bwd(dout, gate, up, ctx.backend)
+    return d_gate, d_up, None
+
+
+_silu_mul_fwd.register_autograd(_silu_mul_backward, setup_context=_silu_mul_setup)
+
+
+def apply(h: torch.Tensor, *, backend: str) -> torch.Tensor:
+    """`ops.swiglu` on a compiled backend: `[..., 2H]` = `[up | gate]` -> `[..., H]`."""
+    return _swiglu_fwd(h, backend)
+
+
+def apply_silu_mul(gate: torch.Tensor, up: torch.Tensor, *, backend: str) -> torch.Tensor:
+    """`ops.silu_mul` on a compiled backend: silu(gate) * up."""
+    if gate.dtype != up.dtype or gate.device != up.device:
+        raise ValueError(f"silu_mul wants gate and up of one dtype and device, got {gate.dtype}/{gate.device} "
+                         f"and {up.dtype}/{up.device}")
+    return _silu_mul_fwd(gate, up, backend)
