@@ -6,8 +6,8 @@ setup(
     version="0.1.0",
     description="Custom-kernel, performance-first runtime for OLMo language models",
     python_requires=">=3.10",
-    packages=find_packages(include=["olmo_fast", "olmo_fast.*"]) + ["olmo_fast.kernels"],
-    package_dir={"olmo_fast.kernels": "kernels"},
+    packages=find_packages(include=["olmo_fast", "olmo_fast.*"]) + ["olmo_fast.kernels", "olmo_fast.benchmarks"],
+    package_dir={"olmo_fast.kernels": "kernels", "olmo_fast.benchmarks": "benchmarks"},
     install_requires=[
         "torch>=2.4",
         "numpy>=1.24,<3",

@@ -1,0 +1,7 @@
+"""The olmo-fast benchmark suite (installed as `olmo_fast.benchmarks`; run it with `olmo-fast bench`).
+
+Modules: `cases` (ops, inputs, shape sets), `providers` (ours and the alternatives), `roofline` (least bytes and
+FLOPs per op), `timing` (CUDA events / perf_counter), `ceilings` (copy bandwidth and matmul FLOP/s measured in
+the same run), `suite` (the loop), `report` (table, CSV, JSON, plots, compare, Markdown), `train_throughput`.
+`gpu_check.sh` runs all of it in one short GPU slot.
+"""

@@ -1,0 +1,132 @@
+"""Benchmark cases: the ops, their inputs, and the shape sets (OLMo presets, a size sweep, tiny CPU shapes).
+
+Every op's canonical inputs are the arguments of `olmo_fast.ops.<op>`; providers that want another layout
+convert them outside the timed region (see `providers.py`). OLMo-7B targets (shared REFERENCE.md and issues
+3-4): 16k tokens x 4096 for LayerNorm, RoPE as `[B, T, 32, 128]`, x 11008 for SwiGLU; attention with B*T = 16k
+tokens, 32 heads of 128, causal, T 512..8192 (and OLMo 1.7's clip 8 at T 4096); decoding at batch 1 and 16
+over a 4096-token cache.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+OPS = ("swiglu", "layer_norm", "rope", "qkv_rope", "attention", "decode_attention")
+SHAPE_SETS = ("olmo-7b", "olmo-1b", "quick", "sweep", "cpu-small")
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str
+    params: dict = field(hash=False)
+    size: int  # the x axis of the sweep plots: tokens (memory-bound ops), T (attention), cache length (decode)
+
+    @property
+    def label(self) -> str:
+        p = self.params
+        if self.op == "layer_norm":
+            text = f"{p['n']}x{p['c']}" + (" +res" if p["residual"] else "")
+        elif self.op == "swiglu":
+            text = f"{p['n']}x{2 * p['h']}->{p['h']}"
+        elif self.op in ("rope", "qkv_rope", "attention"):
+            heads = f"{p['hq']}" if p["hq"] == p["hk"] else f"{p['hq']}/{p['hk']}"
+            text = f"B{p['b']} T{p['t']} H{heads} D{p['d']}"
+        else:
+            text = f"B{p['b']} q{p['tq']} cache{p['cached']}/{p['slots']} H{p['hq']} D{p['d']}"
+        if p.get("clip") is not None:
+            text += f" clip{p['clip']:g}"
+        return text
+
+
+def modes(op: str) -> tuple[str, ...]:
+    return ("fwd",) if op == "decode_attention" else ("fwd", "bwd", "fwd+bwd")
+
+
+def differentiable(op: str, params: dict) -> tuple[int, ...]:
+    """Indices of the canonical inputs a backward differentiates."""
+    if op == "layer_norm":
+        return (0, 1) if params["residual"] else (0,)
+    return {"swiglu": (0,), "rope": (0, 1), "qkv_rope": (0,), "attention": (0, 1, 2), "decode_attention": ()}[op]
+
+
+def make_inputs(op: str, p: dict, dtype: torch.dtype, device: torch.device) -> tuple:
+    """Fresh random canonical inputs. qkv/q/k/v are scaled so that a clip of 8 (OLMo 1.7) does bite."""
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, device=device, dtype=torch.float32) * scale).to(dtype)
+
+    if op == "layer_norm":
+        x = rand(p["n"], p["c"])
+        return (x, rand(p["n"], p["c"])) if p["residual"] else (x,)
+    if op == "swiglu":
+        return (rand(p["n"], 2 * p["h"]),)
+    if op == "rope":
+        return rand(p["b"], p["t"], p["hq"], p["d"]), rand(p["b"], p["t"], p["hk"], p["d"])
+    if op == "qkv_rope":
+        return (rand(p["b"], p["t"], (p["hq"] + 2 * p["hk"]) * p["d"], scale=4.0),)
+    if op == "attention":
+        scale = 4.0 if p.get("clip") is not None else 1.0
+        return tuple(rand(p["b"], p["t"], h, p["d"], scale=scale) for h in (p["hq"], p["hk"], p["hk"]))
+    if op == "decode_attention":
+        seqlens = torch.full((p["b"],), p["cached"], dtype=torch.int32, device=device)
+        return (rand(p["b"], p["tq"], p["hq"], p["d"]), rand(p["b"], p["slots"], p["hk"], p["d"]),
+                rand(p["b"], p["slots"], p["hk"], p["d"]), seqlens)
+    raise ValueError(f"unknown op {op!r}; choose from {OPS}")
+
+
+def _ln(n, c, residual):
+    return Case("layer_norm", {"n": n, "c": c, "residual": residual}, n)
+
+
+def _swiglu(n, h):
+    return Case("swiglu", {"n": n, "h": h}, n)
+
+
+def _heads(op, b, t, h, d, clip=None, hk=None, size=None):
+    params = {"b": b, "t": t, "hq": h, "hk": hk or h, "d": d}
+    if op == "attention":
+        params["causal"] = True
+    if op in ("attention", "qkv_rope"):
+        params["clip"] = clip
+    return Case(op, params, size if size is not None else (t if op == "attention" else b * t))
+
+
+def _decode(b, cached, h, d, slots=None, tq=1, hk=None):
+    return Case("decode_attention", {"b": b, "tq": tq, "cached": cached, "slots": slots or cached, "hq": h,
+                                     "hk": hk or h, "d": d}, cached)
+
+
+def _model_set(d_model: int, heads: int, hidden: int, tokens: int, seq_lens: tuple[int, ...], clip_t: int,
+               cache: int) -> list[Case]:
+    hd = d_model // heads
+    b = tokens // clip_t
+    cases = [_swiglu(tokens, hidden), _ln(tokens, d_model, False), _ln(tokens, d_model, True),
+             _heads("rope", b, clip_t, heads, hd), _heads("qkv_rope", b, clip_t, heads, hd),
+             _heads("qkv_rope", b, clip_t, heads, hd, clip=8.0)]
+    cases += [_heads("attention", tokens // t, t, heads, hd) for t in seq_lens]
+    cases += [_heads("attention", b, clip_t, heads, hd, clip=8.0)]
+    cases += [_decode(batch, cache, heads, hd) for batch in (1, 16)]
+    return cases
+
+
+def shape_set(name: str) -> list[Case]:
+    if name == "olmo-7b":
+        return _model_set(4096, 32, 11008, 16384, (512, 1024, 2048, 4096, 8192), 4096, 4096)
+    if name == "quick":  # olmo-7b's, with attention at two lengths only: for the one-call GPU check
+        return _model_set(4096, 32, 11008, 16384, (1024, 4096), 4096, 4096)
+    if name == "olmo-1b":
+        return _model_set(2048, 16, 8192, 16384, (1024, 2048, 4096), 2048, 2048)
+    if name == "sweep":
+        tokens = (1024, 4096, 16384, 65536)
+        cases = [_swiglu(n, 11008) for n in tokens] + [_ln(n, 4096, True) for n in tokens]
+        cases += [_heads(op, 1, n, 32, 128) for op in ("rope", "qkv_rope") for n in tokens]
+        cases += [_heads("attention", 16384 // t, t, 32, 128) for t in (512, 1024, 2048, 4096, 8192, 16384)]
+        cases += [_decode(1, s, 32, 128) for s in (512, 2048, 8192, 32768)]
+        return cases
+    if name == "cpu-small":  # odd sizes (not multiples of any block), GQA, a clip that bites: cheap on 2 cores
+        return [_swiglu(67, 96), _ln(67, 129, False), _ln(67, 129, True),
+                _heads("rope", 2, 17, 3, 16), _heads("qkv_rope", 2, 17, 4, 16, clip=2.0),
+                _heads("attention", 1, 33, 4, 16, hk=2), _heads("attention", 1, 33, 2, 16, clip=2.0),
+                _decode(2, 37, 4, 16, slots=40, hk=2)]
+    raise ValueError(f"unknown shape set {name!r}; choose from {SHAPE_SETS}")

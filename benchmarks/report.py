@@ -1,0 +1,247 @@
+"""Outputs of the suite: terminal table, CSV, JSON, PNG sweep plots, `--compare` ratios, and the Markdown
+results page the GPU check commits (`python -m olmo_fast.benchmarks.report --markdown OUT.md RESULT.json...`).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+COLUMNS = ("op", "shape", "size", "mode", "dtype", "provider", "status", "median_ms", "p20_ms", "p80_ms", "n",
+           "bytes", "flops", "gbps", "tflops", "pct_copy_bw", "pct_matmul", "peak_mem_mb", "check", "check_err",
+           "reason", "note")
+
+
+def _num(value, fmt: str) -> str:
+    return "" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
+
+
+def rate(row: dict) -> str:
+    """'0.123 ms  1234.5 GB/s  82.0% of copy' (or TFLOP/s and % of matmul), or the status and reason."""
+    if row["status"] != "ok":
+        return f"{row['status']}: {row.get('reason', '')}"
+    if row.get("gbps") is not None:
+        value = f"{row['gbps']:8.1f} GB/s    " + _num(row.get("pct_copy_bw"), "5.1f") + "% of copy"
+    else:
+        value = f"{row['tflops']:8.2f} TFLOP/s " + _num(row.get("pct_matmul"), "5.1f") + "% of matmul"
+    check = "" if row.get("check") == "ok" else f"  check {row.get('check')} (err {row.get('check_err'):.2e})"
+    return f"{row['median_ms']:9.4f} ms {value}{check}"
+
+
+def table(results: dict) -> str:
+    """The terminal table: one block per (op, shape, mode), providers fastest first, the rest after."""
+    lines = []
+    env, ceil = results["env"], results.get("ceilings", {})
+    lines.append(f"{env['card']} | torch {env['torch']} | triton {env.get('triton')} | cuda {env.get('cuda')} | "
+                 f"commit {str(env.get('git_commit'))[:12]}")
+    if ceil:
+        lines.append(f"ceilings: copy {ceil['copy_gbps']:.1f} GB/s, {ceil['matmul_dtype']} matmul "
+                     f"{ceil['matmul_tflops']:.2f} TFLOP/s")
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for row in results["rows"]:
+        groups[(row["op"], row["shape"], row["mode"], row["dtype"])].append(row)
+    for (op, shape, mode, dtype), rows in groups.items():
+        lines.append(f"\n{op}  {shape}  {mode}  {dtype}")
+        ok = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r["median_ms"])
+        best = ok[0]["median_ms"] if ok else None
+        for r in ok:
+            spread = f"[{r['p20_ms']:.4f}-{r['p80_ms']:.4f}]"
+            mem = "" if r.get("peak_mem_mb") is None else f"  {r['peak_mem_mb']:8.1f} MB"
+            lines.append(f"  {r['provider']:<15} {rate(r)} {spread} x{r['median_ms'] / best:5.2f}{mem}")
+        for r in rows:
+            if r["status"] != "ok":
+                lines.append(f"  {r['provider']:<15} {r['status']}: {r.get('reason', '')}")
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[dict], path: str | Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k, "") if row.get(k) is not None else "" for k in COLUMNS})
+
+
+def plot(results: dict, out_dir: str | Path) -> tuple[list[Path], str]:
+    """One PNG per op with a sweep (several sizes): rate against size, a panel per mode, a line per provider.
+    Returns the files written and a note on what was skipped."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return [], "plots skipped: matplotlib is not installed"
+    by_op: dict[str, list[dict]] = defaultdict(list)
+    for row in results["rows"]:
+        if row["status"] == "ok":
+            by_op[row["op"]].append(row)
+    written, single = [], []
+    for op, rows in by_op.items():
+        if len({r["size"] for r in rows}) < 2:
+            single.append(op)
+            continue
+        modes = list(dict.fromkeys(r["mode"] for r in rows))
+        fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4), squeeze=False)
+        for ax, mode in zip(axes[0], modes):
+            lines: dict[str, list] = defaultdict(list)
+            for r in rows:
+                if r["mode"] == mode:
+                    lines[r["provider"]].append((r["size"], r["gbps"] if r.get("gbps") is not None else r["tflops"]))
+            for provider, points in sorted(lines.items()):
+                points.sort()
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=provider)
+            flop_op = rows[0].get("tflops") is not None
+            ax.set(xscale="log", title=f"{op} {mode}", xlabel="T" if op == "attention" else "cache length" if
+                   op == "decode_attention" else "tokens", ylabel="TFLOP/s" if flop_op else "GB/s")
+            ceiling = results.get("ceilings", {}).get("matmul_tflops" if flop_op else "copy_gbps")
+            if ceiling:
+                ax.axhline(ceiling, color="gray", linestyle="--", linewidth=1, label="measured ceiling")
+            ax.legend(fontsize=7)
+        fig.suptitle(f"{op} ({rows[0]['dtype']}) on {results['env']['card']}")
+        fig.tight_layout()
+        path = Path(out_dir) / f"plot-{op}.png"
+        fig.savefig(path, dpi=90)
+        plt.close(fig)
+        written.append(path)
+    note = f"no plot for {', '.join(single)}: a single size (use --shapes sweep)" if single else ""
+    return written, note
+
+
+def write(results: dict, out_dir: str | Path, plots: bool = True, log=print) -> None:
+    """bench.json, bench.csv and (with `plots`) plot-<op>.png in `out_dir`."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(results, indent=1))
+    write_csv(results["rows"], out / "bench.csv")
+    if plots:
+        files, note = plot(results, out)
+        log(f"wrote {out / 'bench.json'}, {out / 'bench.csv'}" + "".join(f", {f}" for f in files))
+        if note:
+            log(note)
+
+
+def load(path: str | Path) -> dict:
+    data = json.loads(Path(path).read_text())
+    if "rows" not in data or "env" not in data:
+        raise ValueError(f"{path} is not a results file of `olmo-fast bench` (no rows/env)")
+    return data
+
+
+def compare(a: dict, b: dict) -> tuple[str, list[dict]]:
+    """Per row present in both (same op, shape, mode, dtype, provider, both measured): time A / time B (> 1: B is
+    faster). Returns the printed text and the matched rows."""
+    key = lambda r: (r["op"], r["shape"], r["mode"], r["dtype"], r["provider"])  # noqa: E731
+    rows_b = {key(r): r for r in b["rows"] if r["status"] == "ok"}
+    matched = []
+    for r in a["rows"]:
+        other = rows_b.get(key(r))
+        if r["status"] == "ok" and other is not None:
+            matched.append({"op": r["op"], "shape": r["shape"], "mode": r["mode"], "dtype": r["dtype"],
+                            "provider": r["provider"], "a_ms": r["median_ms"], "b_ms": other["median_ms"],
+                            "ratio": r["median_ms"] / other["median_ms"]})
+    lines = [f"A: {a['env']['card']} {str(a['env'].get('git_commit'))[:12]} {a['env']['date']}",
+             f"B: {b['env']['card']} {str(b['env'].get('git_commit'))[:12]} {b['env']['date']}",
+             f"{'op':<16} {'shape':<30} {'mode':<8} {'provider':<15} {'A ms':>10} {'B ms':>10} {'A/B':>7}"]
+    for m in matched:
+        lines.append(f"{m['op']:<16} {m['shape']:<30} {m['mode']:<8} {m['provider']:<15} {m['a_ms']:10.4f} "
+                     f"{m['b_ms']:10.4f} {m['ratio']:7.3f}")
+    if not matched:
+        lines.append("(no row measured in both files)")
+    return "\n".join(lines), matched
+
+
+# ---------------------------------------------------------------- the Markdown page of a GPU check
+def _md_kernels(results: dict) -> list[str]:
+    env, ceil = results["env"], results["ceilings"]
+    lines = [f"## Kernels ({results['settings']['dtype']}, shapes `{results['settings']['shapes']}`)", "",
+             f"Ceilings measured in this run: device-to-device copy **{ceil['copy_gbps']:.0f} GB/s**, "
+             f"{ceil['matmul_dtype']} matmul {'x'.join(map(str, ceil['matmul_shape']))} "
+             f"**{ceil['matmul_tflops']:.1f} TFLOP/s**. Times are medians of CUDA-event timings with the L2 "
+             f"flushed before each call (p20-p80 in brackets); rates count the least bytes/FLOPs each op must move "
+             f"(`benchmarks/roofline.py`).", ""]
+    by_op: dict[str, list[dict]] = defaultdict(list)
+    for row in results["rows"]:
+        by_op[row["op"]].append(row)
+    for op, rows in by_op.items():
+        lines += [f"### {op}", "", "| shape | mode | provider | median ms [p20-p80] | rate | % of ceiling | "
+                  "peak MB | check |", "|---|---|---|---|---|---|---|---|"]
+        ok = [r for r in rows if r["status"] == "ok"]
+        ok.sort(key=lambda r: (r["size"], r["shape"], r["mode"], r["median_ms"]))
+        for r in ok:
+            flop = r.get("tflops") is not None
+            value = f"{r['tflops']:.1f} TFLOP/s" if flop else f"{r['gbps']:.0f} GB/s"
+            pct = r.get("pct_matmul") if flop else r.get("pct_copy_bw")
+            lines.append(f"| {r['shape']} | {r['mode']} | {r['provider']} | {r['median_ms']:.4f} "
+                         f"[{r['p20_ms']:.4f}-{r['p80_ms']:.4f}] | {value} | {_num(pct, '.1f')}% | "
+                         f"{_num(r.get('peak_mem_mb'), '.0f')} | {r.get('check')} |")
+        absent = {}
+        for r in rows:
+            if r["status"] != "ok":
+                absent.setdefault(f"{r['provider']}: {r['status']}" + (f" ({r['reason']})" if r.get("reason") else ""),
+                                  None)
+        if absent:
+            lines += ["", "Not measured: " + "; ".join(absent)]
+        notes = {r["provider"]: r["note"] for r in ok if r.get("note")}
+        if notes:
+            lines += ["", "Notes: " + "; ".join(f"{k}: {v}" for k, v in notes.items())]
+        lines.append("")
+    return lines
+
+
+def _md_records(title: str, data: dict) -> list[str]:
+    """A throughput result (train/decode): `records` is a list of flat dicts, shown as a table."""
+    records = data.get("records", [])
+    lines = [f"## {title}", ""]
+    if data.get("note"):
+        lines += [data["note"], ""]
+    if not records:
+        return lines + ["(no records)", ""]
+    keys = list(dict.fromkeys(k for rec in records for k in rec))
+    lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
+    for rec in records:
+        cells = [_num(rec.get(k), ".4g") if isinstance(rec.get(k), float) else str(rec.get(k, "")) for k in keys]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
+def markdown(results: list[dict]) -> str:
+    env = next(r["env"] for r in results if "env" in r)
+    lines = [f"# olmo-fast GPU check: {env['card']}, {env['date'][:10]}", "",
+             f"torch {env['torch']}, triton {env.get('triton')}, CUDA {env.get('cuda')}, cuDNN {env.get('cudnn')}, "
+             f"commit `{env.get('git_commit')}`" + (" (with uncommitted changes)" if env.get("git_dirty") else ""), ""]
+    for data in results:
+        kind = data.get("kind", "microbench")
+        if kind == "microbench":
+            lines += _md_kernels(data)
+        else:
+            lines += _md_records(data.get("title", kind), data)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Markdown page from result JSON files (bench, train, decode).")
+    parser.add_argument("--markdown", required=True, help="output .md path")
+    parser.add_argument("results", nargs="+", help="result JSON files; missing ones are listed as missing")
+    args = parser.parse_args(argv)
+    loaded, missing = [], []
+    for path in args.results:
+        try:
+            loaded.append(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as err:
+            missing.append(f"{path}: {err}")
+    if not loaded:
+        raise SystemExit("no readable result file: " + "; ".join(missing))
+    text = markdown(loaded)
+    if missing:
+        text += "\n## Missing results\n\n" + "\n".join(f"- {m}" for m in missing) + "\n"
+    Path(args.markdown).write_text(text)
+    print(f"wrote {args.markdown}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

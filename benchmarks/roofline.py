@@ -1,0 +1,92 @@
+"""The least work each benchmarked op must do: the bytes it must move (memory-bound ops) or its FLOPs (attention).
+
+Every provider of an op is scored against the same number, so GB/s and TFLOP/s compare like with like: a
+provider that moves more (an extra pass, a saved input) simply shows a lower rate. Bytes count each tensor the
+op's contract reads or writes once (`s` = bytes per element of the input dtype); the fp32 `rstd` a LayerNorm
+forward saves for its backward is counted (4 bytes a row). The attention FLOPs follow FlashAttention's
+convention: 4·B·Tq·Tk·H·D for QKᵀ and PV, halved when causal, the backward 2.5× the forward.
+"""
+from __future__ import annotations
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+
+
+def _check_mode(mode: str) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+
+def _split(mode: str, fwd: float, bwd: float) -> float:
+    _check_mode(mode)
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+
+
+def layer_norm_bytes(n: int, c: int, s: int, mode: str, residual: bool = False) -> int:
+    """Non-parametric LayerNorm of `[n, c]`. fwd: read x (and residual), write y (and h = x + residual) and
+    rstd. bwd: read dy, y, rstd (and dh), write dx (which is also the residual's gradient)."""
+    fwd = (2 + 2 * residual) * n * c * s + 4 * n
+    bwd = (3 + residual) * n * c * s + 4 * n
+    return int(_split(mode, fwd, bwd))
+
+
+def swiglu_bytes(n: int, h: int, s: int, mode: str) -> int:
+    """`[n, 2h]` -> `[n, h]`. fwd: read [x | gate], write out. bwd: read dout and [x | gate], write [dx | dgate]."""
+    return int(_split(mode, 3 * n * h * s, 5 * n * h * s))
+
+
+def rope_bytes(b: int, t: int, hq: int, hk: int, d: int, s: int, mode: str) -> int:
+    """q `[b, t, hq, d]` and k `[b, t, hk, d]` rotated: each read once and written once, either way
+    (cos/sin come from the positions, negligible)."""
+    elems = b * t * (hq + hk) * d
+    return int(_split(mode, 2 * elems * s, 2 * elems * s))
+
+
+def qkv_rope_bytes(b: int, t: int, hq: int, hk: int, d: int, s: int, mode: str, clip: bool = False) -> int:
+    """Fused projection `[b, t, (hq + 2hk) d]` -> clamp -> split -> RoPE: read it once, write q, k, v once. The
+    backward reads dq, dk, dv and writes dqkv; with a clip it also reads qkv (the clamp's gradient mask)."""
+    elems = b * t * (hq + 2 * hk) * d
+    return int(_split(mode, 2 * elems * s, (2 + clip) * elems * s))
+
+
+def decode_attention_bytes(b: int, tq: int, cached: int, hq: int, hk: int, d: int, s: int) -> int:
+    """New queries `[b, tq, hq, d]` over `cached` valid keys per sequence: read K and V of the valid cache,
+    read q, write the output."""
+    return 2 * b * cached * hk * d * s + 2 * b * tq * hq * d * s
+
+
+def attention_flops(b: int, tq: int, tk: int, h: int, d: int, mode: str, causal: bool = True) -> float:
+    """FlashAttention's count: 4·b·tq·tk·h·d forward (halved for causal), backward 2.5× the forward."""
+    fwd = 4 * b * tq * tk * h * d * (0.5 if causal else 1.0)
+    return _split(mode, fwd, 2.5 * fwd)
+
+
+def copy_bytes(nbytes: int) -> int:
+    """A device-to-device copy of `nbytes` reads and writes each byte: the bandwidth ceiling's count."""
+    return 2 * nbytes
+
+
+def matmul_flops(m: int, n: int, k: int) -> int:
+    """`[m, k] @ [k, n]`: a multiply and an add per term (the FLOP/s ceiling's count)."""
+    return 2 * m * n * k
+
+
+def work(op: str, p: dict, itemsize: int, mode: str) -> tuple[int | None, float | None]:
+    """`(bytes, flops)` of one benchmark case (`p`: its parameters, see `cases.py`); the one the op is scored
+    by is not None. Attention is compute-bound (FLOPs); every other op is memory-bound (bytes)."""
+    s = itemsize
+    if op == "layer_norm":
+        return layer_norm_bytes(p["n"], p["c"], s, mode, p.get("residual", False)), None
+    if op == "swiglu":
+        return swiglu_bytes(p["n"], p["h"], s, mode), None
+    if op == "rope":
+        return rope_bytes(p["b"], p["t"], p["hq"], p["hk"], p["d"], s, mode), None
+    if op == "qkv_rope":
+        return qkv_rope_bytes(p["b"], p["t"], p["hq"], p["hk"], p["d"], s, mode, p.get("clip") is not None), None
+    if op == "attention":
+        return None, attention_flops(p["b"], p["t"], p["t"], p["hq"], p["d"], mode, p.get("causal", True))
+    if op == "decode_attention":
+        _check_mode(mode)
+        if mode != "fwd":
+            raise ValueError("decode_attention is inference-only: it has no backward")
+        return decode_attention_bytes(p["b"], p["tq"], p["cached"], p["hq"], p["hk"], p["d"], s), None
+    raise ValueError(f"no work formula for op {op!r}")

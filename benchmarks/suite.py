@@ -1,0 +1,280 @@
+"""The benchmark loop: for each case, each provider and each mode, check the output against eager, time it,
+and score it against the op's least work (`roofline.py`) and the ceilings measured in the same run.
+
+Each (case, provider, mode) gives one row; a provider that cannot run gives rows saying why ("not installed",
+"unavailable: <reason>", "error: <message>"), never silence. Results are written after every op, so a run cut
+short (a timeout in the GPU check) still leaves what it measured.
+"""
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import platform
+import subprocess
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from olmo_fast.ops import BackendError
+
+from . import ceilings, report, roofline
+from .cases import DTYPES, OPS, Case, differentiable, make_inputs, modes, shape_set
+from .providers import Impl, NotInstalled, Unavailable, op_fn, registry
+from .timing import peak_memory_mb, time_fn
+
+# Sanity bound for the output check (relative to the reference's largest magnitude): it catches a provider
+# computing another function (a layout mix-up), not precision - the kernel tests judge that.
+CHECK_TOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+CPU_DESELECTED = {"torch-compile": "not selected: compiling costs seconds per shape on a CPU (name it in "
+                                   "--providers to include it)"}
+N_OUTPUTS = {"layer_norm": None, "swiglu": 1, "rope": 2, "qkv_rope": 3, "attention": 1, "decode_attention": 1}
+
+
+def environment(device: torch.device) -> dict:
+    env: dict[str, Any] = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": device.type,
+        "card": torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "hip": getattr(torch.version, "hip", None),
+        "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
+        "cpu_threads": torch.get_num_threads(),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(sm_count=props.multi_processor_count, l2_bytes=getattr(props, "L2_cache_size", None),
+                   memory_gb=round(props.total_memory / 2**30, 1))
+    env.update(_git())
+    return env
+
+
+def _git() -> dict:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        run = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True, timeout=10)  # noqa: E731
+        commit = run("rev-parse", "HEAD")
+        if commit.returncode == 0:
+            return {"git_commit": commit.stdout.strip(), "git_dirty": bool(run("status", "--porcelain").stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return {"git_commit": os.environ.get("OLMO_FAST_COMMIT", "unknown"), "git_dirty": None}
+
+
+def _flat(out: Any, n: int | None) -> list[torch.Tensor]:
+    tensors = [out] if isinstance(out, torch.Tensor) else [t for t in out if isinstance(t, torch.Tensor)]
+    return tensors if n is None else tensors[:n]
+
+
+def _n_outputs(case: Case) -> int:
+    return N_OUTPUTS[case.op] or (2 if case.params["residual"] else 1)
+
+
+def check_error(out: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
+    """Largest |out - ref| over the reference's largest magnitude, across outputs (nan if any is nan)."""
+    if len(out) != len(ref):
+        raise ValueError(f"{len(out)} outputs where the reference has {len(ref)}")
+    worst = 0.0
+    for o, r in zip(out, ref):
+        if o.shape != r.shape:
+            raise ValueError(f"output shape {tuple(o.shape)} where the reference has {tuple(r.shape)}")
+        err = ((o.float() - r.float()).abs().max() / r.float().abs().max().clamp_min(1e-6)).item()
+        worst = err if math.isnan(err) else max(worst, err)
+        if math.isnan(worst):
+            break
+    return worst
+
+
+def _runner(impl: Impl, case: Case, sets: list[tuple], mode: str) -> Callable[[int], Any]:
+    """`run(i)`: one `mode` call on input set i (graphs for `bwd` are built here, untimed)."""
+    n_out = _n_outputs(case)
+    staged = []
+    for inputs in sets:
+        args = list(impl.prepare(*inputs) if impl.prepare else inputs)
+        idx = impl.grad_idx if impl.grad_idx is not None else differentiable(case.op, case.params)
+        if mode != "fwd":
+            for j in idx:
+                args[j] = args[j].detach().requires_grad_(True)
+        staged.append((args, [args[j] for j in idx]))
+    fn = impl.fn
+    if mode == "fwd":
+        def run(i):
+            with torch.no_grad():
+                return fn(*staged[i][0])
+        return run
+    grads, graphs = [], []
+    for args, leaves in staged:
+        outs = _flat(fn(*args), n_out)
+        grads.append([torch.randn_like(o) for o in outs])
+        graphs.append(outs if mode == "bwd" else None)
+    if mode == "bwd":
+        return lambda i: torch.autograd.grad(graphs[i], staged[i][1], grads[i], retain_graph=True)
+    return lambda i: torch.autograd.grad(_flat(fn(*staged[i][0]), n_out), staged[i][1], grads[i])
+
+
+def _n_sets(inputs: tuple, device: torch.device) -> int:
+    """Enough input copies to overflow the last-level cache twice (at most 4)."""
+    footprint = sum(t.numel() * t.element_size() for t in inputs)
+    cache = (getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 50 * 2**20
+             if device.type == "cuda" else 32 * 2**20)
+    return max(1, min(4, math.ceil(2 * cache / max(footprint, 1))))
+
+
+def _status(err: BaseException) -> tuple[str, str]:
+    text = f"{type(err).__name__}: {err}".strip().splitlines()[0][:300] if str(err) else type(err).__name__
+    if isinstance(err, Unavailable):
+        return ("not installed" if isinstance(err, NotInstalled) else "unavailable"), str(err)
+    if isinstance(err, BackendError) or "No available kernel" in str(err):
+        return "unavailable", str(err).splitlines()[0][:300]
+    return "error", text
+
+
+class Suite:
+    def __init__(self, device: torch.device, dtype: torch.dtype, providers: set[str] | None,
+                 warmup_ms: float | None, rep_ms: float | None, budget_s: float | None, log=print) -> None:
+        self.device, self.dtype, self.providers = device, dtype, providers
+        self.warmup_ms, self.rep_ms = warmup_ms, rep_ms
+        self.deadline = None if budget_s is None else time.monotonic() + budget_s
+        self.log = log
+        self.ceilings: dict = {}
+        self.rows: list[dict] = []
+
+    def selected(self, name: str) -> str | None:
+        """None if `name` runs, else why not."""
+        if self.providers is not None:
+            return None if name in self.providers else "not selected (--providers)"
+        return CPU_DESELECTED.get(name) if self.device.type == "cpu" else None
+
+    def row(self, case: Case, mode: str, provider: str, status: str, reason: str = "", **extra) -> dict:
+        row = {"op": case.op, "shape": case.label, "size": case.size, "mode": mode,
+               "dtype": str(self.dtype).removeprefix("torch."), "provider": provider, "status": status,
+               "reason": reason, **extra}
+        self.rows.append(row)
+        return row
+
+    def run_case(self, case: Case, modes_wanted: tuple[str, ...]) -> None:
+        case_modes = [m for m in modes(case.op) if m in modes_wanted]
+        if not case_modes:
+            return
+        sets = [make_inputs(case.op, case.params, self.dtype, self.device)]
+        sets += [make_inputs(case.op, case.params, self.dtype, self.device) for _ in range(_n_sets(sets[0], self.device) - 1)]
+        n_out = _n_outputs(case)
+        with torch.no_grad():
+            reference = _flat(op_fn(case, "torch")(*sets[0]), n_out)
+        for provider in registry()[case.op]:
+            why_not = self.selected(provider.name)
+            if why_not is None and self.deadline is not None and time.monotonic() > self.deadline:
+                why_not = "time budget (--budget-s) spent"
+            if why_not is not None:
+                for mode in case_modes:
+                    self.row(case, mode, provider.name, "skipped", why_not)
+                continue
+            self._run_provider(case, provider, case_modes, sets, reference, n_out)
+        del sets, reference
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _run_provider(self, case, provider, case_modes, sets, reference, n_out) -> None:
+        try:
+            impl = provider.build(case, self.device)
+            args = impl.prepare(*(t.clone() for t in sets[0])) if impl.prepare else tuple(t.clone() for t in sets[0])
+            with torch.no_grad():
+                out = impl.fn(*args)
+            out = _flat(impl.post(out) if impl.post else out, n_out)
+            err = check_error(out, reference)
+            del out, args
+        except Exception as exc:  # noqa: BLE001 - every failure becomes a row, the run goes on
+            status, reason = _status(exc)
+            for mode in case_modes:
+                self.row(case, mode, provider.name, status, reason)
+            self.log(f"  {case.op:<16} {case.label:<28} {provider.name:<15} {status}: {reason}")
+            return
+        check = "ok" if err <= CHECK_TOL[self.dtype] else "MISMATCH"
+        for mode in case_modes:
+            try:
+                self._time(case, provider.name, impl, mode, sets, err, check)
+            except Exception as exc:  # noqa: BLE001
+                status, reason = _status(exc)
+                self.row(case, mode, provider.name, status, reason, note=impl.note)
+                self.log(f"  {case.op:<16} {case.label:<28} {provider.name:<15} {mode:<8} {status}: {reason}")
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    def _time(self, case, name, impl, mode, sets, err, check) -> None:
+        run = _runner(impl, case, sets, mode)
+        timing = time_fn(run, self.device, len(sets), self.warmup_ms, self.rep_ms)
+        peak = peak_memory_mb(lambda: run(0), self.device)
+        nbytes, flops = roofline.work(case.op, case.params, self.dtype.itemsize, mode)
+        seconds = timing.median_ms * 1e-3
+        gbps = None if nbytes is None else nbytes / seconds / 1e9
+        tflops = None if flops is None else flops / seconds / 1e12
+        bw, mm = self.ceilings.get("copy_gbps"), self.ceilings.get("matmul_tflops")
+        row = self.row(case, mode, name, "ok", note=impl.note, median_ms=timing.median_ms, p20_ms=timing.p20_ms,
+                       p80_ms=timing.p80_ms, n=timing.n, bytes=nbytes, flops=flops, gbps=gbps, tflops=tflops,
+                       pct_copy_bw=None if gbps is None or not bw else 100 * gbps / bw,
+                       pct_matmul=None if tflops is None or not mm else 100 * tflops / mm,
+                       peak_mem_mb=peak, check_err=err, check=check)
+        self.log(f"  {case.op:<16} {case.label:<28} {name:<15} {mode:<8} {report.rate(row)}")
+
+
+def run(ops_wanted: list[str], shapes: str, modes_wanted: list[str], dtype: str, device: torch.device,
+        providers: list[str] | None = None, out_dir: str | Path | None = None, warmup_ms: float | None = None,
+        rep_ms: float | None = None, budget_s: float | None = None, plots: bool = True, log=print) -> dict:
+    """Run the suite; returns (and, with `out_dir`, writes) the results: env, settings, ceilings, rows."""
+    unknown = sorted(set(ops_wanted) - set(OPS))
+    if unknown:
+        raise ValueError(f"unknown ops {unknown}; choose from {OPS}")
+    bad_modes = sorted(set(modes_wanted) - set(roofline.MODES))
+    if bad_modes:
+        raise ValueError(f"unknown modes {bad_modes}; choose from {roofline.MODES}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {sorted(DTYPES)}")
+    if providers is not None:
+        known = {p.name for plist in registry().values() for p in plist}
+        if set(providers) - known:
+            raise ValueError(f"unknown providers {sorted(set(providers) - known)}; choose from {sorted(known)}")
+        if "torch-compile" in providers:
+            _raise_recompile_limits()
+    elif device.type == "cuda":
+        _raise_recompile_limits()
+    cases = [c for c in shape_set(shapes) if c.op in ops_wanted]
+    cases.sort(key=lambda c: ops_wanted.index(c.op))
+    suite = Suite(device, DTYPES[dtype], None if providers is None else set(providers), warmup_ms, rep_ms,
+                  budget_s, log)
+    results = {"schema": 1, "env": environment(device),
+               "settings": {"ops": ops_wanted, "shapes": shapes, "modes": modes_wanted, "dtype": dtype,
+                            "providers": providers, "warmup_ms": warmup_ms, "rep_ms": rep_ms, "budget_s": budget_s},
+               "ceilings": {}, "rows": suite.rows}
+    log(f"device: {results['env']['card']} ({device.type}); measuring ceilings ...")
+    suite.ceilings = results["ceilings"] = ceilings.measure(device, warmup_ms, rep_ms)
+    log(f"  copy {suite.ceilings['copy_gbps']:.1f} GB/s, {suite.ceilings['matmul_dtype']} matmul "
+        f"{suite.ceilings['matmul_tflops']:.2f} TFLOP/s")
+    for i, case in enumerate(cases):
+        suite.run_case(case, tuple(modes_wanted))
+        last_of_op = i + 1 == len(cases) or cases[i + 1].op != case.op
+        if out_dir is not None and last_of_op:
+            report.write(results, out_dir, plots=False)
+    if out_dir is not None:
+        report.write(results, out_dir, plots=plots, log=log)
+    return results
+
+
+def _raise_recompile_limits() -> None:
+    """One compiled function per case, each at static shapes: let dynamo keep them all."""
+    import torch._dynamo
+
+    for name in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit",
+                 "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))

@@ -1,0 +1,107 @@
+"""Timing: CUDA events on a GPU, `time.perf_counter` on the CPU; median and spread (p20/p80) of many runs.
+
+`run(i)` executes one call on input set `i % n_sets`: the caller keeps several copies of the inputs so that a
+small case does not find its data in cache from the previous call. On a GPU the L2 cache is also flushed
+(a 256 MB memset, outside the timed interval) before every timed call, as `triton.testing.do_bench` does.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+_FLUSH_BYTES = 256 * 2**20
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    n: int
+
+
+def quantile(values: list[float], q: float) -> float:
+    """Linear-interpolated quantile (numpy's default) of a non-empty list."""
+    xs = sorted(values)
+    pos = q * (len(xs) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def summarize(times_ms: list[float]) -> Timing:
+    if not times_ms:
+        raise ValueError("no timings to summarize")
+    return Timing(quantile(times_ms, 0.5), quantile(times_ms, 0.2), quantile(times_ms, 0.8), len(times_ms))
+
+
+def _counts(estimate_ms: float, warmup_ms: float, rep_ms: float, min_rep: int, max_rep: int) -> tuple[int, int]:
+    est = max(estimate_ms, 1e-4)
+    return max(1, int(warmup_ms / est)), max(min_rep, min(max_rep, int(rep_ms / est)))
+
+
+def time_cuda(run: Callable[[int], object], n_sets: int = 1, warmup_ms: float = 25, rep_ms: float = 100,
+              min_rep: int = 5, max_rep: int = 1000) -> Timing:
+    """Median/p20/p80 of `run` on the current CUDA device, each call between two CUDA events, L2 flushed first."""
+    flush = torch.empty(_FLUSH_BYTES, dtype=torch.int8, device="cuda")
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    run(0)
+    torch.cuda.synchronize()
+    start.record()
+    for i in range(5):
+        run(i % n_sets)
+    end.record()
+    torch.cuda.synchronize()
+    n_warm, n_rep = _counts(start.elapsed_time(end) / 5, warmup_ms, rep_ms, min_rep, max_rep)
+    for i in range(n_warm):
+        run(i % n_sets)
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(n_rep)]
+    for i in range(n_rep):
+        flush.zero_()
+        starts[i].record()
+        run(i % n_sets)
+        ends[i].record()
+    torch.cuda.synchronize()
+    return summarize([s.elapsed_time(e) for s, e in zip(starts, ends)])
+
+
+def time_cpu(run: Callable[[int], object], n_sets: int = 1, warmup_ms: float = 10, rep_ms: float = 50,
+             min_rep: int = 3, max_rep: int = 200) -> Timing:
+    """Median/p20/p80 of `run` on the CPU by `time.perf_counter`."""
+    t0 = time.perf_counter()
+    run(0)
+    n_warm, n_rep = _counts((time.perf_counter() - t0) * 1e3, warmup_ms, rep_ms, min_rep, max_rep)
+    for i in range(n_warm):
+        run(i % n_sets)
+    times = []
+    for i in range(n_rep):
+        t0 = time.perf_counter()
+        run(i % n_sets)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return summarize(times)
+
+
+def time_fn(run: Callable[[int], object], device: torch.device, n_sets: int = 1, warmup_ms: float | None = None,
+            rep_ms: float | None = None) -> Timing:
+    """`time_cuda` on a CUDA device, `time_cpu` otherwise (None: that timer's default budget)."""
+    timer = time_cuda if device.type == "cuda" else time_cpu
+    budget = {k: v for k, v in (("warmup_ms", warmup_ms), ("rep_ms", rep_ms)) if v is not None}
+    return timer(run, n_sets, **budget)
+
+
+def peak_memory_mb(run: Callable[[], object], device: torch.device) -> float | None:
+    """Extra device memory one call needs at its peak (torch.cuda.max_memory_allocated delta); None on the CPU."""
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = run()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del out
+    return peak / 2**20
