@@ -1,5 +1,6 @@
 """Shared test setup. Without a GPU the Triton kernels run under the interpreter (TRITON_INTERPRET=1),
 which must be set before Triton is first imported."""
+import contextlib
 import os
 
 import pytest
@@ -30,3 +31,26 @@ def require_kernel(op: str, backend: str, device: str = DEVICE) -> None:
         if backend in required:
             pytest.fail(f"backend {backend!r} is required here but unavailable: {err}")
         pytest.skip(str(err))
+
+
+@contextlib.contextmanager
+def poisoned_allocations():
+    """Every float tensor that torch.empty / torch.empty_like allocate meanwhile starts as NaN, so a kernel
+    output element that is never written fails the test instead of passing on leftover memory."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def fill(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    torch.empty = lambda *a, **k: fill(empty(*a, **k))
+    torch.empty_like = lambda *a, **k: fill(empty_like(*a, **k))
+    try:
+        yield
+    finally:
+        torch.empty, torch.empty_like = empty, empty_like
+
+
+def rounding_atol(dtype: torch.dtype) -> float:
+    """flash-attention's absolute slack: twice `dtype`'s rounding error at 0.3."""
+    x = torch.tensor(0.3, dtype=torch.float64)
+    return 2 * (x.to(dtype).double() - x).abs().item()

@@ -8,13 +8,11 @@ the `gpu`-marked tests on a GPU. Kernel outputs are poisoned (NaN-filled allocat
 """
 from __future__ import annotations
 
-import contextlib
-import math
 
 import pytest
 import torch
 
-from conftest import DEVICE, require_kernel
+from conftest import DEVICE, poisoned_allocations, require_kernel, rounding_atol
 from olmo_fast import ModelConfig, OLMo, ops
 from olmo_fast.ops import reference
 
@@ -25,22 +23,6 @@ CLIP = 0.75  # exactly representable in fp16/bf16; inputs are N(0, 1): ~45% of v
 def _need_kernels():
     require_kernel("attention_fwd", "triton")
     require_kernel("attention_bwd", "triton")
-
-
-@contextlib.contextmanager
-def poisoned_allocations():
-    """Every float tensor torch.empty/empty_like allocates meanwhile starts as NaN (kernel outputs included)."""
-    empty, empty_like = torch.empty, torch.empty_like
-
-    def fill(t):
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    torch.empty = lambda *a, **k: fill(empty(*a, **k))
-    torch.empty_like = lambda *a, **k: fill(empty_like(*a, **k))
-    try:
-        yield
-    finally:
-        torch.empty, torch.empty_like = empty, empty_like
 
 
 def make_qkv(B, Tq, Tk, H, Hkv, D, dtype, clip):
@@ -58,11 +40,6 @@ def make_qkv(B, Tq, Tk, H, Hkv, D, dtype, clip):
     return out
 
 
-def atol_for(dtype):
-    x = torch.tensor(0.3, dtype=torch.float64)
-    return 2 * (x.to(dtype).double() - x).abs().item()
-
-
 def run(q, k, v, dout, causal, clip, backend, scale=None):
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     out = ops.attention(q, k, v, causal=causal, clip=clip, scale=scale, backend=backend)
@@ -77,7 +54,7 @@ def check_against_f64(q, k, v, causal, clip, scale=None):
         got = run(q, k, v, dout, causal, clip, "triton", scale)
     same = run(q, k, v, dout, causal, clip, "torch", scale)
     ref = run(q.double(), k.double(), v.double(), dout.double(), causal, clip, "torch", scale)
-    atol = atol_for(q.dtype)
+    atol = rounding_atol(q.dtype)
     for name, g, s, r in zip(("out", "dq", "dk", "dv"), got, same, ref):
         assert g.dtype == s.dtype and g.shape == s.shape, name
         assert not g.isnan().any(), f"{name} has NaN"

@@ -1,0 +1,98 @@
+"""Triton decoding attention (split-K flash-decoding) against float64 PyTorch (`ops.reference.decode_attention`).
+
+Rule: max |kernel - f64| <= 2 * max |torch same dtype - f64| + atol (atol: twice the dtype's rounding error at
+0.3), never NaN. Outputs are poisoned (NaN allocations); cache slots past each sequence's length hold NaN: the kernel must never read them into the result.
+fp16/fp32 on the CPU (TRITON_INTERPRET=1); bf16 in the `gpu`-marked test (the interpreter's bf16 tl.dot is wrong).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import DEVICE, poisoned_allocations, require_kernel, rounding_atol
+from olmo_fast import ops
+from olmo_fast.ops import dispatch, reference
+
+
+@pytest.fixture(autouse=True)
+def _need_kernel():
+    require_kernel("decode_attention", "triton")
+
+
+def make_inputs(B, Tq, H, Hkv, S, D, dtype):
+    """q a non-contiguous slice; caches allocated head-major ([B, Hkv, S, D] transposed, as a paged/static cache
+    may be); ragged seqlens in [Tq, S] with the longest = S; NaN in every slot past a sequence's length."""
+    q = torch.randn(B, Tq, H + 2, D, device=DEVICE)[:, :, 1:-1].to(dtype)
+    k = torch.randn(B, Hkv, S, D, device=DEVICE).transpose(1, 2).to(dtype)
+    v = torch.randn(B, Hkv, S, D, device=DEVICE).transpose(1, 2).to(dtype)
+    seqlens = torch.randint(Tq, S + 1, (B,), device=DEVICE)
+    seqlens[0] = S
+    stale = torch.arange(S, device=DEVICE)[None, :] >= seqlens[:, None]
+    k[stale], v[stale] = float("nan"), float("nan")
+    return q, k, v, seqlens
+
+
+def check(q, k, v, seqlens, num_splits=None, scale=None):
+    kernel = dispatch.kernel("decode_attention", "triton", q.device.type)
+    with poisoned_allocations():
+        got = kernel(q, k, v, seqlens, scale, num_splits=num_splits)
+    # The references use a masked softmax, which still multiplies NaN slots by 0: give them clean caches.
+    clean_k, clean_v = (torch.nan_to_num(t, nan=0.0) for t in (k, v))
+    same = reference.decode_attention(q, clean_k, clean_v, seqlens, scale)
+    ref = reference.decode_attention(q.double(), clean_k.double(), clean_v.double(), seqlens, scale)
+    assert got.dtype == q.dtype and got.shape == q.shape and not got.isnan().any()
+    err, base = (got.double() - ref).abs().max().item(), (same.double() - ref).abs().max().item()
+    assert err <= 2 * base + rounding_atol(q.dtype), f"kernel error {err:.3g} > 2 x torch {q.dtype} error {base:.3g}"
+
+
+# (B, Tq, H, Hkv, S, D, num_splits): one token or a few (causal among them), GQA ratios 1/2/4, odd cache sizes,
+# one split (the split kernel writes the output) and several (partials + combine), None = the default heuristic.
+CASES = [
+    (1, 1, 4, 4, 1, 64, None),
+    (2, 1, 4, 4, 100, 64, None),
+    (3, 1, 8, 2, 200, 128, 3),
+    (2, 3, 4, 1, 150, 96, 2),
+    (1, 5, 4, 2, 70, 64, 1),
+    (2, 2, 4, 1, 257, 128, 8),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-Tq{}-H{}-Hkv{}-S{}-D{}-splits{}".format(*c))
+def test_decode_attention_matches_f64(case, dtype):
+    B, Tq, H, Hkv, S, D, splits = case
+    check(*make_inputs(B, Tq, H, Hkv, S, D, dtype), num_splits=splits)
+
+
+def test_many_rows_per_kv_head_and_scale():
+    """Group x Tq = 8 x 10 = 80 rows: more than one row block per kv head."""
+    check(*make_inputs(1, 10, 8, 1, 90, 64, torch.float32), num_splits=2, scale=0.2)
+
+
+def test_public_op_matches_cache_attention():
+    """`ops.decode_attention(backend="triton")` equals full causal attention over each sequence's prefix."""
+    q, k, v, seqlens = make_inputs(2, 2, 4, 2, 40, 64, torch.float32)
+    out = ops.decode_attention(q, k, v, seqlens, backend="triton")
+    for b in range(2):
+        n = int(seqlens[b])
+        want = reference.attention(q[b:b + 1].double(), k[b:b + 1, :n].double(), v[b:b + 1, :n].double(), True)
+        torch.testing.assert_close(out[b:b + 1].double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_bad_inputs_raise():
+    q = torch.randn(1, 1, 3, 64, device=DEVICE)
+    k = torch.randn(1, 8, 2, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="multiple"):
+        ops.decode_attention(q, k, k, torch.tensor([4], device=DEVICE), backend="triton")
+    with pytest.raises(ValueError, match="seqlens"):
+        ops.decode_attention(q, k, k, torch.tensor([4, 4], device=DEVICE), backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 tl.dot needs a GPU (the interpreter's is wrong)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", [(1, 1, 32, 32, 4096, 128, None), (4, 1, 32, 8, 1000, 128, None),
+                                  (2, 4, 16, 2, 333, 64, 5), (64, 1, 32, 32, 512, 128, None)], ids=str)
+def test_decode_attention_gpu(case, dtype):
+    B, Tq, H, Hkv, S, D, splits = case
+    check(*make_inputs(B, Tq, H, Hkv, S, D, dtype), num_splits=splits)
