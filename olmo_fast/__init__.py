@@ -4,7 +4,9 @@ from __future__ import annotations
 from . import ops
 from .config import ConfigError, ModelConfig
 from .model import OLMo
+from .patch import patch, unpatch
 from .generation import Completion, benchmark_decode, generate
 
 __version__ = "0.1.0"
-__all__ = ["ModelConfig", "ConfigError", "OLMo", "ops", "generate", "benchmark_decode", "Completion", "__version__"]
+__all__ = ["ModelConfig", "ConfigError", "OLMo", "ops", "generate", "benchmark_decode", "Completion",
+           "patch", "unpatch", "__version__"]

@@ -1,0 +1,150 @@
+"""Replacement forwards for transformers' module classes (OLMo, OLMo2, Llama, Mistral, Qwen2), used by
+`olmo_fast.patch`'s table.
+
+Each factory takes the class's original forward and the patch `Options`, and returns a function with the
+original's signature that runs olmo_fast's ops on the module's own parameters and attributes: nothing is
+copied or re-registered, so state dicts, hooks, optimizers and `isinstance` checks see the same model. Where a
+fused op does not apply (below), the function does what transformers does.
+
+- norms: `ops.layer_norm` (OlmoLayerNorm, eps 1e-5 as in transformers) / `ops.rms_norm` (*RMSNorm). The RMSNorm
+  weight multiplies in fp32 before the cast to x's dtype (OLMo2's order; Llama casts first: the two differ in
+  the last bit in half precision, not in fp32) and the output keeps x's dtype.
+- MLP: `ops.silu_mul` when `config.hidden_act` is silu/swish.
+- attention: RoPE by `ops.rope` from `position_ids` when `rope_parameters` is the default kind (no scaling);
+  `ops.attention` when transformers built no mask (sdpa's causal skip: no padding, no packing), the window
+  (if any) covers all keys and there is no dropout; otherwise the model's own attention implementation runs.
+- causal LM: with labels and `skip_logits` (default: in training), the loss is `ops.linear_cross_entropy` on
+  the final hidden states and the output's `logits` is None; otherwise transformers' own forward runs.
+"""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+
+
+@dataclass(frozen=True)
+class Options:
+    """Which fused ops a patch puts in, and on which backend (None: the best per op and device)."""
+
+    rope: bool = True
+    swiglu: bool = True
+    norm: bool = True
+    attention: bool = True
+    cross_entropy: bool = True
+    backend: str | None = None
+
+
+def layer_norm_forward(original: Callable, opts: Options) -> Callable:
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return ops.layer_norm(hidden_states, eps=1e-5, backend=opts.backend)
+
+    return forward
+
+
+def rms_norm_forward(original: Callable, opts: Options) -> Callable:
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(hidden_states, self.weight, eps=self.variance_epsilon, backend=opts.backend)
+
+    return forward
+
+
+def swiglu_mlp_forward(original: Callable, opts: Options) -> Callable:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.hidden_act not in ("silu", "swish"):
+            return original(self, x)
+        return self.down_proj(ops.silu_mul(self.gate_proj(x), self.up_proj(x), backend=opts.backend))
+
+    return forward
+
+
+def default_rope_theta(config) -> float | None:
+    """The RoPE base if the config uses plain RoPE (what `ops.rope` computes), else None."""
+    params = getattr(config, "rope_parameters", None) or {}
+    if params.get("rope_type", "default") != "default" or getattr(config, "partial_rotary_factor", 1.0) != 1.0:
+        return None
+    return params.get("rope_theta", getattr(config, "rope_theta", None))
+
+
+def attention_forward(original: Callable, opts: Options) -> Callable:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
+                attention_mask: torch.Tensor | None, cache=None, **kwargs):
+        cache = kwargs.pop("past_key_values", cache)
+        config = self.config
+        heads_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+        q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
+        clip = getattr(config, "clip_qkv", None)  # OLMo 1.7: clamp the projections before RoPE
+        if clip is not None:
+            q, k, v = (t.clamp(-clip, clip) for t in (q, k, v))
+        if hasattr(self, "q_norm"):  # OLMo2: RMSNorm over all heads' q and k
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = (t.view(heads_shape) for t in (q, k, v))  # [B, T, H, D]
+
+        theta, position_ids = default_rope_theta(config), kwargs.get("position_ids")
+        if opts.rope and theta is not None and position_ids is not None:
+            positions = position_ids[0] if position_ids.shape[0] == 1 else position_ids
+            q, k = ops.rope(q, k, positions=positions, theta=theta, backend=opts.backend)
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+        else:
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))
+            cos, sin = position_embeddings
+            q, k = sys.modules[type(self).__module__].apply_rotary_pos_emb(q, k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
+
+        window = getattr(self, "sliding_window", getattr(config, "sliding_window", None))
+        dropout = self.attention_dropout if self.training else 0.0
+        if (opts.attention and attention_mask is None and dropout == 0.0
+                and (window is None or k.shape[2] <= window)):
+            out = ops.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True,
+                                scale=self.scaling, backend=opts.backend)
+            weights = None
+        else:
+            interface = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation,
+                                                              sys.modules[type(self).__module__].eager_attention_forward)
+            out, weights = interface(self, q, k, v, attention_mask, dropout=dropout, scaling=self.scaling,
+                                     sliding_window=window, **kwargs)
+        return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1)), weights
+
+    return forward
+
+
+def causal_lm_forward(original: Callable, opts: Options) -> Callable:
+    """`*ForCausalLM.forward` taking one more keyword, `skip_logits` (default: `self.training`): with labels
+    and `skip_logits`, the loss comes from `ops.linear_cross_entropy` and `logits` is None."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    def forward(self, *args, labels: torch.Tensor | None = None, skip_logits: bool | None = None, **kwargs):
+        shift_labels = kwargs.get("shift_labels")
+        skip = self.training if skip_logits is None else skip_logits
+        if (not skip or (labels is None and shift_labels is None) or self.lm_head.bias is not None
+                or kwargs.get("logits_to_keep", 0) not in (0, None)):
+            return original(self, *args, labels=labels, **kwargs)
+        kwargs.pop("shift_labels", None)
+        kwargs.pop("logits_to_keep", None)
+        return_dict = kwargs.pop("return_dict", None)
+        outputs = self.model(*args, **kwargs)
+        hidden, weight = outputs.last_hidden_state, self.lm_head.weight
+        if hidden.dtype != weight.dtype:  # as F.linear would run: autocast's dtype, else the weight's
+            device = hidden.device.type
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+        if shift_labels is None:  # position t predicts labels[t + 1]; the last position has no target
+            shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
+        num_items = kwargs.get("num_items_in_batch")
+        loss = ops.linear_cross_entropy(hidden, weight, shift_labels.to(hidden.device),
+                                        reduction="mean" if num_items is None else "sum", backend=opts.backend)
+        if num_items is not None:
+            loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
+        result = CausalLMOutputWithPast(loss=loss, logits=None, cache=outputs.cache,
+                                        hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+        return result.to_tuple() if return_dict is False else result
+
+    return forward

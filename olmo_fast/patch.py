@@ -1,0 +1,152 @@
+"""`olmo_fast.patch` / `olmo_fast.unpatch`: olmo_fast's fused ops inside transformers' OLMo, OLMo2, Llama,
+Mistral and Qwen2 models.
+
+`TABLE` says, per model family, which transformers class gets which replacement forward (`nn/hf.py`) under
+which switch. A patch never swaps modules or parameters: it sets `forward` on the matching module instances
+(a loaded model: only those inside it) or on the classes themselves (a class or transformers module: every
+model built afterwards), keeping what was there so that `unpatch` puts exactly that back.
+"""
+from __future__ import annotations
+
+import importlib
+import types
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from torch import nn
+
+from .nn import hf
+
+# family -> (transformers modeling module, ((class name, switches that enable it, forward factory), ...))
+TABLE: dict[str, tuple[str, tuple[tuple[str, tuple[str, ...], Callable], ...]]] = {
+    "olmo": ("transformers.models.olmo.modeling_olmo", (
+        ("OlmoLayerNorm", ("norm",), hf.layer_norm_forward),
+        ("OlmoMLP", ("swiglu",), hf.swiglu_mlp_forward),
+        ("OlmoAttention", ("rope", "attention"), hf.attention_forward),
+        ("OlmoForCausalLM", ("cross_entropy",), hf.causal_lm_forward),
+    )),
+    "olmo2": ("transformers.models.olmo2.modeling_olmo2", (
+        ("Olmo2RMSNorm", ("norm",), hf.rms_norm_forward),
+        ("Olmo2MLP", ("swiglu",), hf.swiglu_mlp_forward),
+        ("Olmo2Attention", ("rope", "attention"), hf.attention_forward),
+        ("Olmo2ForCausalLM", ("cross_entropy",), hf.causal_lm_forward),
+    )),
+    "llama": ("transformers.models.llama.modeling_llama", (
+        ("LlamaRMSNorm", ("norm",), hf.rms_norm_forward),
+        ("LlamaMLP", ("swiglu",), hf.swiglu_mlp_forward),
+        ("LlamaAttention", ("rope", "attention"), hf.attention_forward),
+        ("LlamaForCausalLM", ("cross_entropy",), hf.causal_lm_forward),
+    )),
+    "mistral": ("transformers.models.mistral.modeling_mistral", (
+        ("MistralRMSNorm", ("norm",), hf.rms_norm_forward),
+        ("MistralMLP", ("swiglu",), hf.swiglu_mlp_forward),
+        ("MistralAttention", ("rope", "attention"), hf.attention_forward),
+        ("MistralForCausalLM", ("cross_entropy",), hf.causal_lm_forward),
+    )),
+    "qwen2": ("transformers.models.qwen2.modeling_qwen2", (
+        ("Qwen2RMSNorm", ("norm",), hf.rms_norm_forward),
+        ("Qwen2MLP", ("swiglu",), hf.swiglu_mlp_forward),
+        ("Qwen2Attention", ("rope", "attention"), hf.attention_forward),
+        ("Qwen2ForCausalLM", ("cross_entropy",), hf.causal_lm_forward),
+    )),
+}
+SUPPORTED = "transformers' OLMo (olmo), OLMo2 (olmo2), Llama (llama), Mistral (mistral) and Qwen2 (qwen2) models"
+_MISSING = object()
+
+
+@dataclass
+class PatchRecord:
+    """What one `patch` call replaced: `replaced[class name]` lists the patched module paths (a model) or the
+    class itself (classes). `unpatch(record)` (or `unpatch(target)`) restores it."""
+
+    target: Any
+    options: hf.Options
+    replaced: dict[str, list[str]] = field(default_factory=dict)
+    undo: list[tuple[Any, str, Any]] = field(default_factory=list, repr=False)  # (owner, attribute, old value)
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{name} x{len(paths)}" for name, paths in self.replaced.items())
+        return f"PatchRecord({_name(self.target)}: {counts or 'nothing'})"
+
+
+_ACTIVE: list[PatchRecord] = []
+
+
+def _name(target: Any) -> str:
+    return getattr(target, "__name__", None) or type(target).__name__
+
+
+def _family_classes(family: str):
+    module_name, rows = TABLE[family]
+    module = importlib.import_module(module_name)
+    return [(getattr(module, cls_name), switches, factory) for cls_name, switches, factory in rows]
+
+
+def _families_of(target: Any) -> list[str]:
+    """The families a model instance, a model class or a (transformers) module belongs to."""
+    if isinstance(target, nn.Module):
+        modules = {type(m).__module__ for m in target.modules()}
+    elif isinstance(target, type):
+        modules = {c.__module__ for c in target.__mro__}
+    elif isinstance(target, types.ModuleType):
+        if target.__name__ == "transformers":
+            return list(TABLE)
+        modules = {target.__name__}
+    else:
+        raise TypeError(f"patch wants a model, a model class or a transformers module, got {type(target).__name__}")
+    found = [family for family, (module_name, _) in TABLE.items() if module_name in modules]
+    if not found:
+        raise ValueError(f"olmo_fast.patch supports {SUPPORTED}; {_name(target)} contains none of them")
+    return found
+
+
+def patch(target: Any, *, rope: bool = True, swiglu: bool = True, norm: bool = True, attention: bool = True,
+          cross_entropy: bool = True, backend: str | None = None) -> PatchRecord:
+    """Run olmo_fast's fused ops in a transformers model, in place; returns what was replaced.
+
+    `target`: a loaded model (its modules are patched, nothing else), or a model class / transformers
+    modeling module / the `transformers` package itself (the family's classes are patched: every model
+    built afterwards, `from_pretrained` included, uses the fused ops until `unpatch`). The switches pick
+    the parts; `backend` pins one backend for all ops (default: the best per op and device).
+    """
+    opts = hf.Options(rope=rope, swiglu=swiglu, norm=norm, attention=attention, cross_entropy=cross_entropy,
+                      backend=backend)
+    record = PatchRecord(target, opts)
+    rows = [row for family in _families_of(target) for row in _family_classes(family)
+            if any(getattr(opts, switch) for switch in row[1])]
+    if isinstance(target, nn.Module):
+        owners = [(path or _name(target), module, cls, factory)
+                  for path, module in target.named_modules() for cls, _, factory in rows if type(module) is cls]
+    else:
+        owners = [(cls.__qualname__, cls, cls, factory) for cls, _, factory in rows]
+    for path, owner, cls, factory in owners:
+        # accelerate's hooks keep the real forward in `_old_forward`: patch that, keep the hook
+        attr = "_old_forward" if "_old_forward" in vars(owner) else "forward"
+        if any(o is owner and a == attr for r in _ACTIVE for o, a, _ in r.undo):
+            raise RuntimeError(f"{path} is already patched by olmo_fast: unpatch it first")
+        record.undo.append((owner, attr, vars(owner).get(attr, _MISSING)))
+        record.replaced.setdefault(cls.__name__, []).append(path)
+    for (owner, attr, _), (_, _, cls, factory) in zip(record.undo, owners):
+        forward = factory(cls.forward, opts)
+        setattr(owner, attr, forward if isinstance(owner, type) else types.MethodType(forward, owner))
+    _ACTIVE.append(record)
+    return record
+
+
+def unpatch(record_or_target: Any) -> None:
+    """Undo a `patch`: give its record, or the object that was patched (its latest patch is undone)."""
+    if isinstance(record_or_target, PatchRecord):
+        record = record_or_target
+    else:
+        matches = [r for r in _ACTIVE if r.target is record_or_target]
+        if not matches:
+            raise ValueError(f"{_name(record_or_target)} is not patched by olmo_fast")
+        record = matches[-1]
+    if record not in _ACTIVE:
+        raise ValueError(f"{record!r} was already undone")
+    for owner, attr, old in reversed(record.undo):
+        if old is _MISSING:
+            delattr(owner, attr)
+        else:
+            setattr(owner, attr, old)
+    _ACTIVE.remove(record)
