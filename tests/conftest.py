@@ -54,3 +54,13 @@ def rounding_atol(dtype: torch.dtype) -> float:
     """flash-attention's absolute slack: twice `dtype`'s rounding error at 0.3."""
     x = torch.tensor(0.3, dtype=torch.float64)
     return 2 * (x.to(dtype).double() - x).abs().item()
+
+
+def assert_within_2x(name: str, got: torch.Tensor, same: torch.Tensor, ref: torch.Tensor) -> None:
+    """flash-attention's rule: max |got - ref| <= 2 * max |same - ref| + rounding_atol(dtype), and no NaN,
+    where `ref` is the float64 reference and `same` plain PyTorch run in `got`'s dtype."""
+    assert got.shape == same.shape and got.dtype == same.dtype, f"{name}: {got.shape}/{got.dtype} vs {same.shape}/{same.dtype}"
+    assert not got.isnan().any(), f"{name} has NaN"
+    err, base = (got.double() - ref).abs().max().item(), (same.double() - ref).abs().max().item()
+    atol = rounding_atol(got.dtype)
+    assert err <= 2 * base + atol, f"{name}: kernel error {err:.3g} > 2 x torch {got.dtype} error {base:.3g} + {atol:.2g}"
