@@ -1,0 +1,174 @@
+"""The benchmark suite: its work formulas against hand-computed values, its timing statistics, and an end-to-end
+CPU run of `olmo-fast bench --shapes cpu-small` whose JSON/CSV are parsed and cross-checked."""
+import csv
+import importlib.util
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import require_kernel
+from olmo_fast.benchmarks import cases, report, roofline, suite, timing
+from olmo_fast.cli import main
+
+# Per token of OLMo-7B at bf16 (s = 2): 16384 x 4096 elements = 134,217,728 bytes per tensor.
+TENSOR_7B = 16384 * 4096 * 2
+
+
+def test_memory_bound_bytes_hand_computed():
+    assert roofline.layer_norm_bytes(16384, 4096, 2, "fwd") == 2 * TENSOR_7B + 4 * 16384 == 268_500_992
+    assert roofline.layer_norm_bytes(16384, 4096, 2, "bwd") == 402_718_720  # dy, y read; dx written; rstd
+    assert roofline.layer_norm_bytes(16384, 4096, 2, "fwd+bwd") == 268_500_992 + 402_718_720
+    assert roofline.layer_norm_bytes(16384, 4096, 2, "fwd", residual=True) == 536_936_448  # x, res -> y, h
+    assert roofline.layer_norm_bytes(16384, 4096, 2, "bwd", residual=True) == 536_936_448  # + dh
+    assert roofline.swiglu_bytes(16384, 11008, 2, "fwd") == 1_082_130_432  # [N, 22016] in, [N, 11008] out
+    assert roofline.swiglu_bytes(16384, 11008, 2, "bwd") == 1_803_550_720
+    assert roofline.rope_bytes(4, 4096, 32, 32, 128, 2, "fwd") == 2**29  # q and k, read + written
+    assert roofline.rope_bytes(4, 4096, 32, 32, 128, 2, "fwd+bwd") == 2**30
+    assert roofline.qkv_rope_bytes(4, 4096, 32, 32, 128, 2, "fwd") == 805_306_368
+    assert roofline.qkv_rope_bytes(4, 4096, 32, 32, 128, 2, "bwd", clip=True) == 1_207_959_552
+    assert roofline.decode_attention_bytes(1, 1, 4096, 32, 32, 128, 2) == 67_125_248
+    assert roofline.decode_attention_bytes(16, 1, 4096, 32, 8, 128, 2) == 16 * (2 * 4096 * 8 * 128 * 2) + 16 * 2 * 32 * 128 * 2
+    assert roofline.copy_bytes(2**30) == 2**31
+
+
+def test_flops_hand_computed():
+    # B=4, T=4096, H=32, D=128 causal: 4 * 4 * 4096^2 * 4096 / 2 = 2^39.
+    assert roofline.attention_flops(4, 4096, 4096, 32, 128, "fwd") == 2**39
+    assert roofline.attention_flops(4, 4096, 4096, 32, 128, "bwd") == 2.5 * 2**39
+    assert roofline.attention_flops(4, 4096, 4096, 32, 128, "fwd+bwd") == 3.5 * 2**39
+    assert roofline.attention_flops(4, 4096, 4096, 32, 128, "fwd", causal=False) == 2**40
+    assert roofline.matmul_flops(8192, 8192, 8192) == 2 * 8192**3
+
+
+def test_work_dispatch_matches_formulas_and_rejects_nonsense():
+    p = {"b": 4, "t": 4096, "hq": 32, "hk": 32, "d": 128, "causal": True, "clip": 8.0}
+    assert roofline.work("attention", p, 2, "fwd") == (None, 2**39)
+    assert roofline.work("qkv_rope", p, 2, "bwd") == (1_207_959_552, None)
+    assert roofline.work("layer_norm", {"n": 16384, "c": 4096, "residual": False}, 2, "fwd") == (268_500_992, None)
+    with pytest.raises(ValueError, match="no backward"):
+        roofline.work("decode_attention", {"b": 1, "tq": 1, "cached": 8, "hq": 1, "hk": 1, "d": 8}, 2, "bwd")
+    with pytest.raises(ValueError, match="mode"):
+        roofline.swiglu_bytes(1, 1, 2, "backward")
+    with pytest.raises(ValueError, match="no work formula"):
+        roofline.work("matmul", {}, 2, "fwd")
+
+
+def test_quantiles_and_cpu_timer():
+    assert timing.quantile([5.0, 1.0, 3.0, 2.0, 4.0], 0.2) == pytest.approx(1.8)  # numpy's linear rule
+    assert timing.quantile([7.0], 0.8) == 7.0
+    t = timing.summarize([3.0, 1.0, 2.0, 10.0, 4.0])
+    assert (t.p20_ms, t.median_ms, t.p80_ms, t.n) == (pytest.approx(1.8), 3.0, pytest.approx(5.2), 5)
+    calls = []
+    t = timing.time_cpu(lambda i: calls.append(i), n_sets=3, warmup_ms=0.01, rep_ms=0.01, min_rep=4)
+    assert t.n >= 4 and 0 <= t.p20_ms <= t.median_ms <= t.p80_ms
+    assert set(calls) == {0, 1, 2}  # the input sets are rotated
+
+
+def test_check_error_catches_another_function():
+    x = torch.randn(5, 7)
+    assert suite.check_error([x.clone()], [x]) == 0
+    assert suite.check_error([x + 0.5 * x.abs().max()], [x]) == pytest.approx(0.5, rel=1e-5)
+    assert math.isnan(suite.check_error([torch.full_like(x, float("nan"))], [x]))
+    with pytest.raises(ValueError, match="shape"):
+        suite.check_error([x.t()], [x])
+
+
+def test_cases_cover_every_op_and_the_7b_targets():
+    labels = {(c.op, c.label) for c in cases.shape_set("olmo-7b")}
+    assert ("layer_norm", "16384x4096") in labels and ("swiglu", "16384x22016->11008") in labels
+    assert ("rope", "B4 T4096 H32 D128") in labels and ("attention", "B4 T4096 H32 D128 clip8") in labels
+    assert {c.params["t"] for c in cases.shape_set("olmo-7b") if c.op == "attention"} == {512, 1024, 2048, 4096, 8192}
+    assert {c.params["b"] for c in cases.shape_set("olmo-7b") if c.op == "decode_attention"} == {1, 16}
+    for name in cases.SHAPE_SETS:
+        assert {c.op for c in cases.shape_set(name)} == set(cases.OPS), name
+
+
+CPU_PROVIDERS = "eager,ours-cpp,torch-native,sdpa-flash,sdpa-efficient,liger,flash-attn"
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    assert main(["bench", "--shapes", "cpu-small", "--out", str(out), "--providers", CPU_PROVIDERS,
+                 "--rep-ms", "2", "--warmup-ms", "1", "--threads", "1"]) == 0
+    return out
+
+
+def test_cli_cpu_small_end_to_end(cpu_run):
+    data = json.loads((cpu_run / "bench.json").read_text())
+    rows = data["rows"]
+    assert data["env"]["torch"] == torch.__version__ and "git_commit" in data["env"]
+    assert data["ceilings"]["copy_gbps"] > 0 and data["ceilings"]["matmul_tflops"] > 0
+    with open(cpu_run / "bench.csv") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert tuple(csv_rows[0]) == report.COLUMNS and len(csv_rows) == len(rows)
+
+    expected = {(c.label, m) for c in cases.shape_set("cpu-small") for m in cases.modes(c.op)}
+    eager = {(r["shape"], r["mode"]): r for r in rows if r["provider"] == "eager"}
+    assert set(eager) == expected  # every case and mode measured by eager
+    for r in rows:
+        if r["status"] != "ok":
+            assert r["reason"], r  # a provider that did not run says why
+            continue
+        assert r["check"] == "ok", r  # every measured provider computes the same function as eager
+        assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
+        seconds = r["median_ms"] * 1e-3
+        if r["op"] == "attention":
+            assert r["tflops"] == pytest.approx(r["flops"] / seconds / 1e12)
+            assert r["pct_matmul"] == pytest.approx(100 * r["tflops"] / data["ceilings"]["matmul_tflops"])
+        else:
+            nbytes, _ = roofline.work(r["op"], next(c.params for c in cases.shape_set("cpu-small")
+                                                    if c.label == r["shape"]), 4, r["mode"])
+            assert r["bytes"] == nbytes and r["gbps"] == pytest.approx(nbytes / seconds / 1e9)
+            assert r["pct_copy_bw"] == pytest.approx(100 * r["gbps"] / data["ceilings"]["copy_gbps"])
+
+    by_provider = {}
+    for r in rows:
+        by_provider.setdefault(r["provider"], set()).add(r["status"])
+    assert by_provider["torch-compile"] == {"skipped"}  # deselected, still listed
+    assert by_provider["sdpa-efficient"] == {"unavailable"}  # a CUDA kernel, on the CPU
+    assert by_provider["sdpa-flash"] == {"ok"}
+    for name, module in (("liger", "liger_kernel"), ("flash-attn", "flash_attn")):
+        if importlib.util.find_spec(module) is None:
+            assert by_provider[name] == {"not installed"}
+    assert not [r for r in rows if r["op"] == "decode_attention" and r["mode"] != "fwd"]
+
+
+def test_compare_and_markdown(cpu_run, tmp_path, capsys):
+    a = json.loads((cpu_run / "bench.json").read_text())
+    b = json.loads(json.dumps(a))
+    for r in b["rows"]:
+        if r["status"] == "ok":
+            r["median_ms"] *= 2
+    b["rows"] = b["rows"][:-3]  # rows missing from one file are left out of the comparison
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    text, matched = report.compare(a, b)
+    assert matched and all(m["ratio"] == pytest.approx(0.5) for m in matched)
+    assert len(matched) == sum(r["status"] == "ok" for r in b["rows"])
+    assert main(["bench", "--compare", str(cpu_run / "bench.json"), str(tmp_path / "b.json")]) == 0
+    assert "0.500" in capsys.readouterr().out
+
+    md = tmp_path / "page.md"
+    assert report.main(["--markdown", str(md), str(cpu_run / "bench.json"), str(tmp_path / "absent.json")]) == 0
+    page = md.read_text()
+    assert "## Kernels" in page and "### attention" in page and "| eager |" in page
+    assert "## Missing results" in page and "absent.json" in page
+
+
+def test_plots_or_reason(cpu_run, tmp_path):
+    data = json.loads((cpu_run / "bench.json").read_text())
+    files, note = report.plot(data, tmp_path)
+    if importlib.util.find_spec("matplotlib") is None:
+        assert files == [] and "matplotlib is not installed" in note
+    else:  # cpu-small has one size per op: no sweep to plot, and the note says so
+        assert files == [] and "no plot for" in note and "attention" in note
+
+
+def test_interpreted_triton_kernel_is_checked_and_timed():
+    require_kernel("swiglu_fwd", "triton")
+    results = suite.run(["swiglu"], "cpu-small", ["fwd"], "fp32", torch.device("cpu"),
+                        providers=["ours-triton"], warmup_ms=0, rep_ms=0, log=lambda *a: None)
+    (row,) = [r for r in results["rows"] if r["provider"] == "ours-triton"]
+    assert row["status"] == "ok" and row["check"] == "ok" and row["check_err"] < 1e-5
