@@ -24,16 +24,15 @@ below 2^31 elements.
 """
 from __future__ import annotations
 
-import math
 import os
 
 import torch
 import triton
 import triton.language as tl
 
+from ._launch import MAX_THREADS, warp_size
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-# Threads per warp (NVIDIA) or wavefront (AMD): a block may hold at most 1024 threads.
-WARP_SIZE = 64 if torch.version.hip else 32
 
 
 def configs(shapes: list[tuple[int, ...]], interpret: tuple[int, ...], names: tuple[str, ...] = ("BLOCK_M", "BLOCK_N")
@@ -43,7 +42,7 @@ def configs(shapes: list[tuple[int, ...]], interpret: tuple[int, ...], names: tu
     if INTERPRET:
         shapes = [(*interpret, 1, 1)]
     return [triton.Config(dict(zip(names, shape[:-2])), num_warps=shape[-2], num_stages=shape[-1])
-            for shape in shapes if shape[-2] * WARP_SIZE <= 1024]
+            for shape in shapes if shape[-2] * warp_size() <= MAX_THREADS]
 
 
 # ---------------------------------------------------------------------------------------------- shared helpers

@@ -11,13 +11,13 @@ import math
 
 import torch
 
-from . import dispatch
+from ._library import kernel
 
 
 @torch.library.custom_op("olmo_fast::attention_fwd", mutates_args=())
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, clip: float | None, scale: float,
                   backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return dispatch.kernel("attention_fwd", backend, q.device.type)(q, k, v, causal, clip, scale)
+    return kernel("attention_fwd", backend, q)(q, k, v, causal, clip, scale)
 
 
 @attention_fwd.register_fake
@@ -30,7 +30,7 @@ def _attention_fwd_fake(q, k, v, causal, clip, scale, backend):
 def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                   lse: torch.Tensor, causal: bool, clip: float | None, scale: float, backend: str
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return dispatch.kernel("attention_bwd", backend, q.device.type)(dout, q, k, v, out, lse, causal, clip, scale)
+    return kernel("attention_bwd", backend, q)(dout, q, k, v, out, lse, causal, clip, scale)
 
 
 @attention_bwd.register_fake
