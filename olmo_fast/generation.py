@@ -191,6 +191,8 @@ Prompt = str | Sequence[int] | torch.Tensor
 
 def _token_prompts(prompts: Prompt | Sequence[Prompt], tokenizer: Any) -> tuple[list[list[int]], Any]:
     """Normalize to a list of token-id lists; loads OLMo's tokenizer if strings come without one."""
+    if isinstance(prompts, torch.Tensor) and prompts.dim() == 2:
+        prompts = list(prompts)
     if isinstance(prompts, (str, torch.Tensor)) or (
             isinstance(prompts, Sequence) and prompts and all(isinstance(t, int) for t in prompts)):
         prompts = [prompts]
@@ -237,7 +239,8 @@ def generate(model: torch.nn.Module, prompts: Prompt | Sequence[Prompt], *, toke
              seed: int | None = None, stop: str | Iterable[str] = (), eos_token_id: int | Iterable[int] | None = _FROM_CONFIG,
              stream: Callable[[int, int, str], None] | None = None, truncate: bool = False,
              empty_prompt_token: int | None = None, cuda_graph: bool | None = None) -> list[Completion]:
-    """Continue each prompt (a string, encoded with `tokenizer`, by default OLMo's; or a list of token ids).
+    """Continue each prompt (a string, encoded with `tokenizer`, by default OLMo's; or token ids: a list, a 1-D
+    tensor, or the rows of a 2-D tensor). Returns one `Completion` per prompt.
 
     Greedy when `temperature == 0` (the default), else sampled (`top_k`, `top_p`), reproducibly for a given
     `seed`. A sequence stops at an id of `eos_token_id` (default: the config's; None: never), at a `stop`
@@ -272,80 +275,133 @@ def generate(model: torch.nn.Module, prompts: Prompt | Sequence[Prompt], *, toke
             raise ValueError(f"prompt {i} has {len(prompt)} tokens, more than the model's context of {context} "
                              f"(truncate=True keeps the last {keep})")
     B, longest = len(ids), max(len(p) for p in ids)
-    device = model.head_weight.device
     batch = torch.full((B, longest), config.pad_token_id, dtype=torch.long)
     for b, prompt in enumerate(ids):
         batch[b, :len(prompt)] = torch.tensor(prompt)
     model.check_input_ids(batch)
 
-    budgets = [min(max_new_tokens, context - len(p)) for p in ids]
-    reasons: list[str | None] = ["length" if max_new_tokens == 0 else None] * B
-    for b, budget in enumerate(budgets):
-        if budget == 0 and reasons[b] is None:
-            reasons[b] = "context"
-            warnings.warn(f"prompt {b} fills the model's context ({context} tokens): nothing to generate")
-    new: list[list[int]] = [[] for _ in ids]
+    budgets = [0 if max_new_tokens == 0 else min(max_new_tokens, context - len(p)) for p in ids]
     texts = [_TextState(tokenizer, stop) if tokenizer is not None else None for _ in ids]
-    if not all(reasons):
+    progress = _Progress(budgets, max_new_tokens, context, texts, _eos_ids(eos_token_id, config), stream)
+    if not progress.done():
         lengths = torch.tensor([len(p) for p in ids], dtype=torch.int32)
-        _decode_loop(model, batch, lengths, budgets, reasons, new, texts, _eos_ids(eos_token_id, config), stream,
-                     dict(temperature=temperature, top_k=top_k, top_p=top_p, vocab_size=config.vocab_size),
-                     seed, cuda_graph, max_new_tokens)
+        _decode_loop(model, batch, lengths, progress, seed, cuda_graph,
+                     dict(temperature=temperature, top_k=top_k, top_p=top_p, vocab_size=config.vocab_size))
     return [Completion(tokens, None if state is None else state.finish(), reason)
-            for tokens, state, reason in zip(new, texts, reasons)]
+            for tokens, state, reason in zip(progress.new, texts, progress.reasons)]
 
 
-def _decode_loop(model, batch: torch.Tensor, lengths: torch.Tensor, budgets: list[int], reasons: list, new: list[list[int]],
-                 texts: list, eos: set[int], stream, sampling: dict, seed: int | None, cuda_graph: bool | None,
-                 max_new_tokens: int) -> None:
-    """Prefill the right-padded `batch` (prompt b holds `lengths[b]` tokens) and decode until every sequence
-    has a finish reason, appending to `new` (and `texts`)."""
+class _Progress:
+    """Per-sequence bookkeeping: new tokens, text, finish reasons, streaming."""
+
+    def __init__(self, budgets: list[int], max_new_tokens: int, context: int, texts: list, eos: set[int],
+                 stream: Callable[[int, int, str], None] | None) -> None:
+        self.budgets, self.max_new_tokens, self.context = budgets, max_new_tokens, context
+        self.texts, self.eos, self.stream = texts, eos, stream
+        self.new: list[list[int]] = [[] for _ in budgets]
+        self.reasons: list[str | None] = [None] * len(budgets)
+        for b, budget in enumerate(budgets):
+            if budget == 0:
+                self.reasons[b] = "length" if max_new_tokens == 0 else "context"
+                if max_new_tokens:
+                    warnings.warn(f"prompt {b} fills the model's context ({context} tokens): nothing to generate")
+
+    def done(self) -> bool:
+        return all(self.reasons)
+
+    def running(self) -> list[bool]:
+        return [r is None for r in self.reasons]
+
+    def next_token_ends_all(self) -> bool:
+        """Whether every running sequence reaches its token budget with its next token."""
+        return all(r is not None or len(t) + 1 == n for r, t, n in zip(self.reasons, self.new, self.budgets))
+
+    def accept(self, tokens: list[int]) -> bool:
+        """Append each running sequence's token; returns whether any sequence finished."""
+        finished = False
+        for b, token in enumerate(tokens):
+            if self.reasons[b] is not None:
+                continue
+            self.new[b].append(token)
+            state = self.texts[b]
+            if state is not None:
+                state.push(token)
+            if token in self.eos:
+                self.reasons[b] = "eos"
+            elif state is not None and state.stopped:
+                self.reasons[b] = "stop"
+            elif len(self.new[b]) == self.budgets[b]:
+                self.reasons[b] = "length" if self.budgets[b] == self.max_new_tokens else "context"
+                if self.reasons[b] == "context":
+                    warnings.warn(f"sequence {b} filled the model's context ({self.context} tokens) "
+                                  f"after {len(self.new[b])} new tokens")
+            done = self.reasons[b] is not None
+            if self.stream is not None:
+                if done and state is not None:
+                    state.finish()
+                self.stream(b, token, "" if state is None else state.take(final=done))
+            finished |= done
+        return finished
+
+
+class _HostCopy:
+    """Each step's sampled tokens, copied to the host without stalling the device queue (CUDA: into pinned
+    memory, with an event to wait on), so that the next step can be queued before the host reads them."""
+
+    def __init__(self, device: torch.device, n: int) -> None:
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.buffer = torch.empty(n, dtype=torch.long, pin_memory=True)
+            self.event = torch.cuda.Event()
+        self.values: list[int] = []
+
+    def start(self, tokens: torch.Tensor) -> None:
+        if self.cuda:
+            self.buffer.copy_(tokens, non_blocking=True)
+            self.event.record()
+        else:
+            self.values = tokens.tolist()
+
+    def wait(self) -> list[int]:
+        if self.cuda:
+            self.event.synchronize()
+            self.values = self.buffer.tolist()
+        return self.values
+
+
+def _decode_loop(model, batch: torch.Tensor, lengths: torch.Tensor, progress: _Progress, seed: int | None,
+                 cuda_graph: bool | None, sampling: dict) -> None:
+    """Prefill the right-padded `batch` (prompt b holds `lengths[b]` tokens), then decode until `progress`
+    says every sequence is done.
+
+    Each step is queued before the host has read the previous step's tokens, so the host's bookkeeping
+    (stop checks, detokenizing, streaming) overlaps the device's work. A sequence finished by those tokens
+    therefore takes one more (ignored) step that still advances it; the cache has a slot for it: it holds
+    one slot beyond the last token any sequence can feed, and done sequences only rewrite slot `lengths[b]`.
+    """
     B, longest = batch.shape
-    context = model.config.max_sequence_length
     device = model.head_weight.device
     generator = torch.Generator(device=device)
     if seed is None:
         generator.seed()
     else:
         generator.manual_seed(seed)
-    # One slot beyond the last token any sequence feeds: done sequences keep rewriting slot lengths[b], which
-    # for a prompt that fills the context is the slot just past it.
-    decoder = Decoder(model, B, min(context, longest + max_new_tokens) + 1, cuda_graph)
+    decoder = Decoder(model, B, min(progress.context, longest + progress.max_new_tokens) + 1, cuda_graph)
+    host = _HostCopy(device, B)
     validate, model.validate_inputs = model.validate_inputs, False
     try:
         with torch.inference_mode():
             logits = decoder.prefill(batch.to(device), lengths)
-            active = torch.tensor([r is None for r in reasons], dtype=torch.int32, device=device)
+            active = torch.tensor(progress.running(), dtype=torch.int32, device=device)
             while True:
                 tokens = sample(logits, generator=generator, **sampling)
-                changed = False
-                for b, token in enumerate(tokens.tolist()):
-                    if reasons[b] is not None:
-                        continue
-                    new[b].append(token)
-                    state = texts[b]
-                    if state is not None:
-                        state.push(token)
-                    if token in eos:
-                        reasons[b] = "eos"
-                    elif state is not None and state.stopped:
-                        reasons[b] = "stop"
-                    elif len(new[b]) == budgets[b]:
-                        reasons[b] = "length" if budgets[b] == max_new_tokens else "context"
-                        if reasons[b] == "context":
-                            warnings.warn(f"sequence {b} filled the model's context ({context} tokens) "
-                                          f"after {len(new[b])} new tokens")
-                    done = reasons[b] is not None
-                    if stream is not None:
-                        if done and state is not None:
-                            state.finish()
-                        stream(b, token, "" if state is None else state.take(final=done))
-                    changed |= done
-                if all(reasons):
-                    return
-                if changed:
-                    active = torch.tensor([r is None for r in reasons], dtype=torch.int32, device=device)
-                logits = decoder.step(tokens, active)
+                host.start(tokens)
+                if not progress.next_token_ends_all():
+                    logits = decoder.step(tokens, active)
+                if progress.accept(host.wait()):
+                    if progress.done():
+                        return
+                    active = torch.tensor(progress.running(), dtype=torch.int32, device=device)
     finally:
         model.validate_inputs = validate
 

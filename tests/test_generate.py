@@ -211,6 +211,15 @@ def test_max_new_tokens_zero(model):
     assert [(c.tokens, c.finish_reason) for c in out] == [([], "length"), ([], "length")]
 
 
+def test_prompt_forms(model):
+    expected = [c.tokens for c in generate(model, [[5, 6], [7, 8]], max_new_tokens=3, eos_token_id=None)]
+    for prompts in (torch.tensor([[5, 6], [7, 8]]), [torch.tensor([5, 6]), (7, 8)]):
+        assert [c.tokens for c in generate(model, prompts, max_new_tokens=3, eos_token_id=None)] == expected
+    assert generate(model, [5, 6], max_new_tokens=3, eos_token_id=None)[0].tokens == expected[0]
+    with pytest.raises(ValueError, match="non-empty list"):
+        generate(model, [])
+
+
 def test_prompt_longer_than_context(model):
     long = list(range(2, 72))  # 70 tokens, context 64
     with pytest.raises(ValueError, match="prompt 1 has 70 tokens, more than the model's context of 64"):
