@@ -12,6 +12,11 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 
+def _upcast(t: torch.Tensor) -> torch.Tensor:
+    """fp32 for the low-precision dtypes; float64 stays float64 (the tests' reference precision)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def layer_norm(x: torch.Tensor, eps: float = 1e-5, residual: torch.Tensor | None = None,
                weight: torch.Tensor | None = None, bias: torch.Tensor | None = None):
     """LayerNorm in fp32 (OLMo's is non-parametric: no weight, no bias); output in x's dtype.
@@ -19,9 +24,9 @@ def layer_norm(x: torch.Tensor, eps: float = 1e-5, residual: torch.Tensor | None
     With `residual`, returns `(LN(x + residual), x + residual)`.
     """
     h = x if residual is None else x + residual
-    w = None if weight is None else weight.float()
-    b = None if bias is None else bias.float()
-    y = F.layer_norm(h.float(), h.shape[-1:], w, b, eps).to(h.dtype)
+    w = None if weight is None else _upcast(weight)
+    b = None if bias is None else _upcast(bias)
+    y = F.layer_norm(_upcast(h), h.shape[-1:], w, b, eps).to(h.dtype)
     return y if residual is None else (y, h)
 
 
@@ -32,10 +37,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
     With `residual`, returns `(RMSNorm(x + residual), x + residual)`.
     """
     h = x if residual is None else x + residual
-    h32 = h.float()
+    h32 = _upcast(h)
     y = h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)
     if weight is not None:
-        y = y * weight.float()
+        y = y * _upcast(weight)
     y = y.to(h.dtype)
     return y if residual is None else (y, h)
 
@@ -59,10 +64,11 @@ def rope_positions(seq_len: int, offset: int | torch.Tensor, device: torch.devic
     return steps + offset
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 cos and sin of shape `positions.shape + [head_dim]` (the two halves repeat: NeoX layout)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=torch.float32) / head_dim))
-    freqs = positions.to(torch.float32)[..., None] * inv_freq
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype = torch.float32
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (fp32, or `dtype`) of shape `positions.shape + [head_dim]` (halves repeat: NeoX layout)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=dtype) / head_dim))
+    freqs = positions.to(dtype)[..., None] * inv_freq
     angles = torch.cat((freqs, freqs), dim=-1)
     return angles.cos(), angles.sin()
 
@@ -89,7 +95,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None = None
     """
     if positions is None:
         positions = rope_positions(q.shape[1], offset, q.device)
-    cos, sin = rope_cos_sin(positions, q.shape[-1], theta)
+    cos, sin = rope_cos_sin(positions, q.shape[-1], theta, _upcast(q[..., :0]).dtype)
     rotate_other = _rotate_half
     if interleaved:  # [c0..c_{D/2-1}, c0..] -> [c0, c0, c1, c1, ...]
         half = q.shape[-1] // 2
@@ -101,7 +107,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None = None
         cos, sin = cos[:, :, None, :], sin[:, :, None, :]
 
     def rotate(t: torch.Tensor) -> torch.Tensor:
-        t32 = t.float()
+        t32 = _upcast(t)
         return (t32 * cos + rotate_other(t32) * sin).to(t.dtype)
 
     return rotate(q), rotate(k)

@@ -1,0 +1,119 @@
+"""LayerNorm / RMSNorm kernels (forward + backward, fused residual, weight/bias, long rows) vs float64 PyTorch.
+
+Rule (flash-attention's, `conftest.assert_within_2x`): max |kernel - f64| <= 2 * max |torch same dtype - f64|
++ twice the dtype's rounding error at 0.3, for y, h, dx, dresidual, dweight, dbias; never NaN. "torch same
+dtype" is the "torch" backend (`ops.reference`, fp32 statistics) on the same low-precision inputs. Kernel
+allocations are NaN-poisoned. Inputs are non-contiguous (row-strided slices, transposed views), rows are odd
+lengths (not multiples of the block), and one case is a single row; `long_rows` forces the looped variant.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import DEVICE, assert_within_2x, poisoned_allocations, require_kernel
+from olmo_fast import ops
+
+BACKENDS = ["triton", "cpp"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (leading shape, C, layout)
+CASES = [((1,), 37, "sliced"), ((3, 5), 77, "sliced"), ((9,), 130, "transposed")]
+VARIANTS = {  # name -> (rms, has_weight, has_bias)
+    "layer_norm": (False, False, False), "layer_norm_affine": (False, True, True),
+    "layer_norm_bias": (False, False, True), "rms_norm": (True, False, False), "rms_norm_weight": (True, True, False),
+}
+
+
+def kernel_name(rms: bool, weight: bool, bias: bool) -> str:
+    return "norm_fwd" if rms or weight or bias else "layer_norm_fwd"
+
+
+def make(lead, C, layout, dtype, scale=1.0, shift=0.0):
+    """N(shift, scale) values in a non-contiguous `[*lead, C]` view."""
+    if layout == "sliced":  # rows strided by C + 5: a slice of a wider buffer
+        t = torch.randn(*lead, C + 5, device=DEVICE)[..., 2:C + 2]
+    else:  # unit stride along the rows: the view must be copied to rows, never read wrongly
+        t = torch.randn(C, *lead, device=DEVICE).movedim(0, -1)
+    return (t * scale + shift).to(dtype)
+
+
+def run(x, residual, weight, bias, dy, dh, rms, backend, eps):
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in (x, residual, weight, bias)]
+    x, residual, weight, bias = leaves
+    if rms:
+        out = ops.rms_norm(x, weight, eps=eps, residual=residual, backend=backend)
+    else:
+        out = ops.layer_norm(x, eps=eps, residual=residual, weight=weight, bias=bias, backend=backend)
+    outs, grads_out = ((out,), (dy,)) if residual is None else (out, (dy, dh))
+    inputs = [t for t in leaves if t is not None]
+    return list(outs) + list(torch.autograd.grad(outs, inputs, grads_out))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}-{c[2]}")
+def test_against_float64(backend, dtype, variant, residual, case):
+    rms, has_weight, has_bias = VARIANTS[variant]
+    require_kernel(kernel_name(rms, has_weight, has_bias), backend)
+    lead, C, layout = case
+    x = make(lead, C, layout, dtype, scale=2.0, shift=0.5)  # a mean and a spread for the statistics to remove
+    r = make(lead, C, layout, dtype) if residual else None
+    w = (1 + 0.5 * torch.randn(C, device=DEVICE)).to(dtype) if has_weight else None
+    b = torch.randn(C, device=DEVICE).to(dtype) if has_bias else None
+    dy, dh = make(lead, C, "sliced", dtype), make(lead, C, "sliced", dtype)
+    eps = 1e-6 if rms else 1e-5
+    with poisoned_allocations():
+        got = run(x, r, w, b, dy, dh, rms, backend, eps)
+    same = run(x, r, w, b, dy, dh, rms, "torch", eps)
+    f64 = [None if t is None else t.double() for t in (x, r, w, b, dy, dh)]
+    ref = run(*f64, rms, "torch", eps)
+    for i, (g, s, f) in enumerate(zip(got, same, ref)):
+        assert_within_2x(f"{variant} output/grad #{i}", g, s, f)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", ["layer_norm", "layer_norm_affine", "rms_norm_weight"])
+def test_long_rows_loop(backend, variant, monkeypatch):
+    """Rows longer than the fused block take the looped path (chunked Welford statistics, second read)."""
+    rms, has_weight, has_bias = VARIANTS[variant]
+    require_kernel(kernel_name(rms, has_weight, has_bias), backend)
+    from olmo_fast.kernels import _launch
+
+    monkeypatch.setattr(_launch, "MAX_FUSED", 32)
+    lead, C = (4,), 100  # 4 chunks, the last one partial
+    x, r, dy, dh = (make(lead, C, "sliced", torch.float32, 3.0, 10.0) for _ in range(4))  # large mean: stability
+    w = torch.randn(C, device=DEVICE) if has_weight else None
+    b = torch.randn(C, device=DEVICE) if has_bias else None
+    with poisoned_allocations():
+        got = run(x, r, w, b, dy, dh, rms, backend, 1e-5)
+    same = run(x, r, w, b, dy, dh, rms, "torch", 1e-5)
+    ref = run(*[None if t is None else t.double() for t in (x, r, w, b, dy, dh)], rms, "torch", 1e-5)
+    for i, (g, s, f) in enumerate(zip(got, same, ref)):
+        assert_within_2x(f"{variant} long rows #{i}", g, s, f)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_keeps_output_not_input(backend):
+    """OLMo's LayerNorm saves y and rstd for its backward: neither x nor the residual stays alive."""
+    require_kernel("layer_norm_fwd", backend)
+    x = torch.randn(6, 40, device=DEVICE, requires_grad=True)
+    r = torch.randn(6, 40, device=DEVICE, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y, h = ops.layer_norm(x, residual=r, backend=backend)
+    assert saved and all(t.data_ptr() not in (x.data_ptr(), r.data_ptr(), h.data_ptr()) for t in saved)
+    assert any(t.data_ptr() == y.data_ptr() for t in saved)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_inputs(backend):
+    require_kernel("norm_fwd", backend)
+    x = torch.randn(3, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="residual"):
+        ops.layer_norm(x, residual=torch.randn(3, 7, device=DEVICE), backend=backend)
+    with pytest.raises(ValueError, match="weight"):
+        ops.rms_norm(x, torch.randn(7, device=DEVICE), backend=backend)
+    with pytest.raises(ValueError, match="dtype"):
+        ops.layer_norm(x, residual=x.half(), backend=backend)
