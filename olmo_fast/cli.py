@@ -8,6 +8,8 @@ import sys
 # subcommand -> module that defines `add_parser(subparsers)`; the parser's `run` default does the work.
 SUBCOMMANDS = {
     "info": "olmo_fast.info",
+    "train": "olmo_fast.train.cli",
+    "prepare-data": "olmo_fast.train.prepare_data",
     "bench": "olmo_fast.bench_cli",
     "generate": "olmo_fast.generate_cli",
 }
