@@ -101,7 +101,7 @@ class Decoder:
             with torch.cuda.graph(graph):
                 self._logits = self._run()
             self._graph = graph
-        except RuntimeError as err:
+        except Exception as err:  # e.g. an op that synchronizes: not capturable; the eager step still works
             warnings.warn(f"CUDA graph capture of the decode step failed ({err}); decoding without a graph")
             torch.cuda.synchronize(self.device)
             self.use_graph = False
@@ -125,11 +125,12 @@ def sample(logits: torch.Tensor, *, temperature: float = 0.0, top_k: int | None 
     if top_p < 1.0:
         ordered, order = logits.sort(dim=-1, descending=True)
         probs = ordered.softmax(dim=-1)
-        drop = probs.cumsum(dim=-1) - probs > top_p  # mass before a token already reaches top_p
+        drop = probs.cumsum(dim=-1) - probs >= top_p  # the tokens before it already reach top_p
         logits = logits.scatter(-1, order, ordered.masked_fill(drop, -math.inf))
     probs = logits.softmax(dim=-1)
-    # argmax(p / E) with E ~ Exp(1) is a draw from p (no host sync, unlike torch.multinomial on some devices)
-    noise = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    # argmax(p / E) with E ~ Exp(1) is a draw from p, without the host sync of torch.multinomial; E is kept
+    # off 0 so that a token of probability 0 gives 0 / E = 0, never nan or inf.
+    noise = torch.empty_like(probs).exponential_(1.0, generator=generator).clamp_min_(torch.finfo(probs.dtype).tiny)
     return (probs / noise).argmax(dim=-1)
 
 
