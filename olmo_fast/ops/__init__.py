@@ -137,7 +137,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     """`F.cross_entropy(x @ weight.T, labels)` (fp32 loss) without materialising the `[tokens, vocab]` logits:
     x `[..., D]`, weight `[V, D]`, labels `[...]` (`ignore_index` skipped); `reduction` "mean" (over the
     labelled tokens) or "sum". Computed `chunk_size` tokens at a time (default: chunks whose logits are about
-    x's size). See `ops/linear_cross_entropy.py` (gradients in the forward) and `reference.linear_cross_entropy`.
+    x's size), with the gradients computed chunk by chunk in the forward: see `ops/linear_cross_entropy.py`.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -150,11 +150,9 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     x, labels = x.reshape(-1, x.shape[-1]), labels.reshape(-1).long()
-    chosen = dispatch.resolve("cross_entropy_chunk", backend, x.device)
-    if chosen == "torch":
-        return reference.linear_cross_entropy(x, weight, labels, ignore_index, reduction, chunk_size or 1024)
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))
     if bool(bad.any()):
         raise ValueError(f"labels must lie in [0, {weight.shape[0]}) or equal ignore_index={ignore_index}")
+    chosen = dispatch.resolve("cross_entropy_chunk", backend, x.device)  # "torch": reference.cross_entropy_chunk
     return _fused("linear_cross_entropy")(x, weight, labels, ignore_index=ignore_index, reduction=reduction,
                                           chunk_size=chunk_size, backend=chosen)

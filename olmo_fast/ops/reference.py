@@ -9,7 +9,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 
 def _upcast(t: torch.Tensor) -> torch.Tensor:
@@ -179,20 +178,20 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
     return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction=reduction)
 
 
-def _chunk_loss_sum(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    return F.cross_entropy(F.linear(x, weight).float(), labels, ignore_index=ignore_index, reduction="sum")
-
-
-def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
-                         reduction: str = "mean", chunk_size: int = 1024) -> torch.Tensor:
-    """`cross_entropy(x @ weight.T, labels)` over `[N, D]`, `[V, D]`, `[N]`, `chunk_size` tokens at a time.
-
-    Each chunk's logits are recomputed in the backward (torch.utils.checkpoint), so at most one `[chunk, V]`
-    block of logits (and its gradient) is alive at once.
-    """
-    total = x.new_zeros((), dtype=torch.float32)
-    for start in range(0, x.shape[0], chunk_size):
-        end = start + chunk_size
-        total = total + checkpoint(_chunk_loss_sum, x[start:end], weight, labels[start:end], ignore_index,
-                                   use_reentrant=False)
-    return total if reduction == "sum" else total / (labels != ignore_index).sum()
+def cross_entropy_chunk(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
+                        compute_grad: bool) -> torch.Tensor:
+    """The "cross_entropy_chunk" kernel's contract (kernels/linear_cross_entropy.py) in PyTorch: per-row losses
+    `[n]` (fp32, 0 where ignored) of `logits [n, V]`; with `compute_grad`, `logits` is overwritten in place by
+    `softmax - onehot(label)` (rows of ignored labels by 0)."""
+    z = logits.float()  # the logits themselves when they are fp32
+    lse = torch.logsumexp(z, dim=-1)
+    valid = labels != ignore_index
+    target = torch.where(valid, labels, 0)
+    losses = torch.where(valid, lse - z.gather(1, target[:, None]).squeeze(1), 0.0)
+    if compute_grad:
+        z = z.sub_(lse[:, None]).exp_()
+        z[torch.arange(z.shape[0], device=z.device), target] -= 1
+        z.mul_(valid[:, None])
+        if z is not logits:
+            logits.copy_(z)
+    return losses
