@@ -35,6 +35,13 @@ def check_like(name: str, t: torch.Tensor | None, ref: torch.Tensor, shape: tupl
         raise ValueError(f"{name} must have shape {tuple(shape)} on {ref.device}, got {tuple(t.shape)} on {t.device}")
 
 
+def check_positions(positions: torch.Tensor | None, batch: int, seq: int) -> None:
+    """RoPE positions must be `[T]` or `[B, T]` integers."""
+    if positions is not None and (positions.shape not in ((seq,), (batch, seq)) or positions.is_floating_point()):
+        raise ValueError(f"positions must be integers of shape [T] or [B, T] = [{seq}] or [{batch}, {seq}], got "
+                         f"{positions.dtype} {tuple(positions.shape)}")
+
+
 def nothing(like: torch.Tensor) -> torch.Tensor:
     """Placeholder for an absent output (custom ops return tensors, never None)."""
     return like.new_empty(0)

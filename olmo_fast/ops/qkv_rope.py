@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._library import kernel
+from ._library import check_positions, kernel
 
 
 @torch.library.custom_op("olmo_fast::qkv_rope_fwd", mutates_args=())
@@ -62,5 +62,6 @@ def apply(qkv: torch.Tensor, *, n_heads: int, n_kv_heads: int, clip: float | Non
         raise ValueError(f"qkv_rope needs an even head dim, got {qkv.shape[-1] // (n_heads + 2 * n_kv_heads)}")
     if positions is None and isinstance(offset, torch.Tensor):
         positions, offset = reference.rope_positions(qkv.shape[1], offset, qkv.device), 0
+    check_positions(positions, qkv.shape[0], qkv.shape[1])
     return _fwd(qkv, n_heads, n_kv_heads, None if clip is None else float(clip), positions, int(offset),
                 float(theta), backend)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._library import kernel
+from ._library import check_positions, kernel
 
 
 @torch.library.custom_op("olmo_fast::rope", mutates_args=())
@@ -44,4 +44,5 @@ def apply(q: torch.Tensor, k: torch.Tensor, *, positions: torch.Tensor | None = 
         raise ValueError(f"q and k must share a device, got {q.device} and {k.device}")
     if positions is None and isinstance(offset, torch.Tensor):
         positions, offset = reference.rope_positions(q.shape[1], offset, q.device), 0
+    check_positions(positions, q.shape[0], q.shape[1])
     return _rope(q, k, positions, int(offset), float(theta), False, interleaved, backend)
