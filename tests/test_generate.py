@@ -6,6 +6,7 @@ import copy
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -134,7 +135,10 @@ def test_cuda_graph_decode_equals_eager():
     gpu = OLMo(ModelConfig.preset("test")).eval().cuda()
     prompts = [[5, 6, 7], list(range(10, 30)), [99]]
     eager = generate(gpu, prompts, max_new_tokens=25, eos_token_id=None, cuda_graph=False)
-    graph = generate(gpu, prompts, max_new_tokens=25, eos_token_id=None, cuda_graph=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed capture falls back to eager with a warning: fail on it here
+        graph = generate(gpu, prompts, max_new_tokens=25, eos_token_id=None, cuda_graph=True)
+        assert benchmark_decode(gpu, 2, 8, 8)["cuda_graph"]
     assert [c.tokens for c in graph] == [c.tokens for c in eager]
     sampled = [generate(gpu, prompts, max_new_tokens=25, temperature=1.0, seed=3, cuda_graph=g) for g in (0, 1)]
     assert [c.tokens for c in sampled[0]] == [c.tokens for c in sampled[1]]
