@@ -1,5 +1,18 @@
 """Install olmo-fast. The Triton kernels live in `kernels/` and install as `olmo_fast.kernels`."""
+import importlib.util
+import os
+
 from setuptools import find_packages, setup
+
+
+def _extension_kwargs() -> dict:
+    """The compiled extension olmo_fast._C (csrc/build_extension.py): CUDA/HIP/CPU by the installed torch."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc", "build_extension.py")
+    spec = importlib.util.spec_from_file_location("olmo_fast_build_extension", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.setup_kwargs()
+
 
 setup(
     name="olmo-fast",
@@ -27,4 +40,5 @@ setup(
         "all": ["triton>=3.2,<4", "ai2-olmo==0.6.0", "datasets>=2.18,<4", "pyarrow>=15,<22", "transformers>=4.40,<6", "pytest>=7,<10"],
     },
     entry_points={"console_scripts": ["olmo-fast=olmo_fast.cli:main"]},
+    **_extension_kwargs(),
 )

@@ -1,0 +1,255 @@
+// The torch binding of olmo-fast's kernels, the only translation unit that includes torch headers.
+//
+// TORCH_LIBRARY(olmo_fast_C) ops (torch.ops.olmo_fast_C.*) that check their inputs, allocate contiguous outputs
+// and call the C ABI of csrc/include/olmo_fast/kernels.h: the CPU loops split over threads with
+// at::parallel_for, or (built with OLMO_FAST_WITH_GPU) the CUDA/HIP launchers on the current stream.
+// Importing the module olmo_fast._C registers the ops.
+#include <Python.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "olmo_fast/kernels.h"
+
+namespace {
+
+using at::Tensor;
+
+olmo_fast_dtype kernel_dtype(const Tensor& t, const char* op, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return OLMO_FAST_F32;
+    case at::kHalf: return OLMO_FAST_F16;
+    case at::kBFloat16: return OLMO_FAST_BF16;
+    default:
+      TORCH_CHECK(false, "olmo_fast_C::", op, ": ", name, " must be float32, float16 or bfloat16, got ",
+                  t.scalar_type());
+  }
+}
+
+// A 2-D operand whose last dimension is contiguous (rows may be strided): copied only when it is not.
+Tensor rows_of(const Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.dim() == 2, "olmo_fast_C::", op, ": ", name, " must be 2-D [N, C], got shape ", t.sizes());
+  return t.size(1) <= 1 || t.stride(1) == 1 ? t : t.contiguous();
+}
+
+void check_like(const Tensor& t, const Tensor& ref, at::IntArrayRef sizes, const char* op, const char* name,
+                const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), "olmo_fast_C::", op, ": ", name, " is on ", t.device(), " but ", ref_name,
+              " is on ", ref.device());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "olmo_fast_C::", op, ": ", name, " has dtype ",
+              t.scalar_type(), " but ", ref_name, " has ", ref.scalar_type());
+  TORCH_CHECK(t.sizes() == sizes, "olmo_fast_C::", op, ": ", name, " must have shape ", sizes, ", got ", t.sizes());
+}
+
+// Runs `args` on the device of `like`: CPU loops over [0, rows) in chunks of about 32K elements, or the GPU
+// launcher on the current stream.
+template <class Args>
+void run(const char* op, const Tensor& like, const Args& args, int64_t rows, int64_t row_elements,
+         void (*cpu)(const Args*, int64_t, int64_t), int (*gpu)(const Args*, void*)) {
+  if (rows == 0) return;
+  if (like.is_cpu()) {
+    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, row_elements));
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { cpu(&args, begin, end); });
+    return;
+  }
+#ifdef OLMO_FAST_WITH_GPU
+  const c10::DeviceGuard guard(like.device());
+  const c10::impl::VirtualGuardImpl impl(like.device().type());
+  const int err = gpu(&args, impl.getStream(like.device()).native_handle());
+  TORCH_CHECK(err == 0, "olmo_fast_C::", op, ": kernel launch failed: ", olmo_fast_gpu_error_string(err));
+#else
+  (void)gpu;
+  TORCH_CHECK(false, "olmo_fast_C::", op, ": this build of olmo_fast._C has no GPU kernels (input on ",
+              like.device(), ")");
+#endif
+}
+
+std::tuple<Tensor, std::optional<Tensor>, Tensor> layer_norm_fwd(const Tensor& x_in,
+                                                                 const std::optional<Tensor>& residual_in,
+                                                                 double eps) {
+  const char* op = "layer_norm_fwd";
+  const Tensor x = rows_of(x_in, op, "x");
+  const int64_t rows = x.size(0), cols = x.size(1);
+  TORCH_CHECK(cols > 0, "olmo_fast_C::", op, ": rows must not be empty, got shape ", x.sizes());
+  olmo_fast_layer_norm_fwd_args args{};
+  args.dtype = kernel_dtype(x, op, "x");
+  args.rows = rows;
+  args.cols = cols;
+  args.x = x.data_ptr();
+  args.x_stride = x.stride(0);
+  args.eps = float(eps);
+  Tensor residual, h;
+  if (residual_in.has_value()) {
+    residual = rows_of(*residual_in, op, "residual");
+    check_like(residual, x, x.sizes(), op, "residual", "x");
+    h = at::empty({rows, cols}, x.options());
+    args.residual = residual.data_ptr();
+    args.residual_stride = residual.stride(0);
+    args.h = h.data_ptr();
+  }
+  Tensor y = at::empty({rows, cols}, x.options());
+  Tensor rstd = at::empty({rows}, x.options().dtype(at::kFloat));
+  args.y = y.data_ptr();
+  args.rstd = rstd.data_ptr<float>();
+  run(op, x, args, rows, cols, olmo_fast_layer_norm_fwd_cpu, olmo_fast_layer_norm_fwd_gpu);
+  return {y, residual_in.has_value() ? std::optional<Tensor>(h) : std::nullopt, rstd};
+}
+
+Tensor layer_norm_bwd(const Tensor& dy_in, const Tensor& y_in, const Tensor& rstd_in, const std::optional<Tensor>& dh_in) {
+  const char* op = "layer_norm_bwd";
+  const Tensor dy = rows_of(dy_in, op, "dy");
+  const Tensor y = rows_of(y_in, op, "y");
+  const int64_t rows = dy.size(0), cols = dy.size(1);
+  TORCH_CHECK(cols > 0, "olmo_fast_C::", op, ": rows must not be empty, got shape ", dy.sizes());
+  check_like(y, dy, dy.sizes(), op, "y", "dy");
+  TORCH_CHECK(rstd_in.scalar_type() == at::kFloat && rstd_in.device() == dy.device() && rstd_in.dim() == 1 &&
+                  rstd_in.size(0) == rows,
+              "olmo_fast_C::", op, ": rstd must be float32 [", rows, "] on ", dy.device(), ", got ",
+              rstd_in.scalar_type(), " ", rstd_in.sizes(), " on ", rstd_in.device());
+  const Tensor rstd = rstd_in.contiguous();
+  olmo_fast_layer_norm_bwd_args args{};
+  args.dtype = kernel_dtype(dy, op, "dy");
+  args.rows = rows;
+  args.cols = cols;
+  args.dy = dy.data_ptr();
+  args.dy_stride = dy.stride(0);
+  args.y = y.data_ptr();
+  args.y_stride = y.stride(0);
+  args.rstd = rstd.data_ptr<float>();
+  Tensor dh;
+  if (dh_in.has_value()) {
+    dh = rows_of(*dh_in, op, "dh");
+    check_like(dh, dy, dy.sizes(), op, "dh", "dy");
+    args.dh = dh.data_ptr();
+    args.dh_stride = dh.stride(0);
+  }
+  Tensor dx = at::empty({rows, cols}, dy.options());
+  args.dx = dx.data_ptr();
+  run(op, dy, args, rows, cols, olmo_fast_layer_norm_bwd_cpu, olmo_fast_layer_norm_bwd_gpu);
+  return dx;
+}
+
+Tensor swiglu_fwd(const Tensor& h_in) {
+  const char* op = "swiglu_fwd";
+  const Tensor h = rows_of(h_in, op, "h");
+  TORCH_CHECK(h.size(1) % 2 == 0, "olmo_fast_C::", op, ": h = [x | gate] needs an even last dim, got shape ",
+              h.sizes());
+  const int64_t rows = h.size(0), hidden = h.size(1) / 2;
+  olmo_fast_swiglu_fwd_args args{};
+  args.dtype = kernel_dtype(h, op, "h");
+  args.rows = rows;
+  args.hidden = hidden;
+  args.h = h.data_ptr();
+  args.h_stride = h.stride(0);
+  Tensor out = at::empty({rows, hidden}, h.options());
+  args.out = out.data_ptr();
+  run(op, h, args, rows, 2 * hidden, olmo_fast_swiglu_fwd_cpu, olmo_fast_swiglu_fwd_gpu);
+  return out;
+}
+
+Tensor swiglu_bwd(const Tensor& dout_in, const Tensor& h_in) {
+  const char* op = "swiglu_bwd";
+  const Tensor h = rows_of(h_in, op, "h");
+  TORCH_CHECK(h.size(1) % 2 == 0, "olmo_fast_C::", op, ": h = [x | gate] needs an even last dim, got shape ",
+              h.sizes());
+  const int64_t rows = h.size(0), hidden = h.size(1) / 2;
+  const Tensor dout = rows_of(dout_in, op, "dout");
+  check_like(dout, h, {rows, hidden}, op, "dout", "h");
+  olmo_fast_swiglu_bwd_args args{};
+  args.dtype = kernel_dtype(h, op, "h");
+  args.rows = rows;
+  args.hidden = hidden;
+  args.dout = dout.data_ptr();
+  args.dout_stride = dout.stride(0);
+  args.h = h.data_ptr();
+  args.h_stride = h.stride(0);
+  Tensor dh = at::empty({rows, 2 * hidden}, h.options());
+  args.dh = dh.data_ptr();
+  run(op, h, args, rows, 3 * hidden, olmo_fast_swiglu_bwd_cpu, olmo_fast_swiglu_bwd_gpu);
+  return dh;
+}
+
+Tensor rope(const Tensor& x, const std::optional<Tensor>& positions_in, int64_t offset, double theta, bool inverse) {
+  const char* op = "rope";
+  TORCH_CHECK(x.dim() == 4, "olmo_fast_C::", op, ": x must be [B, T, H, D], got shape ", x.sizes());
+  const int64_t batch = x.size(0), seq = x.size(1), heads = x.size(2), head_dim = x.size(3);
+  TORCH_CHECK(head_dim % 2 == 0, "olmo_fast_C::", op, ": the head dim must be even (rotate-half), got ", head_dim);
+  olmo_fast_rope_args args{};
+  args.dtype = kernel_dtype(x, op, "x");
+  args.batch = batch;
+  args.seq = seq;
+  args.heads = heads;
+  args.head_dim = head_dim;
+  args.x = x.data_ptr();
+  for (int d = 0; d < 4; ++d) args.x_strides[d] = x.stride(d);
+  args.offset = offset;
+  args.theta = float(theta);
+  args.inverse = inverse ? 1 : 0;
+  Tensor positions;
+  if (positions_in.has_value()) {
+    const Tensor& p = *positions_in;
+    TORCH_CHECK(p.scalar_type() == at::kLong, "olmo_fast_C::", op, ": positions must be int64, got ",
+                p.scalar_type());
+    TORCH_CHECK(p.device() == x.device(), "olmo_fast_C::", op, ": positions are on ", p.device(), " but x is on ",
+                x.device());
+    const bool per_sequence = p.dim() == 2 && p.size(1) == seq && (p.size(0) == batch || p.size(0) == 1);
+    TORCH_CHECK((p.dim() == 1 && p.size(0) == seq) || per_sequence, "olmo_fast_C::", op, ": positions must be [T] or [B, T] = [",
+                batch, ", ", seq, "], got shape ", p.sizes());
+    positions = p.contiguous();
+    args.positions = positions.data_ptr<int64_t>();
+    args.positions_batch_stride = per_sequence && p.size(0) == batch ? seq : 0;
+  }
+  Tensor out = at::empty({batch, seq, heads, head_dim}, x.options());
+  args.out = out.data_ptr();
+  run(op, x, args, batch * seq, heads * head_dim, olmo_fast_rope_cpu, olmo_fast_rope_gpu);
+  return out;
+}
+
+std::string gpu_runtime() {
+#if defined(OLMO_FAST_WITH_HIP)
+  return "hip";
+#elif defined(OLMO_FAST_WITH_GPU)
+  return "cuda";
+#else
+  return "none";
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY(olmo_fast_C, m) {
+  m.def("layer_norm_fwd(Tensor x, Tensor? residual, float eps) -> (Tensor, Tensor?, Tensor)");
+  m.def("layer_norm_bwd(Tensor dy, Tensor y, Tensor rstd, Tensor? dh) -> Tensor");
+  m.def("swiglu_fwd(Tensor h) -> Tensor");
+  m.def("swiglu_bwd(Tensor dout, Tensor h) -> Tensor");
+  m.def("rope(Tensor x, Tensor? positions, int offset, float theta, bool inverse) -> Tensor");
+  m.def("gpu_runtime() -> str", &gpu_runtime);
+}
+
+#define OLMO_FAST_IMPLS(m)                    \
+  m.impl("layer_norm_fwd", &layer_norm_fwd); \
+  m.impl("layer_norm_bwd", &layer_norm_bwd); \
+  m.impl("swiglu_fwd", &swiglu_fwd);         \
+  m.impl("swiglu_bwd", &swiglu_bwd);         \
+  m.impl("rope", &rope)
+
+TORCH_LIBRARY_IMPL(olmo_fast_C, CPU, m) { OLMO_FAST_IMPLS(m); }
+
+#ifdef OLMO_FAST_WITH_GPU
+TORCH_LIBRARY_IMPL(olmo_fast_C, CUDA, m) { OLMO_FAST_IMPLS(m); }
+#endif
+
+// `import olmo_fast._C` loads this library, whose static initialisers above register the ops.
+PyMODINIT_FUNC PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "olmo-fast compiled kernels (torch.ops.olmo_fast_C)", -1,
+                               nullptr, nullptr, nullptr, nullptr, nullptr};
+  return PyModule_Create(&module);
+}

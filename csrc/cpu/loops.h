@@ -1,0 +1,39 @@
+// Helpers shared by the CPU loops: dtype dispatch and a vectorisable fp32 sum.
+#pragma once
+
+#include "olmo_fast/kernels.h"
+#include "olmo_fast/numerics.h"
+
+namespace olmo_fast {
+namespace cpu {
+
+// f(T{}) with T the storage type of `dtype`.
+template <class F>
+void dispatch_dtype(olmo_fast_dtype dtype, F&& f) {
+  switch (dtype) {
+    case OLMO_FAST_F32: f(float{}); break;
+    case OLMO_FAST_F16: f(fp16{}); break;
+    case OLMO_FAST_BF16: f(bf16{}); break;
+  }
+}
+
+// sum_{i < n} term(i) in fp32 over 16 independent lanes (which the compiler maps to SIMD registers: a plain
+// float reduction would stay scalar without -ffast-math), then a pairwise fold; the n % 16 tail is scalar.
+template <class F>
+float lane_sum(int64_t n, F term) {
+  constexpr int kLanes = 16;
+  float acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) acc[j] += term(i + j);
+  }
+  float tail = 0.0f;
+  for (; i < n; ++i) tail += term(i);
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int j = 0; j < width; ++j) acc[j] += acc[j + width];
+  }
+  return acc[0] + tail;
+}
+
+}  // namespace cpu
+}  // namespace olmo_fast

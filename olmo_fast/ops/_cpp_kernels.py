@@ -1,0 +1,99 @@
+"""Registers the compiled extension `olmo_fast._C` (ops `torch.ops.olmo_fast_C.*`) as the "cpp" backend.
+
+The extension holds C++ loops for the CPU and, when built against a CUDA or ROCm torch, CUDA/HIP kernels for
+the GPU (csrc/). The functions below have the kernel-level signatures of COMMON.md and call those ops; fake
+(meta) implementations let torch.compile trace through them. If the extension is absent, importing this module
+raises ImportError saying why (from the build record olmo_fast/_build_info.json), and dispatch marks "cpp"
+unavailable with that reason.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from .dispatch import register_kernel
+
+BUILD_INFO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_build_info.json")
+
+
+def build_info() -> dict:
+    """The build record written at install time, or a note that there is none."""
+    try:
+        with open(BUILD_INFO) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {"built": False, "reason": "no build record (the package was not installed with pip install -e .)"}
+
+
+try:
+    from olmo_fast import _C  # noqa: F401  (importing registers torch.ops.olmo_fast_C)
+except ImportError as err:
+    info = build_info()
+    why = info.get("reason") or info.get("gpu_error") or "built, but it does not load"
+    raise ImportError(f"olmo_fast._C is unavailable: {err} [{why}]") from err
+
+_ops = torch.ops.olmo_fast_C
+GPU_RUNTIME: str = _ops.gpu_runtime()  # "cuda", "hip" or "none"
+DEVICES = ("cpu", "cuda") if GPU_RUNTIME != "none" else ("cpu",)
+
+
+def layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor | None, eps: float
+                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """x [N, C] (+ residual) -> (y = LN(h), h = x + residual or None, rstd [N] fp32)."""
+    return _ops.layer_norm_fwd(x, residual, eps)
+
+
+def layer_norm_bwd(dy: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor, dh: torch.Tensor | None) -> torch.Tensor:
+    """dx = rstd * (dy - mean(dy) - y * mean(dy * y)) (+ dh)."""
+    return _ops.layer_norm_bwd(dy, y, rstd, dh)
+
+
+def swiglu_fwd(h: torch.Tensor) -> torch.Tensor:
+    """h = [x | gate] [N, 2H] -> silu(gate) * x [N, H]."""
+    return _ops.swiglu_fwd(h)
+
+
+def swiglu_bwd(dout: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """-> dh = [dx | dgate] [N, 2H]."""
+    return _ops.swiglu_bwd(dout, h)
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor | None, offset: int, theta: float, inverse: bool) -> torch.Tensor:
+    """x [B, T, H, D] rotated (NeoX rotate-half, fp32) by positions [T] / [B, T] or offset + arange(T)."""
+    return _ops.rope(x, positions, offset, theta, inverse)
+
+
+KERNELS = {"layer_norm_fwd": layer_norm_fwd, "layer_norm_bwd": layer_norm_bwd, "swiglu_fwd": swiglu_fwd,
+           "swiglu_bwd": swiglu_bwd, "rope": rope}
+for _name, _fn in KERNELS.items():
+    register_kernel(_name, "cpp", _fn, DEVICES)
+
+
+# Fake implementations: output shapes/dtypes for torch.compile and meta tensors.
+@torch.library.register_fake("olmo_fast_C::layer_norm_fwd")
+def _(x, residual, eps):
+    n, c = x.shape
+    h = x.new_empty((n, c)) if residual is not None else None
+    return x.new_empty((n, c)), h, x.new_empty((n,), dtype=torch.float32)
+
+
+@torch.library.register_fake("olmo_fast_C::layer_norm_bwd")
+def _(dy, y, rstd, dh):
+    return dy.new_empty(dy.shape)
+
+
+@torch.library.register_fake("olmo_fast_C::swiglu_fwd")
+def _(h):
+    return h.new_empty((h.shape[0], h.shape[1] // 2))
+
+
+@torch.library.register_fake("olmo_fast_C::swiglu_bwd")
+def _(dout, h):
+    return h.new_empty(h.shape)
+
+
+@torch.library.register_fake("olmo_fast_C::rope")
+def _(x, positions, offset, theta, inverse):
+    return x.new_empty(x.shape)
