@@ -128,9 +128,9 @@ def test_kv_cache_logits_equal_full_recompute(backend):
     assert decoder.cache.lengths.tolist() == [len(s) for s in seqs]
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_graph_decode_equals_eager():
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA device")
     torch.manual_seed(0)
     gpu = OLMo(ModelConfig.preset("test")).eval().cuda()
     prompts = [[5, 6, 7], list(range(10, 30)), [99]]
