@@ -1,0 +1,107 @@
+"""Fused attention prologue (clamp -> split Q|K|V -> RoPE) forward + backward vs float64 PyTorch
+(`ops.reference.qkv_rope` in float64) within flash-attention's rule (`conftest.assert_within_2x`), never NaN,
+NaN-poisoned outputs; values exactly at +-clip (the gradient passes, as torch.clamp's) and beyond (it is zero),
+GQA/MQA, one head, T=1, non-contiguous qkv (a slice of a wider buffer) and strided (dq, dk, dv).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import DEVICE, assert_within_2x, poisoned_allocations, require_kernel
+from olmo_fast import ops
+
+BACKENDS = ["triton", "cpp"]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+CLIP = 0.75  # exactly representable in every dtype
+# (B, T, Hq, Hkv, D, clip, positions)
+CASES = [
+    (1, 1, 1, 1, 2, CLIP, "none"),
+    (2, 5, 4, 2, 6, CLIP, "offset_per_seq"),
+    (1, 4, 3, 1, 34, None, "offset"),
+    (2, 3, 2, 2, 64, CLIP, "positions_BT"),
+    (1, 6, 4, 4, 10, None, "positions_T"),
+]
+
+
+def make_qkv(B, T, Hq, Hkv, D, dtype, clip):
+    """A strided view of a wider buffer, N(0, 1), ~10% of entries exactly at +-clip."""
+    width = (Hq + 2 * Hkv) * D
+    qkv = torch.randn(B, T, width + 4, device=DEVICE)[..., 3:width + 3]
+    if clip is not None:
+        edge = torch.rand(qkv.shape, device=DEVICE) < 0.1
+        qkv = torch.where(edge, torch.sign(torch.randn_like(qkv)) * clip, qkv)
+        qkv[..., 0], qkv[..., -1] = clip, -clip  # in q and in v, whatever the draw
+    return qkv.to(dtype)
+
+
+def position_kwargs(kind, B, T):
+    return {"none": {}, "offset": {"offset": 513},
+            "offset_per_seq": {"offset": torch.tensor([7, 1900][:B], device=DEVICE)},
+            "positions_T": {"positions": torch.randperm(2048, device=DEVICE)[:T]},
+            "positions_BT": {"positions": torch.randint(0, 4096, (B, T), device=DEVICE)}}[kind]
+
+
+def run(qkv, grads, backend, **kwargs):
+    qkv = qkv.detach().requires_grad_()
+    outs = ops.qkv_rope(qkv, backend=backend, **kwargs)
+    return [*outs, *torch.autograd.grad(outs, qkv, grads)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_against_float64(backend, dtype, case):
+    require_kernel("qkv_rope_fwd", backend)
+    B, T, Hq, Hkv, D, clip, kind = case
+    qkv = make_qkv(B, T, Hq, Hkv, D, dtype, clip)
+    grads = (torch.randn(B, Hq, T, D, device=DEVICE).transpose(1, 2).to(dtype),  # head-major, as attention's
+             torch.randn(B, T, Hkv, D + 1, device=DEVICE)[..., 1:].to(dtype),
+             torch.randn(B, T, Hkv, D, device=DEVICE).to(dtype))
+    kwargs = dict(n_heads=Hq, n_kv_heads=Hkv, clip=clip, **position_kwargs(kind, B, T))
+    with poisoned_allocations():
+        got = run(qkv, grads, backend, **kwargs)
+    same = run(qkv, grads, "torch", **kwargs)
+    ref = run(qkv.double(), tuple(g.double() for g in grads), "torch", **kwargs)
+    for name, g, s, r in zip(("q", "k", "v", "dqkv"), got, same, ref):
+        assert_within_2x(name, g, s, r)
+    if clip is not None:  # the clamp's gradient: exactly zero beyond the clip, passing at and within it
+        dqkv = got[3]
+        assert (dqkv[qkv.abs() > clip] == 0).all()
+        v_part = (slice(None), slice(None), slice((Hq + Hkv) * D, None))
+        at_edge = qkv[v_part].abs() == clip
+        assert at_edge.any() and (dqkv[v_part][at_edge] == grads[2].reshape(B, T, -1)[at_edge]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_separate_ops(backend):
+    """The fused prologue equals clamp + split + ops.rope of the same backend (bitwise in fp32)."""
+    require_kernel("qkv_rope_fwd", backend)
+    require_kernel("rope", backend)
+    B, T, Hq, Hkv, D = 2, 3, 4, 2, 16
+    qkv = 2 * torch.randn(B, T, (Hq + 2 * Hkv) * D, device=DEVICE)
+    q, k, v = ops.qkv_rope(qkv, n_heads=Hq, n_kv_heads=Hkv, clip=1.0, offset=5, backend=backend)
+    cq, ck, cv = qkv.clamp(-1.0, 1.0).split((Hq * D, Hkv * D, Hkv * D), dim=-1)
+    rq, rk = ops.rope(cq.view(B, T, Hq, D), ck.view(B, T, Hkv, D), offset=5, backend=backend)
+    assert torch.equal(q, rq) and torch.equal(k, rk) and torch.equal(v, cv.view(B, T, Hkv, D))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_clip_keeps_no_input(backend):
+    """Without a clip the backward needs nothing of qkv: the projection output is not kept alive."""
+    require_kernel("qkv_rope_fwd", backend)
+    qkv = torch.randn(1, 2, 3 * 8, device=DEVICE, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        ops.qkv_rope(qkv, n_heads=1, n_kv_heads=1, backend=backend)
+    assert all(t.data_ptr() != qkv.data_ptr() for t in saved)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_inputs(backend):
+    require_kernel("qkv_rope_fwd", backend)
+    with pytest.raises(ValueError, match="even head dim"):
+        ops.qkv_rope(torch.randn(1, 2, 9, device=DEVICE), n_heads=1, n_kv_heads=1, backend=backend)
+    with pytest.raises(ValueError, match="positions"):
+        ops.qkv_rope(torch.randn(1, 2, 12, device=DEVICE), n_heads=1, n_kv_heads=1,
+                     positions=torch.arange(3, device=DEVICE), backend=backend)
