@@ -66,11 +66,16 @@ def run(args: argparse.Namespace) -> int:
         eos = None if args.ignore_eos else model.config.eos_token_id
         single = len(prompts) == 1 and not args.json
 
+        def shown(prompt: str | list[int]) -> str:
+            if isinstance(prompt, str):
+                return prompt
+            return tokenizer.decode(prompt) if tokenizer is not None else " ".join(map(str, prompt)) + " "
+
         def stream(index: int, token: int, text: str) -> None:
             print(text if tokenizer is not None else f"{token} ", end="", flush=True)
 
         if single:
-            print(prompts[0] if isinstance(prompts[0], str) else " ".join(map(str, prompts[0])), end="", flush=True)
+            print(shown(prompts[0]), end="", flush=True)
         start = time.perf_counter()
         with warnings.catch_warnings(record=True) as notices:
             warnings.simplefilter("always")
@@ -90,9 +95,8 @@ def run(args: argparse.Namespace) -> int:
         print()
     else:
         for i, (prompt, r) in enumerate(zip(prompts, results)):
-            shown = prompt if isinstance(prompt, str) else " ".join(map(str, prompt))
             body = r.text if r.text is not None else " ".join(map(str, r.tokens))
-            print(f"--- [{i}] ({r.finish_reason}, {len(r.tokens)} tokens)\n{shown}{body}")
+            print(f"--- [{i}] ({r.finish_reason}, {len(r.tokens)} tokens)\n{shown(prompt)}{body}")
     for notice in notices:
         print(f"notice: {notice.message}", file=sys.stderr)
     total = sum(len(r.tokens) for r in results)
