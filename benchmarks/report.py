@@ -203,7 +203,8 @@ def _md_records(title: str, data: dict) -> list[str]:
     keys = list(dict.fromkeys(k for rec in records for k in rec))
     lines += ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     for rec in records:
-        cells = [_num(rec.get(k), ".4g") if isinstance(rec.get(k), float) else str(rec.get(k, "")) for k in keys]
+        cells = [_num(rec.get(k), ".4g") if isinstance(rec.get(k), float) else
+                 "" if rec.get(k) is None else str(rec[k]) for k in keys]
         lines.append("| " + " | ".join(cells) + " |")
     return lines + [""]
 

@@ -2,7 +2,7 @@
 and score it against the op's least work (`roofline.py`) and the ceilings measured in the same run.
 
 Each (case, provider, mode) gives one row; a provider that cannot run gives rows saying why ("not installed",
-"unavailable: <reason>", "error: <message>"), never silence. Results are written after every op, so a run cut
+"unavailable: <reason>", "error: <message>"), never silence. Results are written after every case, so a run cut
 short (a timeout in the GPU check) still leaves what it measured.
 """
 from __future__ import annotations
@@ -260,10 +260,9 @@ def run(ops_wanted: list[str], shapes: str, modes_wanted: list[str], dtype: str,
     suite.ceilings = results["ceilings"] = ceilings.measure(device, warmup_ms, rep_ms)
     log(f"  copy {suite.ceilings['copy_gbps']:.1f} GB/s, {suite.ceilings['matmul_dtype']} matmul "
         f"{suite.ceilings['matmul_tflops']:.2f} TFLOP/s")
-    for i, case in enumerate(cases):
+    for case in cases:
         suite.run_case(case, tuple(modes_wanted))
-        last_of_op = i + 1 == len(cases) or cases[i + 1].op != case.op
-        if out_dir is not None and last_of_op:
+        if out_dir is not None:
             report.write(results, out_dir, plots=False)
     if out_dir is not None:
         report.write(results, out_dir, plots=plots, log=log)

@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# The one-call GPU check: install from this checkout (offline), `olmo-fast info`, the GPU tests, the quick kernel
+# suite, and the training and generation throughput benches; then a Markdown page and the raw JSON under
+# benchmarks/results/<date>-<card>.{md,json} (and in $OUT, when set, with the log, the CSV and the plots).
+#
+#   bash benchmarks/gpu_check.sh            # from the repository root, on a machine with one CUDA GPU
+#
+# Made for a short slot: every stage runs under `timeout`, within a total of GPU_CHECK_TOTAL_S seconds
+# (default 460, under 8 minutes on an H100 with the extension build); a stage that would start with too
+# little time left is skipped and the page says so. A hang or a failure in one stage never stops the others.
+# Liger-Kernel / flash-attn / apex wheels placed in .whl/ (carried to the machine) are installed first so that
+# the suite compares against them; without them they are listed as "not installed".
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+TOTAL=${GPU_CHECK_TOTAL_S:-460}
+START=$(date +%s)
+RUN=$(mktemp -d /tmp/gpu_check.XXXXXX)
+LOG=$RUN/gpu_check.log
+SUMMARY=""
+export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
+
+left() { echo $(( TOTAL - 20 - ($(date +%s) - START) )); }
+
+# stage NAME LIMIT_S COMMAND...: run COMMAND under timeout (capped by what is left of TOTAL, keeping 20 s for the
+# report), log it, and note its exit status.
+stage() {
+    local name=$1 limit=$2; shift 2
+    local left; left=$(left)
+    if (( left < 15 )); then
+        echo "=== $name: skipped, ${left}s left of ${TOTAL}s ===" | tee -a "$LOG"
+        SUMMARY+="- $name: skipped (time)"$'\n'; return 0
+    fi
+    (( limit > left )) && limit=$left
+    echo "=== $name (limit ${limit}s) ===" | tee -a "$LOG"
+    local t0=$(date +%s)
+    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+    local rc=${PIPESTATUS[0]}
+    local what="rc=$rc"; (( rc == 124 || rc == 137 )) && what="timed out (rc=$rc)"
+    echo "=== $name: $what in $(( $(date +%s) - t0 ))s ===" | tee -a "$LOG"
+    SUMMARY+="- $name: $what in $(( $(date +%s) - t0 ))s"$'\n'
+    return "$rc"
+}
+
+# --- 1. install (offline); the extension for this card's architecture only
+CAP=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>>"$LOG")
+[[ -n "$CAP" ]] || { echo "no CUDA device visible to $PY" | tee -a "$LOG"; }
+if compgen -G ".whl/*.whl" >/dev/null; then
+    stage "optional wheels (.whl)" 60 $PY -m pip install -q --no-index --no-deps --no-build-isolation .whl/*.whl
+fi
+ARCH=${TORCH_CUDA_ARCH_LIST:-${CAP:-8.0;9.0}}
+if ! stage "install (extension for $ARCH)" 150 env TORCH_CUDA_ARCH_LIST="$ARCH" \
+        $PY -m pip install -q --no-index --no-deps --no-build-isolation -e .; then
+    stage "install without the extension (fallback)" 60 env OLMO_FAST_NO_EXT=1 \
+        $PY -m pip install -q --no-index --no-deps --no-build-isolation -e .
+fi
+[[ -f olmo_fast/_build_info.json ]] && cat olmo_fast/_build_info.json | tee -a "$LOG"
+
+# --- 2. what is there
+stage "olmo-fast info" 30 $PY -m olmo_fast.cli info
+
+# --- 3. GPU tests: every gpu-marked test, and the kernel test files (they run on CUDA when it is there)
+shopt -s nullglob
+KERNEL_TESTS=(tests/test_{attention,decode_attention,layer_norm,swiglu,rope,qkv_rope,linear_cross_entropy,cross_entropy,norm,cpp,ext,extension,kernels}*.py)
+shopt -u nullglob
+stage "pytest -m gpu" 45 $PY -m pytest -q -p no:cacheprovider -m gpu tests
+(( ${#KERNEL_TESTS[@]} )) && stage "kernel tests on CUDA" 75 $PY -m pytest -q -p no:cacheprovider -m "not gpu" "${KERNEL_TESTS[@]}"
+
+# --- 4. the quick kernel suite (it stops starting measurements after --budget-s and still writes its results)
+# Attention first: it is the headline number (and torch.compile's warm-up is what eats the time).
+BUDGET=$(( $(left) < 140 ? $(left) - 40 : 100 )); (( BUDGET < 10 )) && BUDGET=10
+stage "olmo-fast bench --shapes quick" 140 $PY -m olmo_fast.cli bench --shapes quick --out "$RUN/bench" \
+    --ops attention,swiglu,layer_norm,rope,qkv_rope,decode_attention --warmup-ms 10 --rep-ms 40 --budget-s "$BUDGET"
+
+# --- 5. training and generation throughput
+stage "train throughput (OLMo-1B, T=4096)" 70 $PY -m olmo_fast.benchmarks.train_throughput --out "$RUN/train.json"
+stage "decode throughput (OLMo-1B/7B, batch 1/16)" 70 $PY -m olmo_fast.benchmarks.decode_throughput --out "$RUN/decode.json"
+
+# --- 6. results: Markdown page + one raw JSON, in benchmarks/results/ and $OUT
+CARD=$($PY -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))" 2>/dev/null || echo unknown-card)
+NAME="$(date -u +%Y-%m-%d)-$CARD"
+mkdir -p benchmarks/results
+printf '## Stages\n\n%s' "$SUMMARY" >"$RUN/stages.md"
+timeout 30 $PY -m olmo_fast.benchmarks.report --markdown "benchmarks/results/$NAME.md" \
+    "$RUN/bench/bench.json" "$RUN/train.json" "$RUN/decode.json" 2>&1 | tee -a "$LOG"
+cat "$RUN/stages.md" >>"benchmarks/results/$NAME.md"
+$PY - "$RUN" "benchmarks/results/$NAME.json" <<'EOF' 2>&1 | tee -a "$LOG"
+import json, sys, pathlib
+run, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+parts = {"bench": run / "bench" / "bench.json", "train": run / "train.json", "decode": run / "decode.json"}
+raw = {k: json.loads(p.read_text()) if p.is_file() else None for k, p in parts.items()}
+out.write_text(json.dumps(raw, indent=1))
+print(f"wrote {out}")
+EOF
+if [[ -n "${OUT:-}" ]]; then
+    mkdir -p "$OUT"
+    cp "benchmarks/results/$NAME.md" "benchmarks/results/$NAME.json" "$OUT/" 2>/dev/null
+    [[ -f "$RUN/bench/bench.csv" ]] && cp "$RUN/bench/bench.csv" "$OUT/$NAME-bench.csv"
+    compgen -G "$RUN/bench/plot-*.png" >/dev/null && tar -czf "$OUT/$NAME-plots.tar.gz" -C "$RUN/bench" $(cd "$RUN/bench" && ls plot-*.png)
+    cp "$LOG" "$OUT/$NAME.log"
+fi
+echo "done in $(( $(date +%s) - START ))s: benchmarks/results/$NAME.md"
+printf '%s' "$SUMMARY"

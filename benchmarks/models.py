@@ -1,0 +1,41 @@
+"""Random-weight models for the throughput benches: ours (`olmo_fast.OLMo`) and HF transformers'
+`OlmoForCausalLM` with the same configuration, built straight on the device (no CPU-side fp32 copy of a 7B)."""
+from __future__ import annotations
+
+import torch
+
+from olmo_fast import OLMo, ModelConfig
+
+
+def olmo(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, backend: str | None = None) -> OLMo:
+    """OLMo's "mitchell" init, run on `device` in `dtype`."""
+    with torch.device("meta"):
+        model = OLMo(cfg, backend=backend, init=False)
+    model = model.to(dtype).to_empty(device=device)
+    model.reset_parameters()
+    return model
+
+
+def hf_olmo(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, attn: str = "sdpa"):
+    """transformers' OlmoForCausalLM of the same shape (its own init), `attn` its attention implementation."""
+    import transformers
+
+    hf_cfg = {k: v for k, v in cfg.to_hf().items() if k not in ("architectures", "model_type")}
+    config = transformers.OlmoConfig(**hf_cfg, attn_implementation=attn)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = transformers.OlmoForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    return model
+
+
+def spec_peak_flops(device: torch.device) -> float | None:
+    """The card's dense bf16 peak from its data sheet (the trainer's table), None where unknown."""
+    try:
+        from olmo_fast.train.loop import device_peak_flops
+    except ImportError:
+        return None
+    return device_peak_flops(device)
