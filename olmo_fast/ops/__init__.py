@@ -17,10 +17,7 @@ __all__ = ["layer_norm", "rms_norm", "swiglu", "silu_mul", "rope", "attention", 
 
 
 def _fused(op: str, fn: str = "apply"):
-    public = globals()[op]
-    module = importlib.import_module(f"{__name__}.{op}")
-    globals()[op] = public  # importing ops/<op>.py rebinds the package attribute <op> to it: keep the function
-    return getattr(module, fn)
+    return getattr(_OP_MODULES[op], fn)  # a dict lookup, so torch.compile traces through it (no import, no globals())
 
 
 def layer_norm(x: torch.Tensor, *, eps: float = 1e-5, residual: torch.Tensor | None = None,
@@ -156,3 +153,16 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     chosen = dispatch.resolve("cross_entropy_chunk", backend, x.device)  # "torch": reference.cross_entropy_chunk
     return _fused("linear_cross_entropy")(x, weight, labels, ignore_index=ignore_index, reduction=reduction,
                                           chunk_size=chunk_size, backend=chosen)
+
+
+def _load_op_modules() -> dict:
+    """Import ops/<op>.py (custom ops + autograd; they import no kernels) with the package. Importing a
+    submodule rebinds the package attribute <op> to it: the public functions are put back."""
+    public = {name: globals()[name] for name in __all__}
+    modules = {op: importlib.import_module(f"{__name__}.{op}")
+               for op in ("layer_norm", "swiglu", "rope", "qkv_rope", "attention", "linear_cross_entropy")}
+    globals().update(public)
+    return modules
+
+
+_OP_MODULES = _load_op_modules()
