@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import time
 from pathlib import Path
 
@@ -17,14 +16,13 @@ import torch
 
 from olmo_fast import ModelConfig, benchmark_decode
 
-from . import ceilings, models
+from . import ceilings, models, report
 from .suite import environment
 
 
-def hf_decode(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, batch: int, prompt_len: int,
-              new_tokens: int) -> dict:
+def hf_decode(model, cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int) -> dict:
     """HF `generate` (greedy, its default cache): decode tokens/s from the time of `new_tokens` minus that of 1."""
-    model = models.hf_olmo(cfg, device, dtype).eval()
+    device = model.device
     ids = torch.randint(0, cfg.vocab_size, (batch, prompt_len), device=device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
@@ -40,45 +38,58 @@ def hf_decode(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, batch:
         timed(2)  # warm-up
         one, full = timed(1), timed(new_tokens)
     step_s = (full - one) / (new_tokens - 1)
-    del model
     return {"ms_per_token": step_s * 1e3, "tokens_per_s": batch / step_s, "prefill_ms": one * 1e3}
 
 
+def _ours(model, cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int) -> dict:
+    out = benchmark_decode(model, batch, prompt_len, new_tokens)
+    return {k: out[k] for k in ("ms_per_token", "tokens_per_s", "prefill_ms", "cuda_graph", "achieved_gb_s")}
+
+
 def run(presets: list[str], batches: list[int], prompt_len: int, new_tokens: int, device: torch.device,
-        dtype: torch.dtype, hf: bool = True, log=print) -> dict:
+        dtype: torch.dtype, hf: bool = True, out: str | Path | None = None, log=print) -> dict:
+    """A record per (model, provider, batch); the results are rewritten to `out` after each one."""
+    if new_tokens < 2:
+        raise ValueError("new_tokens must be at least 2 (HF's decode time is that of n tokens minus that of 1)")
     copy_gbps = ceilings.measure(device)["copy_gbps"]
-    records = []
+    results = {"kind": "decode_throughput", "title": "Generation throughput (greedy decoding)",
+               "note": f"Random {str(dtype).removeprefix('torch.')} weights, prompts of {prompt_len} random tokens, "
+                       f"{new_tokens} new tokens; copy bandwidth measured in this run: {copy_gbps:.0f} GB/s.",
+               "env": environment(device), "copy_gbps": copy_gbps, "records": []}
+    providers = {"olmo-fast": (lambda cfg: models.olmo(cfg, device, dtype).eval(), _ours)}
+    if hf:
+        providers["hf-generate"] = (lambda cfg: models.hf_olmo(cfg, device, dtype).eval(), hf_decode)
     for preset in presets:
-        cfg = ModelConfig.preset(preset, max_sequence_length=max(prompt_len + new_tokens,
-                                                                 ModelConfig.preset(preset).max_sequence_length))
-        for provider in ("olmo-fast",) + (("hf-generate",) if hf else ()):
+        context = max(prompt_len + new_tokens, ModelConfig.preset(preset).max_sequence_length)
+        cfg = ModelConfig.preset(preset, max_sequence_length=context)
+        for provider, (build, measure) in providers.items():
+            try:
+                model = build(cfg)
+            except Exception as err:  # noqa: BLE001 - an OOM is a result
+                model, build_error = None, f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
             for batch in batches:
                 rec = {"model": preset, "provider": provider, "batch": batch, "prompt_len": prompt_len,
                        "new_tokens": new_tokens}
                 try:
-                    if provider == "olmo-fast":
-                        model = models.olmo(cfg, device, dtype).eval()
-                        out = benchmark_decode(model, batch, prompt_len, new_tokens)
-                        del model
-                        rec.update({k: out[k] for k in ("ms_per_token", "tokens_per_s", "prefill_ms", "cuda_graph",
-                                                        "achieved_gb_s")})
-                        rec["pct_copy_bw"] = 100 * out["achieved_gb_s"] / copy_gbps
-                    else:
-                        rec.update(hf_decode(cfg, device, dtype, batch, prompt_len, new_tokens))
+                    if model is None:
+                        raise RuntimeError(build_error)
+                    rec.update(measure(model, cfg, batch, prompt_len, new_tokens))
+                    if "achieved_gb_s" in rec:
+                        rec["pct_copy_bw"] = 100 * rec["achieved_gb_s"] / copy_gbps
                     log(f"  {preset:<10} {provider:<12} batch {batch:>3}: {rec['tokens_per_s']:10.1f} tok/s "
                         f"{rec['ms_per_token']:8.3f} ms/step" + (f"  {rec['pct_copy_bw']:.1f}% of copy bandwidth"
                                                                  if "pct_copy_bw" in rec else ""))
                 except Exception as err:  # noqa: BLE001 - an OOM or a missing kernel is a result
                     rec["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
                     log(f"  {preset:<10} {provider:<12} batch {batch:>3}: error {rec['error']}")
-                records.append(rec)
-                gc.collect()
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
-    return {"kind": "decode_throughput", "title": "Generation throughput (greedy decoding)",
-            "note": f"Random {str(dtype).removeprefix('torch.')} weights, prompts of {prompt_len} random tokens, "
-                    f"{new_tokens} new tokens; copy bandwidth measured in this run: {copy_gbps:.0f} GB/s.",
-            "env": environment(device), "copy_gbps": copy_gbps, "records": records}
+                results["records"].append(rec)
+                if out is not None:
+                    report.save_json(results, out)
+            del model
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,11 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="JSON file for the results")
     args = p.parse_args(argv)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    results = run([m for m in args.models.split(",") if m], [int(b) for b in args.batches.split(",") if b],
-                  args.prompt_len, args.new_tokens, torch.device(args.device), dtype, hf=not args.no_hf)
+    run([m for m in args.models.split(",") if m], [int(b) for b in args.batches.split(",") if b],
+        args.prompt_len, args.new_tokens, torch.device(args.device), dtype, hf=not args.no_hf, out=args.out)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=1))
         print(f"wrote {args.out}")
     return 0
 

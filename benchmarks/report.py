@@ -111,11 +111,20 @@ def plot(results: dict, out_dir: str | Path) -> tuple[list[Path], str]:
     return written, note
 
 
+def save_json(data: dict, path: str | Path) -> None:
+    """Write `data` to `path` (its folder created), through a temporary file so a reader never sees half."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
 def write(results: dict, out_dir: str | Path, plots: bool = True, log=print) -> None:
     """bench.json, bench.csv and (with `plots`) plot-<op>.png in `out_dir`."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench.json").write_text(json.dumps(results, indent=1))
+    save_json(results, out / "bench.json")
     write_csv(results["rows"], out / "bench.csv")
     if plots:
         files, note = plot(results, out)

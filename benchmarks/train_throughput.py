@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import time
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 
 from olmo_fast import ModelConfig
 
-from . import ceilings, models
+from . import ceilings, models, report
 from .suite import environment
 
 VARIANTS = ("olmo-fast", "olmo-fast-torch", "hf-sdpa")
@@ -75,11 +74,19 @@ def measure(variant: str, cfg: ModelConfig, device: torch.device, batch: int, se
 
 
 def run(preset: str, seq_len: int, batch: int, steps: int, warmup: int, variants: list[str], device: torch.device,
-        log=print) -> dict:
+        out: str | Path | None = None, log=print) -> dict:
+    """Measure each variant; the results (rewritten to `out` after each one) hold a record per variant."""
     cfg = ModelConfig.preset(preset, max_sequence_length=seq_len)
     peak = models.spec_peak_flops(device)
     measured = ceilings.measure(device)["matmul_tflops"] * 1e12
-    records = []
+    results = {"kind": "train_throughput", "title": f"Training throughput: {preset} at context {seq_len}",
+               "note": f"One training step per row (bf16 autocast, fp32 master weights, AdamW, grad clipping), "
+                       f"batch {batch} x {seq_len} tokens, {warmup} warm-up + {steps} timed steps; random tokens and "
+                       f"weights. MFU against the data-sheet bf16 peak "
+                       f"({f'{peak / 1e12:.1f}' if peak else 'unknown'} TFLOP/s) and against the "
+                       f"{measured / 1e12:.1f} TFLOP/s bf16 matmul measured in this run.",
+               "env": environment(device), "model": preset, "spec_peak_flops": peak,
+               "measured_matmul_flops": measured, "records": []}
     for variant in variants:
         try:
             rec = measure(variant, cfg, device, batch, seq_len, steps, warmup)
@@ -92,17 +99,13 @@ def run(preset: str, seq_len: int, batch: int, steps: int, warmup: int, variants
         except Exception as err:  # noqa: BLE001 - an OOM or a missing kernel is a result, not a crash
             rec = {"variant": variant, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
             log(f"  {variant:<16} error: {rec['error']}")
-        records.append(rec)
+        results["records"].append(rec)
+        if out is not None:
+            report.save_json(results, out)
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    return {"kind": "train_throughput", "title": f"Training throughput: {preset} at context {seq_len}",
-            "note": f"One training step per row (bf16 autocast, fp32 master weights, AdamW, grad clipping), batch "
-                    f"{batch} x {seq_len} tokens, {warmup} warm-up + {steps} timed steps; random tokens and "
-                    f"weights. MFU against the data-sheet bf16 peak ({peak / 1e12 if peak else 'unknown'} TFLOP/s) "
-                    f"and against the {measured / 1e12:.0f} TFLOP/s bf16 matmul measured in this run.",
-            "env": environment(device), "model": preset, "spec_peak_flops": peak, "measured_matmul_flops": measured,
-            "records": records}
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,10 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     variants = [v for v in args.variants.split(",") if v]
     if set(variants) - set(VARIANTS):
         p.error(f"unknown variants {sorted(set(variants) - set(VARIANTS))}; choose from {VARIANTS}")
-    results = run(args.model, args.seq_len, args.batch, args.steps, args.warmup, variants, torch.device(args.device))
+    run(args.model, args.seq_len, args.batch, args.steps, args.warmup, variants, torch.device(args.device), args.out)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=1))
         print(f"wrote {args.out}")
     return 0
 

@@ -172,3 +172,39 @@ def test_interpreted_triton_kernel_is_checked_and_timed():
                         providers=["ours-triton"], warmup_ms=0, rep_ms=0, log=lambda *a: None)
     (row,) = [r for r in results["rows"] if r["provider"] == "ours-triton"]
     assert row["status"] == "ok" and row["check"] == "ok" and row["check_err"] < 1e-5
+
+
+def test_train_throughput_bench_runs_every_variant(tmp_path):
+    from olmo_fast.benchmarks import train_throughput
+
+    # The harness, on ours with the torch backend and on HF. (The default-backend variant is left to the GPU check:
+    # the fused LayerNorm op rejects autocast's bf16-delta + fp32-residual mix - reported, not the harness's job.)
+    out = tmp_path / "train.json"
+    variants = ["olmo-fast-torch", "hf-sdpa"]
+    results = train_throughput.run("test", seq_len=16, batch=2, steps=1, warmup=1, variants=variants,
+                                   device=torch.device("cpu"), out=out, log=lambda *a: None)
+    assert json.loads(out.read_text()) == json.loads(json.dumps(results))  # rewritten after every variant
+    assert [r["variant"] for r in results["records"]] == variants
+    for rec in results["records"]:
+        assert "error" not in rec, rec
+        assert rec["tokens_per_s"] == pytest.approx(2 * 16 / (rec["step_ms"] * 1e-3))
+        # a random model's first loss is near ln(vocab); all three models compute the same kind of loss
+        assert abs(rec["loss"] - math.log(250)) < 1.5
+        assert rec["mfu_measured_matmul"] == pytest.approx(
+            rec["tokens_per_s"] * rec["flops_per_token"] / results["measured_matmul_flops"])
+
+
+def test_decode_throughput_bench_beside_hf(tmp_path):
+    from olmo_fast.benchmarks import decode_throughput
+
+    out = tmp_path / "decode.json"
+    results = decode_throughput.run(["test"], [1, 2], prompt_len=4, new_tokens=3, device=torch.device("cpu"),
+                                    dtype=torch.float32, out=out, log=lambda *a: None)
+    assert json.loads(out.read_text())["records"] == results["records"]
+    assert [(r["provider"], r["batch"]) for r in results["records"]] == [
+        ("olmo-fast", 1), ("olmo-fast", 2), ("hf-generate", 1), ("hf-generate", 2)]
+    for rec in results["records"]:
+        assert "error" not in rec, rec
+        assert rec["tokens_per_s"] == pytest.approx(rec["batch"] / (rec["ms_per_token"] * 1e-3))
+    ours = [r for r in results["records"] if r["provider"] == "olmo-fast"]
+    assert all(r["pct_copy_bw"] == pytest.approx(100 * r["achieved_gb_s"] / results["copy_gbps"]) for r in ours)
