@@ -237,7 +237,8 @@ def _check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, 
 
 def generate(model: torch.nn.Module, prompts: Prompt | Sequence[Prompt], *, tokenizer: Any = None,
              max_new_tokens: int = 128, temperature: float = 0.0, top_k: int | None = None, top_p: float = 1.0,
-             seed: int | None = None, stop: str | Iterable[str] = (), eos_token_id: int | Iterable[int] | None = _FROM_CONFIG,
+             seed: int | None = None, stop: str | Iterable[str] = (),
+             eos_token_id: int | Iterable[int] | None = _FROM_CONFIG,
              stream: Callable[[int, int, str], None] | None = None, truncate: bool = False,
              empty_prompt_token: int | None = None, cuda_graph: bool | None = None) -> list[Completion]:
     """Continue each prompt (a string, encoded with `tokenizer`, by default OLMo's; or token ids: a list, a 1-D
@@ -266,8 +267,8 @@ def generate(model: torch.nn.Module, prompts: Prompt | Sequence[Prompt], *, toke
     for i, prompt in enumerate(ids):
         if not prompt:
             if empty_prompt_token is None:
-                raise ValueError(f"prompt {i} is empty; pass empty_prompt_token (e.g. the EOS id {config.eos_token_id}) "
-                                 f"to start it from that token")
+                raise ValueError(f"prompt {i} is empty; pass empty_prompt_token (e.g. the EOS id "
+                                 f"{config.eos_token_id}) to start it from that token")
             prompt.append(empty_prompt_token)
         keep = max(1, context - max_new_tokens)
         if truncate and len(prompt) > keep:
@@ -420,9 +421,10 @@ def weight_bytes_per_step(model: torch.nn.Module, batch_size: int) -> int:
 
 def benchmark_decode(model: torch.nn.Module, batch_size: int, prompt_len: int, new_tokens: int, *,
                      cuda_graph: bool | None = None, warmup: int = 3) -> dict:
-    """Time `new_tokens` greedy decode steps of `batch_size` random prompts of `prompt_len` tokens (after a
-    prefill and `warmup` untimed steps, which also capture the CUDA graph). The loop feeds each step's argmax
-    back on the device, without host syncs. `achieved_gb_s` counts the weights and the KV cache read per step."""
+    """Time a prefill of `batch_size` random prompts of `prompt_len` tokens (after an untimed one), then
+    `new_tokens` greedy decode steps (after `warmup` untimed steps, which also capture the CUDA graph). The
+    loop feeds each step's argmax back on the device, without host syncs. `achieved_gb_s` counts the weights
+    and the KV cache read per step."""
     cfg = model.config
     if prompt_len < 1 or new_tokens < 1 or prompt_len + new_tokens > cfg.max_sequence_length:
         raise ValueError(f"need prompt_len >= 1, new_tokens >= 1 and prompt_len + new_tokens <= "
@@ -435,6 +437,8 @@ def benchmark_decode(model: torch.nn.Module, batch_size: int, prompt_len: int, n
     validate, model.validate_inputs = model.validate_inputs, False
     try:
         with torch.inference_mode():
+            decoder.prefill(ids, lengths)  # warm-up: first-call compilation is not prefill time
+            decoder.cache.reset()
             sync()
             start = time.perf_counter()
             tokens = decoder.prefill(ids, lengths).argmax(-1)

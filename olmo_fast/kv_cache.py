@@ -52,6 +52,11 @@ class StaticKVCache:
         self.lengths.copy_(lengths)
         self._prefill = False
 
+    def reset(self) -> None:
+        """Empty the cache (the next forward is a prefill again); the buffers are kept."""
+        self.lengths.zero_()
+        self._prefill = True
+
     def advance(self, counts: torch.Tensor | int) -> None:
         """Sequence b has stored `counts[b]` (0 or 1 per decode step) more tokens; in place (graph-safe)."""
         self.lengths.add_(counts)
