@@ -47,9 +47,9 @@ def _bwd_heads(GRAD, stride_h, stride_d, SRC, DST, n_heads, HALF, cos, sin, clip
     for h0 in range(0, n_heads, BLOCK_H):
         heads = h0 + tl.arange(0, BLOCK_H)
         mask = (heads < n_heads)[:, None] & (pair < HALF)[None, :]
-        grad = GRAD + heads[:, None] * stride_h
-        g1 = tl.load(grad + i1[None, :] * stride_d, mask=mask, other=0.0).to(tl.float32)
-        g2 = tl.load(grad + i2[None, :] * stride_d, mask=mask, other=0.0).to(tl.float32)
+        grad = GRAD + heads[:, None].to(tl.int64) * stride_h  # gradients may be head-major: large strides
+        g1 = tl.load(grad + i1[None, :].to(tl.int64) * stride_d, mask=mask, other=0.0).to(tl.float32)
+        g2 = tl.load(grad + i2[None, :].to(tl.int64) * stride_d, mask=mask, other=0.0).to(tl.float32)
         if ROTATE:
             g1, g2 = rotate(g1, g2, cos[None, :], sin[None, :], True)
         offs = heads[:, None] * (2 * HALF)

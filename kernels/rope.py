@@ -70,9 +70,9 @@ def _rope_kernel(X, OUT, POS, INV_FREQ, T, H, HALF, offset, stride_b, stride_t, 
     b, t = bt // T, bt % T
     pair = tl.arange(0, BLOCK_HALF)
     cos, sin = rope_cos_sin(token_position(POS, stride_pb, b, t, offset, HAS_POS), INV_FREQ, pair, HALF)
-    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    heads = (tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)).to(tl.int64)  # strides can be large
     mask = (heads < H)[:, None] & (pair < HALF)[None, :]
-    i1, i2 = pair_offsets(pair, HALF, INTERLEAVED)
+    i1, i2 = pair_offsets(pair.to(tl.int64), HALF, INTERLEAVED)
     src = X + b * stride_b + t * stride_t + heads[:, None] * stride_h
     x1 = tl.load(src + i1[None, :] * stride_d, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(src + i2[None, :] * stride_d, mask=mask, other=0.0).to(tl.float32)
