@@ -8,8 +8,8 @@
 # Made for a short slot: every stage runs under `timeout`, within a total of GPU_CHECK_TOTAL_S seconds
 # (default 460, under 8 minutes on an H100 with the extension build); a stage that would start with too
 # little time left is skipped and the page says so. A hang or a failure in one stage never stops the others.
-# Liger-Kernel / flash-attn / apex wheels placed in .whl/ (carried to the machine) are installed first so that
-# the suite compares against them; without them they are listed as "not installed".
+# Liger-Kernel / flash-attn / apex wheels placed in .whl/ (benchmarks/fetch_wheels.sh gets Liger's; carry .whl
+# to the machine) are installed first so that the suite compares against them; else they are "not installed".
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
