@@ -71,8 +71,9 @@ def memory_gib(device: torch.device) -> float:
 
 class Trainer:
     def __init__(self, config: TrainConfig, log: Callable[[str], None] = print) -> None:
-        self.cfg, self.log = config, log
+        self.cfg = config
         self.dist = dist.init(config.device)
+        self.log = log if self.dist.main else (lambda _: None)
         self.device = self.dist.device
         self.precision = config.precision or ("amp_bf16" if self.device.type == "cuda" else "fp32")
         self.save_folder = self._save_folder()
