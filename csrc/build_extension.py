@@ -89,13 +89,24 @@ def _make_extension(torch, cpp_extension):
         extra_compile_args=compile_args, extra_link_args=link_args)
 
 
+def _cuda_home(cpp_extension) -> str:
+    """The CUDA toolkit to build with: the first candidate holding nvcc and the static CUDA runtime."""
+    nvcc = shutil.which("nvcc")
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cpp_extension.CUDA_HOME,
+                  os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None, "/usr/local/cuda"]
+    for home in filter(None, candidates):
+        if os.path.exists(os.path.join(home, "bin", "nvcc")) and glob.glob(os.path.join(home, "lib*", "libcudart_static.a")):
+            return home
+    raise RuntimeError(f"no CUDA toolkit with nvcc and libcudart_static.a among {[c for c in candidates if c]}; set CUDA_HOME")
+
+
 def _compile_gpu_objects(gpu: str, out_dir: str, cpp_extension) -> tuple[list[str], dict]:
     """Compile every csrc/kernels/*.cu with nvcc or hipcc (no torch headers); returns (objects, link settings)."""
     sources = sorted(glob.glob(os.path.join(ROOT, "csrc", "kernels", "*.cu")))
     include = os.path.join(ROOT, "csrc", "include")
     common = ["-O3", "-std=c++17", f"-I{include}", "-c"]
     if gpu == "cuda":
-        home = cpp_extension.CUDA_HOME or os.environ.get("CUDA_HOME") or "/usr/local/cuda"
+        home = _cuda_home(cpp_extension)
         compiler = os.path.join(home, "bin", "nvcc")
         archs = os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0"
         flags = common + ["-Xcompiler", "-fPIC"] + cuda_gencode_flags(archs)

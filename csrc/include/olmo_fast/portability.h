@@ -48,7 +48,9 @@ struct alignas(sizeof(T) * N) Vec {
 #ifdef OF_GPU
 
 #if defined(OF_HIP)
-#if defined(__AMDGCN_WAVEFRONT_SIZE)
+#if defined(__AMDGCN_WAVEFRONT_SIZE__)
+#define OF_WARP_SIZE __AMDGCN_WAVEFRONT_SIZE__
+#elif defined(__AMDGCN_WAVEFRONT_SIZE)
 #define OF_WARP_SIZE __AMDGCN_WAVEFRONT_SIZE
 #else
 #define OF_WARP_SIZE 64  // host pass: the widest wavefront, only used for shared-memory sizing
