@@ -3,11 +3,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 
 import torch
 
 from .ops import dispatch
+
+
+def build_info() -> dict:
+    """What `pip install` built of the compiled extension olmo_fast._C, and why not (olmo_fast/_build_info.json)."""
+    try:
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_build_info.json")) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {"built": False, "reason": "no build record: install with `pip install --no-build-isolation -e .`"}
+
+
+def _describe_extension(ext: dict) -> str:
+    if not ext.get("built"):
+        return ext.get("reason", "not built")
+    kind = "CPU only" if ext.get("gpu", "none") == "none" else f"CPU + {ext['gpu'].upper()} ({ext.get('archs', '?')})"
+    text = f"built: {kind}" + (f", in {ext['seconds']} s" if "seconds" in ext else "")
+    return text + (f"; {ext['gpu_error']}" if "gpu_error" in ext else "")
 
 
 def collect() -> dict:
@@ -27,6 +45,7 @@ def collect() -> dict:
         info["triton"] = triton.__version__
     except ImportError as err:
         info["triton"] = f"not installed ({err})"
+    info["extension"] = build_info()
     info["backends"] = dispatch.status()
     return info
 
@@ -37,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     for key, value in info.items():
-        if key != "backends":
+        if key == "extension":
+            print(f"{key:>12}: olmo_fast._C {_describe_extension(value)}")
+        elif key != "backends":
             print(f"{key:>12}: {value}")
     print("    backends:")
     for backend, entry in info["backends"].items():

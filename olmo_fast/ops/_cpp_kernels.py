@@ -8,24 +8,10 @@ unavailable with that reason.
 """
 from __future__ import annotations
 
-import json
-import os
-
 import torch
 
+from ..info import build_info
 from .dispatch import register_kernel
-
-BUILD_INFO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "_build_info.json")
-
-
-def build_info() -> dict:
-    """The build record written at install time, or a note that there is none."""
-    try:
-        with open(BUILD_INFO) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {"built": False, "reason": "no build record (the package was not installed with pip install -e .)"}
-
 
 try:
     from olmo_fast import _C  # noqa: F401  (importing registers torch.ops.olmo_fast_C)
