@@ -8,6 +8,8 @@
 # Made for a short slot: every stage runs under `timeout`, within a total of GPU_CHECK_TOTAL_S seconds
 # (default 460, under 8 minutes on an H100 with the extension build); a stage that would start with too
 # little time left is skipped and the page says so. A hang or a failure in one stage never stops the others.
+# GPU_CHECK_SKIP="tests kernel-tests" (keys: wheels install info tests kernel-tests bench train decode) skips stages,
+# e.g. to rerun only the benches in what is left of a slot.
 # Liger-Kernel / flash-attn / apex wheels placed in .whl/ (benchmarks/fetch_wheels.sh gets Liger's; carry .whl
 # to the machine) are installed first so that the suite compares against them; else they are "not installed".
 set -uo pipefail
@@ -22,10 +24,14 @@ export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
 
 left() { echo $(( TOTAL - 20 - ($(date +%s) - START) )); }
 
-# stage NAME LIMIT_S COMMAND...: run COMMAND under timeout (capped by what is left of TOTAL, keeping 20 s for the
-# report), log it, and note its exit status.
+# stage KEY NAME LIMIT_S COMMAND...: run COMMAND under timeout (capped by what is left of TOTAL, keeping 20 s for
+# the report), log it, and note its exit status.
 stage() {
-    local name=$1 limit=$2; shift 2
+    local key=$1 name=$2 limit=$3; shift 3
+    if [[ " ${GPU_CHECK_SKIP:-} " == *" $key "* ]]; then
+        echo "=== $name: skipped (GPU_CHECK_SKIP) ===" | tee -a "$LOG"
+        SUMMARY+="- $name: skipped (GPU_CHECK_SKIP)"$'\n'; return 0
+    fi
     local left; left=$(left)
     if (( left < 15 )); then
         echo "=== $name: skipped, ${left}s left of ${TOTAL}s ===" | tee -a "$LOG"
@@ -46,35 +52,35 @@ stage() {
 CAP=$($PY -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())" 2>>"$LOG")
 [[ -n "$CAP" ]] || { echo "no CUDA device visible to $PY" | tee -a "$LOG"; }
 if compgen -G ".whl/*.whl" >/dev/null; then
-    stage "optional wheels (.whl)" 60 $PY -m pip install -q --no-index --no-deps --no-build-isolation .whl/*.whl
+    stage wheels "optional wheels (.whl)" 60 $PY -m pip install -q --no-index --no-deps --no-build-isolation .whl/*.whl
 fi
 ARCH=${TORCH_CUDA_ARCH_LIST:-${CAP:-8.0;9.0}}
-if ! stage "install (extension for $ARCH)" 150 env TORCH_CUDA_ARCH_LIST="$ARCH" \
+if ! stage install "install (extension for $ARCH)" 150 env TORCH_CUDA_ARCH_LIST="$ARCH" \
         $PY -m pip install -q --no-index --no-deps --no-build-isolation -e .; then
-    stage "install without the extension (fallback)" 60 env OLMO_FAST_NO_EXT=1 \
+    stage install "install without the extension (fallback)" 60 env OLMO_FAST_NO_EXT=1 \
         $PY -m pip install -q --no-index --no-deps --no-build-isolation -e .
 fi
 [[ -f olmo_fast/_build_info.json ]] && cat olmo_fast/_build_info.json | tee -a "$LOG"
 
 # --- 2. what is there
-stage "olmo-fast info" 30 $PY -m olmo_fast.cli info
+stage info "olmo-fast info" 30 $PY -m olmo_fast.cli info
 
 # --- 3. GPU tests: every gpu-marked test, and the kernel test files (they run on CUDA when it is there)
 shopt -s nullglob
 KERNEL_TESTS=(tests/test_{attention,decode_attention,layer_norm,swiglu,rope,qkv_rope,linear_cross_entropy,cross_entropy,norm,cpp,ext,extension,kernels}*.py)
 shopt -u nullglob
-stage "pytest -m gpu" 45 $PY -m pytest -q -p no:cacheprovider -m gpu tests
-(( ${#KERNEL_TESTS[@]} )) && stage "kernel tests on CUDA" 75 $PY -m pytest -q -p no:cacheprovider -m "not gpu" "${KERNEL_TESTS[@]}"
+stage tests "pytest -m gpu" 45 $PY -m pytest -q -p no:cacheprovider -m gpu tests
+(( ${#KERNEL_TESTS[@]} )) && stage kernel-tests "kernel tests on CUDA" 75 $PY -m pytest -q -p no:cacheprovider -m "not gpu" "${KERNEL_TESTS[@]}"
 
 # --- 4. the quick kernel suite (it stops starting measurements after --budget-s and still writes its results)
 # Attention first: it is the headline number (and torch.compile's warm-up is what eats the time).
 BUDGET=$(( $(left) < 140 ? $(left) - 40 : 100 )); (( BUDGET < 10 )) && BUDGET=10
-stage "olmo-fast bench --shapes quick" 140 $PY -m olmo_fast.cli bench --shapes quick --out "$RUN/bench" \
+stage bench "olmo-fast bench --shapes quick" 140 $PY -m olmo_fast.cli bench --shapes quick --out "$RUN/bench" \
     --ops attention,swiglu,layer_norm,rope,qkv_rope,decode_attention --warmup-ms 10 --rep-ms 40 --budget-s "$BUDGET"
 
 # --- 5. training and generation throughput
-stage "train throughput (OLMo-1B, T=4096)" 70 $PY -m olmo_fast.benchmarks.train_throughput --out "$RUN/train.json"
-stage "decode throughput (OLMo-1B/7B, batch 1/16)" 70 $PY -m olmo_fast.benchmarks.decode_throughput --out "$RUN/decode.json"
+stage train "train throughput (OLMo-1B, T=4096)" 70 $PY -m olmo_fast.benchmarks.train_throughput --out "$RUN/train.json"
+stage decode "decode throughput (OLMo-1B/7B, batch 1/16)" 70 $PY -m olmo_fast.benchmarks.decode_throughput --out "$RUN/decode.json"
 
 # --- 6. results: Markdown page + one raw JSON, in benchmarks/results/ and $OUT
 CARD=$($PY -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))" 2>/dev/null || echo unknown-card)

@@ -232,9 +232,62 @@ def markdown(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+OURS = ("ours-triton", "ours-cpp")
+
+
+def summary(raw: dict) -> str:
+    """The README's Performance lines for one committed GPU check (`benchmarks/results/<date>-<card>.json`, which
+    holds the bench/train/decode results): per op, shape and mode, our best provider beside the best other one."""
+    parts = [raw.get(k) for k in ("bench", "train", "decode")]
+    env = next((p["env"] for p in parts if p), None)
+    if env is None:
+        return "(no results in this file)"
+    lines = [f"#### {env['card']} ({env['date'][:10]}, commit `{str(env.get('git_commit'))[:12]}`, torch "
+             f"{env['torch']}, triton {env.get('triton')})", ""]
+    bench = raw.get("bench")
+    if bench:
+        ceil = bench["ceilings"]
+        lines += [f"Measured ceilings: copy {ceil['copy_gbps']:.0f} GB/s, {ceil['matmul_dtype']} matmul "
+                  f"{ceil['matmul_tflops']:.0f} TFLOP/s. {bench['settings']['dtype']}, medians.", "",
+                  "| op | shape | mode | ours | ours ms | rate (% of ceiling) | best other | other ms | speed-up |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        groups: dict[tuple, list[dict]] = defaultdict(list)
+        for r in bench["rows"]:
+            if r["status"] == "ok" and r.get("check") == "ok":
+                groups[(r["op"], r["shape"], r["mode"])].append(r)
+        for (op, shape, mode), rows in groups.items():
+            ours = min((r for r in rows if r["provider"] in OURS), key=lambda r: r["median_ms"], default=None)
+            other = min((r for r in rows if r["provider"] not in OURS), key=lambda r: r["median_ms"], default=None)
+            if ours is None:
+                continue
+            flop = ours.get("tflops") is not None
+            value = (f"{ours['tflops']:.0f} TFLOP/s ({_num(ours.get('pct_matmul'), '.0f')}%)" if flop else
+                     f"{ours['gbps']:.0f} GB/s ({_num(ours.get('pct_copy_bw'), '.0f')}%)")
+            alt = ("-", "-", "-") if other is None else (other["provider"], f"{other['median_ms']:.4f}",
+                                                         f"{other['median_ms'] / ours['median_ms']:.2f}x")
+            lines.append(f"| {op} | {shape} | {mode} | {ours['provider']} | {ours['median_ms']:.4f} | {value} | "
+                         f"{alt[0]} | {alt[1]} | {alt[2]} |")
+        lines.append("")
+    for key, cols in (("train", ("variant", "tokens_per_s", "mfu_spec", "mfu_measured_matmul", "error")),
+                      ("decode", ("model", "provider", "batch", "tokens_per_s", "pct_copy_bw", "error"))):
+        data = raw.get(key)
+        if data and data.get("records"):
+            lines += [f"{data['title']}:", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+            for rec in data["records"]:
+                lines.append("| " + " | ".join(_num(rec.get(c), ".3g") if isinstance(rec.get(c), float) else
+                                               str(rec.get(c) or "") for c in cols) + " |")
+            lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Markdown page from result JSON files (bench, train, decode).")
-    parser.add_argument("--markdown", required=True, help="output .md path")
+    parser = argparse.ArgumentParser(description="The GPU check's Markdown page from its result JSON files "
+                                                 "(bench, train, decode), or the README's Performance summary of "
+                                                 "committed results.")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--markdown", help="write the page to this .md path")
+    what.add_argument("--summary", action="store_true",
+                      help="print the Performance lines of committed benchmarks/results/<date>-<card>.json files")
     parser.add_argument("results", nargs="+", help="result JSON files; missing ones are listed as missing")
     args = parser.parse_args(argv)
     loaded, missing = [], []
@@ -243,9 +296,12 @@ def main(argv: list[str] | None = None) -> int:
             loaded.append(json.loads(Path(path).read_text()))
         except (OSError, ValueError) as err:
             missing.append(f"{path}: {err}")
-    if not loaded:
-        raise SystemExit("no readable result file: " + "; ".join(missing))
-    text = markdown(loaded)
+    if args.summary:
+        print("\n".join(summary(raw) for raw in loaded))
+        for m in missing:
+            print(f"(unreadable: {m})")
+        return 0 if loaded else 1
+    text = markdown(loaded) if loaded else "# olmo-fast GPU check\n\nNo result file could be read.\n"
     if missing:
         text += "\n## Missing results\n\n" + "\n".join(f"- {m}" for m in missing) + "\n"
     Path(args.markdown).write_text(text)

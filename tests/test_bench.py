@@ -156,6 +156,17 @@ def test_compare_and_markdown(cpu_run, tmp_path, capsys):
     assert "## Kernels" in page and "### attention" in page and "| eager |" in page
     assert "## Missing results" in page and "absent.json" in page
 
+    # The README's Performance lines come from a committed results file: our best beside the best other provider.
+    raw = tmp_path / "raw.json"
+    raw.write_text(json.dumps({"bench": a, "train": None, "decode": None}))
+    capsys.readouterr()
+    assert report.main(["--summary", str(raw)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("#### ") and a["env"]["card"] in lines[0]
+    ours_rows = {(r["op"], r["shape"], r["mode"]) for r in a["rows"]
+                 if r["status"] == "ok" and r["provider"] in report.OURS}
+    assert len([ln for ln in lines if ln.startswith("| ") and "| ours-" in ln]) == len(ours_rows)
+
 
 def test_plots_or_reason(cpu_run, tmp_path):
     data = json.loads((cpu_run / "bench.json").read_text())
