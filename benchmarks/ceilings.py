@@ -11,21 +11,29 @@ from . import roofline
 from .timing import time_fn
 
 
+def copy_gbps(device: torch.device, nbytes: int, warmup_ms: float | None = None, rep_ms: float | None = None) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
+    dst = torch.empty_like(src)
+    t = time_fn(lambda i: dst.copy_(src), device, warmup_ms=warmup_ms, rep_ms=rep_ms)
+    return roofline.copy_bytes(nbytes) / (t.median_ms * 1e-3) / 1e9
+
+
+def matmul_tflops(device: torch.device, n: int, dtype: torch.dtype, warmup_ms: float | None = None,
+                  rep_ms: float | None = None) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    t = time_fn(lambda i: a @ b, device, warmup_ms=warmup_ms, rep_ms=rep_ms)
+    return roofline.matmul_flops(n, n, n) / (t.median_ms * 1e-3) / 1e12
+
+
 def measure(device: torch.device, warmup_ms: float | None = None, rep_ms: float | None = None) -> dict:
     gpu = device.type == "cuda"
     nbytes = 2**30 if gpu else 64 * 2**20
-    src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_()
-    dst = torch.empty_like(src)
-    copy = time_fn(lambda i: dst.copy_(src), device, warmup_ms=warmup_ms, rep_ms=rep_ms)
-    del src, dst
     n, dtype = (8192, torch.bfloat16) if gpu else (512, torch.float32)
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    mm = time_fn(lambda i: a @ b, device, warmup_ms=warmup_ms, rep_ms=rep_ms)
     return {
-        "copy_gbps": roofline.copy_bytes(nbytes) / (copy.median_ms * 1e-3) / 1e9,
+        "copy_gbps": copy_gbps(device, nbytes, warmup_ms, rep_ms),
         "copy_bytes": nbytes,
-        "matmul_tflops": roofline.matmul_flops(n, n, n) / (mm.median_ms * 1e-3) / 1e12,
+        "matmul_tflops": matmul_tflops(device, n, dtype, warmup_ms, rep_ms),
         "matmul_shape": [n, n, n],
         "matmul_dtype": str(dtype).removeprefix("torch."),
     }

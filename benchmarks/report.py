@@ -165,7 +165,7 @@ def compare(a: dict, b: dict) -> tuple[str, list[dict]]:
 
 # ---------------------------------------------------------------- the Markdown page of a GPU check
 def _md_kernels(results: dict) -> list[str]:
-    env, ceil = results["env"], results["ceilings"]
+    ceil = results["ceilings"]
     lines = [f"## Kernels ({results['settings']['dtype']}, shapes `{results['settings']['shapes']}`)", "",
              f"Ceilings measured in this run: device-to-device copy **{ceil['copy_gbps']:.0f} GB/s**, "
              f"{ceil['matmul_dtype']} matmul {'x'.join(map(str, ceil['matmul_shape']))} "
