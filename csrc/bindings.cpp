@@ -137,48 +137,73 @@ Tensor layer_norm_bwd(const Tensor& dy_in, const Tensor& y_in, const Tensor& rst
   return dx;
 }
 
+// Column `col` of the rows of `t` (the second half of OLMo's fused [up | gate] projection).
+const void* column(const Tensor& t, int64_t col) { return static_cast<const char*>(t.data_ptr()) + col * t.element_size(); }
+
+Tensor silu_mul_fwd(const Tensor& gate_in, const Tensor& up_in) {
+  const char* op = "silu_mul_fwd";
+  const Tensor gate = rows_of(gate_in, op, "gate");
+  const Tensor up = rows_of(up_in, op, "up");
+  check_like(up, gate, gate.sizes(), op, "up", "gate");
+  const int64_t rows = gate.size(0), hidden = gate.size(1);
+  Tensor out = at::empty({rows, hidden}, gate.options());
+  const olmo_fast_silu_mul_fwd_args args{kernel_dtype(gate, op, "gate"), rows, hidden, gate.data_ptr(), gate.stride(0),
+                                         up.data_ptr(), up.stride(0), out.data_ptr(), hidden};
+  run(op, gate, args, rows, 2 * hidden, olmo_fast_silu_mul_fwd_cpu, olmo_fast_silu_mul_fwd_gpu);
+  return out;
+}
+
+std::tuple<Tensor, Tensor> silu_mul_bwd(const Tensor& dout_in, const Tensor& gate_in, const Tensor& up_in) {
+  const char* op = "silu_mul_bwd";
+  const Tensor gate = rows_of(gate_in, op, "gate");
+  const Tensor up = rows_of(up_in, op, "up");
+  const Tensor dout = rows_of(dout_in, op, "dout");
+  check_like(up, gate, gate.sizes(), op, "up", "gate");
+  check_like(dout, gate, gate.sizes(), op, "dout", "gate");
+  const int64_t rows = gate.size(0), hidden = gate.size(1);
+  Tensor d_gate = at::empty({rows, hidden}, gate.options());
+  Tensor d_up = at::empty({rows, hidden}, gate.options());
+  const olmo_fast_silu_mul_bwd_args args{kernel_dtype(gate, op, "gate"), rows, hidden, dout.data_ptr(), dout.stride(0),
+                                         gate.data_ptr(), gate.stride(0), up.data_ptr(), up.stride(0),
+                                         d_gate.data_ptr(), hidden, d_up.data_ptr(), hidden};
+  run(op, gate, args, rows, 3 * hidden, olmo_fast_silu_mul_bwd_cpu, olmo_fast_silu_mul_bwd_gpu);
+  return {d_gate, d_up};
+}
+
+// h = [up | gate] [N, 2H]: the hidden width H, checked.
+int64_t fused_hidden(const Tensor& h, const char* op) {
+  TORCH_CHECK(h.size(1) % 2 == 0, "olmo_fast_C::", op, ": h = [up | gate] needs an even last dim, got shape ",
+              h.sizes());
+  return h.size(1) / 2;
+}
+
 Tensor swiglu_fwd(const Tensor& h_in) {
   const char* op = "swiglu_fwd";
   const Tensor h = rows_of(h_in, op, "h");
-  TORCH_CHECK(h.size(1) % 2 == 0, "olmo_fast_C::", op, ": h = [x | gate] needs an even last dim, got shape ",
-              h.sizes());
-  const int64_t rows = h.size(0), hidden = h.size(1) / 2;
-  olmo_fast_swiglu_fwd_args args{};
-  args.dtype = kernel_dtype(h, op, "h");
-  args.rows = rows;
-  args.hidden = hidden;
-  args.h = h.data_ptr();
-  args.h_stride = h.stride(0);
+  const int64_t rows = h.size(0), hidden = fused_hidden(h, op);
   Tensor out = at::empty({rows, hidden}, h.options());
-  args.out = out.data_ptr();
-  run(op, h, args, rows, 2 * hidden, olmo_fast_swiglu_fwd_cpu, olmo_fast_swiglu_fwd_gpu);
+  const olmo_fast_silu_mul_fwd_args args{kernel_dtype(h, op, "h"), rows, hidden, column(h, hidden), h.stride(0),
+                                         h.data_ptr(), h.stride(0), out.data_ptr(), hidden};
+  run(op, h, args, rows, 2 * hidden, olmo_fast_silu_mul_fwd_cpu, olmo_fast_silu_mul_fwd_gpu);
   return out;
 }
 
 Tensor swiglu_bwd(const Tensor& dout_in, const Tensor& h_in) {
   const char* op = "swiglu_bwd";
   const Tensor h = rows_of(h_in, op, "h");
-  TORCH_CHECK(h.size(1) % 2 == 0, "olmo_fast_C::", op, ": h = [x | gate] needs an even last dim, got shape ",
-              h.sizes());
-  const int64_t rows = h.size(0), hidden = h.size(1) / 2;
+  const int64_t rows = h.size(0), hidden = fused_hidden(h, op);
   const Tensor dout = rows_of(dout_in, op, "dout");
   check_like(dout, h, {rows, hidden}, op, "dout", "h");
-  olmo_fast_swiglu_bwd_args args{};
-  args.dtype = kernel_dtype(h, op, "h");
-  args.rows = rows;
-  args.hidden = hidden;
-  args.dout = dout.data_ptr();
-  args.dout_stride = dout.stride(0);
-  args.h = h.data_ptr();
-  args.h_stride = h.stride(0);
   Tensor dh = at::empty({rows, 2 * hidden}, h.options());
-  args.dh = dh.data_ptr();
-  run(op, h, args, rows, 3 * hidden, olmo_fast_swiglu_bwd_cpu, olmo_fast_swiglu_bwd_gpu);
+  const olmo_fast_silu_mul_bwd_args args{kernel_dtype(h, op, "h"), rows, hidden, dout.data_ptr(), dout.stride(0),
+                                         column(h, hidden), h.stride(0), h.data_ptr(), h.stride(0),
+                                         const_cast<void*>(column(dh, hidden)), 2 * hidden, dh.data_ptr(), 2 * hidden};
+  run(op, h, args, rows, 3 * hidden, olmo_fast_silu_mul_bwd_cpu, olmo_fast_silu_mul_bwd_gpu);
   return dh;
 }
 
-Tensor rope(const Tensor& x, const std::optional<Tensor>& positions_in, int64_t offset, double theta, bool inverse) {
-  const char* op = "rope";
+Tensor rotate(const char* op, const Tensor& x, const std::optional<Tensor>& positions_in, int64_t offset, double theta,
+              bool inverse, bool interleaved) {
   TORCH_CHECK(x.dim() == 4, "olmo_fast_C::", op, ": x must be [B, T, H, D], got shape ", x.sizes());
   const int64_t batch = x.size(0), seq = x.size(1), heads = x.size(2), head_dim = x.size(3);
   TORCH_CHECK(head_dim % 2 == 0, "olmo_fast_C::", op, ": the head dim must be even (rotate-half), got ", head_dim);
@@ -193,6 +218,7 @@ Tensor rope(const Tensor& x, const std::optional<Tensor>& positions_in, int64_t 
   args.offset = offset;
   args.theta = float(theta);
   args.inverse = inverse ? 1 : 0;
+  args.interleaved = interleaved ? 1 : 0;
   Tensor positions;
   if (positions_in.has_value()) {
     const Tensor& p = *positions_in;
@@ -213,6 +239,15 @@ Tensor rope(const Tensor& x, const std::optional<Tensor>& positions_in, int64_t 
   return out;
 }
 
+Tensor rope(const Tensor& x, const std::optional<Tensor>& positions, int64_t offset, double theta, bool inverse) {
+  return rotate("rope", x, positions, offset, theta, inverse, false);
+}
+
+Tensor rope_interleaved(const Tensor& x, const std::optional<Tensor>& positions, int64_t offset, double theta,
+                        bool inverse) {
+  return rotate("rope_interleaved", x, positions, offset, theta, inverse, true);
+}
+
 std::string gpu_runtime() {
 #if defined(OLMO_FAST_WITH_HIP)
   return "hip";
@@ -230,16 +265,22 @@ TORCH_LIBRARY(olmo_fast_C, m) {
   m.def("layer_norm_bwd(Tensor dy, Tensor y, Tensor rstd, Tensor? dh) -> Tensor");
   m.def("swiglu_fwd(Tensor h) -> Tensor");
   m.def("swiglu_bwd(Tensor dout, Tensor h) -> Tensor");
+  m.def("silu_mul_fwd(Tensor gate, Tensor up) -> Tensor");
+  m.def("silu_mul_bwd(Tensor dout, Tensor gate, Tensor up) -> (Tensor, Tensor)");
   m.def("rope(Tensor x, Tensor? positions, int offset, float theta, bool inverse) -> Tensor");
+  m.def("rope_interleaved(Tensor x, Tensor? positions, int offset, float theta, bool inverse) -> Tensor");
   m.def("gpu_runtime() -> str", &gpu_runtime);
 }
 
-#define OLMO_FAST_IMPLS(m)                    \
-  m.impl("layer_norm_fwd", &layer_norm_fwd); \
-  m.impl("layer_norm_bwd", &layer_norm_bwd); \
-  m.impl("swiglu_fwd", &swiglu_fwd);         \
-  m.impl("swiglu_bwd", &swiglu_bwd);         \
-  m.impl("rope", &rope)
+#define OLMO_FAST_IMPLS(m)                     \
+  m.impl("layer_norm_fwd", &layer_norm_fwd);  \
+  m.impl("layer_norm_bwd", &layer_norm_bwd);  \
+  m.impl("swiglu_fwd", &swiglu_fwd);          \
+  m.impl("swiglu_bwd", &swiglu_bwd);          \
+  m.impl("silu_mul_fwd", &silu_mul_fwd);      \
+  m.impl("silu_mul_bwd", &silu_mul_bwd);      \
+  m.impl("rope", &rope);                      \
+  m.impl("rope_interleaved", &rope_interleaved)
 
 TORCH_LIBRARY_IMPL(olmo_fast_C, CPU, m) { OLMO_FAST_IMPLS(m); }
 

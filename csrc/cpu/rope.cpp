@@ -1,4 +1,4 @@
-// Rotary position embedding (NeoX rotate-half, fp32 angles) on the CPU, forward and inverse.
+// Rotary position embedding (fp32 angles) on the CPU, forward and inverse; NeoX rotate-half or interleaved pairs.
 // Per token: the D/2 cos/sin pairs once (inverse frequencies once per call), then every head rotated with them.
 #include <math.h>
 
@@ -10,15 +10,22 @@ namespace olmo_fast {
 namespace cpu {
 namespace {
 
-// One head: out = x * cos + rotate_half(x) * sin. kUnitStride lets the compiler vectorise the common layout.
-template <class T, bool kUnitStride>
-void rotate_head(const T* x, int64_t step, T* out, const float* cos_t, const float* sin_t, int64_t half) {
-  const int64_t sd = kUnitStride ? 1 : step;
+// One head: pair i (dims d = i * step and d + second, elements sd apart) turns by its angle. kNeoxUnit fixes
+// the common case (rotate-half, contiguous head) at compile time so that the loop vectorises.
+template <class T, bool kNeoxUnit>
+void rotate_head(const T* x, int64_t sd, int64_t step, int64_t second, T* out, const float* cos_t,
+                 const float* sin_t, int64_t half) {
+  if constexpr (kNeoxUnit) {
+    sd = 1;
+    step = 1;
+    second = half;
+  }
   for (int64_t i = 0; i < half; ++i) {
-    const float x1 = to_float(x[i * sd]);
-    const float x2 = to_float(x[(half + i) * sd]);
-    out[i] = from_float<T>(x1 * cos_t[i] - x2 * sin_t[i]);
-    out[half + i] = from_float<T>(x2 * cos_t[i] + x1 * sin_t[i]);
+    const int64_t d = i * step;
+    const float x1 = to_float(x[d * sd]);
+    const float x2 = to_float(x[(d + second) * sd]);
+    out[d] = from_float<T>(x1 * cos_t[i] - x2 * sin_t[i]);
+    out[d + second] = from_float<T>(x2 * cos_t[i] + x1 * sin_t[i]);
   }
 }
 
@@ -46,10 +53,10 @@ void rope_tokens(const olmo_fast_rope_args& a, int64_t token_begin, int64_t toke
     for (int64_t head = 0; head < a.heads; ++head) {
       const T* xh = x + head * stride[2];
       T* oh = out + head * a.head_dim;
-      if (stride[3] == 1) {
-        rotate_head<T, true>(xh, 1, oh, cos_t, sin_t, half);
+      if (!a.interleaved && stride[3] == 1) {
+        rotate_head<T, true>(xh, 1, 1, half, oh, cos_t, sin_t, half);
       } else {
-        rotate_head<T, false>(xh, stride[3], oh, cos_t, sin_t, half);
+        rotate_head<T, false>(xh, stride[3], a.interleaved ? 2 : 1, a.interleaved ? 1 : half, oh, cos_t, sin_t, half);
       }
     }
   }

@@ -1,5 +1,5 @@
-// Fused SwiGLU on OLMo's [x | gate] layout on the CPU, forward and backward: one pass over each row, fp32 math
-// (the vectorisable exp of numerics.h, so the loops compile to SIMD).
+// SwiGLU's activation silu(gate) * up on the CPU, forward and backward (OLMo's fused [up | gate] projection is
+// the two halves of one row): one pass over each row, fp32 math with the vectorisable exp of numerics.h.
 #include "loops.h"
 
 namespace olmo_fast {
@@ -7,30 +7,28 @@ namespace cpu {
 namespace {
 
 template <class T>
-void swiglu_fwd_rows(const olmo_fast_swiglu_fwd_args& a, int64_t row_begin, int64_t row_end) {
-  const int64_t n = a.hidden;
+void silu_mul_fwd_rows(const olmo_fast_silu_mul_fwd_args& a, int64_t row_begin, int64_t row_end) {
   for (int64_t row = row_begin; row < row_end; ++row) {
-    const T* x = static_cast<const T*>(a.h) + row * a.h_stride;
-    const T* gate = x + n;
-    T* out = static_cast<T*>(a.out) + row * n;
-    for (int64_t i = 0; i < n; ++i) out[i] = from_float<T>(swiglu(to_float(x[i]), to_float(gate[i])));
+    const T* gate = static_cast<const T*>(a.gate) + row * a.gate_stride;
+    const T* up = static_cast<const T*>(a.up) + row * a.up_stride;
+    T* out = static_cast<T*>(a.out) + row * a.out_stride;
+    for (int64_t i = 0; i < a.hidden; ++i) out[i] = from_float<T>(silu_mul(to_float(gate[i]), to_float(up[i])));
   }
 }
 
 template <class T>
-void swiglu_bwd_rows(const olmo_fast_swiglu_bwd_args& a, int64_t row_begin, int64_t row_end) {
-  const int64_t n = a.hidden;
+void silu_mul_bwd_rows(const olmo_fast_silu_mul_bwd_args& a, int64_t row_begin, int64_t row_end) {
   for (int64_t row = row_begin; row < row_end; ++row) {
     const T* dout = static_cast<const T*>(a.dout) + row * a.dout_stride;
-    const T* x = static_cast<const T*>(a.h) + row * a.h_stride;
-    const T* gate = x + n;
-    T* dx = static_cast<T*>(a.dh) + row * 2 * n;
-    T* dgate = dx + n;
-    for (int64_t i = 0; i < n; ++i) {
-      float gx, gg;
-      swiglu_grad(to_float(dout[i]), to_float(x[i]), to_float(gate[i]), &gx, &gg);
-      dx[i] = from_float<T>(gx);
-      dgate[i] = from_float<T>(gg);
+    const T* gate = static_cast<const T*>(a.gate) + row * a.gate_stride;
+    const T* up = static_cast<const T*>(a.up) + row * a.up_stride;
+    T* d_gate = static_cast<T*>(a.d_gate) + row * a.d_gate_stride;
+    T* d_up = static_cast<T*>(a.d_up) + row * a.d_up_stride;
+    for (int64_t i = 0; i < a.hidden; ++i) {
+      float dg, du;
+      silu_mul_grad(to_float(dout[i]), to_float(gate[i]), to_float(up[i]), &dg, &du);
+      d_gate[i] = from_float<T>(dg);
+      d_up[i] = from_float<T>(du);
     }
   }
 }
@@ -41,10 +39,12 @@ void swiglu_bwd_rows(const olmo_fast_swiglu_bwd_args& a, int64_t row_begin, int6
 
 using namespace olmo_fast;
 
-extern "C" void olmo_fast_swiglu_fwd_cpu(const olmo_fast_swiglu_fwd_args* args, int64_t row_begin, int64_t row_end) {
-  cpu::dispatch_dtype(args->dtype, [&](auto tag) { cpu::swiglu_fwd_rows<decltype(tag)>(*args, row_begin, row_end); });
+extern "C" void olmo_fast_silu_mul_fwd_cpu(const olmo_fast_silu_mul_fwd_args* args, int64_t row_begin,
+                                           int64_t row_end) {
+  cpu::dispatch_dtype(args->dtype, [&](auto tag) { cpu::silu_mul_fwd_rows<decltype(tag)>(*args, row_begin, row_end); });
 }
 
-extern "C" void olmo_fast_swiglu_bwd_cpu(const olmo_fast_swiglu_bwd_args* args, int64_t row_begin, int64_t row_end) {
-  cpu::dispatch_dtype(args->dtype, [&](auto tag) { cpu::swiglu_bwd_rows<decltype(tag)>(*args, row_begin, row_end); });
+extern "C" void olmo_fast_silu_mul_bwd_cpu(const olmo_fast_silu_mul_bwd_args* args, int64_t row_begin,
+                                           int64_t row_end) {
+  cpu::dispatch_dtype(args->dtype, [&](auto tag) { cpu::silu_mul_bwd_rows<decltype(tag)>(*args, row_begin, row_end); });
 }

@@ -1,4 +1,5 @@
-// Rotary position embedding (NeoX rotate-half, fp32 angles) on the GPU, forward and inverse (the backward).
+// Rotary position embedding (fp32 angles) on the GPU, forward and inverse (the backward); NeoX rotate-half
+// layout (OLMo's; vectorised) or GPT-J's interleaved pairs (scalar).
 //
 // A block of (tx, ty, tz) threads handles tz tokens; tx threads cover a head's D/2 rotation pairs in vectors
 // (16 bytes of each half when x is contiguous in D and aligned, scalar with any strides otherwise) and compute
@@ -22,6 +23,8 @@ __global__ OF_LAUNCH_BOUNDS void rope_kernel(olmo_fast_rope_args a) {
 
   const int64_t* stride = a.x_strides;
   const int64_t tokens = a.batch * a.seq;
+  const int64_t pair_step = a.interleaved ? 2 : 1;   // pair p: dims (p, p + D/2), or (2p, 2p + 1) interleaved
+  const int64_t second = a.interleaved ? 1 : half;
   for (int64_t token = int64_t(blockIdx.x) * blockDim.z + threadIdx.z; token < tokens;
        token += int64_t(gridDim.x) * blockDim.z) {
     const int64_t b = token / a.seq;
@@ -36,15 +39,16 @@ __global__ OF_LAUNCH_BOUNDS void rope_kernel(olmo_fast_rope_args a) {
         sincosf(float(pos) * inv_freq[p * V + j], &s[j], &c[j]);
         if (a.inverse) s[j] = -s[j];
       }
+      const int64_t d1 = p * V * pair_step;  // the pair's dims: d1 and d1 + second
       for (int64_t head = threadIdx.y; head < a.heads; head += blockDim.y) {
         const T* xh = x + head * stride[2];
         Vec<T, V> lo, hi;
         if constexpr (V > 1) {
-          lo = load_vec<T, V>(xh + p * V);
-          hi = load_vec<T, V>(xh + half + p * V);
+          lo = load_vec<T, V>(xh + d1);
+          hi = load_vec<T, V>(xh + d1 + second);
         } else {
-          lo.v[0] = xh[p * stride[3]];
-          hi.v[0] = xh[(half + p) * stride[3]];
+          lo.v[0] = xh[d1 * stride[3]];
+          hi.v[0] = xh[(d1 + second) * stride[3]];
         }
         Vec<T, V> out_lo, out_hi;
 #pragma unroll
@@ -55,8 +59,8 @@ __global__ OF_LAUNCH_BOUNDS void rope_kernel(olmo_fast_rope_args a) {
           out_hi.v[j] = from_float<T>(x2 * c[j] + x1 * s[j]);
         }
         T* oh = out + head * a.head_dim;
-        store_vec<T, V>(oh + p * V, out_lo);
-        store_vec<T, V>(oh + half + p * V, out_hi);
+        store_vec<T, V>(oh + d1, out_lo);
+        store_vec<T, V>(oh + d1 + second, out_hi);
       }
     }
   }
@@ -76,7 +80,7 @@ extern "C" int olmo_fast_rope_gpu(const olmo_fast_rope_args* args, void* stream)
   return dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
     constexpr int64_t v = 16 / sizeof(T);
-    const bool vec = a.x_strides[3] == 1 && a.x_strides[0] % v == 0 && a.x_strides[1] % v == 0 &&
+    const bool vec = !a.interleaved && a.x_strides[3] == 1 && a.x_strides[0] % v == 0 && a.x_strides[1] % v == 0 &&
                      a.x_strides[2] % v == 0 && half % v == 0 && aligned16(a.x) && aligned16(a.out);
     return dispatch_vec<T>(vec, [&](auto width) {
       constexpr int V = decltype(width)::value;

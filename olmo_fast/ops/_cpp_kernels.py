@@ -37,13 +37,23 @@ def layer_norm_bwd(dy: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor, dh: to
 
 
 def swiglu_fwd(h: torch.Tensor) -> torch.Tensor:
-    """h = [x | gate] [N, 2H] -> silu(gate) * x [N, H]."""
+    """h = [up | gate] [N, 2H] -> silu(gate) * up [N, H]."""
     return _ops.swiglu_fwd(h)
 
 
 def swiglu_bwd(dout: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """-> dh = [dx | dgate] [N, 2H]."""
+    """-> dh = [d_up | d_gate] [N, 2H]."""
     return _ops.swiglu_bwd(dout, h)
+
+
+def silu_mul_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """gate, up [N, H] -> silu(gate) * up [N, H]."""
+    return _ops.silu_mul_fwd(gate, up)
+
+
+def silu_mul_bwd(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (d_gate, d_up) [N, H] each."""
+    return _ops.silu_mul_bwd(dout, gate, up)
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor | None, offset: int, theta: float, inverse: bool) -> torch.Tensor:
@@ -51,8 +61,15 @@ def rope(x: torch.Tensor, positions: torch.Tensor | None, offset: int, theta: fl
     return _ops.rope(x, positions, offset, theta, inverse)
 
 
+def rope_interleaved(x: torch.Tensor, positions: torch.Tensor | None, offset: int, theta: float,
+                     inverse: bool) -> torch.Tensor:
+    """As `rope`, with GPT-J's interleaved pairs (dims 2i, 2i + 1)."""
+    return _ops.rope_interleaved(x, positions, offset, theta, inverse)
+
+
 KERNELS = {"layer_norm_fwd": layer_norm_fwd, "layer_norm_bwd": layer_norm_bwd, "swiglu_fwd": swiglu_fwd,
-           "swiglu_bwd": swiglu_bwd, "rope": rope}
+           "swiglu_bwd": swiglu_bwd, "silu_mul_fwd": silu_mul_fwd, "silu_mul_bwd": silu_mul_bwd, "rope": rope,
+           "rope_interleaved": rope_interleaved}
 for _name, _fn in KERNELS.items():
     register_kernel(_name, "cpp", _fn, DEVICES)
 
@@ -80,6 +97,21 @@ def _(dout, h):
     return h.new_empty(h.shape)
 
 
+@torch.library.register_fake("olmo_fast_C::silu_mul_fwd")
+def _(gate, up):
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.register_fake("olmo_fast_C::silu_mul_bwd")
+def _(dout, gate, up):
+    return gate.new_empty(gate.shape), gate.new_empty(gate.shape)
+
+
 @torch.library.register_fake("olmo_fast_C::rope")
+def _(x, positions, offset, theta, inverse):
+    return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("olmo_fast_C::rope_interleaved")
 def _(x, positions, offset, theta, inverse):
     return x.new_empty(x.shape)

@@ -48,27 +48,38 @@ typedef struct {
   void* dx; /* [rows, cols] */
 } olmo_fast_layer_norm_bwd_args;
 
-/* out[:, j] = silu(h[:, hidden + j]) * h[:, j] on h = [x | gate] ([rows, 2 * hidden]). */
+/* out = silu(gate) * up over [rows, hidden]. OLMo's fused projection h = [up | gate] ([rows, 2 * hidden]) is
+ * gate = h + hidden, up = h, both with h's row stride. */
 typedef struct {
   olmo_fast_dtype dtype;
   int64_t rows, hidden;
-  const void* h;
-  int64_t h_stride;
-  void* out; /* [rows, hidden] */
-} olmo_fast_swiglu_fwd_args;
+  const void* gate;
+  int64_t gate_stride;
+  const void* up;
+  int64_t up_stride;
+  void* out;
+  int64_t out_stride;
+} olmo_fast_silu_mul_fwd_args;
 
-/* dh = [dout * silu(gate) | dout * x * silu'(gate)] ([rows, 2 * hidden]), the sigmoid recomputed. */
+/* d_gate = dout * up * silu'(gate), d_up = dout * silu(gate), in one pass, the sigmoid recomputed. For the
+ * fused layout, d_up and d_gate are the two halves of one dh [rows, 2 * hidden]. */
 typedef struct {
   olmo_fast_dtype dtype;
   int64_t rows, hidden;
   const void* dout;
   int64_t dout_stride;
-  const void* h;
-  int64_t h_stride;
-  void* dh; /* [rows, 2 * hidden] */
-} olmo_fast_swiglu_bwd_args;
+  const void* gate;
+  int64_t gate_stride;
+  const void* up;
+  int64_t up_stride;
+  void* d_gate;
+  int64_t d_gate_stride;
+  void* d_up;
+  int64_t d_up_stride;
+} olmo_fast_silu_mul_bwd_args;
 
-/* NeoX (rotate-half) rotary embedding of x [batch, seq, heads, head_dim] (any strides) into a contiguous out.
+/* Rotary embedding of x [batch, seq, heads, head_dim] (any strides) into a contiguous out. Pair i is dims
+ * (i, i + head_dim / 2) in NeoX's rotate-half layout (OLMo's), or (2i, 2i + 1) when interleaved (GPT-J's).
  * Token (b, t) sits at position positions[b * positions_batch_stride + t], or offset + t when positions is NULL
  * (positions_batch_stride 0 shares one [seq] row between sequences). Angles pos * theta^(-2i/D) in fp32;
  * inverse != 0 rotates by the negated angle (the backward). A "row" of the CPU loop is one token b * seq + t. */
@@ -83,19 +94,20 @@ typedef struct {
   int64_t offset;
   float theta;
   int inverse;
+  int interleaved;
 } olmo_fast_rope_args;
 
 int olmo_fast_layer_norm_fwd_gpu(const olmo_fast_layer_norm_fwd_args* args, void* stream);
 int olmo_fast_layer_norm_bwd_gpu(const olmo_fast_layer_norm_bwd_args* args, void* stream);
-int olmo_fast_swiglu_fwd_gpu(const olmo_fast_swiglu_fwd_args* args, void* stream);
-int olmo_fast_swiglu_bwd_gpu(const olmo_fast_swiglu_bwd_args* args, void* stream);
+int olmo_fast_silu_mul_fwd_gpu(const olmo_fast_silu_mul_fwd_args* args, void* stream);
+int olmo_fast_silu_mul_bwd_gpu(const olmo_fast_silu_mul_bwd_args* args, void* stream);
 int olmo_fast_rope_gpu(const olmo_fast_rope_args* args, void* stream);
 const char* olmo_fast_gpu_error_string(int error);
 
 void olmo_fast_layer_norm_fwd_cpu(const olmo_fast_layer_norm_fwd_args* args, int64_t row_begin, int64_t row_end);
 void olmo_fast_layer_norm_bwd_cpu(const olmo_fast_layer_norm_bwd_args* args, int64_t row_begin, int64_t row_end);
-void olmo_fast_swiglu_fwd_cpu(const olmo_fast_swiglu_fwd_args* args, int64_t row_begin, int64_t row_end);
-void olmo_fast_swiglu_bwd_cpu(const olmo_fast_swiglu_bwd_args* args, int64_t row_begin, int64_t row_end);
+void olmo_fast_silu_mul_fwd_cpu(const olmo_fast_silu_mul_fwd_args* args, int64_t row_begin, int64_t row_end);
+void olmo_fast_silu_mul_bwd_cpu(const olmo_fast_silu_mul_bwd_args* args, int64_t row_begin, int64_t row_end);
 void olmo_fast_rope_cpu(const olmo_fast_rope_args* args, int64_t token_begin, int64_t token_end);
 
 #ifdef __cplusplus

@@ -123,14 +123,14 @@ OF_HD float exp_f32(float x) {
 
 OF_HD float sigmoid(float g) { return 1.0f / (1.0f + exp_f32(-g)); }
 
-// SwiGLU on OLMo's [x | gate] layout: out = silu(gate) * x.
-OF_HD float swiglu(float x, float gate) { return gate / (1.0f + exp_f32(-gate)) * x; }
+// SwiGLU's activation: silu(gate) * up (OLMo's fused projection is [up | gate]).
+OF_HD float silu_mul(float gate, float up) { return gate / (1.0f + exp_f32(-gate)) * up; }
 
-// Its gradients from dout, one pass: dx = dout * silu(gate), dgate = dout * x * silu'(gate).
-OF_HD void swiglu_grad(float dout, float x, float gate, float* dx, float* dgate) {
+// Its gradients from dout, one pass: d_gate = dout * up * silu'(gate), d_up = dout * silu(gate).
+OF_HD void silu_mul_grad(float dout, float gate, float up, float* d_gate, float* d_up) {
   const float s = sigmoid(gate);
-  *dx = dout * gate * s;
-  *dgate = dout * x * s * (1.0f + gate * (1.0f - s));
+  *d_gate = dout * up * s * (1.0f + gate * (1.0f - s));
+  *d_up = dout * gate * s;
 }
 
 // RoPE inverse frequency of pair i of a head of dim D, as the reference computes it in fp32:
