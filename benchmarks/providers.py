@@ -3,7 +3,8 @@ code, and the libraries a user would pick instead (Liger-Kernel, PyTorch SDPA's 
 
 A provider's `build(case)` returns an `Impl` or raises `Unavailable` (with the reason: "not installed",
 "CUDA only", ...). Third-party kernels get their own preferred layout, converted outside the timed region
-(`Impl.prepare`), and their output is turned back into ours (`Impl.post`) only for the correctness check.
+(`Impl.prepare`), and their output and input gradients are turned back into ours (`Impl.post`,
+`Impl.grad_post`) only for the correctness check.
 Where a library computes a nearby function (Liger's affine LayerNorm), the note says what differs.
 """
 from __future__ import annotations
@@ -36,6 +37,7 @@ class Impl:
     prepare: Callable[..., tuple] | None = None  # canonical inputs -> fn's arguments (untimed)
     grad_idx: tuple[int, ...] | None = None  # which of fn's arguments the backward differentiates (None: the op's)
     post: Callable[[Any], Any] | None = None  # fn's output -> canonical output (for the check only)
+    grad_post: Callable[[list], list] | None = None  # gradients of fn's grad_idx args -> of the op's inputs
     note: str = ""
 
 
@@ -150,8 +152,13 @@ def _liger_swiglu(case: Case, device: torch.device) -> Impl:
         return gate.contiguous(), x.contiguous()
 
     return Impl(lambda gate, x: liger_swiglu(gate, x), prepare, (0, 1),
+                grad_post=lambda grads: [torch.cat((grads[1], grads[0]), dim=-1)],  # [dx | dgate]
                 note="silu(gate) * up on separate contiguous gate/up tensors: its kernel assumes contiguous "
                      "rows, so it cannot read OLMo's fused [x | gate] in place")
+
+
+def _untranspose(grads: list) -> list:
+    return [g.transpose(1, 2) for g in grads]
 
 
 def _rope_table(t: int, d: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,7 +178,7 @@ def _liger_rope(case: Case, device: torch.device) -> Impl:
         return q.transpose(1, 2), k.transpose(1, 2), cos, sin  # HF's [B, H, T, D] view of [B, T, H, D] memory
 
     return Impl(lambda q, k, cos, sin: liger_rope(q, k, cos, sin), prepare, (0, 1),
-                post=lambda out: (out[0].transpose(1, 2), out[1].transpose(1, 2)),
+                post=lambda out: (out[0].transpose(1, 2), out[1].transpose(1, 2)), grad_post=_untranspose,
                 note="HF-style fp32 cos/sin table built outside the timing; rotates q and k in place")
 
 
@@ -196,7 +203,8 @@ def _sdpa(backend_name: str) -> Callable[[Case, torch.device], Impl]:
                 return tuple(t.transpose(1, 2).contiguous() for t in (q, k, v))
 
             note = "native [B, H, T, D] layout" + ("; clamp of q, k, v as separate ops" if clip is not None else "")
-            return Impl(fn, prepare, (0, 1, 2), post=lambda out: out.transpose(1, 2), note=note)
+            return Impl(fn, prepare, (0, 1, 2), post=lambda out: out.transpose(1, 2), grad_post=_untranspose,
+                        note=note)
 
         def fn(q, k, v):
             with sdpa_kernel(backend):

@@ -96,17 +96,21 @@ def check_error(out: list[torch.Tensor], ref: list[torch.Tensor]) -> float:
     return worst
 
 
+def _args(impl: Impl, case: Case, inputs: tuple, grad: bool) -> tuple[list, list[torch.Tensor]]:
+    """The provider's arguments made from our inputs, and (with `grad`, as fresh leaves) the ones its backward
+    differentiates."""
+    args = list(impl.prepare(*inputs) if impl.prepare else inputs)
+    idx = impl.grad_idx if impl.grad_idx is not None else differentiable(case.op, case.params)
+    if grad:
+        for j in idx:
+            args[j] = args[j].detach().requires_grad_(True)
+    return args, [args[j] for j in idx]
+
+
 def _runner(impl: Impl, case: Case, sets: list[tuple], mode: str) -> Callable[[int], Any]:
     """`run(i)`: one `mode` call on input set i (graphs for `bwd` are built here, untimed)."""
     n_out = _n_outputs(case)
-    staged = []
-    for inputs in sets:
-        args = list(impl.prepare(*inputs) if impl.prepare else inputs)
-        idx = impl.grad_idx if impl.grad_idx is not None else differentiable(case.op, case.params)
-        if mode != "fwd":
-            for j in idx:
-                args[j] = args[j].detach().requires_grad_(True)
-        staged.append((args, [args[j] for j in idx]))
+    staged = [_args(impl, case, inputs, mode != "fwd") for inputs in sets]
     fn = impl.fn
     if mode == "fwd":
         def run(i):
@@ -172,6 +176,14 @@ class Suite:
         n_out = _n_outputs(case)
         with torch.no_grad():
             reference = _flat(op_fn(case, "torch")(*sets[0]), n_out)
+        grads = None  # (grad outputs, eager's input gradients) for the backward check
+        if any(m != "fwd" for m in case_modes):
+            diff = differentiable(case.op, case.params)
+            leaves = [t.clone().requires_grad_(i in diff) for i, t in enumerate(sets[0])]
+            outs = _flat(op_fn(case, "torch")(*leaves), n_out)
+            grad_outs = [torch.randn_like(o) for o in outs]
+            grads = grad_outs, list(torch.autograd.grad(outs, [leaves[i] for i in diff], grad_outs))
+            del leaves, outs
         for provider in registry()[case.op]:
             why_not = self.selected(provider.name)
             if why_not is None and self.deadline is not None and time.monotonic() > self.deadline:
@@ -180,30 +192,51 @@ class Suite:
                 for mode in case_modes:
                     self.row(case, mode, provider.name, "skipped", why_not)
                 continue
-            self._run_provider(case, provider, case_modes, sets, reference, n_out)
-        del sets, reference
+            self._run_provider(case, provider, case_modes, sets, reference, grads, n_out)
+        del sets, reference, grads
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _run_provider(self, case, provider, case_modes, sets, reference, n_out) -> None:
+    def _outputs(self, impl: Impl, case: Case, inputs: tuple, n_out: int, grad: bool):
+        """The provider's outputs in our layout, on fresh copies of `inputs`; with `grad`, also its argument
+        leaves (the ones the backward differentiates)."""
+        args, leaves = _args(impl, case, tuple(t.clone() for t in inputs), grad)
+        with torch.set_grad_enabled(grad):
+            out = impl.fn(*args)
+        return _flat(impl.post(out) if impl.post else out, n_out), leaves
+
+    def _grad_error(self, impl: Impl, case: Case, inputs: tuple, n_out: int, grads) -> float:
+        """Error of the provider's input gradients (for eager's random output gradients) against eager's."""
+        grad_outs, reference = grads
+        outs, leaves = self._outputs(impl, case, inputs, n_out, grad=True)
+        got = list(torch.autograd.grad(outs, leaves, grad_outs))
+        return check_error(impl.grad_post(got) if impl.grad_post else got, reference)
+
+    def _run_provider(self, case, provider, case_modes, sets, reference, grads, n_out) -> None:
         try:
             impl = provider.build(case, self.device)
-            args = impl.prepare(*(t.clone() for t in sets[0])) if impl.prepare else tuple(t.clone() for t in sets[0])
             with torch.no_grad():
-                out = impl.fn(*args)
-            out = _flat(impl.post(out) if impl.post else out, n_out)
-            err = check_error(out, reference)
-            del out, args
+                err = check_error(self._outputs(impl, case, sets[0], n_out, grad=False)[0], reference)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a row, the run goes on
             status, reason = _status(exc)
             for mode in case_modes:
                 self.row(case, mode, provider.name, status, reason)
             self.log(f"  {case.op:<16} {case.label:<28} {provider.name:<15} {status}: {reason}")
             return
-        check = "ok" if err <= CHECK_TOL[self.dtype] else "MISMATCH"
-        for mode in case_modes:
+        grad_err = None
+        if grads is not None:
             try:
-                self._time(case, provider.name, impl, mode, sets, err, check)
+                grad_err = self._grad_error(impl, case, sets[0], n_out, grads)
+            except Exception:  # noqa: BLE001 - the backward's own failure is recorded by its timed rows
+                pass
+        tol = CHECK_TOL[self.dtype]
+        for mode in case_modes:
+            worst = err if mode == "fwd" or grad_err is None else max(err, grad_err)
+            check = "ok" if worst <= tol else "MISMATCH"  # nan fails too
+            if mode != "fwd" and grad_err is None:
+                check += " (forward only)"
+            try:
+                self._time(case, provider.name, impl, mode, sets, worst, check)
             except Exception as exc:  # noqa: BLE001
                 status, reason = _status(exc)
                 self.row(case, mode, provider.name, status, reason, note=impl.note)

@@ -219,3 +219,34 @@ def test_decode_throughput_bench_beside_hf(tmp_path):
         assert rec["tokens_per_s"] == pytest.approx(rec["batch"] / (rec["ms_per_token"] * 1e-3))
     ours = [r for r in results["records"] if r["provider"] == "olmo-fast"]
     assert all(r["pct_copy_bw"] == pytest.approx(100 * r["achieved_gb_s"] / results["copy_gbps"]) for r in ours)
+
+
+class _WrongBackward(torch.autograd.Function):
+    """SwiGLU's forward with a backward that forgets the gate's gradient: what the check must catch."""
+
+    @staticmethod
+    def forward(ctx, h):
+        ctx.save_for_backward(h)
+        x, gate = h.chunk(2, dim=-1)
+        return torch.nn.functional.silu(gate) * x
+
+    @staticmethod
+    def backward(ctx, dout):
+        (h,) = ctx.saved_tensors
+        x, gate = h.chunk(2, dim=-1)
+        return torch.cat((dout * torch.nn.functional.silu(gate), torch.zeros_like(gate)), dim=-1)
+
+
+def test_check_compares_forward_and_input_gradients(monkeypatch):
+    from olmo_fast.benchmarks import providers
+
+    wrong = providers.Provider("wrong-bwd", lambda case, device: providers.Impl(_WrongBackward.apply))
+    swapped = providers.Provider("wrong-fwd", lambda case, device: providers.Impl(
+        lambda h: torch.nn.functional.silu(h.chunk(2, -1)[0]) * h.chunk(2, -1)[1]))  # [gate | x]: another function
+    monkeypatch.setattr(suite, "registry", lambda: {"swiglu": [wrong, swapped]})
+    results = suite.run(["swiglu"], "cpu-small", list(roofline.MODES), "fp32", torch.device("cpu"),
+                        warmup_ms=0, rep_ms=0, log=lambda *a: None)
+    check = {(r["provider"], r["mode"]): r["check"] for r in results["rows"]}
+    assert check == {("wrong-bwd", "fwd"): "ok", ("wrong-bwd", "bwd"): "MISMATCH",
+                     ("wrong-bwd", "fwd+bwd"): "MISMATCH", ("wrong-fwd", "fwd"): "MISMATCH",
+                     ("wrong-fwd", "bwd"): "MISMATCH", ("wrong-fwd", "fwd+bwd"): "MISMATCH"}
