@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._launch import MAX_THREADS, warp_size
+from ._launch import INTERPRETED, MAX_THREADS, warp_size
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -55,9 +55,15 @@ def load_tile(ptr, offs_t, offs_d, stride_t, T, HEAD_DIM: tl.constexpr):
 
 @triton.jit
 def clamp(x, clip, HAS_CLIP: tl.constexpr):
-    """c(x) in x's dtype (exact: the result is x or the clip value, which the host rounds to x's dtype)."""
+    """c(x) in x's own dtype (exact: the host rounds the clip value to it; NaN stays NaN, as in torch.clamp).
+    Native 16-bit min/max keep the tile in half the registers of an fp32 round trip (the dK/dV kernel clamps a
+    query tile per step); the interpreter, whose bf16 compares are wrong, goes through fp32."""
     if HAS_CLIP:
-        x = tl.minimum(tl.maximum(x.to(tl.float32), -clip), clip).to(x.dtype)
+        if INTERPRETED:
+            x = tl.minimum(tl.maximum(x.to(tl.float32), -clip, tl.PropagateNan.ALL), clip, tl.PropagateNan.ALL).to(x.dtype)
+        else:
+            c = clip.to(x.dtype)
+            x = tl.minimum(tl.maximum(x, -c, tl.PropagateNan.ALL), c, tl.PropagateNan.ALL)
     return x
 
 
@@ -117,8 +123,11 @@ def attend_blocks(acc, m_i, l_i, q, K, V, stride_kt, stride_vt, offs_d, limit, l
 
 
 # ---------------------------------------------------------------------------------------------- forward
-_FWD_CONFIGS = configs([(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3),
-                        (64, 32, 4, 4), (128, 64, 8, 4), (64, 128, 4, 3)], interpret=(32, 16))
+# Configs: ptxas (sm_90, bf16, D=128, clip + causal) reports no register spills for the 8-warp forward ones,
+# (64, 64, 8, 3) dQ, and at most ~140 spilled bytes for the 8-warp dK/dV ones with BLOCK_N = 64; 4-warp variants
+# with 128-row tiles spill there (kept where they suit D=64). The GPU autotuner picks among them.
+_FWD_CONFIGS = configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (64, 32, 4, 4),
+                        (128, 64, 4, 3)], interpret=(32, 16))
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_CLIP", "DOT_PRECISION"])
@@ -195,8 +204,8 @@ def _dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, sqt, sdt, offs_n, offs_d, lo, 
     return dk, dv
 
 
-_DKDV_CONFIGS = configs([(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4), (64, 64, 4, 3), (64, 128, 4, 2),
-                         (16, 128, 4, 4)], interpret=(16, 32))
+_DKDV_CONFIGS = configs([(32, 64, 8, 3), (16, 64, 8, 3), (32, 32, 4, 3), (64, 64, 8, 3), (32, 64, 8, 2),
+                         (32, 128, 8, 3)], interpret=(16, 32))
 
 
 @triton.autotune(configs=_DKDV_CONFIGS, key=["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_CLIP", "DOT_PRECISION"])
@@ -212,9 +221,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
     b, kh = bkh // Hkv, bkh % Hkv
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
-    k_raw = load_tile(K + b * skb + kh * skh, offs_n, offs_d, skt, Tk, HEAD_DIM)
-    v_raw = load_tile(V + b * svb + kh * svh, offs_n, offs_d, svt, Tk, HEAD_DIM)
-    k, v = clamp(k_raw, clip, HAS_CLIP), clamp(v_raw, clip, HAS_CLIP)
+    K += b * skb + kh * skh
+    V += b * svb + kh * svh
+    k = clamp(load_tile(K, offs_n, offs_d, skt, Tk, HEAD_DIM), clip, HAS_CLIP)
+    v = clamp(load_tile(V, offs_n, offs_d, svt, Tk, HEAD_DIM), clip, HAS_CLIP)
 
     # Query rows [m_lo, m_full) see part of this key block (masked); rows >= m_full see all of it.
     if CAUSAL:
@@ -236,8 +246,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
         dk, dv = _dkdv_blocks(dk, dv, k, v, Qh, DOh, LSE + row, DELTA + row, sqt, sdt, offs_n, offs_d, m_full, Tq,
                               Tq, Tk, clip, qk_scale, HAS_CLIP, CAUSAL, False, HEAD_DIM, BLOCK_M, DOT_PRECISION)
 
-    dk = clamp_grad(dk * scale, k_raw, clip, HAS_CLIP)
-    dv = clamp_grad(dv, v_raw, clip, HAS_CLIP)
+    # The raw k, v are loaded again for the clamp's gradient rather than kept in registers across the loop.
+    if HAS_CLIP:
+        dk = clamp_grad(dk, load_tile(K, offs_n, offs_d, skt, Tk, HEAD_DIM), clip, HAS_CLIP)
+        dv = clamp_grad(dv, load_tile(V, offs_n, offs_d, svt, Tk, HEAD_DIM), clip, HAS_CLIP)
+    dk *= scale
     mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < HEAD_DIM)
     tl.store(DK + b * sdkb + kh * sdkh + offs_n[:, None] * sdkt + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=mask)
     tl.store(DV + b * sdvb + kh * sdvh + offs_n[:, None] * sdvt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=mask)
@@ -262,7 +275,7 @@ def _dq_blocks(dq, q, do, lse, delta, K, V, skt, svt, offs_m, offs_d, limit, lo,
     return dq
 
 
-_DQ_CONFIGS = configs([(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 64, 4, 2), (64, 32, 4, 4)],
+_DQ_CONFIGS = configs([(64, 64, 8, 3), (64, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3)],
                       interpret=(32, 16))
 
 
@@ -279,8 +292,8 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
     kh = h // GROUP
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q_raw = load_tile(Q + b * sqb + h * sqh, offs_m, offs_d, sqt, Tq, HEAD_DIM)
-    q = clamp(q_raw, clip, HAS_CLIP)
+    Q += b * sqb + h * sqh
+    q = clamp(load_tile(Q, offs_m, offs_d, sqt, Tq, HEAD_DIM), clip, HAS_CLIP)
     do = load_tile(DO + b * sdb + h * sdh, offs_m, offs_d, sdt, Tq, HEAD_DIM)
     row_ok = offs_m < Tq
     lse = tl.load(LSE + bh * Tq + offs_m, mask=row_ok, other=float("inf"))
@@ -295,7 +308,9 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
                     HAS_CLIP, False, HEAD_DIM, BLOCK_N, DOT_PRECISION)
     dq = _dq_blocks(dq, q, do, lse, delta, K, V, skt, svt, offs_m, offs_d, limit, n_full, n_end, clip, qk_scale,
                     HAS_CLIP, True, HEAD_DIM, BLOCK_N, DOT_PRECISION)
-    dq = clamp_grad(dq * scale, q_raw, clip, HAS_CLIP)
+    if HAS_CLIP:  # raw q loaded again rather than kept in registers across the loop
+        dq = clamp_grad(dq, load_tile(Q, offs_m, offs_d, sqt, Tq, HEAD_DIM), clip, HAS_CLIP)
+    dq *= scale
     dq_ptrs = DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqt + offs_d[None, :]
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
 
