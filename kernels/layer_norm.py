@@ -106,6 +106,15 @@ def _bwd_terms(DY, S, W, cols, mask, mean, rstd, FROM_INPUT: tl.constexpr, HAS_W
 
 
 @triton.jit
+def _store_dx(DX, DH, g, xhat, c_xhat, c_mean, rstd, cols, mask, HAS_DH: tl.constexpr):
+    """dx = rstd * (g - xhat * mean(g * xhat) - mean(g)) (+ dh) of one chunk of a row."""
+    dx = (g - xhat * c_xhat - c_mean) * rstd
+    if HAS_DH:
+        dx += tl.load(DH + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(DX + cols, to_dtype(dx, DX.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _norm_bwd_kernel(DY, S, W, MEAN, RSTD, DH, DX, DW, DB, stride_dy, stride_s, stride_dh, N, C,
                      FROM_INPUT: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                      HAS_DH: tl.constexpr, IS_RMS: tl.constexpr, BLOCK: tl.constexpr, SINGLE_PASS: tl.constexpr):
@@ -144,19 +153,16 @@ def _norm_bwd_kernel(DY, S, W, MEAN, RSTD, DH, DX, DW, DB, stride_dy, stride_s, 
                 c_mean += tl.sum(g, axis=0)
             c_xhat = c_xhat / C
             c_mean = 0.0 if IS_RMS else c_mean / C
-        for start in range(0, C, BLOCK):  # one iteration when SINGLE_PASS (terms still in registers)
-            mask = start + cols < C
-            if not SINGLE_PASS:
+        if SINGLE_PASS:  # the terms are still in registers
+            _store_dx(dx_row, dh_row, g, xhat, c_xhat, c_mean, rstd, cols, mask, HAS_DH)
+            dw_acc += dy * xhat
+            db_acc += dy
+        else:
+            for start in range(0, C, BLOCK):
+                mask = start + cols < C
                 dy, g, xhat = _bwd_terms(dy_row + start, s_row + start, W + start, cols, mask, mean, rstd,
                                          FROM_INPUT, HAS_WEIGHT)
-            dx = (g - xhat * c_xhat - c_mean) * rstd
-            if HAS_DH:
-                dx += tl.load(dh_row + start + cols, mask=mask, other=0.0).to(tl.float32)
-            tl.store(dx_row + start + cols, to_dtype(dx, DX.dtype.element_ty), mask=mask)
-            if SINGLE_PASS:
-                dw_acc += dy * xhat
-                db_acc += dy
-            else:
+                _store_dx(dx_row + start, dh_row + start, g, xhat, c_xhat, c_mean, rstd, cols, mask, HAS_DH)
                 if HAS_WEIGHT:
                     tl.store(DW + start + cols, tl.load(DW + start + cols, mask=mask) + dy * xhat, mask=mask)
                 if HAS_BIAS:
