@@ -167,3 +167,13 @@ def test_builtin_corpus_is_real_olmo_tokenized_text(tmp_path):
     text = load_tokenizer().decode(ids[:200].tolist())
     assert "Question:" in text or "Answer:" in text
     assert corpus.build(tmp_path) == (train, val)  # cached
+
+
+def test_train_rejects_bad_data_before_training(tmp_path, capsys):
+    from olmo_fast.cli import main
+
+    np.arange(40, dtype=np.uint16).tofile(tmp_path / "short.npy")
+    run = tmp_path / "run"
+    assert main(["train", f"--data.paths=[{tmp_path / 'short.npy'}]", "--model=test", f"--save_folder={run}"]) == 2
+    assert "short.npy holds 40 tokens, fewer than one instance of 64" in capsys.readouterr().err
+    assert not run.exists()  # nothing was written: the check came before any training

@@ -123,9 +123,7 @@ class Trainer:
             if has_checkpoints and not (cfg.try_load_latest_save or cfg.save_overwrite):
                 raise ConfigError(f"save_folder {folder} already holds checkpoints: pass --resume to continue "
                                   f"the run, or --save_overwrite to start over there")
-            folder.mkdir(parents=True, exist_ok=True)
-        self.dist.barrier()
-        return folder
+        return folder  # made by fit(), once the data and the model have passed their checks
 
     def _model_config(self, load_from: Path | None) -> ModelConfig:
         if self.cfg.model is not None or load_from is None:
@@ -274,6 +272,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         cfg, main = self.cfg, self.dist.main
         if main:
+            self.save_folder.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.save_folder / "config.yaml")
             n = self.model_config.num_params()
             self.log(f"model: {n / 1e6:.1f}M parameters, context {self.seq_len}; device {self.device}, "
