@@ -13,6 +13,8 @@
 #include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/library.h>
 
+#include <atomic>
+#include <limits>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -48,6 +50,17 @@ void check_like(const Tensor& t, const Tensor& ref, at::IntArrayRef sizes, const
               t.scalar_type(), " but ", ref_name, " has ", ref.scalar_type());
   TORCH_CHECK(t.sizes() == sizes, "olmo_fast_C::", op, ": ", name, " must have shape ", sizes, ", got ", t.sizes());
 }
+
+// Test hook (olmo_fast_C::poison_outputs): outputs start as NaN, so an element a kernel never writes shows.
+std::atomic<bool> poison{false};
+
+Tensor output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  Tensor t = at::empty(sizes, options);
+  if (poison.load(std::memory_order_relaxed)) t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
+}
+
+void poison_outputs(bool on) { poison.store(on); }
 
 // Runs `args` on the device of `like`: CPU loops over [0, rows) in chunks of about 32K elements, or the GPU
 // launcher on the current stream.
@@ -90,13 +103,13 @@ std::tuple<Tensor, std::optional<Tensor>, Tensor> layer_norm_fwd(const Tensor& x
   if (residual_in.has_value()) {
     residual = rows_of(*residual_in, op, "residual");
     check_like(residual, x, x.sizes(), op, "residual", "x");
-    h = at::empty({rows, cols}, x.options());
+    h = output({rows, cols}, x.options());
     args.residual = residual.data_ptr();
     args.residual_stride = residual.stride(0);
     args.h = h.data_ptr();
   }
-  Tensor y = at::empty({rows, cols}, x.options());
-  Tensor rstd = at::empty({rows}, x.options().dtype(at::kFloat));
+  Tensor y = output({rows, cols}, x.options());
+  Tensor rstd = output({rows}, x.options().dtype(at::kFloat));
   args.y = y.data_ptr();
   args.rstd = rstd.data_ptr<float>();
   run(op, x, args, rows, cols, olmo_fast_layer_norm_fwd_cpu, olmo_fast_layer_norm_fwd_gpu);
@@ -131,7 +144,7 @@ Tensor layer_norm_bwd(const Tensor& dy_in, const Tensor& y_in, const Tensor& rst
     args.dh = dh.data_ptr();
     args.dh_stride = dh.stride(0);
   }
-  Tensor dx = at::empty({rows, cols}, dy.options());
+  Tensor dx = output({rows, cols}, dy.options());
   args.dx = dx.data_ptr();
   run(op, dy, args, rows, cols, olmo_fast_layer_norm_bwd_cpu, olmo_fast_layer_norm_bwd_gpu);
   return dx;
@@ -144,10 +157,11 @@ Tensor silu_mul_fwd(const Tensor& gate_in, const Tensor& up_in) {
   const char* op = "silu_mul_fwd";
   const Tensor gate = rows_of(gate_in, op, "gate");
   const Tensor up = rows_of(up_in, op, "up");
+  const olmo_fast_dtype dtype = kernel_dtype(gate, op, "gate");
   check_like(up, gate, gate.sizes(), op, "up", "gate");
   const int64_t rows = gate.size(0), hidden = gate.size(1);
-  Tensor out = at::empty({rows, hidden}, gate.options());
-  const olmo_fast_silu_mul_fwd_args args{kernel_dtype(gate, op, "gate"), rows, hidden, gate.data_ptr(), gate.stride(0),
+  Tensor out = output({rows, hidden}, gate.options());
+  const olmo_fast_silu_mul_fwd_args args{dtype, rows, hidden, gate.data_ptr(), gate.stride(0),
                                          up.data_ptr(), up.stride(0), out.data_ptr(), hidden};
   run(op, gate, args, rows, 2 * hidden, olmo_fast_silu_mul_fwd_cpu, olmo_fast_silu_mul_fwd_gpu);
   return out;
@@ -160,10 +174,11 @@ std::tuple<Tensor, Tensor> silu_mul_bwd(const Tensor& dout_in, const Tensor& gat
   const Tensor dout = rows_of(dout_in, op, "dout");
   check_like(up, gate, gate.sizes(), op, "up", "gate");
   check_like(dout, gate, gate.sizes(), op, "dout", "gate");
+  const olmo_fast_dtype dtype = kernel_dtype(gate, op, "gate");
   const int64_t rows = gate.size(0), hidden = gate.size(1);
-  Tensor d_gate = at::empty({rows, hidden}, gate.options());
-  Tensor d_up = at::empty({rows, hidden}, gate.options());
-  const olmo_fast_silu_mul_bwd_args args{kernel_dtype(gate, op, "gate"), rows, hidden, dout.data_ptr(), dout.stride(0),
+  Tensor d_gate = output({rows, hidden}, gate.options());
+  Tensor d_up = output({rows, hidden}, gate.options());
+  const olmo_fast_silu_mul_bwd_args args{dtype, rows, hidden, dout.data_ptr(), dout.stride(0),
                                          gate.data_ptr(), gate.stride(0), up.data_ptr(), up.stride(0),
                                          d_gate.data_ptr(), hidden, d_up.data_ptr(), hidden};
   run(op, gate, args, rows, 3 * hidden, olmo_fast_silu_mul_bwd_cpu, olmo_fast_silu_mul_bwd_gpu);
@@ -180,9 +195,10 @@ int64_t fused_hidden(const Tensor& h, const char* op) {
 Tensor swiglu_fwd(const Tensor& h_in) {
   const char* op = "swiglu_fwd";
   const Tensor h = rows_of(h_in, op, "h");
+  const olmo_fast_dtype dtype = kernel_dtype(h, op, "h");
   const int64_t rows = h.size(0), hidden = fused_hidden(h, op);
-  Tensor out = at::empty({rows, hidden}, h.options());
-  const olmo_fast_silu_mul_fwd_args args{kernel_dtype(h, op, "h"), rows, hidden, column(h, hidden), h.stride(0),
+  Tensor out = output({rows, hidden}, h.options());
+  const olmo_fast_silu_mul_fwd_args args{dtype, rows, hidden, column(h, hidden), h.stride(0),
                                          h.data_ptr(), h.stride(0), out.data_ptr(), hidden};
   run(op, h, args, rows, 2 * hidden, olmo_fast_silu_mul_fwd_cpu, olmo_fast_silu_mul_fwd_gpu);
   return out;
@@ -194,8 +210,9 @@ Tensor swiglu_bwd(const Tensor& dout_in, const Tensor& h_in) {
   const int64_t rows = h.size(0), hidden = fused_hidden(h, op);
   const Tensor dout = rows_of(dout_in, op, "dout");
   check_like(dout, h, {rows, hidden}, op, "dout", "h");
-  Tensor dh = at::empty({rows, 2 * hidden}, h.options());
-  const olmo_fast_silu_mul_bwd_args args{kernel_dtype(h, op, "h"), rows, hidden, dout.data_ptr(), dout.stride(0),
+  const olmo_fast_dtype dtype = kernel_dtype(h, op, "h");
+  Tensor dh = output({rows, 2 * hidden}, h.options());
+  const olmo_fast_silu_mul_bwd_args args{dtype, rows, hidden, dout.data_ptr(), dout.stride(0),
                                          column(h, hidden), h.stride(0), h.data_ptr(), h.stride(0),
                                          const_cast<void*>(column(dh, hidden)), 2 * hidden, dh.data_ptr(), 2 * hidden};
   run(op, h, args, rows, 3 * hidden, olmo_fast_silu_mul_bwd_cpu, olmo_fast_silu_mul_bwd_gpu);
@@ -233,7 +250,7 @@ Tensor rotate(const char* op, const Tensor& x, const std::optional<Tensor>& posi
     args.positions = positions.data_ptr<int64_t>();
     args.positions_batch_stride = per_sequence && p.size(0) == batch ? seq : 0;
   }
-  Tensor out = at::empty({batch, seq, heads, head_dim}, x.options());
+  Tensor out = output({batch, seq, heads, head_dim}, x.options());
   args.out = out.data_ptr();
   run(op, x, args, batch * seq, heads * head_dim, olmo_fast_rope_cpu, olmo_fast_rope_gpu);
   return out;
@@ -270,6 +287,7 @@ TORCH_LIBRARY(olmo_fast_C, m) {
   m.def("rope(Tensor x, Tensor? positions, int offset, float theta, bool inverse) -> Tensor");
   m.def("rope_interleaved(Tensor x, Tensor? positions, int offset, float theta, bool inverse) -> Tensor");
   m.def("gpu_runtime() -> str", &gpu_runtime);
+  m.def("poison_outputs(bool on) -> ()", &poison_outputs);
 }
 
 #define OLMO_FAST_IMPLS(m)                     \
