@@ -24,6 +24,13 @@ class Case:
     size: int  # the x axis of the sweep plots: tokens (memory-bound ops), T (attention), cache length (decode)
 
     @property
+    def variant(self) -> str:
+        """What sets this case apart from others of its op at the same size ('+res', 'clip8'): one plot line each."""
+        p = self.params
+        return " ".join(filter(None, ("+res" if p.get("residual") else "",
+                                      f"clip{p['clip']:g}" if p.get("clip") is not None else "")))
+
+    @property
     def label(self) -> str:
         p = self.params
         if self.op == "layer_norm":

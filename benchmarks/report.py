@@ -10,7 +10,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
-COLUMNS = ("op", "shape", "size", "mode", "dtype", "provider", "status", "median_ms", "p20_ms", "p80_ms", "n",
+COLUMNS = ("op", "shape", "size", "variant", "mode", "dtype", "provider", "status", "median_ms", "p20_ms", "p80_ms", "n",
            "bytes", "flops", "gbps", "tflops", "pct_copy_bw", "pct_matmul", "peak_mem_mb", "check", "check_err",
            "reason", "note")
 
@@ -80,6 +80,7 @@ def plot(results: dict, out_dir: str | Path) -> tuple[list[Path], str]:
         if row["status"] == "ok":
             by_op[row["op"]].append(row)
     written, single = [], []
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
     for op, rows in by_op.items():
         if len({r["size"] for r in rows}) < 2:
             single.append(op)
@@ -90,7 +91,7 @@ def plot(results: dict, out_dir: str | Path) -> tuple[list[Path], str]:
             lines: dict[str, list] = defaultdict(list)
             for r in rows:
                 if r["mode"] == mode:
-                    lines[r["provider"]].append((r["size"], r["gbps"] if r.get("gbps") is not None else r["tflops"]))
+                    lines[" ".join(filter(None, (r["provider"], r.get("variant"))))].append((r["size"], r["gbps"] if r.get("gbps") is not None else r["tflops"]))
             for provider, points in sorted(lines.items()):
                 points.sort()
                 ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=provider)
@@ -127,7 +128,10 @@ def write(results: dict, out_dir: str | Path, plots: bool = True, log=print) -> 
     save_json(results, out / "bench.json")
     write_csv(results["rows"], out / "bench.csv")
     if plots:
-        files, note = plot(results, out)
+        try:
+            files, note = plot(results, out)
+        except Exception as err:  # noqa: BLE001 - a plotting problem must not lose the measurements
+            files, note = [], f"plots failed: {type(err).__name__}: {err}"
         log(f"wrote {out / 'bench.json'}, {out / 'bench.csv'}" + "".join(f", {f}" for f in files))
         if note:
             log(note)

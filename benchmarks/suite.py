@@ -161,7 +161,7 @@ class Suite:
         return CPU_DESELECTED.get(name) if self.device.type == "cpu" else None
 
     def row(self, case: Case, mode: str, provider: str, status: str, reason: str = "", **extra) -> dict:
-        row = {"op": case.op, "shape": case.label, "size": case.size, "mode": mode,
+        row = {"op": case.op, "shape": case.label, "size": case.size, "variant": case.variant, "mode": mode,
                "dtype": str(self.dtype).removeprefix("torch."), "provider": provider, "status": status,
                "reason": reason, **extra}
         self.rows.append(row)

@@ -175,6 +175,10 @@ def test_plots_or_reason(cpu_run, tmp_path):
         assert files == [] and "matplotlib is not installed" in note
     else:  # cpu-small has one size per op: no sweep to plot, and the note says so
         assert files == [] and "no plot for" in note and "attention" in note
+        for r in [r for r in data["rows"] if r["op"] == "swiglu" and r["status"] == "ok"]:
+            data["rows"].append({**r, "size": 2 * r["size"], "shape": r["shape"] + " (2x)"})
+        files, note = report.plot(data, tmp_path / "sweep")
+        assert [f.name for f in files] == ["plot-swiglu.png"] and files[0].stat().st_size > 1000
 
 
 def test_interpreted_triton_kernel_is_checked_and_timed():
