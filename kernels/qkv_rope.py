@@ -102,7 +102,7 @@ def qkv_rope_fwd(qkv: torch.Tensor, n_heads: int, n_kv_heads: int, clip: float |
     """qkv `[B, T, (Hq + 2 Hkv) D]` (unit last stride) -> (q `[B, T, Hq, D]`, k, v `[B, T, Hkv, D]`), contiguous."""
     B, T, width = qkv.shape
     D = width // (n_heads + 2 * n_kv_heads)
-    pos, stride_pb = position_args(positions, B, T)
+    pos, stride_pb = position_args(positions, T, qkv.device)
     block_h, block_half = head_tiles(max(n_heads, n_kv_heads), D // 2)
     q = torch.empty((B, T, n_heads, D), dtype=qkv.dtype, device=qkv.device)
     k = torch.empty((B, T, n_kv_heads, D), dtype=qkv.dtype, device=qkv.device)
@@ -124,7 +124,7 @@ def qkv_rope_bwd(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, qkv: torc
     n_kv_heads = dk.shape[2]
     if clip is not None and qkv is None:
         raise ValueError("qkv_rope_bwd needs the forward's qkv input to apply the clip's gradient")
-    pos, stride_pb = position_args(positions, B, T)
+    pos, stride_pb = position_args(positions, T, dq.device)
     block_h, block_half = head_tiles(max(n_heads, n_kv_heads), D // 2)
     dqkv = torch.empty((B, T, (n_heads + 2 * n_kv_heads) * D), dtype=dq.dtype, device=dq.device)
     src = dqkv if qkv is None else qkv

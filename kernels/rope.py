@@ -88,11 +88,12 @@ def head_tiles(heads: int, half: int) -> tuple[int, int]:
     return min(next_pow2(heads), max(1, MAX_TILE // (2 * block_half))), block_half
 
 
-def position_args(positions: torch.Tensor | None, batch: int, seq: int) -> tuple[torch.Tensor | None, int]:
-    """(positions as int64 on x's device or None, its batch stride: 0 for one `[T]` row shared by all)."""
+def position_args(positions: torch.Tensor | None, seq: int, device: torch.device
+                  ) -> tuple[torch.Tensor | None, int]:
+    """(`[T]` or `[B, T]` positions as int64 on `device`, or None; its batch stride: 0 for one shared row)."""
     if positions is None:
         return None, 0
-    positions = positions.to(torch.int64).contiguous()
+    positions = positions.to(device=device, dtype=torch.int64).contiguous()
     return positions, (seq if positions.dim() == 2 else 0)
 
 
@@ -100,7 +101,7 @@ def _rope(x: torch.Tensor, positions: torch.Tensor | None, offset: int, theta: f
           interleaved: bool) -> torch.Tensor:
     B, T, H, D = x.shape
     out = torch.empty((B, T, H, D), dtype=x.dtype, device=x.device)
-    pos, stride_pb = position_args(positions, B, T)
+    pos, stride_pb = position_args(positions, T, x.device)
     block_h, block_half = head_tiles(H, D // 2)
     if out.numel():
         _rope_kernel[(B * T, triton.cdiv(H, block_h))](
