@@ -18,12 +18,12 @@ from olmo_fast.train.schedule import Schedule
 SEQ = 64  # the "test" preset's context
 
 
-def markov_tokens(n_tokens: int, vocab: int = 250, seed: int = 0) -> tuple[np.ndarray, float, float]:
-    """Tokens of a sparse bigram chain: (tokens, unigram entropy, conditional entropy) in nats."""
-    rng = np.random.default_rng(seed)
-    successors = rng.integers(2, vocab, size=(vocab, 4))
+def markov_tokens(n_tokens: int, vocab: int = 250, seed: int = 0, sample: int = 0) -> tuple[np.ndarray, float, float]:
+    """Tokens of a sparse bigram chain (fixed by `seed`; `sample` draws another text from it):
+    (tokens, unigram entropy, conditional entropy) in nats."""
+    successors = np.random.default_rng(seed).integers(2, vocab, size=(vocab, 4))
     probs = np.array([0.7, 0.1, 0.1, 0.1])
-    choices = rng.choice(4, size=n_tokens, p=probs)
+    choices = np.random.default_rng([seed, sample]).choice(4, size=n_tokens, p=probs)
     out = np.empty(n_tokens, dtype=np.uint16)
     token = 2
     for i in range(n_tokens):
@@ -142,13 +142,20 @@ def test_param_groups_decay_linear_weights_only_by_default():
 def test_loss_falls_well_below_unigram_entropy(tmp_path):
     tokens, unigram, conditional = markov_tokens(64 * 200)
     tokens.tofile(tmp_path / "ids.npy")
-    train(tmp_path / "run", tmp_path / "ids.npy", "--max_duration=40", "--scheduler.t_warmup=4",
-          "--optimizer.learning_rate=2e-2")
+    markov_tokens(64 * 16, sample=1)[0].tofile(tmp_path / "heldout.npy")  # the same chain, another text
+    evaluators = (f"[{{label: heldout, data: {{datasets: {{m: [{tmp_path / 'heldout.npy'}]}}}}}},"
+                  f" {{label: arc_easy, type: downstream}}]")
+    with pytest.warns(UserWarning, match="skipping evaluator 'arc_easy'"):
+        train(tmp_path / "run", tmp_path / "ids.npy", "--max_duration=40", "--scheduler.t_warmup=4",
+              "--optimizer.learning_rate=2e-2", f"--evaluators={evaluators}", "--eval_interval=20")
     losses = step_losses(tmp_path / "run")
     assert losses[1] > unigram  # starts near log(vocab)
     # The chain's next token has entropy 0.94 nats against a unigram entropy of ~5: the model must use context.
     final = np.mean([losses[s] for s in range(36, 41)])
     assert final < 0.6 * unigram, (final, unigram, conditional)
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["eval/heldout/loss"] for r in records if "eval/heldout/loss" in r}
+    assert list(evals) == [20, 40] and evals[40] < evals[20] and evals[40] < 0.6 * unigram  # it generalises
 
 
 def test_interrupted_and_resumed_run_equals_the_uninterrupted_one_bitwise(tmp_path):

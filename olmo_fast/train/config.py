@@ -29,22 +29,29 @@ _OLMO_IGNORED = {
          "distributed_strategy", "ddp", "softmax_auxiliary_loss", "auxiliary_loss_multiplier",
          "extra_steps_after_cancel", "early_stopping_factor", "save_data_indices", "python_profiling",
          "torch_profiling", "stop_after", "hf_datasets_cache_dir", "module_outputs_save_steps"},
-    "data": {"datasets", "pad_direction", "generate_attention_mask", "generate_doc_lengths", "num_workers",
+    "data": {"pad_direction", "generate_attention_mask", "generate_doc_lengths", "num_workers",
              "drop_last", "pin_memory", "prefetch_factor", "persistent_workers", "timeout", "instance_filter"},
     "optimizer": {"no_decay_norm_and_bias", "selective_updates", "metrics_log_interval", "record_update_metrics"},
     "scheduler": set(),
     "fsdp": {"use_orig_params", "sharding_strategy", "wrapping_strategy", "hybrid_sharding_num_model_replicas"},
-    "evaluators": {"type", "device_eval_batch_size"},
+    "evaluators": {"device_eval_batch_size"},
 }
 
 
 @dataclass
 class DataConfig:
     paths: list[str] = field(default_factory=list)  # empty: the built-in corpus (see corpus.py)
+    datasets: dict[str, list[str]] | None = None  # OLMo's named groups of paths: added to `paths`
     label_mask_paths: list[str] | None = None
     memmap_dtype: str = "uint16"  # uint16 | uint32 | uint64
     seed: int | None = None  # data order seed (None: the run's `seed`)
     validate: bool = True  # scan token files for out-of-vocabulary ids before training
+
+    def all_paths(self) -> list[str]:
+        groups = self.datasets or {}
+        if not isinstance(groups, dict) or not all(isinstance(g, list) for g in groups.values()):
+            raise ConfigError(f"data.datasets must map names to lists of paths, got {groups!r}")
+        return list(self.paths) + [str(p) for group in groups.values() for p in group]
 
 
 @dataclass
@@ -73,6 +80,7 @@ class SchedulerConfig:
 @dataclass
 class EvaluatorConfig:
     label: str = "eval"
+    type: str = "lm"  # OLMo's downstream (in-context task) evaluators are skipped with a warning
     data: DataConfig = field(default_factory=DataConfig)
     subset_num_batches: int | None = None  # None: the whole eval set
 
@@ -149,9 +157,9 @@ class TrainConfig:
             (self.fsdp.precision in ("mixed", "pure", "full"), "fsdp.precision must be mixed, pure or full"),
             (self.data.memmap_dtype in ("uint8", "uint16", "uint32", "uint64"),
              f"data.memmap_dtype {self.data.memmap_dtype!r} must be uint8, uint16, uint32 or uint64"),
-            (self.data.label_mask_paths is None or len(self.data.label_mask_paths) == len(self.data.paths),
+            (self.data.label_mask_paths is None or len(self.data.label_mask_paths) == len(self.data.all_paths()),
              f"data.label_mask_paths has {len(self.data.label_mask_paths or [])} files for "
-             f"{len(self.data.paths)} data.paths"),
+             f"{len(self.data.all_paths())} data.paths"),
             (self.console_log_interval > 0, "console_log_interval must be positive"),
             (self.activation_checkpointing in (False, True, None, "whole_layer"),
              f"activation_checkpointing {self.activation_checkpointing!r} must be true/false or whole_layer"),

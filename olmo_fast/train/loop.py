@@ -14,6 +14,7 @@ import json
 import math
 import resource
 import time
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -93,11 +94,13 @@ class Trainer:
             self.model = OLMo(self.model_config, backend=config.backend, init=load_from is None)
         self.model.validate_inputs = False  # the data was checked up front; the check would sync the device
         weights_only = load_from is not None and not state.is_checkpoint(load_from)
-        if weights_only:
-            _, weights = load_state(load_from)
-            check_state(self.model, weights)
-            self.model.load_state_dict(weights)
         self._prepare_model()
+        if weights_only:  # read by rank 0 only, then scattered to the shards
+            weights = {}
+            if self.dist.main:
+                _, weights = load_state(load_from)
+                check_state(self.model, weights)
+            state.load_full_model_state(self.model, weights, self.dist)
         self.optimizer = build_optimizer(self.model, config.optimizer, self.device)
         self.schedule = Schedule(config.scheduler, config.optimizer.learning_rate, config.max_grad_norm)
 
@@ -118,10 +121,9 @@ class Trainer:
         cfg = self.cfg
         stamp = self.dist.broadcast(datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"))
         folder = Path(cfg.save_folder) if cfg.save_folder else Path("runs") / (cfg.run_name or stamp)
-        if self.dist.main:
-            has_checkpoints = folder.is_dir() and any(folder.glob("step*"))
-            if has_checkpoints and not (cfg.try_load_latest_save or cfg.save_overwrite):
-                raise ConfigError(f"save_folder {folder} already holds checkpoints: pass --resume to continue "
+        has_checkpoints = self.dist.broadcast(folder.is_dir() and any(folder.glob("step*")))
+        if has_checkpoints and not (cfg.try_load_latest_save or cfg.save_overwrite):
+            raise ConfigError(f"save_folder {folder} already holds checkpoints: pass --resume to continue "
                                   f"the run, or --save_overwrite to start over there")
         return folder  # made by fit(), once the data and the model have passed their checks
 
@@ -133,13 +135,17 @@ class Trainer:
         return ModelConfig.from_file(load_from)
 
     def _dataset(self, data: DataConfig) -> TokenDataset:
-        return TokenDataset(data.paths, self.seq_len, data.memmap_dtype, data.label_mask_paths,
+        return TokenDataset(data.all_paths(), self.seq_len, data.memmap_dtype, data.label_mask_paths,
                             self.model_config.vocab_size, data.validate)
 
     def _data(self) -> tuple[TokenDataset, list[tuple[EvaluatorConfig, TokenDataset]]]:
         cfg = self.cfg
         evaluators = list(cfg.evaluators)
-        if not cfg.data.paths:  # the built-in corpus, tokenized once by rank 0
+        for ev in [e for e in evaluators if e.type != "lm" or not e.data.all_paths()]:
+            warnings.warn(f"skipping evaluator {ev.label!r}: only language-model loss on token files (type lm, "
+                          f"data.paths or data.datasets) is implemented", stacklevel=2)
+        evaluators = [e for e in evaluators if e.type == "lm" and e.data.all_paths()]
+        if not cfg.data.all_paths():  # the built-in corpus, tokenized once by rank 0
             if self.dist.main:
                 train, val = corpus.build()
             self.dist.barrier()
@@ -293,12 +299,14 @@ class Trainer:
             self.tokens += self.tokens_per_batch
             pending.append(self.train_step(batch))
             bar.update(1)
+            out_of_time = False
             if self.step % cfg.console_log_interval == 0 or self.step == stop_at:
                 last = self._log_interval(pending, last_time, last_tokens, peak, flops_per_token)
                 pending.clear()
                 last_time, last_tokens = time.monotonic(), self.tokens
                 bar.set_postfix(loss=f"{last['train/loss']:.4f}")
-            out_of_time = cfg.time_limit is not None and time.monotonic() - start > cfg.time_limit
+                if cfg.time_limit is not None:  # rank 0's clock decides, so that all ranks stop together
+                    out_of_time = self.dist.broadcast(time.monotonic() - start > cfg.time_limit)
             if cfg.eval_interval and self.evaluators and (self.step % cfg.eval_interval == 0) and self.step != stop_at:
                 self._log_eval()
             if (cfg.save_interval and self.step % cfg.save_interval == 0) or self.step == stop_at or out_of_time:

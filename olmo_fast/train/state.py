@@ -124,6 +124,12 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) 
     return torch.load(path / TRAINER_FILE, map_location="cpu", weights_only=True)
 
 
+def load_full_model_state(model: nn.Module, full: dict[str, torch.Tensor], dist: Dist) -> None:
+    """Load whole tensors (held by rank 0 alone when sharded: the others pass {}) into the model (a collective)."""
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True,
+                                                               broadcast_from_rank0=dist.sharded))
+
+
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The whole (unsharded) model state on the CPU, on rank 0 (a collective; other ranks get {})."""
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
