@@ -30,6 +30,7 @@ from .timing import peak_memory_mb, time_fn
 CHECK_TOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 CPU_DESELECTED = {"torch-compile": "not selected: compiling costs seconds per shape on a CPU (name it in "
                                    "--providers to include it)"}
+EXPENSIVE, SOFT_BUDGET = {"torch-compile"}, 0.6
 N_OUTPUTS = {"layer_norm": None, "swiglu": 1, "rope": 2, "qkv_rope": 3, "attention": 1, "decode_attention": 1}
 
 
@@ -149,7 +150,11 @@ class Suite:
                  warmup_ms: float | None, rep_ms: float | None, budget_s: float | None, log=print) -> None:
         self.device, self.dtype, self.providers = device, dtype, providers
         self.warmup_ms, self.rep_ms = warmup_ms, rep_ms
-        self.deadline = None if budget_s is None else time.monotonic() + budget_s
+        now = time.monotonic()
+        self.deadline = None if budget_s is None else now + budget_s
+        # Past this point the expensive providers (compilers) are skipped, leaving the rest of the budget to the
+        # cheap ones of the cases still to come.
+        self.soft_deadline = None if budget_s is None else now + SOFT_BUDGET * budget_s
         self.log = log
         self.ceilings: dict = {}
         self.rows: list[dict] = []
@@ -186,8 +191,12 @@ class Suite:
             del leaves, outs
         for provider in registry()[case.op]:
             why_not = self.selected(provider.name)
-            if why_not is None and self.deadline is not None and time.monotonic() > self.deadline:
-                why_not = "time budget (--budget-s) spent"
+            if why_not is None and self.deadline is not None:
+                now = time.monotonic()
+                if now > self.deadline:
+                    why_not = "time budget (--budget-s) spent"
+                elif provider.name in EXPENSIVE and now > self.soft_deadline:
+                    why_not = f"time budget (--budget-s): {100 * SOFT_BUDGET:.0f}% spent, compilers skipped"
             if why_not is not None:
                 for mode in case_modes:
                     self.row(case, mode, provider.name, "skipped", why_not)

@@ -254,3 +254,18 @@ def test_check_compares_forward_and_input_gradients(monkeypatch):
     assert check == {("wrong-bwd", "fwd"): "ok", ("wrong-bwd", "bwd"): "MISMATCH",
                      ("wrong-bwd", "fwd+bwd"): "MISMATCH", ("wrong-fwd", "fwd"): "MISMATCH",
                      ("wrong-fwd", "bwd"): "MISMATCH", ("wrong-fwd", "fwd+bwd"): "MISMATCH"}
+
+
+def test_time_budget_skips_compilers_first_then_everything(monkeypatch):
+    # The suite reads the clock once at its start and once before each provider: start at 0; swiglu's two providers
+    # at 10 (past 60% of a 15 s budget: the compiler is skipped, eager runs); everything after at 1000 (past it all).
+    clock = iter([0.0, 10.0, 10.0] + [1000.0] * 100)
+    monkeypatch.setattr(suite.time, "monotonic", lambda: next(clock))
+    results = suite.run(["swiglu", "layer_norm"], "cpu-small", ["fwd"], "fp32", torch.device("cpu"),
+                        providers=["eager", "torch-compile"], warmup_ms=0, rep_ms=0, budget_s=15, log=lambda *a: None)
+    rows = [r for r in results["rows"] if r["provider"] in ("eager", "torch-compile")]
+    assert [(r["op"], r["provider"], r["status"]) for r in rows[:2]] == [
+        ("swiglu", "eager", "ok"), ("swiglu", "torch-compile", "skipped")]
+    assert rows[1]["reason"] == "time budget (--budget-s): 60% spent, compilers skipped"
+    assert len(rows) == 6 and all(r["status"] == "skipped" and r["reason"] == "time budget (--budget-s) spent"
+                                  for r in rows[2:])
