@@ -160,7 +160,8 @@ def test_loss_falls_well_below_unigram_entropy(tmp_path):
 
 def test_interrupted_and_resumed_run_equals_the_uninterrupted_one_bitwise(tmp_path):
     data = token_file(tmp_path / "ids.npy", 64 * 20)  # 20 instances, 2.5 global batches: crosses an epoch
-    whole = train(tmp_path / "a", data, "--max_duration=7")
+    whole = train(tmp_path / "a", data, "--max_duration=7", "--save_interval=2", "--save_num_checkpoints_to_keep=2")
+    assert sorted(p.name for p in (tmp_path / "a").glob("step*")) == ["step6", "step7"]  # the last 2 kept
     train(tmp_path / "b", data, "--max_duration=7", "--stop_at=3")
     assert sorted(p.name for p in (tmp_path / "b").glob("step*")) == ["step3"]
     resumed = train(tmp_path / "b", data, "--max_duration=7", "--resume")
@@ -171,6 +172,9 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one_bitwise(tmp_pa
         assert torch.equal(p, q), name
     with pytest.raises(ConfigError, match="already holds checkpoints"):
         train(tmp_path / "b", data, "--max_duration=7")
+    train(tmp_path / "b", data, "--max_duration=2", "--save_overwrite")  # starts over: the old run is gone
+    assert sorted(p.name for p in (tmp_path / "b").glob("step*")) == ["step2"]
+    assert list(step_losses(tmp_path / "b")) == [1, 2]
 
 
 def test_anneal_from_checkpoint_keeps_optimizer_state_and_decays_to_zero(tmp_path):

@@ -38,6 +38,10 @@ _OLMO_IGNORED = {
 }
 
 
+# activation_checkpointing value -> recompute every n-th block (OLMo's names)
+CHECKPOINT_EVERY = {"whole_layer": 1, "one_in_two": 2, "one_in_three": 3, "one_in_four": 4}
+
+
 @dataclass
 class DataConfig:
     paths: list[str] = field(default_factory=list)  # empty: the built-in corpus (see corpus.py)
@@ -119,8 +123,8 @@ class TrainConfig:
     device_train_microbatch_size: int = 8
     max_grad_norm: float | None = 1.0
     precision: str | None = None  # amp_bf16 | fp32; None: amp_bf16 on GPU, fp32 on CPU
-    compile: Any = False  # torch.compile each block
-    activation_checkpointing: Any = False  # true / "whole_layer": recompute every block in backward
+    compile: Any = False  # torch.compile each block; a mapping (OLMo's: mode, fullgraph, dynamic) is passed on
+    activation_checkpointing: Any = False  # true / whole_layer: every block; one_in_two / three / four
     fused_loss: bool | None = None  # ops.linear_cross_entropy (no logits); None: where a fused kernel exists
     console_log_interval: int = 1
     flops_peak: float | None = None  # accelerator bf16 peak FLOP/s for MFU (None: known cards)
@@ -161,8 +165,11 @@ class TrainConfig:
              f"data.label_mask_paths has {len(self.data.label_mask_paths or [])} files for "
              f"{len(self.data.all_paths())} data.paths"),
             (self.console_log_interval > 0, "console_log_interval must be positive"),
-            (self.activation_checkpointing in (False, True, None, "whole_layer"),
-             f"activation_checkpointing {self.activation_checkpointing!r} must be true/false or whole_layer"),
+            (self.activation_checkpointing in (False, True, None) or self.activation_checkpointing in CHECKPOINT_EVERY,
+             f"activation_checkpointing {self.activation_checkpointing!r} must be true, false or one of "
+             f"{sorted(CHECKPOINT_EVERY)}"),
+            (isinstance(self.compile, (bool, dict)) or self.compile is None,
+             f"compile must be true/false or a mapping of torch.compile options, got {self.compile!r}"),
         ]
         for ok, message in checks:
             if not ok:

@@ -29,7 +29,7 @@ from ..config import ConfigError, ModelConfig
 from ..model import OLMo
 from ..ops import dispatch
 from . import corpus, dist, state
-from .config import EvaluatorConfig, DataConfig, TrainConfig, save_config
+from .config import CHECKPOINT_EVERY, DataConfig, EvaluatorConfig, TrainConfig, save_config
 from .data import BatchOrder, TokenDataset, eval_batches
 from .optim import build_optimizer
 from .schedule import Schedule
@@ -79,6 +79,7 @@ class Trainer:
         self.precision = config.precision or ("amp_bf16" if self.device.type == "cuda" else "fp32")
         self.save_folder = self._save_folder()
         resume_from = state.latest_checkpoint(self.save_folder) if config.try_load_latest_save else None
+        self.resumed_from = resume_from
         load_from = resume_from or (Path(config.load_path) if config.load_path else None)
         self.model_config = self._model_config(load_from)
         self.seq_len = self.model_config.max_sequence_length
@@ -166,11 +167,14 @@ class Trainer:
         # The model's forward becomes the summed loss: FSDP's hooks run around it as around any forward.
         self.model.forward = functools.partial(summed_loss, self.model, fused=fused, dtype=dtype)
         if cfg.activation_checkpointing:
-            for block in blocks:
+            every = 1 if cfg.activation_checkpointing is True else CHECKPOINT_EVERY[cfg.activation_checkpointing]
+            for block in list(blocks)[::every]:
                 block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
         if cfg.compile:
+            options = {k: v for k, v in (cfg.compile if isinstance(cfg.compile, dict) else {}).items()
+                       if k in ("mode", "fullgraph", "dynamic", "backend")}
             for block in blocks:
-                block.compile()
+                block.compile(**options)
         if self.dist.sharded:
             dist.shard(self.model, cfg.fsdp.precision if self.precision == "amp_bf16" else "full")
 
@@ -278,6 +282,8 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         cfg, main = self.cfg, self.dist.main
         if main:
+            if cfg.save_overwrite and self.resumed_from is None:  # start over: no stale checkpoints or metrics
+                state.clear_run(self.save_folder)
             self.save_folder.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.save_folder / "config.yaml")
             n = self.model_config.num_params()

@@ -99,6 +99,17 @@ def save(save_folder: Path, step: int, model: nn.Module, optimizer: torch.optim.
     return final
 
 
+def clear_run(save_folder: Path) -> None:
+    """Remove the checkpoints, unfinished writes and metrics of an earlier run in `save_folder`."""
+    if not save_folder.is_dir():
+        return
+    for path in save_folder.iterdir():
+        if _STEP.match(path.name) or path.name.startswith(".tmp-step"):
+            shutil.rmtree(path)
+        elif path.name == "metrics.jsonl":
+            path.unlink()
+
+
 def _prune(save_folder: Path, keep: int) -> None:
     if keep < 0:
         return
