@@ -5,6 +5,11 @@
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root, on a machine with one CUDA GPU
 #
+# With the device tool: ONE run call, command `bash benchmarks/gpu_check.sh`, timeout_s 540 (carry [".whl"] after
+# benchmarks/fetch_wheels.sh to compare against Liger). The files come back from $OUT: copy the .md and .json into
+# benchmarks/results/, commit them, and rebuild the README's Performance section with
+# `python -m olmo_fast.benchmarks.report --summary benchmarks/results/*.json`.
+#
 # Made for a short slot: every stage runs under `timeout`, within a total of GPU_CHECK_TOTAL_S seconds
 # (default 460, under 8 minutes on an H100 with the extension build); a stage that would start with too
 # little time left is skipped and the page says so. A hang or a failure in one stage never stops the others.

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 OPS_DEFAULT = "swiglu,layer_norm,rope,qkv_rope,attention,decode_attention"
 
@@ -17,7 +18,11 @@ def run(args: argparse.Namespace) -> int:
     from .benchmarks import report, suite
 
     if args.compare:
-        text, _ = report.compare(report.load(args.compare[0]), report.load(args.compare[1]))
+        try:
+            text, _ = report.compare(report.load(args.compare[0]), report.load(args.compare[1]))
+        except (OSError, ValueError) as err:
+            print(f"olmo-fast bench: error: {err}", file=sys.stderr)
+            return 2
         print(text)
         return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -30,10 +35,14 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     shapes = args.shapes or ("olmo-7b" if device.type == "cuda" else "cpu-small")
     dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
-    results = suite.run(_list(args.ops), shapes, _list(args.modes), dtype, device,
-                        providers=_list(args.providers) if args.providers else None, out_dir=args.out,
-                        warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, budget_s=args.budget_s,
-                        plots=not args.no_plots)
+    try:
+        results = suite.run(_list(args.ops), shapes, _list(args.modes), dtype, device,
+                            providers=_list(args.providers) if args.providers else None, out_dir=args.out,
+                            warmup_ms=args.warmup_ms, rep_ms=args.rep_ms, budget_s=args.budget_s,
+                            plots=not args.no_plots)
+    except ValueError as err:  # a bad --ops/--modes/--providers value
+        print(f"olmo-fast bench: error: {err}", file=sys.stderr)
+        return 2
     print()
     print(report.table(results))
     return 0

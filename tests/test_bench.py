@@ -269,3 +269,13 @@ def test_time_budget_skips_compilers_first_then_everything(monkeypatch):
     assert rows[1]["reason"] == "time budget (--budget-s): 60% spent, compilers skipped"
     assert len(rows) == 6 and all(r["status"] == "skipped" and r["reason"] == "time budget (--budget-s) spent"
                                   for r in rows[2:])
+
+
+def test_cli_rejects_bad_arguments_clearly(capsys, tmp_path):
+    assert main(["bench", "--ops", "swiglu,matmul"]) == 2
+    assert "unknown ops ['matmul']" in capsys.readouterr().err
+    assert main(["bench", "--providers", "eager,cublas"]) == 2
+    assert "unknown providers ['cublas']" in capsys.readouterr().err
+    (tmp_path / "x.json").write_text("{}")
+    assert main(["bench", "--compare", str(tmp_path / "x.json"), str(tmp_path / "x.json")]) == 2
+    assert "not a results file" in capsys.readouterr().err
