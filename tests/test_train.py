@@ -75,11 +75,9 @@ def test_config_file_then_overrides_and_olmo_keys(tmp_path):
         " weight_tying: false, mlp_ratio: 8, embedding_size: 256, vocab_size: 250}\n"
         "optimizer: {learning_rate: 0.001, betas: [0.9, 0.95]}\n"
         "data: {paths: [x.npy], num_workers: 4}\nmax_duration: 1e6T\nwandb: {project: x}\n")
-    with pytest.warns(UserWarning) as warned:
+    with pytest.warns(UserWarning, match="^olmo-fast ignores these OLMo settings: data.num_workers, wandb$"):
         cfg = load_config([str(tmp_path / "c.yaml"), "--optimizer.learning_rate=5e-4",
                            "--data.label_mask_paths=[m.npy]"])
-    assert sorted(str(w.message) for w in warned) == ["olmo-fast ignores the OLMo setting data.num_workers",
-                                                      "olmo-fast ignores the OLMo setting wandb"]
     assert cfg.optimizer.learning_rate == 5e-4 and cfg.optimizer.betas == (0.9, 0.95)
     assert cfg.data.paths == ["x.npy"] and cfg.data.label_mask_paths == ["m.npy"]
     assert cfg.max_duration_parsed() == ("tokens", 1_000_000)
@@ -91,6 +89,30 @@ def test_config_file_then_overrides_and_olmo_keys(tmp_path):
                        ("--precision=amp_fp8", "precision")]:
         with pytest.raises(ConfigError, match=match):
             load_config([bad])
+
+
+def test_an_olmo_training_config_loads(tmp_path):
+    """A config written by allenai/OLMo's own TrainConfig (every key it has) loads, its settings carried over."""
+    olmo_config = pytest.importorskip("olmo.config")
+    cfg = olmo_config.TrainConfig()
+    cfg.model = olmo_config.ModelConfig(d_model=64, n_heads=4, n_layers=2, mlp_hidden_size=256, max_sequence_length=64,
+                                        vocab_size=250, embedding_size=256, weight_tying=False,
+                                        layer_norm_with_affine=False, include_bias=False, clip_qkv=8.0, rope=True,
+                                        eos_token_id=0, pad_token_id=1)
+    cfg.optimizer = olmo_config.OptimizerConfig(name="adamw", learning_rate=3e-4, weight_decay=0.1, eps=1e-5)
+    cfg.scheduler = olmo_config.SchedulerConfig(name="linear_with_warmup", t_warmup=5000, alpha_f=0.1,
+                                                grad_clip_warmup_steps=1000, grad_clip_warmup_factor=10)
+    cfg.max_duration, cfg.global_train_batch_size, cfg.precision = "2e12T", 2048, "amp_bf16"
+    cfg.data.paths = ["a.npy"]
+    cfg.save(tmp_path / "olmo.yaml")
+    with pytest.warns(UserWarning, match="ignores these OLMo settings"):
+        ours = load_config([str(tmp_path / "olmo.yaml"), "--data.label_mask_paths=[m.npy]"])
+    assert ours.model_config() == ModelConfig.preset("test", clip_qkv=8.0)
+    assert (ours.optimizer.learning_rate, ours.optimizer.weight_decay, ours.optimizer.betas) == (3e-4, 0.1, (0.9, 0.95))
+    assert (ours.scheduler.name, ours.scheduler.t_warmup, ours.scheduler.grad_clip_warmup_factor) == \
+        ("linear_with_warmup", 5000, 10)
+    assert ours.max_duration_parsed() == ("tokens", 2 * 10**12) and ours.precision == "amp_bf16"
+    assert ours.data.paths == ["a.npy"] and ours.data.label_mask_paths == ["m.npy"]
 
 
 # ---------------------------------------------------------------------------------------------- schedules
@@ -162,6 +184,9 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one_bitwise(tmp_pa
     data = token_file(tmp_path / "ids.npy", 64 * 20)  # 20 instances, 2.5 global batches: crosses an epoch
     whole = train(tmp_path / "a", data, "--max_duration=7", "--save_interval=2", "--save_num_checkpoints_to_keep=2")
     assert sorted(p.name for p in (tmp_path / "a").glob("step*")) == ["step6", "step7"]  # the last 2 kept
+    saved = load_config([str(tmp_path / "a" / "config.yaml")])  # the resolved config reproduces the run's
+    assert saved.model_config() == whole.model_config
+    assert {**saved.to_dict(), "model": None} == {**whole.cfg.to_dict(), "model": None}
     train(tmp_path / "b", data, "--max_duration=7", "--stop_at=3")
     assert sorted(p.name for p in (tmp_path / "b").glob("step*")) == ["step3"]
     resumed = train(tmp_path / "b", data, "--max_duration=7", "--resume")

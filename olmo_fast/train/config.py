@@ -205,9 +205,9 @@ def model_config_from(value: Any) -> ModelConfig:
 
 
 # ---------------------------------------------------------------------------------------------- building
-def _build(cls: type, values: Any, where: str) -> Any:
+def _build(cls: type, values: Any, where: str, ignored: list[str]) -> Any:
     """Instantiate dataclass `cls` from a mapping, recursing into nested dataclasses; unknown keys are errors
-    unless OLMo has them (then a warning)."""
+    unless OLMo has them (then they are listed in `ignored`, when set to something)."""
     if values is None:
         return cls()
     if not isinstance(values, dict):
@@ -220,22 +220,23 @@ def _build(cls: type, values: Any, where: str) -> Any:
     for key, value in values.items():
         if key not in names:
             if key in _OLMO_IGNORED.get(section, ()):
-                warnings.warn(f"olmo-fast ignores the OLMo setting {where + '.' if where else ''}{key}", stacklevel=2)
+                if value not in (None, False, {}, []):
+                    ignored.append(f"{where + '.' if where else ''}{key}")
                 continue
             raise ConfigError(f"unknown config key {where + '.' if where else ''}{key}; known: {sorted(names)}")
-        kwargs[key] = _convert(hints[key], value, f"{where}.{key}" if where else key)
+        kwargs[key] = _convert(hints[key], value, f"{where}.{key}" if where else key, ignored)
     return cls(**kwargs)
 
 
-def _convert(hint: Any, value: Any, where: str) -> Any:
+def _convert(hint: Any, value: Any, where: str, ignored: list[str]) -> Any:
     if dataclasses.is_dataclass(hint):
-        return _build(hint, value, where)
+        return _build(hint, value, where, ignored)
     origin = get_origin(hint)
     args = [a for a in get_args(hint) if a is not type(None)]
     if origin is list and args and dataclasses.is_dataclass(args[0]):
         if not isinstance(value, list):
             raise ConfigError(f"{where} must be a list")
-        return [_build(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [_build(args[0], v, f"{where}[{i}]", ignored) for i, v in enumerate(value)]
     if value is None:
         return None
     if origin is list or (args and get_origin(args[0]) is list):
@@ -314,7 +315,10 @@ def load_config(args: list[str] | None = None, base: dict[str, Any] | None = Non
             raise ConfigError(f"{path} must hold a mapping of config keys")
         values = _merge(values, loaded)
     values = _merge(values, overrides)
-    config = _build(TrainConfig, values, "")
+    ignored: list[str] = []
+    config = _build(TrainConfig, values, "", ignored)
+    if ignored:
+        warnings.warn(f"olmo-fast ignores these OLMo settings: {', '.join(ignored)}", stacklevel=2)
     config.validate()
     return config
 
