@@ -2,6 +2,7 @@
 
 Modules: `cases` (ops, inputs, shape sets), `providers` (ours and the alternatives), `roofline` (least bytes and
 FLOPs per op), `timing` (CUDA events / perf_counter), `ceilings` (copy bandwidth and matmul FLOP/s measured in
-the same run), `suite` (the loop), `report` (table, CSV, JSON, plots, compare, Markdown), `train_throughput`.
+the same run), `suite` (the loop), `report` (table, CSV, JSON, plots, compare, Markdown), and the end-to-end
+benches `train_throughput` and `decode_throughput` (on random-weight `models`, ours beside HF transformers').
 `gpu_check.sh` runs all of it in one short GPU slot.
 """
