@@ -83,6 +83,8 @@ def test_config_file_then_overrides_and_olmo_keys(tmp_path):
     assert cfg.max_duration_parsed() == ("tokens", 1_000_000)
     assert cfg.model_config().d_model == 64 and cfg.model_config().n_layers == 2  # an OLMo model block
     assert load_config(["--model=olmo-1b"]).model_config() == ModelConfig.preset("olmo-1b")
+    tweaked = load_config(["--model.n_layers=2", "--model.clip_qkv=null"], base={"model": "tiny"})
+    assert tweaked.model_config() == ModelConfig.preset("tiny", n_layers=2, clip_qkv=None)
     for bad, match in [("--optimiser.learning_rate=1", "unknown config key optimiser"),
                        ("--max_duration=soon", "max_duration"), ("--global_train_batch_size=1.5", "integer"),
                        ("--data.label_mask_paths=[a,b]", "label_mask_paths has 2 files for 0"),

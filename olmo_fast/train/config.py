@@ -156,7 +156,7 @@ class TrainConfig:
             (self.scheduler.name in ("cosine_with_warmup", "linear_with_warmup", "constant_with_warmup", "constant"),
              f"scheduler.name {self.scheduler.name!r} is not one of cosine_with_warmup, linear_with_warmup, "
              f"constant_with_warmup, constant"),
-            (self.scheduler.units in ("steps", "tokens"), f"scheduler.units must be steps or tokens"),
+            (self.scheduler.units in ("steps", "tokens"), "scheduler.units must be steps or tokens"),
             (self.precision in (None, "amp_bf16", "fp32"), f"precision {self.precision!r} must be amp_bf16 or fp32"),
             (self.fsdp.precision in ("mixed", "pure", "full"), "fsdp.precision must be mixed, pure or full"),
             (self.data.memmap_dtype in ("uint8", "uint16", "uint32", "uint64"),
@@ -294,6 +294,8 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _merge(out[key], value)
+        elif key == "model" and isinstance(value, dict) and isinstance(out.get(key), str):  # preset + changes
+            out[key] = {"preset": out[key], **value}
         else:
             out[key] = value
     return out
