@@ -10,14 +10,23 @@ import importlib
 import torch
 
 from . import dispatch, reference
-from .dispatch import BackendError, available_backends  # noqa: F401  (re-exported)
+from .dispatch import BackendError, available_backends, prefer  # noqa: F401  (re-exported)
 
 __all__ = ["layer_norm", "rms_norm", "swiglu", "silu_mul", "rope", "attention", "decode_attention", "qkv_rope",
-           "linear_cross_entropy", "BackendError", "available_backends"]
+           "linear_cross_entropy", "BackendError", "available_backends", "prefer"]
 
 
 def _fused(op: str, fn: str = "apply"):
     return getattr(_OP_MODULES[op], fn)  # a dict lookup, so torch.compile traces through it (no import, no globals())
+
+
+def _promote_residual(x: torch.Tensor, residual: torch.Tensor | None):
+    """`x + residual` promotes as PyTorch does: under bf16 autocast the fp32 residual stream meets a bf16
+    branch output, and the sum (and the norm's output) stays fp32 on every backend."""
+    if residual is None or residual.dtype == x.dtype:
+        return x, residual
+    dtype = torch.promote_types(x.dtype, residual.dtype)
+    return x.to(dtype), residual.to(dtype)
 
 
 def layer_norm(x: torch.Tensor, *, eps: float = 1e-5, residual: torch.Tensor | None = None,
@@ -27,6 +36,7 @@ def layer_norm(x: torch.Tensor, *, eps: float = 1e-5, residual: torch.Tensor | N
 
     With `residual`: `h = x + residual`, returns `(LN(h), h)` - the residual add every OLMo block does.
     """
+    x, residual = _promote_residual(x, residual)
     parametric = weight is not None or bias is not None
     chosen = dispatch.resolve("norm_fwd" if parametric else "layer_norm_fwd", backend, x.device)
     if chosen == "torch":
@@ -38,6 +48,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, *, eps: float 
              residual: torch.Tensor | None = None, backend: str | None = None):
     """RMSNorm over the last dim: `h * rsqrt(mean(h^2) + eps) * weight` with fp32 statistics (and an fp32
     weight gradient, reduced over rows in fp32), output in x's dtype. With `residual`, returns `(y, h)`."""
+    x, residual = _promote_residual(x, residual)
     chosen = dispatch.resolve("norm_fwd", backend, x.device)
     if chosen == "torch":
         return reference.rms_norm(x, weight, eps, residual)

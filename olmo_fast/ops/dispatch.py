@@ -8,14 +8,16 @@ Backends:
 Kernel providers register plain functions (no autograd) with `register_kernel(op, backend, fn, devices)`;
 `ops/<op>.py` wraps them in one torch.library custom op + autograd shared by every compiled backend.
 `backend=None` picks, per op and device, the first available of `preferred_order(device)`;
-the environment variable OLMO_FAST_BACKEND puts its backend first (ops it lacks fall back to the others).
+the environment variable OLMO_FAST_BACKEND (or, in-process, `with prefer(backend):`) puts its backend first;
+ops it lacks fall back to the others.
 An explicit `backend=` is strict: if that backend cannot run the op on that device, it raises.
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 
@@ -87,13 +89,30 @@ def _default_order(device_type: str) -> list[str]:
     return ["triton", "cpp", "torch"] if device_type == "cuda" else ["cpp", "torch"]
 
 
+_preferred: list[str] = []  # stack of `prefer(...)` contexts, innermost last
+
+
+@contextlib.contextmanager
+def prefer(backend: str) -> Iterator[None]:
+    """Within the block, `backend=None` tries `backend` first for every op (falling back per op where it has
+    no kernel), as OLMO_FAST_BACKEND does for the whole process. E.g. the model on the C++ kernels, which
+    cover the norms, SwiGLU and RoPE but not attention: `with ops.prefer("cpp"): model(ids)`."""
+    if backend not in BACKENDS:
+        raise BackendError(f"prefer() takes one of {BACKENDS}, got {backend!r}")
+    _preferred.append(backend)
+    try:
+        yield
+    finally:
+        _preferred.pop()
+
+
 def preferred_order(device_type: str) -> list[str]:
     order = _default_order(device_type)
-    env = os.environ.get("OLMO_FAST_BACKEND", "").strip().lower()
-    if env:
-        if env not in BACKENDS:
-            raise BackendError(f"OLMO_FAST_BACKEND={env!r} is not one of {BACKENDS}")
-        order = [env] + [b for b in order if b != env]
+    first = _preferred[-1] if _preferred else os.environ.get("OLMO_FAST_BACKEND", "").strip().lower()
+    if first:
+        if first not in BACKENDS:
+            raise BackendError(f"OLMO_FAST_BACKEND={first!r} is not one of {BACKENDS}")
+        order = [first] + [b for b in order if b != first]
     return order
 
 
