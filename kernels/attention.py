@@ -127,11 +127,12 @@ def attend_blocks(acc, m_i, l_i, q, K, V, stride_kt, stride_vt, offs_d, limit, l
 
 
 # ---------------------------------------------------------------------------------------------- forward
-# Configs: ptxas (sm_90, bf16, D=128, clip + causal) reports no register spills for the 8-warp forward ones,
-# (64, 64, 8, 3) dQ, and at most ~140 spilled bytes for the 8-warp dK/dV ones with BLOCK_N = 64; 4-warp variants
-# with 128-row tiles spill there (kept where they suit D=64). The GPU autotuner picks among them.
+# Configs: compiled offline for sm_90 (bf16, D=128, clip + causal, 16-byte-aligned pointers and strides as the
+# JIT specialises them), ptxas reports no register spills for these forward and dQ ones, none or ~100-150
+# bytes for the dK/dV ones with BLOCK_N = 64, ~500 with BLOCK_N = 128 (kept for D=64); 4-warp 128-row forward
+# tiles spill there and are left out. The GPU autotuner picks among them.
 _FWD_CONFIGS = configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (64, 32, 4, 4),
-                        (128, 64, 4, 3)], interpret=(32, 16))
+                        (128, 32, 4, 3)], interpret=(32, 16))
 
 
 @triton.autotune(configs=_FWD_CONFIGS, key=["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_CLIP", "DOT_PRECISION"])
@@ -190,6 +191,8 @@ def _dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, sqt, sdt, offs_n, offs_d, lo, 
                  BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulate one query head's query blocks [lo, hi) into dk (unscaled) and dv of one key block.
 
+    Computed transposed (P^T = exp2(K Q^T - lse), [BLOCK_N, BLOCK_M]) so that every product has the key block's
+    BLOCK_N rows as M and takes P^T, dS^T straight from registers (as the A operand) on Hopper's wgmma.
     Rows past Tq load LSE = +inf and dO = 0, so they add nothing without a mask."""
     offs_m0 = tl.arange(0, BLOCK_M)
     for start_m in range(lo, hi, BLOCK_M):
@@ -198,18 +201,18 @@ def _dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, sqt, sdt, offs_n, offs_d, lo, 
         do = load_tile(DO, offs_m, offs_d, sdt, Tq, HEAD_DIM)
         lse = tl.load(LSE + offs_m, mask=offs_m < Tq, other=float("inf"))
         delta = tl.load(DELTA + offs_m, mask=offs_m < Tq, other=0.0)
-        p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale - lse[:, None])
+        pT = tl.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale - lse[None, :])
         if MASK:
-            p = tl.where(offs_n[None, :] < key_limit(offs_m, Tq, Tk, CAUSAL)[:, None], p, 0.0)
-        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=DOT_PRECISION)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
-        ds = p * (dp - delta[:, None])
-        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=DOT_PRECISION)
+            pT = tl.where(offs_n[:, None] < key_limit(offs_m, Tq, Tk, CAUSAL)[None, :], pT, 0.0)
+        dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PRECISION)
     return dk, dv
 
 
-_DKDV_CONFIGS = configs([(32, 64, 8, 3), (16, 64, 8, 3), (32, 32, 4, 3), (64, 64, 8, 3), (32, 64, 8, 2),
-                         (32, 128, 8, 3)], interpret=(16, 32))
+_DKDV_CONFIGS = configs([(16, 64, 8, 3), (32, 64, 8, 2), (32, 64, 8, 3), (64, 64, 8, 3), (32, 128, 8, 3),
+                         (16, 128, 8, 2)], interpret=(16, 32))
 
 
 @triton.autotune(configs=_DKDV_CONFIGS, key=["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_CLIP", "DOT_PRECISION"])

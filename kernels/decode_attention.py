@@ -24,10 +24,11 @@ import triton.language as tl
 
 from .attention import INTERPRET, LOG2E, attend_blocks, configs
 
-CHUNK_ALIGN = 64  # split chunks are multiples of this (and of every BLOCK_N below)
+CHUNK_ALIGN = 128  # split chunks are multiples of this (and of every BLOCK_N below)
 MAX_SPLITS = 128
 
-_SPLIT_CONFIGS = configs([(32, 2, 2), (64, 4, 2), (64, 4, 3), (32, 4, 3)], interpret=(16,), names=("BLOCK_N",))
+_SPLIT_CONFIGS = configs([(32, 2, 2), (64, 4, 2), (64, 4, 3), (32, 4, 3), (128, 4, 2)], interpret=(16,),
+                         names=("BLOCK_N",))
 
 
 @triton.autotune(configs=_SPLIT_CONFIGS, key=["CHUNK", "HEAD_DIM", "ROWS", "SINGLE"])

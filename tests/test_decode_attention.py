@@ -21,12 +21,14 @@ def _need_kernel():
 
 def make_inputs(B, Tq, H, Hkv, S, D, dtype):
     """q a non-contiguous slice; caches allocated head-major ([B, Hkv, S, D] transposed, as a paged/static cache
-    may be); ragged seqlens in [Tq, S] with the longest = S; NaN in every slot past a sequence's length."""
+    may be); ragged seqlens in [Tq, S], the first = S and the last = Tq; NaN in every slot past a sequence's length."""
     q = torch.randn(B, Tq, H + 2, D, device=DEVICE)[:, :, 1:-1].to(dtype)
     k = torch.randn(B, Hkv, S, D, device=DEVICE).transpose(1, 2).to(dtype)
     v = torch.randn(B, Hkv, S, D, device=DEVICE).transpose(1, 2).to(dtype)
     seqlens = torch.randint(Tq, S + 1, (B,), device=DEVICE)
     seqlens[0] = S
+    if B > 1:
+        seqlens[-1] = Tq  # the cache holds only the new tokens: every split but the first is empty
     stale = torch.arange(S, device=DEVICE)[None, :] >= seqlens[:, None]
     k[stale], v[stale] = float("nan"), float("nan")
     return q, k, v, seqlens
