@@ -31,7 +31,7 @@ QUICK_RUN = {
     "scheduler": {"t_warmup": 5},
     "save_interval": 20,
     "eval_interval": 20,
-    "console_log_interval": 5,
+    "console_log_interval": 2,
 }
 
 
