@@ -10,7 +10,8 @@ namespace cpu {
 namespace {
 
 template <class T>
-void layer_norm_fwd_rows(const olmo_fast_layer_norm_fwd_args& a, int64_t row_begin, int64_t row_end) {
+OLMO_FAST_CPU_CLONES void layer_norm_fwd_rows(const olmo_fast_layer_norm_fwd_args& a, int64_t row_begin,
+                                              int64_t row_end) {
   const int64_t n = a.cols;
   for (int64_t row = row_begin; row < row_end; ++row) {
     const T* src = static_cast<const T*>(a.x) + row * a.x_stride;
@@ -34,7 +35,8 @@ void layer_norm_fwd_rows(const olmo_fast_layer_norm_fwd_args& a, int64_t row_beg
 }
 
 template <class T>
-void layer_norm_bwd_rows(const olmo_fast_layer_norm_bwd_args& a, int64_t row_begin, int64_t row_end) {
+OLMO_FAST_CPU_CLONES void layer_norm_bwd_rows(const olmo_fast_layer_norm_bwd_args& a, int64_t row_begin,
+                                              int64_t row_end) {
   const int64_t n = a.cols;
   for (int64_t row = row_begin; row < row_end; ++row) {
     const T* dy = static_cast<const T*>(a.dy) + row * a.dy_stride;

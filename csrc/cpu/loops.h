@@ -4,6 +4,14 @@
 #include "olmo_fast/kernels.h"
 #include "olmo_fast/numerics.h"
 
+// The row loops are compiled twice on x86-64 (GCC/Clang, ELF): for AVX2 + FMA (x86-64-v3), picked at load time
+// where the CPU has it, and for the baseline. Elsewhere, once.
+#if defined(__x86_64__) && defined(__ELF__) && (defined(__GNUC__) || defined(__clang__))
+#define OLMO_FAST_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define OLMO_FAST_CPU_CLONES
+#endif
+
 namespace olmo_fast {
 namespace cpu {
 

@@ -13,8 +13,8 @@ namespace {
 // One head: pair i (dims d = i * step and d + second, elements sd apart) turns by its angle. kNeoxUnit fixes
 // the common case (rotate-half, contiguous head) at compile time so that the loop vectorises.
 template <class T, bool kNeoxUnit>
-void rotate_head(const T* x, int64_t sd, int64_t step, int64_t second, T* out, const float* cos_t,
-                 const float* sin_t, int64_t half) {
+OLMO_FAST_CPU_CLONES void rotate_head(const T* x, int64_t sd, int64_t step, int64_t second, T* out,
+                                      const float* cos_t, const float* sin_t, int64_t half) {
   if constexpr (kNeoxUnit) {
     sd = 1;
     step = 1;
@@ -30,7 +30,8 @@ void rotate_head(const T* x, int64_t sd, int64_t step, int64_t second, T* out, c
 }
 
 template <class T>
-void rope_tokens(const olmo_fast_rope_args& a, int64_t token_begin, int64_t token_end) {
+OLMO_FAST_CPU_CLONES void rope_tokens(const olmo_fast_rope_args& a, int64_t token_begin,
+                                      int64_t token_end) {
   const int64_t half = a.head_dim / 2;
   const int64_t* stride = a.x_strides;
   std::vector<float> table(3 * half);  // inverse frequencies, then cos and sin of the current token

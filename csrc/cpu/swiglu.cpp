@@ -7,7 +7,8 @@ namespace cpu {
 namespace {
 
 template <class T>
-void silu_mul_fwd_rows(const olmo_fast_silu_mul_fwd_args& a, int64_t row_begin, int64_t row_end) {
+OLMO_FAST_CPU_CLONES void silu_mul_fwd_rows(const olmo_fast_silu_mul_fwd_args& a, int64_t row_begin,
+                                            int64_t row_end) {
   for (int64_t row = row_begin; row < row_end; ++row) {
     const T* gate = static_cast<const T*>(a.gate) + row * a.gate_stride;
     const T* up = static_cast<const T*>(a.up) + row * a.up_stride;
@@ -17,7 +18,8 @@ void silu_mul_fwd_rows(const olmo_fast_silu_mul_fwd_args& a, int64_t row_begin, 
 }
 
 template <class T>
-void silu_mul_bwd_rows(const olmo_fast_silu_mul_bwd_args& a, int64_t row_begin, int64_t row_end) {
+OLMO_FAST_CPU_CLONES void silu_mul_bwd_rows(const olmo_fast_silu_mul_bwd_args& a, int64_t row_begin,
+                                            int64_t row_end) {
   for (int64_t row = row_begin; row < row_end; ++row) {
     const T* dout = static_cast<const T*>(a.dout) + row * a.dout_stride;
     const T* gate = static_cast<const T*>(a.gate) + row * a.gate_stride;

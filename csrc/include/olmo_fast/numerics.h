@@ -95,20 +95,21 @@ OF_HD fp16 from_float<fp16>(float x) {
 #endif
 }
 
-// expf. On the host a branch-free version (Cody-Waite reduction by ln2, degree-7 polynomial, ~1 ulp) that
-// compilers vectorise, where libm's expf keeps loops scalar. Saturates at exp(88) and exp(-87); NaN stays NaN.
+// expf. On the host a branch-free version (Cody-Waite reduction by ln2, degree-7 polynomial, ~1.5 ulp) that
+// compilers vectorise, where libm's expf keeps loops scalar. inf above ~88.7 (a little early: from 88.03 on),
+// 0 below ~-87.3, NaN stays NaN. The clamps act on k and r, not x: a select on x lets the compiler split off
+// constant-result paths whose vectorised evaluation underflows (slow denormal arithmetic on every element).
 OF_HD float exp_f32(float x) {
 #ifdef OF_DEVICE_PASS
   return expf(x);
 #else
-  x = x > 88.0f ? 88.0f : x;
-  x = x < -87.0f ? -87.0f : x;
-  // k = round(x / ln2), read from the mantissa of 1.5 * 2^23 + x / ln2 (no float-to-int conversion, which
-  // would keep the loop scalar under -ftrapping-math).
-  const float shifted = x * 1.44269504088896341f + 0x1.8p23f;
-  const float k = shifted - 0x1.8p23f;
-  const uint32_t two_k = (f32_bits(shifted) - f32_bits(0x1.8p23f) + 127u) << 23;
-  const float r = (x - k * 0.693145751953125f) - k * 1.428606765330187e-06f;
+  constexpr float kShift = 0x1.8p23f;  // adding it rounds to an integer, held in the low mantissa bits
+  float k = (x * 1.44269504088896341f + kShift) - kShift;  // round(x / ln2)
+  k = k > 128.0f ? 128.0f : k;    // 2^128: the bit pattern of +inf
+  k = k < -127.0f ? -127.0f : k;  // 2^-127: the bit pattern of +0
+  float r = (x - k * 0.693145751953125f) - k * 1.428606765330187e-06f;  // |r| <= ln2 / 2 when not clamped
+  r = r > 1.0f ? 1.0f : r;
+  r = r < -1.0f ? -1.0f : r;
   float p = 1.0f / 5040.0f;
   p = p * r + 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;
@@ -117,7 +118,7 @@ OF_HD float exp_f32(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  return p * bits_f32(two_k);
+  return p * bits_f32((f32_bits(k + kShift) - f32_bits(kShift) + 127u) << 23);
 #endif
 }
 
