@@ -64,7 +64,8 @@ def clamp(x, clip, HAS_CLIP: tl.constexpr):
     query tile per step); the interpreter, whose bf16 compares are wrong, goes through fp32."""
     if HAS_CLIP:
         if INTERPRETED:
-            x = tl.minimum(tl.maximum(x.to(tl.float32), -clip, tl.PropagateNan.ALL), clip, tl.PropagateNan.ALL).to(x.dtype)
+            xf = tl.maximum(x.to(tl.float32), -clip, tl.PropagateNan.ALL)
+            x = tl.minimum(xf, clip, tl.PropagateNan.ALL).to(x.dtype)
         else:
             c = clip.to(x.dtype)
             x = tl.minimum(tl.maximum(x, -c, tl.PropagateNan.ALL), c, tl.PropagateNan.ALL)
@@ -259,8 +260,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
         dv = clamp_grad(dv, load_tile(V, offs_n, offs_d, svt, Tk, HEAD_DIM), clip, HAS_CLIP)
     dk *= scale
     mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < HEAD_DIM)
-    tl.store(DK + b * sdkb + kh * sdkh + offs_n[:, None] * sdkt + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=mask)
-    tl.store(DV + b * sdvb + kh * sdvh + offs_n[:, None] * sdvt + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=mask)
+    dk_ptrs = DK + b * sdkb + kh * sdkh + offs_n[:, None] * sdkt + offs_d[None, :]
+    dv_ptrs = DV + b * sdvb + kh * sdvh + offs_n[:, None] * sdvt + offs_d[None, :]
+    tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -333,7 +336,8 @@ def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} key/value heads")
     if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"attention wants q, k, v of one dtype among fp16/bf16/fp32; got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ValueError(f"attention wants q, k, v of one dtype among fp16/bf16/fp32; got {q.dtype}, {k.dtype}, "
+                         f"{v.dtype}")
 
 
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:

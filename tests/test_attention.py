@@ -59,7 +59,8 @@ def check_against_f64(q, k, v, causal, clip, scale=None):
         assert g.dtype == s.dtype and g.shape == s.shape, name
         assert not g.isnan().any(), f"{name} has NaN"
         err, base = (g.double() - r).abs().max().item(), (s.double() - r).abs().max().item()
-        assert err <= 2 * base + atol, f"{name}: kernel error {err:.3g} > 2 x torch {q.dtype} error {base:.3g} + {atol:.2g}"
+        assert err <= 2 * base + atol, \
+            f"{name}: kernel error {err:.3g} > 2 x torch {q.dtype} error {base:.3g} + {atol:.2g}"
     if clip is not None:  # the clamp's gradient is exactly zero beyond the clip
         for x, grad in zip((q, k, v), got[1:]):
             assert (grad[x.abs() > clip] == 0).all()
@@ -80,7 +81,8 @@ CASES = [
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-Tq{}-Tk{}-H{}-Hkv{}-D{}-{}".format(*c[:6], "causal" if c[6] else "full"))
+@pytest.mark.parametrize("case", CASES,
+                         ids=lambda c: "B{}-Tq{}-Tk{}-H{}-Hkv{}-D{}-{}".format(*c[:6], "causal" if c[6] else "full"))
 def test_attention_matches_f64(case, dtype):
     B, Tq, Tk, H, Hkv, D, causal = case
     check_against_f64(*make_qkv(B, Tq, Tk, H, Hkv, D, dtype, CLIP), causal, CLIP)

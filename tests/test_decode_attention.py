@@ -1,7 +1,8 @@
 """Triton decoding attention (split-K flash-decoding) against float64 PyTorch (`ops.reference.decode_attention`).
 
 Rule: max |kernel - f64| <= 2 * max |torch same dtype - f64| + atol (atol: twice the dtype's rounding error at
-0.3), never NaN. Outputs are poisoned (NaN allocations); cache slots past each sequence's length hold NaN: the kernel must never read them into the result.
+0.3), never NaN. Outputs are poisoned (NaN allocations); cache slots past each sequence's length hold NaN: the
+kernel must never read them into the result.
 fp16/fp32 on the CPU (TRITON_INTERPRET=1); bf16 in the `gpu`-marked test (the interpreter's bf16 tl.dot is wrong).
 """
 from __future__ import annotations
