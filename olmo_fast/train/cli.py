@@ -18,7 +18,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..checkpoint import CheckpointError
 from ..config import ConfigError
+from ..tokenizer import TokenizerError
 
 # Settings of the no-config run (a config file starts from OLMo's defaults instead).
 QUICK_RUN = {
@@ -48,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         has_file = any(not a.startswith("--") for a in args.args)
         cfg = train_config.load_config(args.args, base=None if has_file else QUICK_RUN)
         trainer = Trainer(cfg)
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, CheckpointError, TokenizerError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     try:

@@ -299,6 +299,7 @@ class Trainer:
         pending: list[tuple[torch.Tensor, torch.Tensor]] = []
         last_time, last_tokens = time.monotonic(), self.tokens
         last: dict[str, Any] = {}
+        evaluated_at = None
         while self.step < stop_at:
             batch = self.train_data.batch(self.order.next())
             self.step += 1
@@ -307,14 +308,15 @@ class Trainer:
             bar.update(1)
             out_of_time = False
             if self.step % cfg.console_log_interval == 0 or self.step == stop_at:
-                last = self._log_interval(pending, last_time, last_tokens, peak, flops_per_token)
+                last.update(self._log_interval(pending, last_time, last_tokens, peak, flops_per_token))
                 pending.clear()
                 last_time, last_tokens = time.monotonic(), self.tokens
                 bar.set_postfix(loss=f"{last['train/loss']:.4f}")
                 if cfg.time_limit is not None:  # rank 0's clock decides, so that all ranks stop together
                     out_of_time = self.dist.broadcast(time.monotonic() - start > cfg.time_limit)
-            if cfg.eval_interval and self.evaluators and (self.step % cfg.eval_interval == 0) and self.step != stop_at:
-                self._log_eval()
+            if cfg.eval_interval and self.evaluators and self.step % cfg.eval_interval == 0:
+                last.update(self._log_eval())
+                evaluated_at = self.step
             if (cfg.save_interval and self.step % cfg.save_interval == 0) or self.step == stop_at or out_of_time:
                 path = self.save_checkpoint()
                 if main:
@@ -323,7 +325,7 @@ class Trainer:
                 self.log(f"time_limit of {cfg.time_limit}s reached at step {self.step}")
                 break
         bar.close()
-        if self.evaluators:
+        if self.evaluators and evaluated_at != self.step:
             last.update(self._log_eval())
         if cfg.export_hf:
             path = self.export_hf()
