@@ -143,7 +143,7 @@ def _attn_fwd(Q, K, V, O, LSE,
               H, GROUP, Tq, Tk, Q_BUCKET, K_BUCKET, qk_scale, clip,
               HAS_CLIP: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # longest (causal) query blocks first
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     kh = h // GROUP
@@ -296,7 +296,7 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
                  H, GROUP, Tq, Tk, Q_BUCKET, K_BUCKET, scale, qk_scale, clip,
                  HAS_CLIP: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # longest (causal) query blocks first
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     kh = h // GROUP
