@@ -140,6 +140,18 @@ def test_second_backward_is_refused():
         loss.backward()
 
 
+def test_autocast_does_not_reach_the_chunk_matmuls():
+    """The op computes in its inputs' dtype: a surrounding autocast must not turn its fp32 matmuls into bf16."""
+    x, w = torch.randn(9, 16, requires_grad=True), torch.randn(50, 16, requires_grad=True)
+    y = torch.randint(0, 50, (9,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = ops.linear_cross_entropy(x, w, y, backend="torch")
+    loss.backward()
+    ref = _plain(x.double(), w.double(), y)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad.double(), torch.autograd.grad(ref, (x,))[0].double(), rtol=1e-4, atol=1e-6)
+
+
 def test_clear_errors():
     x, w = torch.randn(4, 8), torch.randn(10, 8)
     with pytest.raises(ValueError, match="reduction"):

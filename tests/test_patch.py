@@ -226,3 +226,42 @@ def test_logits_loss_and_generation_options():
         prompt = ids[:1, :5]
         greedy = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
         assert model.generate(prompt, **greedy).equal(reference.generate(prompt, **greedy))  # KV-cache decode
+
+
+def test_accelerate_style_hooks_are_kept():
+    """accelerate's hooks move the real forward to `_old_forward` and put a wrapper in `forward`: the patch
+    replaces `_old_forward` and leaves the wrapper (here one that counts calls) in place."""
+    model = tiny_model("llama").eval()
+    ids = torch.randint(2, VOCAB, (1, 6))
+    calls = []
+    for module in model.modules():  # what accelerate.hooks.add_hook_to_module does, minus the device moves
+        module._old_forward = module.forward
+
+        def hooked(*args, _module=module, **kwargs):
+            calls.append(type(_module).__name__)
+            return _module._old_forward(*args, **kwargs)
+
+        module.forward = hooked
+    with torch.no_grad():
+        before = model(ids).logits
+        wrappers = {name: m.forward for name, m in model.named_modules()}
+        record = olmo_fast.patch(model, backend="torch")
+        calls.clear()
+        torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-6)
+        assert "LlamaRMSNorm" in calls and "LlamaAttention" in calls  # the hooks still run
+        assert all(m.forward is wrappers[name] for name, m in model.named_modules())
+        assert model.model.norm._old_forward.__func__.__module__ == "olmo_fast.nn.hf"
+        olmo_fast.unpatch(record)
+        assert model.model.norm._old_forward.__func__.__module__.startswith("transformers.")
+
+
+def test_fused_loss_under_bf16_autocast():
+    """Under autocast the head runs in bf16, as `lm_head` would: the loss matches the unpatched model's."""
+    model = tiny_model("olmo2")
+    reference = copy.deepcopy(model)
+    olmo_fast.patch(model, backend="torch")
+    ids = torch.randint(2, VOCAB, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused, plain = model(ids, labels=ids), reference(ids, labels=ids)
+    assert fused.logits is None and plain.logits.dtype == torch.bfloat16
+    torch.testing.assert_close(fused.loss, plain.loss, rtol=2e-2, atol=0)

@@ -132,10 +132,9 @@ def causal_lm_forward(original: Callable, opts: Options) -> Callable:
         return_dict = kwargs.pop("return_dict", None)
         outputs = self.model(*args, **kwargs)
         hidden, weight = outputs.last_hidden_state, self.lm_head.weight
-        if hidden.dtype != weight.dtype:  # as F.linear would run: autocast's dtype, else the weight's
-            device = hidden.device.type
-            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-            hidden, weight = hidden.to(dtype), weight.to(dtype)
+        device = hidden.device.type  # the head's matmul in the dtype lm_head would use: autocast's, else W's
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
         if shift_labels is None:  # position t predicts labels[t + 1]; the last position has no target
             shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
         num_items = kwargs.get("num_items_in_batch")

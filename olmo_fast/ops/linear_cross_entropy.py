@@ -40,18 +40,19 @@ def _forward(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore
     losses = torch.empty(n_tokens, dtype=torch.float32, device=x.device)
     dx = torch.empty_like(x) if grad_x else nothing(x)
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if grad_w else nothing(weight)
-    for start in range(0, n_tokens, chunk_size):
-        end = min(start + chunk_size, n_tokens)
-        x_c = x[start:end]
-        logits = x_c @ weight.t()
-        losses[start:end] = chunk_kernel(logits, labels[start:end], ignore_index, compute_grad)
-        if grad_x:
-            torch.mm(logits, weight, out=dx[start:end])
-        if grad_w:
-            if dw.dtype == logits.dtype:
-                dw.addmm_(logits.t(), x_c)
-            else:
-                dw += logits.t() @ x_c
+    with torch.autocast(x.device.type, enabled=False):  # the matmuls run in x's dtype, whatever the context
+        for start in range(0, n_tokens, chunk_size):
+            end = min(start + chunk_size, n_tokens)
+            x_c = x[start:end]
+            logits = x_c @ weight.t()
+            losses[start:end] = chunk_kernel(logits, labels[start:end], ignore_index, compute_grad)
+            if grad_x:
+                torch.mm(logits, weight, out=dx[start:end])
+            if grad_w:
+                if dw.dtype == logits.dtype:
+                    dw.addmm_(logits.t(), x_c)
+                else:
+                    dw += logits.t() @ x_c
     return losses.sum(), dx, dw.to(weight.dtype) if grad_w else dw
 
 
