@@ -4,6 +4,10 @@ error <= 2 x the error of the "torch" backend in the same dtype + a rounding sla
 
 Every op of the model runs on the backend (LayerNorm with the fused residual, qkv_rope, attention, SwiGLU);
 fp32 and fp16 on the CPU (bf16 attention needs tl.dot, which the Triton interpreter gets wrong in bf16).
+The clipped config runs in fp32 only: in fp16 a projection value within rounding distance of the clip passes
+the clamp's gradient in one computation and not in another (seen: 2 such flips vs float64 for the kernels, 1
+for torch, in the second block), a discontinuity no error rule can bound; tests/test_qkv_rope.py checks the
+clip's gradient exactly, values at +-clip included.
 """
 from __future__ import annotations
 
@@ -18,10 +22,12 @@ from olmo_fast import ModelConfig, OLMo
 BACKENDS = ["triton", "cpp"]
 KERNELS = ["layer_norm_fwd", "layer_norm_bwd", "qkv_rope_fwd", "qkv_rope_bwd", "swiglu_fwd", "swiglu_bwd",
            "attention_fwd", "attention_bwd"]
-CONFIGS = {  # the "test" preset (MHA, no clip), and GQA with a clip that bites (activations reach ~3)
+CONFIGS = {  # the "test" preset (MHA, no clip), GQA, and GQA with a clip that bites (activations reach ~3)
     "mha": {},
+    "gqa": {"n_kv_heads": 2},
     "gqa-clip": {"n_kv_heads": 2, "clip_qkv": 0.5},
 }
+CASES = [("mha", torch.float32), ("gqa-clip", torch.float32), ("mha", torch.float16), ("gqa", torch.float16)]
 
 
 def loss_and_grads(model: OLMo, ids: torch.Tensor, backend: str):
@@ -32,9 +38,8 @@ def loss_and_grads(model: OLMo, ids: torch.Tensor, backend: str):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("config", CONFIGS)
-def test_model_matches_torch_backend(backend, dtype, config):
+@pytest.mark.parametrize(("config", "dtype"), CASES, ids=lambda c: str(c))
+def test_model_matches_torch_backend(backend, config, dtype):
     for name in KERNELS:
         require_kernel(name, backend)
     torch.manual_seed(0)
