@@ -74,6 +74,8 @@ def default_rope_theta(config) -> float | None:
 def attention_forward(original: Callable, opts: Options) -> Callable:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    modeling = sys.modules[original.__module__]  # the family's modeling_*.py: its rotation and eager attention
+
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
                 attention_mask: torch.Tensor | None, cache=None, **kwargs):
         cache = kwargs.pop("past_key_values", cache)
@@ -95,7 +97,7 @@ def attention_forward(original: Callable, opts: Options) -> Callable:
         else:
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))
             cos, sin = position_embeddings
-            q, k = sys.modules[type(self).__module__].apply_rotary_pos_emb(q, k, cos, sin)
+            q, k = modeling.apply_rotary_pos_emb(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx, kwargs=kwargs)
 
@@ -108,7 +110,7 @@ def attention_forward(original: Callable, opts: Options) -> Callable:
             weights = None
         else:
             interface = ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation,
-                                                              sys.modules[type(self).__module__].eager_attention_forward)
+                                                              modeling.eager_attention_forward)
             out, weights = interface(self, q, k, v, attention_mask, dropout=dropout, scaling=self.scaling,
                                      sliding_window=window, **kwargs)
         return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1)), weights
