@@ -9,6 +9,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/library.h>
@@ -85,21 +86,34 @@ void run(const char* op, const Tensor& like, const Args& args, int64_t rows, int
 #endif
 }
 
-std::tuple<Tensor, std::optional<Tensor>, Tensor> layer_norm_fwd(const Tensor& x_in,
-                                                                 const std::optional<Tensor>& residual_in,
-                                                                 double eps) {
-  const char* op = "layer_norm_fwd";
+// A [cols] weight or bias: same dtype and device as x, contiguous.
+Tensor affine_of(const std::optional<Tensor>& t, const Tensor& x, const char* op, const char* name) {
+  if (!t.has_value()) return Tensor();
+  check_like(*t, x, {x.size(1)}, op, name, "x");
+  return t->contiguous();
+}
+
+const void* ptr_or_null(const Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
+
+std::tuple<Tensor, std::optional<Tensor>, std::optional<Tensor>, Tensor> norm_fwd(
+    const Tensor& x_in, const std::optional<Tensor>& residual_in, const std::optional<Tensor>& weight_in,
+    const std::optional<Tensor>& bias_in, double eps, bool rms) {
+  const char* op = "norm_fwd";
   const Tensor x = rows_of(x_in, op, "x");
   const int64_t rows = x.size(0), cols = x.size(1);
   TORCH_CHECK(cols > 0, "olmo_fast_C::", op, ": rows must not be empty, got shape ", x.sizes());
-  olmo_fast_layer_norm_fwd_args args{};
+  olmo_fast_norm_fwd_args args{};
   args.dtype = kernel_dtype(x, op, "x");
   args.rows = rows;
   args.cols = cols;
   args.x = x.data_ptr();
   args.x_stride = x.stride(0);
   args.eps = float(eps);
-  Tensor residual, h;
+  args.rms = rms ? 1 : 0;
+  const Tensor weight = affine_of(weight_in, x, op, "weight"), bias = affine_of(bias_in, x, op, "bias");
+  args.weight = ptr_or_null(weight);
+  args.bias = ptr_or_null(bias);
+  Tensor residual, h, mean;
   if (residual_in.has_value()) {
     residual = rows_of(*residual_in, op, "residual");
     check_like(residual, x, x.sizes(), op, "residual", "x");
@@ -110,33 +124,57 @@ std::tuple<Tensor, std::optional<Tensor>, Tensor> layer_norm_fwd(const Tensor& x
   }
   Tensor y = output({rows, cols}, x.options());
   Tensor rstd = output({rows}, x.options().dtype(at::kFloat));
+  if (!rms && (weight.defined() || bias.defined())) {  // what the backward recomputes xhat from
+    mean = output({rows}, x.options().dtype(at::kFloat));
+    args.mean = mean.data_ptr<float>();
+  }
   args.y = y.data_ptr();
   args.rstd = rstd.data_ptr<float>();
-  run(op, x, args, rows, cols, olmo_fast_layer_norm_fwd_cpu, olmo_fast_layer_norm_fwd_gpu);
-  return {y, residual_in.has_value() ? std::optional<Tensor>(h) : std::nullopt, rstd};
+  run(op, x, args, rows, cols, olmo_fast_norm_fwd_cpu, olmo_fast_norm_fwd_gpu);
+  return {y, h.defined() ? std::optional<Tensor>(h) : std::nullopt,
+          mean.defined() ? std::optional<Tensor>(mean) : std::nullopt, rstd};
 }
 
-Tensor layer_norm_bwd(const Tensor& dy_in, const Tensor& y_in, const Tensor& rstd_in, const std::optional<Tensor>& dh_in) {
-  const char* op = "layer_norm_bwd";
+// The CPU backward over rows without weight/bias accumulators.
+constexpr auto norm_bwd_rows = [](const olmo_fast_norm_bwd_args* a, int64_t begin, int64_t end) {
+  olmo_fast_norm_bwd_cpu(a, begin, end, 0);
+};
+
+std::tuple<Tensor, std::optional<Tensor>, std::optional<Tensor>> norm_bwd(
+    const Tensor& dy_in, const Tensor& saved_in, const std::optional<Tensor>& weight_in,
+    const std::optional<Tensor>& mean_in, const Tensor& rstd_in, const std::optional<Tensor>& dh_in, bool has_bias,
+    bool rms) {
+  const char* op = "norm_bwd";
   const Tensor dy = rows_of(dy_in, op, "dy");
-  const Tensor y = rows_of(y_in, op, "y");
+  const Tensor saved = rows_of(saved_in, op, "saved");
   const int64_t rows = dy.size(0), cols = dy.size(1);
   TORCH_CHECK(cols > 0, "olmo_fast_C::", op, ": rows must not be empty, got shape ", dy.sizes());
-  check_like(y, dy, dy.sizes(), op, "y", "dy");
-  TORCH_CHECK(rstd_in.scalar_type() == at::kFloat && rstd_in.device() == dy.device() && rstd_in.dim() == 1 &&
-                  rstd_in.size(0) == rows,
-              "olmo_fast_C::", op, ": rstd must be float32 [", rows, "] on ", dy.device(), ", got ",
-              rstd_in.scalar_type(), " ", rstd_in.sizes(), " on ", rstd_in.device());
-  const Tensor rstd = rstd_in.contiguous();
-  olmo_fast_layer_norm_bwd_args args{};
+  check_like(saved, dy, dy.sizes(), op, "saved", "dy");
+  const auto stats = [&](const Tensor& t, const char* name) {
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.device() == dy.device() && t.dim() == 1 && t.size(0) == rows,
+                "olmo_fast_C::", op, ": ", name, " must be float32 [", rows, "] on ", dy.device(), ", got ",
+                t.scalar_type(), " ", t.sizes(), " on ", t.device());
+    return t.contiguous();
+  };
+  const Tensor rstd = stats(rstd_in, "rstd");
+  const Tensor weight = affine_of(weight_in, dy, op, "weight");
+  const bool from_input = weight.defined() || has_bias;
+  TORCH_CHECK(mean_in.has_value() == (from_input && !rms), "olmo_fast_C::", op, ": the mean is needed exactly for ",
+              "LayerNorm with a weight or bias (saved = its input)");
+  const Tensor mean = mean_in.has_value() ? stats(*mean_in, "mean") : Tensor();
+  olmo_fast_norm_bwd_args args{};
   args.dtype = kernel_dtype(dy, op, "dy");
   args.rows = rows;
   args.cols = cols;
   args.dy = dy.data_ptr();
   args.dy_stride = dy.stride(0);
-  args.y = y.data_ptr();
-  args.y_stride = y.stride(0);
+  args.saved = saved.data_ptr();
+  args.saved_stride = saved.stride(0);
+  args.weight = ptr_or_null(weight);
+  args.mean = mean.defined() ? mean.data_ptr<float>() : nullptr;
   args.rstd = rstd.data_ptr<float>();
+  args.from_input = from_input ? 1 : 0;
+  args.rms = rms ? 1 : 0;
   Tensor dh;
   if (dh_in.has_value()) {
     dh = rows_of(*dh_in, op, "dh");
@@ -146,8 +184,37 @@ Tensor layer_norm_bwd(const Tensor& dy_in, const Tensor& y_in, const Tensor& rst
   }
   Tensor dx = output({rows, cols}, dy.options());
   args.dx = dx.data_ptr();
-  run(op, dy, args, rows, cols, olmo_fast_layer_norm_bwd_cpu, olmo_fast_layer_norm_bwd_gpu);
-  return dx;
+  if (!weight.defined() && !has_bias) {
+    run(op, dy, args, rows, cols, +norm_bwd_rows, olmo_fast_norm_bwd_gpu);
+    return {dx, std::nullopt, std::nullopt};
+  }
+  // dweight/dbias: fp32 accumulator rows, a fixed number per row count (the result does not depend on threads)
+  args.partials = std::min<int64_t>(std::max<int64_t>(rows, 1), dy.is_cpu() ? 32 : 256);
+  const at::TensorOptions fp32 = dy.options().dtype(at::kFloat);
+  Tensor dw_part = weight.defined() ? at::zeros({args.partials, cols}, fp32) : Tensor();
+  Tensor db_part = has_bias ? at::zeros({args.partials, cols}, fp32) : Tensor();
+  args.dweight = dw_part.defined() ? dw_part.data_ptr<float>() : nullptr;
+  args.dbias = db_part.defined() ? db_part.data_ptr<float>() : nullptr;
+  if (dy.is_cpu()) {
+    const int64_t parts = args.partials;
+    at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) olmo_fast_norm_bwd_cpu(&args, p * rows / parts, (p + 1) * rows / parts, p);
+    });
+  } else {
+    run(op, dy, args, rows, cols, +norm_bwd_rows, olmo_fast_norm_bwd_gpu);
+  }
+  return {dx, dw_part.defined() ? std::optional<Tensor>(dw_part.sum(0)) : std::nullopt,
+          db_part.defined() ? std::optional<Tensor>(db_part.sum(0)) : std::nullopt};
+}
+
+std::tuple<Tensor, std::optional<Tensor>, Tensor> layer_norm_fwd(const Tensor& x, const std::optional<Tensor>& residual,
+                                                                 double eps) {
+  auto [y, h, mean, rstd] = norm_fwd(x, residual, std::nullopt, std::nullopt, eps, false);
+  return {y, h, rstd};
+}
+
+Tensor layer_norm_bwd(const Tensor& dy, const Tensor& y, const Tensor& rstd, const std::optional<Tensor>& dh) {
+  return std::get<0>(norm_bwd(dy, y, std::nullopt, std::nullopt, rstd, dh, false, false));
 }
 
 // Column `col` of the rows of `t` (the second half of OLMo's fused [up | gate] projection).
@@ -280,6 +347,10 @@ std::string gpu_runtime() {
 TORCH_LIBRARY(olmo_fast_C, m) {
   m.def("layer_norm_fwd(Tensor x, Tensor? residual, float eps) -> (Tensor, Tensor?, Tensor)");
   m.def("layer_norm_bwd(Tensor dy, Tensor y, Tensor rstd, Tensor? dh) -> Tensor");
+  m.def("norm_fwd(Tensor x, Tensor? residual, Tensor? weight, Tensor? bias, float eps, bool rms) -> "
+        "(Tensor, Tensor?, Tensor?, Tensor)");
+  m.def("norm_bwd(Tensor dy, Tensor saved, Tensor? weight, Tensor? mean, Tensor rstd, Tensor? dh, bool has_bias, "
+        "bool rms) -> (Tensor, Tensor?, Tensor?)");
   m.def("swiglu_fwd(Tensor h) -> Tensor");
   m.def("swiglu_bwd(Tensor dout, Tensor h) -> Tensor");
   m.def("silu_mul_fwd(Tensor gate, Tensor up) -> Tensor");
@@ -293,6 +364,8 @@ TORCH_LIBRARY(olmo_fast_C, m) {
 #define OLMO_FAST_IMPLS(m)                     \
   m.impl("layer_norm_fwd", &layer_norm_fwd);  \
   m.impl("layer_norm_bwd", &layer_norm_bwd);  \
+  m.impl("norm_fwd", &norm_fwd);              \
+  m.impl("norm_bwd", &norm_bwd);              \
   m.impl("swiglu_fwd", &swiglu_fwd);          \
   m.impl("swiglu_bwd", &swiglu_bwd);          \
   m.impl("silu_mul_fwd", &silu_mul_fwd);      \

@@ -1,6 +1,8 @@
-// Non-parametric LayerNorm on the CPU, forward (optionally fused with the residual add) and backward.
-// Per row: exact two-pass statistics in fp32 (mean, then the mean squared deviation) over a row that stays in
-// cache, then one pass writing y; the backward reduces sum(dy) and sum(dy * y), then writes dx.
+// Row normalisation on the CPU (OLMo's non-parametric LayerNorm; LayerNorm with weight/bias; RMSNorm), optionally
+// fused with the residual add, forward and backward.
+// Forward per row: exact two-pass statistics in fp32 (mean, then the mean squared deviation) over a row that
+// stays in cache, then one pass writing y. Backward per row: sum(g * xhat) and sum(g), then one pass writing dx
+// and adding the dweight/dbias terms into the caller's accumulator row.
 #include <math.h>
 
 #include "loops.h"
@@ -10,9 +12,10 @@ namespace cpu {
 namespace {
 
 template <class T>
-OLMO_FAST_CPU_CLONES void layer_norm_fwd_rows(const olmo_fast_layer_norm_fwd_args& a, int64_t row_begin,
-                                              int64_t row_end) {
+OLMO_FAST_CPU_CLONES void norm_fwd_rows(const olmo_fast_norm_fwd_args& a, int64_t row_begin, int64_t row_end) {
   const int64_t n = a.cols;
+  const T* w = static_cast<const T*>(a.weight);
+  const T* b = static_cast<const T*>(a.bias);
   for (int64_t row = row_begin; row < row_end; ++row) {
     const T* src = static_cast<const T*>(a.x) + row * a.x_stride;
     if (a.residual != nullptr) {
@@ -27,33 +30,54 @@ OLMO_FAST_CPU_CLONES void layer_norm_fwd_rows(const olmo_fast_layer_norm_fwd_arg
                         const float d = to_float(src[i]) - mean;
                         return d * d;
                       }) / float(n);
-    const float rstd = 1.0f / sqrtf(var + a.eps);
+    const float center = a.rms ? 0.0f : mean;
+    const float rstd = 1.0f / sqrtf(a.rms ? var + mean * mean + a.eps : var + a.eps);  // RMS: mean(h^2)
     a.rstd[row] = rstd;
+    if (a.mean != nullptr) a.mean[row] = center;
     T* y = static_cast<T*>(a.y) + row * n;
-    for (int64_t i = 0; i < n; ++i) y[i] = from_float<T>((to_float(src[i]) - mean) * rstd);
+    if (w == nullptr && b == nullptr) {
+      for (int64_t i = 0; i < n; ++i) y[i] = from_float<T>((to_float(src[i]) - center) * rstd);
+    } else {
+      for (int64_t i = 0; i < n; ++i) {
+        const float v = (to_float(src[i]) - center) * rstd;
+        y[i] = from_float<T>((w ? v * to_float(w[i]) : v) + (b ? to_float(b[i]) : 0.0f));
+      }
+    }
   }
 }
 
 template <class T>
-OLMO_FAST_CPU_CLONES void layer_norm_bwd_rows(const olmo_fast_layer_norm_bwd_args& a, int64_t row_begin,
-                                              int64_t row_end) {
+OLMO_FAST_CPU_CLONES void norm_bwd_rows(const olmo_fast_norm_bwd_args& a, int64_t row_begin, int64_t row_end,
+                                        int64_t partial) {
   const int64_t n = a.cols;
+  const T* w = static_cast<const T*>(a.weight);
+  float* dw = a.dweight != nullptr ? a.dweight + partial * n : nullptr;
+  float* db = a.dbias != nullptr ? a.dbias + partial * n : nullptr;
   for (int64_t row = row_begin; row < row_end; ++row) {
     const T* dy = static_cast<const T*>(a.dy) + row * a.dy_stride;
-    const T* y = static_cast<const T*>(a.y) + row * a.y_stride;
-    const float mean_dy = lane_sum(n, [&](int64_t i) { return to_float(dy[i]); }) / float(n);
-    const float mean_dy_y = lane_sum(n, [&](int64_t i) { return to_float(dy[i]) * to_float(y[i]); }) / float(n);
+    const T* s = static_cast<const T*>(a.saved) + row * a.saved_stride;
     const float rstd = a.rstd[row];
+    // xhat from the saved output (scale 1, shift 0) or recomputed from the saved input
+    const float scale = a.from_input ? rstd : 1.0f;
+    const float shift = a.from_input && a.mean != nullptr ? a.mean[row] : 0.0f;
+    const auto xhat = [&](int64_t i) { return (to_float(s[i]) - shift) * scale; };
+    const auto g = [&](int64_t i) { return w ? to_float(dy[i]) * to_float(w[i]) : to_float(dy[i]); };
+    const float mean_g_xhat = lane_sum(n, [&](int64_t i) { return g(i) * xhat(i); }) / float(n);
+    const float mean_g = a.rms ? 0.0f : lane_sum(n, g) / float(n);
     T* dx = static_cast<T*>(a.dx) + row * n;
-    if (a.dh != nullptr) {
-      const T* dh = static_cast<const T*>(a.dh) + row * a.dh_stride;
+    const T* dh = a.dh != nullptr ? static_cast<const T*>(a.dh) + row * a.dh_stride : nullptr;
+    if (dh != nullptr) {
       for (int64_t i = 0; i < n; ++i) {
-        dx[i] = from_float<T>(rstd * (to_float(dy[i]) - mean_dy - to_float(y[i]) * mean_dy_y) + to_float(dh[i]));
+        dx[i] = from_float<T>(rstd * (g(i) - xhat(i) * mean_g_xhat - mean_g) + to_float(dh[i]));
       }
     } else {
-      for (int64_t i = 0; i < n; ++i) {
-        dx[i] = from_float<T>(rstd * (to_float(dy[i]) - mean_dy - to_float(y[i]) * mean_dy_y));
-      }
+      for (int64_t i = 0; i < n; ++i) dx[i] = from_float<T>(rstd * (g(i) - xhat(i) * mean_g_xhat - mean_g));
+    }
+    if (dw != nullptr) {
+      for (int64_t i = 0; i < n; ++i) dw[i] += to_float(dy[i]) * xhat(i);
+    }
+    if (db != nullptr) {
+      for (int64_t i = 0; i < n; ++i) db[i] += to_float(dy[i]);
     }
   }
 }
@@ -64,12 +88,12 @@ OLMO_FAST_CPU_CLONES void layer_norm_bwd_rows(const olmo_fast_layer_norm_bwd_arg
 
 using namespace olmo_fast;
 
-extern "C" void olmo_fast_layer_norm_fwd_cpu(const olmo_fast_layer_norm_fwd_args* args, int64_t row_begin,
-                                             int64_t row_end) {
-  cpu::dispatch_dtype(args->dtype, [&](auto tag) { cpu::layer_norm_fwd_rows<decltype(tag)>(*args, row_begin, row_end); });
+extern "C" void olmo_fast_norm_fwd_cpu(const olmo_fast_norm_fwd_args* args, int64_t row_begin, int64_t row_end) {
+  cpu::dispatch_dtype(args->dtype, [&](auto tag) { cpu::norm_fwd_rows<decltype(tag)>(*args, row_begin, row_end); });
 }
 
-extern "C" void olmo_fast_layer_norm_bwd_cpu(const olmo_fast_layer_norm_bwd_args* args, int64_t row_begin,
-                                             int64_t row_end) {
-  cpu::dispatch_dtype(args->dtype, [&](auto tag) { cpu::layer_norm_bwd_rows<decltype(tag)>(*args, row_begin, row_end); });
+extern "C" void olmo_fast_norm_bwd_cpu(const olmo_fast_norm_bwd_args* args, int64_t row_begin, int64_t row_end,
+                                       int64_t partial) {
+  cpu::dispatch_dtype(args->dtype,
+                      [&](auto tag) { cpu::norm_bwd_rows<decltype(tag)>(*args, row_begin, row_end, partial); });
 }

@@ -36,6 +36,20 @@ def layer_norm_bwd(dy: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor, dh: to
     return _ops.layer_norm_bwd(dy, y, rstd, dh)
 
 
+def norm_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
+             eps: float, rms: bool):
+    """LayerNorm with weight/bias, or RMSNorm -> (y, h or None, mean [N] fp32 when LayerNorm with weight or bias
+    else None, rstd [N] fp32)."""
+    return _ops.norm_fwd(x, residual, weight, bias, eps, rms)
+
+
+def norm_bwd(dy: torch.Tensor, saved: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor | None,
+             rstd: torch.Tensor, dh: torch.Tensor | None, has_bias: bool, rms: bool):
+    """-> (dx, dweight [C] fp32 or None, dbias [C] fp32 or None); `saved` is the input h with a weight or bias,
+    else the output y."""
+    return _ops.norm_bwd(dy, saved, weight, mean, rstd, dh, has_bias, rms)
+
+
 def swiglu_fwd(h: torch.Tensor) -> torch.Tensor:
     """h = [up | gate] [N, 2H] -> silu(gate) * up [N, H]."""
     return _ops.swiglu_fwd(h)
@@ -67,7 +81,8 @@ def rope_interleaved(x: torch.Tensor, positions: torch.Tensor | None, offset: in
     return _ops.rope_interleaved(x, positions, offset, theta, inverse)
 
 
-KERNELS = {"layer_norm_fwd": layer_norm_fwd, "layer_norm_bwd": layer_norm_bwd, "swiglu_fwd": swiglu_fwd,
+KERNELS = {"layer_norm_fwd": layer_norm_fwd, "layer_norm_bwd": layer_norm_bwd, "norm_fwd": norm_fwd,
+           "norm_bwd": norm_bwd, "swiglu_fwd": swiglu_fwd,
            "swiglu_bwd": swiglu_bwd, "silu_mul_fwd": silu_mul_fwd, "silu_mul_bwd": silu_mul_bwd, "rope": rope,
            "rope_interleaved": rope_interleaved}
 for _name, _fn in KERNELS.items():
@@ -85,6 +100,22 @@ def _(x, residual, eps):
 @torch.library.register_fake("olmo_fast_C::layer_norm_bwd")
 def _(dy, y, rstd, dh):
     return dy.new_empty(dy.shape)
+
+
+@torch.library.register_fake("olmo_fast_C::norm_fwd")
+def _(x, residual, weight, bias, eps, rms):
+    n, c = x.shape
+    stats = x.new_empty((n,), dtype=torch.float32)
+    h = x.new_empty((n, c)) if residual is not None else None
+    mean = stats.new_empty((n,)) if not rms and (weight is not None or bias is not None) else None
+    return x.new_empty((n, c)), h, mean, stats
+
+
+@torch.library.register_fake("olmo_fast_C::norm_bwd")
+def _(dy, saved, weight, mean, rstd, dh, has_bias, rms):
+    c = dy.shape[1]
+    return (dy.new_empty(dy.shape), rstd.new_empty((c,)) if weight is not None else None,
+            rstd.new_empty((c,)) if has_bias else None)
 
 
 @torch.library.register_fake("olmo_fast_C::swiglu_fwd")

@@ -19,8 +19,10 @@ extern "C" {
 
 typedef enum { OLMO_FAST_F32 = 0, OLMO_FAST_F16 = 1, OLMO_FAST_BF16 = 2 } olmo_fast_dtype;
 
-/* y = LN(h) with h = x (+ residual, rounded to the storage dtype and written to `h`); rstd = 1/sqrt(var(h)+eps).
- * Non-parametric: no weight, no bias. `residual` and `h` are both NULL or both set. */
+/* Row normalisation, forward: h = x (+ residual, rounded to the storage dtype and written to `h`),
+ * y = (h - mean) * rstd (* weight) (+ bias), rstd = 1/sqrt(var(h) + eps); RMSNorm (rms != 0): mean = 0 and
+ * var = mean(h^2). OLMo's LayerNorm is the non-parametric case (no weight, no bias, rms = 0). `residual` and `h`
+ * are both NULL or both set; `mean` ([rows] fp32) is written when not NULL. */
 typedef struct {
   olmo_fast_dtype dtype;
   int64_t rows, cols;
@@ -28,25 +30,40 @@ typedef struct {
   int64_t x_stride;
   const void* residual;
   int64_t residual_stride;
-  void* y;    /* [rows, cols] */
-  void* h;    /* [rows, cols] or NULL */
-  float* rstd; /* [rows] */
+  const void* weight; /* [cols] or NULL */
+  const void* bias;   /* [cols] or NULL */
+  void* y;            /* [rows, cols] */
+  void* h;            /* [rows, cols] or NULL */
+  float* mean;        /* [rows] or NULL */
+  float* rstd;        /* [rows] */
   float eps;
-} olmo_fast_layer_norm_fwd_args;
+  int rms;
+} olmo_fast_norm_fwd_args;
 
-/* dx = rstd * (dy - mean(dy) - y * mean(dy * y)) (+ dh): the backward from the output, not the input. */
+/* Backward: g = dy (* weight), xhat = the saved output y (no weight/bias: the input is not kept), or
+ * (h - mean) * rstd recomputed from the saved input h (from_input != 0; mean = 0 for RMSNorm);
+ * dx = rstd * (g - xhat * mean(g * xhat) - mean(g)) (+ dh), without the mean(g) term for RMSNorm.
+ * dweight += dy * xhat and dbias += dy summed over rows into fp32 accumulators: `partials` zeroed rows of
+ * [cols] each, summed by the caller (GPU: block b adds into row b; CPU: the caller names the row). */
 typedef struct {
   olmo_fast_dtype dtype;
   int64_t rows, cols;
   const void* dy;
   int64_t dy_stride;
-  const void* y;
-  int64_t y_stride;
-  const float* rstd;
-  const void* dh; /* NULL or [rows, cols] */
+  const void* saved; /* y, or h when from_input */
+  int64_t saved_stride;
+  const void* weight; /* [cols] or NULL */
+  const float* mean;  /* [rows] when from_input and not rms, else NULL */
+  const float* rstd;  /* [rows] */
+  const void* dh;     /* [rows, cols] or NULL */
   int64_t dh_stride;
-  void* dx; /* [rows, cols] */
-} olmo_fast_layer_norm_bwd_args;
+  void* dx;       /* [rows, cols] */
+  float* dweight; /* [partials, cols] or NULL */
+  float* dbias;   /* [partials, cols] or NULL */
+  int64_t partials;
+  int from_input;
+  int rms;
+} olmo_fast_norm_bwd_args;
 
 /* out = silu(gate) * up over [rows, hidden]. OLMo's fused projection h = [up | gate] ([rows, 2 * hidden]) is
  * gate = h + hidden, up = h, both with h's row stride. */
@@ -97,15 +114,16 @@ typedef struct {
   int interleaved;
 } olmo_fast_rope_args;
 
-int olmo_fast_layer_norm_fwd_gpu(const olmo_fast_layer_norm_fwd_args* args, void* stream);
-int olmo_fast_layer_norm_bwd_gpu(const olmo_fast_layer_norm_bwd_args* args, void* stream);
+int olmo_fast_norm_fwd_gpu(const olmo_fast_norm_fwd_args* args, void* stream);
+int olmo_fast_norm_bwd_gpu(const olmo_fast_norm_bwd_args* args, void* stream); /* grid: `partials` blocks */
 int olmo_fast_silu_mul_fwd_gpu(const olmo_fast_silu_mul_fwd_args* args, void* stream);
 int olmo_fast_silu_mul_bwd_gpu(const olmo_fast_silu_mul_bwd_args* args, void* stream);
 int olmo_fast_rope_gpu(const olmo_fast_rope_args* args, void* stream);
 const char* olmo_fast_gpu_error_string(int error);
 
-void olmo_fast_layer_norm_fwd_cpu(const olmo_fast_layer_norm_fwd_args* args, int64_t row_begin, int64_t row_end);
-void olmo_fast_layer_norm_bwd_cpu(const olmo_fast_layer_norm_bwd_args* args, int64_t row_begin, int64_t row_end);
+void olmo_fast_norm_fwd_cpu(const olmo_fast_norm_fwd_args* args, int64_t row_begin, int64_t row_end);
+/* adds the rows' dweight/dbias terms into accumulator row `partial` */
+void olmo_fast_norm_bwd_cpu(const olmo_fast_norm_bwd_args* args, int64_t row_begin, int64_t row_end, int64_t partial);
 void olmo_fast_silu_mul_fwd_cpu(const olmo_fast_silu_mul_fwd_args* args, int64_t row_begin, int64_t row_end);
 void olmo_fast_silu_mul_bwd_cpu(const olmo_fast_silu_mul_bwd_args* args, int64_t row_begin, int64_t row_end);
 void olmo_fast_rope_cpu(const olmo_fast_rope_args* args, int64_t token_begin, int64_t token_end);
