@@ -156,17 +156,26 @@ def test_prepare_data_cli_plain_text_has_no_mask(tmp_path, capsys):
         main(["prepare-data", str(tmp_path / "bad.jsonl"), "-o", str(tmp_path / "o2")])
 
 
-def test_builtin_corpus_is_real_olmo_tokenized_text(tmp_path):
+def test_builtin_corpus_is_real_olmo_tokenized_text_and_the_no_argument_run_uses_it(tmp_path, monkeypatch, capsys):
+    from olmo_fast.cli import main
     from olmo_fast.tokenizer import load_tokenizer
     from olmo_fast.train import corpus
 
-    train, val = corpus.build(tmp_path)
+    monkeypatch.setenv("OLMO_FAST_CACHE", str(tmp_path))
+    train, val = corpus.build()
+    assert train.parent.parent == tmp_path / corpus.VERSION
     ids = np.memmap(train, dtype=np.uint16, mode="r")
     held = np.memmap(val, dtype=np.uint16, mode="r")
     assert len(ids) > 1_000_000 and len(held) > 10_000 and int(ids.max()) < 50280
     text = load_tokenizer().decode(ids[:200].tolist())
     assert "Question:" in text or "Answer:" in text
-    assert corpus.build(tmp_path) == (train, val)  # cached
+    assert corpus.build() == (train, val)  # cached
+    # `olmo-fast train` with no arguments, cut to 2 steps: the tiny model on this corpus, eval on its held-out part
+    assert main(["train", "--max_duration=2", "--console_log_interval=1", f"--save_folder={tmp_path / 'run'}"]) == 0
+    out = capsys.readouterr().out
+    assert "data: the built-in corpus" in out and "step 2/2 | loss" in out and "eval/corpus-val/loss" in out
+    assert f"run written to {tmp_path / 'run'}" in out
+    assert {p.name for p in (tmp_path / "run").iterdir()} == {"config.yaml", "metrics.jsonl", "step2", "hf"}
 
 
 def test_train_rejects_bad_data_before_training(tmp_path, capsys):

@@ -26,7 +26,7 @@ from ..tokenizer import TokenizerError
 QUICK_RUN = {
     "model": "tiny",
     "max_duration": 40,
-    "time_limit": 100,  # seconds: a slow machine stops early (and saves) rather than run long
+    "time_limit": 80,  # seconds of training: a slow machine stops early (and saves) rather than run long
     "global_train_batch_size": 4,
     "device_train_microbatch_size": 4,
     "optimizer": {"learning_rate": 3e-3},
