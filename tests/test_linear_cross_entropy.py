@@ -152,6 +152,25 @@ def test_autocast_does_not_reach_the_chunk_matmuls():
     torch.testing.assert_close(x.grad.double(), torch.autograd.grad(ref, (x,))[0].double(), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_compiles_fullgraph_and_matches_eager(backend):
+    """torch.compile traces the op (its custom op's fake and autograd) without a graph break. (opcheck's
+    aot_dispatch test rejects it: the backward scales the saved gradient outputs in place.)"""
+    _require(backend)
+    torch._dynamo.reset()
+    x, w = torch.randn(7, 5, device=DEVICE), torch.randn(11, 5, device=DEVICE)
+    y = torch.tensor([1, 2, -100, 4, 10, 0, 3], device=DEVICE)
+
+    def step(x, w):
+        return 3.0 * ops.linear_cross_entropy(x, w, y, chunk_size=3, backend=backend)
+
+    eager = _loss_and_grads(lambda a, b, _: step(a, b), x, w, y)
+    compiled = _loss_and_grads(lambda a, b, _: torch.compile(step, fullgraph=True, backend="aot_eager")(a, b),
+                               x, w, y)
+    for e, c in zip(eager, compiled):
+        torch.testing.assert_close(c, e, rtol=0, atol=0)
+
+
 def test_clear_errors():
     x, w = torch.randn(4, 8), torch.randn(10, 8)
     with pytest.raises(ValueError, match="reduction"):

@@ -158,9 +158,10 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     x, labels = x.reshape(-1, x.shape[-1]), labels.reshape(-1).long()
-    bad = (labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))
-    if bool(bad.any()):
-        raise ValueError(f"labels must lie in [0, {weight.shape[0]}) or equal ignore_index={ignore_index}")
+    if not torch.compiler.is_compiling():  # a host sync: checked in eager mode only (no graph break)
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))
+        if bool(bad.any()):
+            raise ValueError(f"labels must lie in [0, {weight.shape[0]}) or equal ignore_index={ignore_index}")
     chosen = dispatch.resolve("cross_entropy_chunk", backend, x.device)  # "torch": reference.cross_entropy_chunk
     return _fused("linear_cross_entropy")(x, weight, labels, ignore_index=ignore_index, reduction=reduction,
                                           chunk_size=chunk_size, backend=chosen)
