@@ -86,7 +86,9 @@ def shard(model: nn.Module, precision: str) -> nn.Module:
         "pure": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.bfloat16),
         "full": MixedPrecisionPolicy(),
     }[precision]
-    for block in model.transformer["blocks"]:
-        fully_shard(block, mp_policy=policy)
+    blocks = model.transformer["blocks"]
+    for i, block in enumerate(blocks):
+        # The last block's backward comes right after the forward: keep its parameters gathered (torchtitan's).
+        fully_shard(block, mp_policy=policy, reshard_after_forward=i < len(blocks) - 1)
     fully_shard(model, mp_policy=policy)
     return model

@@ -113,7 +113,8 @@ class Trainer:
             self._restore(load_from, optimizer=not config.reset_optimizer_state, trainer=not config.reset_trainer_state)
             self.log(f"loaded {load_from}" + (" (trainer state reset)" if config.reset_trainer_state else ""))
         elif weights_only:
-            self.log(f"loaded weights from {load_from}")
+            self.log(f"loaded weights from {load_from}" + ("; its optim.pt (OLMo's format) is not read: AdamW starts "
+                                                           "fresh" if (load_from / "optim.pt").exists() else ""))
         self.max_steps = self._max_steps()
         self.max_tokens = self._max_tokens()
 
