@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEVICE, assert_within_2x, poisoned_allocations, require_kernel
+from conftest import DEVICE, assert_within_2x, poisoned_allocations, require_kernel_where_registered
 from olmo_fast import ops
 
 BACKENDS = ["triton", "cpp"]
@@ -52,7 +52,7 @@ def run(qkv, grads, backend, **kwargs):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_against_float64(backend, dtype, case):
-    require_kernel("qkv_rope_fwd", backend)
+    require_kernel_where_registered("qkv_rope_fwd", backend)
     B, T, Hq, Hkv, D, clip, kind = case
     qkv = make_qkv(B, T, Hq, Hkv, D, dtype, clip)
     grads = (torch.randn(B, Hq, T, D, device=DEVICE).transpose(1, 2).to(dtype),  # head-major, as attention's
@@ -76,8 +76,8 @@ def test_against_float64(backend, dtype, case):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_matches_separate_ops(backend):
     """The fused prologue equals clamp + split + ops.rope of the same backend (bitwise in fp32)."""
-    require_kernel("qkv_rope_fwd", backend)
-    require_kernel("rope", backend)
+    require_kernel_where_registered("qkv_rope_fwd", backend)
+    require_kernel_where_registered("rope", backend)
     B, T, Hq, Hkv, D = 2, 3, 4, 2, 16
     qkv = 2 * torch.randn(B, T, (Hq + 2 * Hkv) * D, device=DEVICE)
     q, k, v = ops.qkv_rope(qkv, n_heads=Hq, n_kv_heads=Hkv, clip=1.0, offset=5, backend=backend)
@@ -89,7 +89,7 @@ def test_matches_separate_ops(backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_clip_keeps_no_input(backend):
     """Without a clip the backward needs nothing of qkv: the projection output is not kept alive."""
-    require_kernel("qkv_rope_fwd", backend)
+    require_kernel_where_registered("qkv_rope_fwd", backend)
     qkv = torch.randn(1, 2, 3 * 8, device=DEVICE, requires_grad=True)
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
@@ -99,7 +99,7 @@ def test_no_clip_keeps_no_input(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_inputs(backend):
-    require_kernel("qkv_rope_fwd", backend)
+    require_kernel_where_registered("qkv_rope_fwd", backend)
     with pytest.raises(ValueError, match="even head dim"):
         ops.qkv_rope(torch.randn(1, 2, 9, device=DEVICE), n_heads=1, n_kv_heads=1, backend=backend)
     with pytest.raises(ValueError, match="positions"):

@@ -89,7 +89,5 @@ def apply(x: torch.Tensor, *, eps: float, residual: torch.Tensor | None = None, 
     check_like("residual", residual, x, x.shape)
     check_like("weight", weight, x, (width,))
     check_like("bias", bias, x, (width,))
-    if residual is not None and residual.dtype != x.dtype:
-        raise ValueError(f"residual must have x's dtype {x.dtype}, got {residual.dtype}")
     y, h, _, _ = _fwd(x, residual, weight, bias, eps, rms, backend)
     return y if residual is None else (y, h)
