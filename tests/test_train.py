@@ -11,6 +11,7 @@ from conftest import require_kernel
 from olmo_fast import ModelConfig, OLMo
 from olmo_fast.config import ConfigError
 from olmo_fast.train.config import SchedulerConfig, load_config, parse_overrides
+from olmo_fast.train.data import epoch_order
 from olmo_fast.train.loop import Trainer
 from olmo_fast.train.optim import param_groups
 from olmo_fast.train.schedule import Schedule
@@ -239,8 +240,7 @@ def test_finetune_from_hf_weights_with_label_mask_and_export(tmp_path):
     assert trainer.model_config == ModelConfig.from_file(tmp_path / "hf-in")  # the model came with the weights
     # Step 1's loss by hand: the loaded weights, summed CE over the scored labels / all tokens of the batch.
     start = OLMo.from_pretrained(tmp_path / "hf-in")
-    batch = trainer.train_data.batch(np.sort(__import__("olmo_fast.train.data", fromlist=["x"]).epoch_order(
-        16, BASE["seed"], 0)[:8]))
+    batch = trainer.train_data.batch(epoch_order(16, BASE["seed"], 0)[:8])  # step 1's global batch
     ids, labels = batch["input_ids"], batch["labels"]
     logits = start(ids)
     expected = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(),
