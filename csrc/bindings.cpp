@@ -218,7 +218,9 @@ Tensor layer_norm_bwd(const Tensor& dy, const Tensor& y, const Tensor& rstd, con
 }
 
 // Column `col` of the rows of `t` (the second half of OLMo's fused [up | gate] projection).
-const void* column(const Tensor& t, int64_t col) { return static_cast<const char*>(t.data_ptr()) + col * t.element_size(); }
+const void* column(const Tensor& t, int64_t col) {
+  return static_cast<const char*>(t.data_ptr()) + col * t.element_size();
+}
 
 Tensor silu_mul_fwd(const Tensor& gate_in, const Tensor& up_in) {
   const char* op = "silu_mul_fwd";
@@ -311,8 +313,8 @@ Tensor rotate(const char* op, const Tensor& x, const std::optional<Tensor>& posi
     TORCH_CHECK(p.device() == x.device(), "olmo_fast_C::", op, ": positions are on ", p.device(), " but x is on ",
                 x.device());
     const bool per_sequence = p.dim() == 2 && p.size(1) == seq && (p.size(0) == batch || p.size(0) == 1);
-    TORCH_CHECK((p.dim() == 1 && p.size(0) == seq) || per_sequence, "olmo_fast_C::", op, ": positions must be [T] or [B, T] = [",
-                batch, ", ", seq, "], got shape ", p.sizes());
+    TORCH_CHECK((p.dim() == 1 && p.size(0) == seq) || per_sequence, "olmo_fast_C::", op,
+                ": positions must be [T] or [B, T] = [", batch, ", ", seq, "], got shape ", p.sizes());
     positions = p.contiguous();
     args.positions = positions.data_ptr<int64_t>();
     args.positions_batch_stride = per_sequence && p.size(0) == batch ? seq : 0;

@@ -95,9 +95,11 @@ def _cuda_home(cpp_extension) -> str:
     candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), cpp_extension.CUDA_HOME,
                   os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None, "/usr/local/cuda"]
     for home in filter(None, candidates):
-        if os.path.exists(os.path.join(home, "bin", "nvcc")) and glob.glob(os.path.join(home, "lib*", "libcudart_static.a")):
+        runtime = glob.glob(os.path.join(home, "lib*", "libcudart_static.a"))
+        if os.path.exists(os.path.join(home, "bin", "nvcc")) and runtime:
             return home
-    raise RuntimeError(f"no CUDA toolkit with nvcc and libcudart_static.a among {[c for c in candidates if c]}; set CUDA_HOME")
+    tried = [c for c in candidates if c]
+    raise RuntimeError(f"no CUDA toolkit with nvcc and libcudart_static.a among {tried}; set CUDA_HOME")
 
 
 def _compile_gpu_objects(gpu: str, out_dir: str, cpp_extension) -> tuple[list[str], dict]:
@@ -118,7 +120,8 @@ def _compile_gpu_objects(gpu: str, out_dir: str, cpp_extension) -> tuple[list[st
         if not os.path.exists(compiler):
             compiler = shutil.which("hipcc") or compiler
         archs = os.environ.get("PYTORCH_ROCM_ARCH") or "gfx90a"
-        flags = common + ["-x", "hip", "-fPIC"] + [f"--offload-arch={a}" for a in archs.replace(",", ";").split(";") if a]
+        offload = [f"--offload-arch={a}" for a in archs.replace(",", ";").split(";") if a]
+        flags = common + ["-x", "hip", "-fPIC"] + offload
         link = {"library_dirs": [os.path.join(home, "lib")], "libraries": ["amdhip64"],
                 "defines": ["OLMO_FAST_WITH_GPU", "OLMO_FAST_WITH_HIP"]}
     os.makedirs(out_dir, exist_ok=True)

@@ -16,8 +16,8 @@ from conftest import DEVICE, assert_within_2x, require_kernel
 from olmo_fast.ops import reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-OPS = ("layer_norm_fwd", "layer_norm_bwd", "swiglu_fwd", "swiglu_bwd", "silu_mul_fwd", "silu_mul_bwd", "rope",
-       "rope_interleaved")
+OPS = ("layer_norm_fwd", "layer_norm_bwd", "norm_fwd", "norm_bwd", "swiglu_fwd", "swiglu_bwd", "silu_mul_fwd",
+       "silu_mul_bwd", "rope", "rope_interleaved")
 
 
 @pytest.fixture(autouse=True)
@@ -68,9 +68,13 @@ def test_opcheck_fake_kernels(cpp):
     x, r = rows(4, 24, torch.bfloat16, "contiguous"), rows(4, 24, torch.bfloat16, "unaligned")
     y, h, rstd = cpp.layer_norm_fwd(x, r, 1e-5)
     q = torch.randn(2, 5, 3, 8, device=DEVICE)
+    w, b = x[0], r[1]
+    _, _, mean, rstd_affine = cpp.norm_fwd(x, None, w, b, 1e-5, False)
     cases = {
         cpp.layer_norm_fwd: [(x, r, 1e-5), (x, None, 1e-5)],
         cpp.layer_norm_bwd: [(x, y, rstd, None), (x, y, rstd, r)],
+        cpp.norm_fwd: [(x, r, w, b, 1e-5, False), (x, None, w, None, 1e-6, True), (x, r, None, None, 1e-6, True)],
+        cpp.norm_bwd: [(x, h, w, mean, rstd_affine, r, True, False), (x, y, None, None, rstd, None, False, True)],
         cpp.swiglu_fwd: [(x,)],
         cpp.swiglu_bwd: [(x[:, :12], x)],
         cpp.silu_mul_fwd: [(x, r)],
@@ -100,7 +104,8 @@ def test_layer_norm(cpp, dtype, layout, shape):
         h64 = h_ref.double().requires_grad_()
         y64 = F.layer_norm(h64, (c,), eps=1e-5)
         assert_within_2x("y", y, reference.layer_norm(h_ref, 1e-5), y64.detach())
-        torch.testing.assert_close(rstd, (h64.detach().var(-1, unbiased=False) + 1e-5).rsqrt().float(), rtol=1e-5, atol=0)
+        rstd64 = (h64.detach().var(-1, unbiased=False) + 1e-5).rsqrt()
+        torch.testing.assert_close(rstd, rstd64.float(), rtol=1e-5, atol=0)
         # backward from (y, rstd) vs float64 autograd, and torch's same-dtype autograd
         (dx64,) = torch.autograd.grad(y64, h64, dy.double())
         h_same = h_ref.detach().requires_grad_()
@@ -109,6 +114,35 @@ def test_layer_norm(cpp, dtype, layout, shape):
         if dh_ is not None:
             dx64, dx_same = dx64 + dh_.double(), dx_same + dh_
         assert_within_2x("dx", dx, dx_same, dx64)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("rms", [False, True], ids=["layer_norm", "rms_norm"])
+def test_affine_norm_weight_grads_over_many_rows(cpp, dtype, rms):
+    """Weight/bias gradients summed over more rows than the CPU's 32 fp32 accumulator rows (several rows each),
+    vs float64 autograd; the same bits whatever the thread count."""
+    n, c = 203, 67
+    x, dy = rows(n, c, dtype, "unaligned", 2.0, 0.5), rows(n, c, dtype, "strided")
+    w, b = (1 + 0.5 * torch.randn(c, device=DEVICE)).to(dtype), torch.randn(c, device=DEVICE).to(dtype)
+    bias = None if rms else b
+    y, _, mean, rstd = cpp.norm_fwd(x, None, w, bias, 1e-5, rms)
+    got = (y, *cpp.norm_bwd(dy, x, w, mean, rstd, None, bias is not None, rms))
+
+    def torch_run(x, w, b, dy):
+        leaves = [t.detach().requires_grad_() for t in (x, w, b) if t is not None]
+        out = F.rms_norm(leaves[0], (c,), leaves[1], 1e-5) if rms else F.layer_norm(leaves[0], (c,), *leaves[1:], 1e-5)
+        return (out, *torch.autograd.grad(out, leaves, dy))
+
+    same, ref = torch_run(x, w, bias, dy), torch_run(x.double(), w.double(), None if rms else b.double(), dy.double())
+    for name, g, s, r in zip(("y", "dx", "dweight", "dbias"), got, same, ref):
+        assert_within_2x(name, g.to(s.dtype), s, r)  # weight grads come in fp32
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        again = cpp.norm_bwd(dy, x, w, mean, rstd, None, bias is not None, rms)
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(again, got[1:]) if a is not None)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -220,6 +254,8 @@ def test_bad_inputs_raise_clear_errors(cpp):
         (lambda: cpp.layer_norm_fwd(x, x.half(), 1e-5), "residual has dtype Half but x has Float"),
         (lambda: cpp.layer_norm_fwd(x[:, :0], None, 1e-5), "rows must not be empty"),
         (lambda: cpp.layer_norm_bwd(x, x, torch.ones(3, device=DEVICE), None), "rstd must be float32 [4]"),
+        (lambda: cpp.norm_fwd(x, None, x[0, :7], None, 1e-5, False), "weight must have shape [8], got [7]"),
+        (lambda: cpp.norm_bwd(x, x, x[0], None, x[:, 0], None, False, False), "the mean is needed exactly for"),
         (lambda: cpp.swiglu_fwd(x[:, :7]), "needs an even last dim"),
         (lambda: cpp.swiglu_bwd(x, x), "dout must have shape [4, 4], got [4, 8]"),
         (lambda: cpp.silu_mul_fwd(x.int(), x.int()), "gate must be float32, float16 or bfloat16, got Int"),
