@@ -280,6 +280,6 @@ def test_fused_backends_follow_the_torch_loss_curve(tmp_path, monkeypatch, backe
     train(tmp_path / backend, data, *args, "--backend=null")
     ref, got = step_losses(tmp_path / "torch"), step_losses(tmp_path / backend)
     assert list(ref) == list(got) == [1, 2, 3]
-    # fp32 kernels vs the fp32 reference: per-op differences ~1e-6 compound over 3 steps of lr 1e-2
-    np.testing.assert_allclose([got[s] for s in got], [ref[s] for s in ref], rtol=0, atol=2e-4,
+    # fp32 kernels vs the fp32 reference: seen 5e-7 apart here; per-op rounding compounds over 3 steps
+    np.testing.assert_allclose([got[s] for s in got], [ref[s] for s in ref], rtol=0, atol=5e-5,
                                err_msg=f"{backend} ({', '.join(fused_ops)})")
