@@ -1,4 +1,4 @@
-"""torch.compile(fullgraph=True) through the custom ops, on the CPU.
+"""torch.compile(fullgraph=True) through the custom ops, on the CPU; and the Triton kernels compiled for GPUs.
 
 What runs: dynamo traces an OLMo block (fused residual LayerNorm, qkv_rope, attention, SwiGLU) with
 `fullgraph=True` (any graph break fails), AOTAutograd traces forward and backward through the ops' fake
@@ -6,8 +6,16 @@ implementations and registered autograd, and the compiled block's outputs and gr
 The "aot_eager" compiler backend runs that traced graph without generating C++ (inductor's CPU codegen would
 spend the test budget compiling C++; the custom ops are opaque to it either way). `torch.library.opcheck`
 checks each custom op's schema, fake implementation and autograd registration against the real kernels.
+The interpreter runs kernels with Python semantics, lenient where the compiler is not (loop-carried types,
+pointer arithmetic); `test_kernels_compile_for_gpus` compiles every kernel (all feature flags on, both
+LayerNorm paths) to PTX for sm_90 (warp 32) and to an AMD code object for gfx90a (wave 64) with the launch
+helpers' warp counts - no GPU needed, in a subprocess with TRITON_INTERPRET=0.
 """
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -67,3 +75,69 @@ def test_opcheck(backend, kernel):
     args = tuple(a.requires_grad_() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor",
                                                 "test_aot_dispatch_dynamic"))
+
+
+def test_launch_params_fit_both_vendors(monkeypatch):
+    """num_warps * warp size stays within 1024 threads for NVIDIA (32) and AMD (64) at every block size."""
+    from olmo_fast.kernels import _launch
+
+    for warp in (32, 64):
+        monkeypatch.setattr(_launch, "warp_size", lambda warp=warp: warp)
+        for block in (2 ** k for k in range(4, 18)):
+            warps = _launch.num_warps(block)
+            assert 1 <= warps * warp <= 1024 and warps & (warps - 1) == 0, (warp, block, warps)
+
+
+def test_kernels_compile_for_gpus():
+    require_kernel_where_registered("layer_norm_fwd", "triton")
+    env = {**os.environ, "TRITON_INTERPRET": "0"}  # "0": conftest's setdefault leaves it off in the child
+    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["compiled", "18"], done.stdout
+
+
+def _compile_for_gpus() -> None:
+    """Compile each kernel for sm_90 and gfx90a (run as a script: the kernels must not be interpreted)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from olmo_fast.kernels import _launch, layer_norm, qkv_rope, rope, swiglu
+
+    flags = dict(HAS_RESIDUAL=True, HAS_WEIGHT=True, HAS_BIAS=True, IS_RMS=False, STORE_MEAN=True, FROM_INPUT=True,
+                 HAS_DH=True, HAS_POS=True, INVERSE=True, INTERLEAVED=True, CLIP=True)
+    tile = dict(BLOCK_H=32, BLOCK_HALF=64)  # OLMo-7B: 32 heads of 128
+    kernels = [  # (kernel, constexprs, integer args among the capitalised names (the rest are pointers))
+        (layer_norm._norm_fwd_kernel, dict(BLOCK=4096, SINGLE_PASS=True), {"C"}),
+        (layer_norm._norm_fwd_kernel, dict(BLOCK=16384, SINGLE_PASS=False), {"C"}),
+        (layer_norm._norm_bwd_kernel, dict(BLOCK=4096, SINGLE_PASS=True), {"N", "C"}),
+        (layer_norm._norm_bwd_kernel, dict(BLOCK=16384, SINGLE_PASS=False), {"N", "C"}),
+        (swiglu._silu_mul_fwd_kernel, dict(BLOCK=4096), {"H"}),
+        (swiglu._silu_mul_bwd_kernel, dict(BLOCK=4096), {"H"}),
+        (rope._rope_kernel, tile, {"T", "H", "HALF"}),
+        (qkv_rope._qkv_rope_fwd_kernel, tile, {"T", "HQ", "HKV", "HALF"}),
+        (qkv_rope._qkv_rope_bwd_kernel, tile, {"T", "HQ", "HKV", "HALF"}),
+    ]
+    fp32_pointers = {"MEAN", "RSTD", "INV_FREQ", "DW", "DB"}
+    count = 0
+    for fn, sizes, ints in kernels:
+        constexprs = {name: value for name, value in {**flags, **sizes}.items() if name in fn.arg_names}
+        signature = {}
+        for name in fn.arg_names:
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif name.isupper() and name not in ints:
+                signature[name] = "*i64" if name == "POS" else "*fp32" if name in fp32_pointers else "*bf16"
+            else:
+                signature[name] = "fp32" if name in ("eps", "clip") else "i32"
+        elements = 2 * sizes["BLOCK_H"] * sizes["BLOCK_HALF"] if "BLOCK_H" in sizes else sizes["BLOCK"]
+        for target in (GPUTarget("cuda", 90, 32), GPUTarget("hip", "gfx90a", 64)):
+            _launch.warp_size = lambda target=target: target.warp_size
+            triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs), target=target,
+                           options={"num_warps": _launch.num_warps(elements)})
+            count += 1
+    print("compiled", count)
+
+
+if __name__ == "__main__":
+    _compile_for_gpus()
