@@ -7,12 +7,18 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assert_within_2x, require_kernel_where_registered
+from conftest import DEVICE, assert_within_2x, require_kernel_where_registered
 from torch.func import functional_call
 
 from olmo_fast import nn as ofnn
 
 BACKENDS = ["torch", "triton", "cpp"]
+
+
+@pytest.fixture(autouse=True)
+def _on_device():
+    with torch.device(DEVICE):
+        yield
 
 
 def _require(backend: str, *kernels: str) -> None:

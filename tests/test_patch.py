@@ -8,12 +8,13 @@ norm or mask is off by 1e-2 or more); loss curves rtol 1e-4 over 15 AdamW steps.
 transformers model is no float64 reference: its norms and loss upcast to fp32 only.)
 """
 import collections
+import contextlib
 import copy
 
 import pytest
 import torch
 import transformers
-from conftest import require_kernel_where_registered
+from conftest import DEVICE, require_kernel
 from torch import nn
 
 import olmo_fast
@@ -30,6 +31,12 @@ FAMILIES = {  # family -> (config class, causal LM class, extra config, expected
 KERNELS = {"layer_norm": "layer_norm_fwd", "rms_norm": "norm_fwd", "silu_mul": "silu_mul_fwd", "rope": "rope",
            "attention": "attention_fwd", "linear_cross_entropy": "cross_entropy_chunk"}
 VOCAB = 97
+
+
+@pytest.fixture(autouse=True)
+def _on_device():
+    with torch.device(DEVICE):  # models and inputs (the CPU without a GPU: Triton runs in the interpreter)
+        yield
 
 
 def tiny_model(family: str, **overrides) -> nn.Module:
@@ -76,24 +83,39 @@ def _assert_same_outputs(patched, unpatched):
                                rtol=1e-4, atol=1e-5)
 
 
+def _backend_plan(backend: str, used: list[str]):
+    """(patch's backend, context): `backend` itself where it has a kernel for every op used; otherwise (cpp has
+    no attention or cross-entropy kernel) backend=None under `ops.prefer(backend)`: its kernels where it has
+    them, the best other backend elsewhere. An unbuilt backend skips (fails under CI) in `require_kernel`."""
+    if backend == "torch":
+        return "torch", contextlib.nullcontext()
+    from olmo_fast.ops import dispatch
+
+    registered = dispatch.status().get(backend, {}).get("ops", [])
+    have = [op for op in used if KERNELS[op] in registered]
+    for op in have or used:
+        require_kernel(KERNELS[op], backend)
+    return (backend, contextlib.nullcontext()) if have == used else (None, ops.prefer(backend))
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton", "cpp"])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_patched_matches_unpatched(family, backend, op_calls):
-    norm_op = FAMILIES[family][3]
-    if backend != "torch":
-        for op in (norm_op, "silu_mul", "rope", "attention", "linear_cross_entropy"):
-            require_kernel_where_registered(KERNELS[op], backend)
+    used = [FAMILIES[family][3], "silu_mul", "rope", "attention", "linear_cross_entropy"]
+    patch_backend, context = _backend_plan(backend, used)
     model = tiny_model(family)
     ids = torch.randint(2, VOCAB, (2, 9))
     ids[1, :3] = 0  # padding-id tokens, but no attention mask: every position is attended as usual
     before = _loss_grads_logits(model, ids)
     assert op_calls == {}
-    record = olmo_fast.patch(model, backend=backend)
+    record = olmo_fast.patch(model, backend=patch_backend)
     assert len(record.replaced) == 4 and "Attention" in repr(record)
-    after = _loss_grads_logits(model, ids)
+    with context:
+        after = _loss_grads_logits(model, ids)
+        assert ops.dispatch.resolve(KERNELS[used[0]], patch_backend, torch.device(DEVICE)) == backend  # its norm
     assert after[0].logits is None  # training with labels: the fused loss, no [tokens, vocab] logits
     _assert_same_outputs(after, before)
-    for op in (norm_op, "silu_mul", "rope", "attention", "linear_cross_entropy"):
+    for op in used:
         assert op_calls[op] > 0, f"the fused {op} never ran"
     olmo_fast.unpatch(record)
     assert _loss_grads_logits(model, ids)[2].equal(before[2])
@@ -151,7 +173,7 @@ def test_patch_classes_before_loading(tmp_path, op_calls):
     record = olmo_fast.patch(transformers.LlamaForCausalLM, backend="torch")
     try:
         assert sorted(record.replaced) == ["LlamaAttention", "LlamaForCausalLM", "LlamaMLP", "LlamaRMSNorm"]
-        loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path).eval()
+        loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path).to(DEVICE).eval()
         assert not any("forward" in vars(m) for m in loaded.modules())  # the classes carry the patch
         with torch.no_grad():
             torch.testing.assert_close(loaded(ids).logits, before, rtol=1e-5, atol=1e-6)
@@ -261,7 +283,7 @@ def test_fused_loss_under_bf16_autocast():
     reference = copy.deepcopy(model)
     olmo_fast.patch(model, backend="torch")
     ids = torch.randint(2, VOCAB, (2, 8))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(torch.device(DEVICE).type, dtype=torch.bfloat16):
         fused, plain = model(ids, labels=ids), reference(ids, labels=ids)
     assert fused.logits is None and plain.logits.dtype == torch.bfloat16
     torch.testing.assert_close(fused.loss, plain.loss, rtol=2e-2, atol=0)
