@@ -137,10 +137,19 @@ def _compile_gpu_objects(gpu: str, out_dir: str, cpp_extension) -> tuple[list[st
     return objects, link
 
 
+def _remove_stale_extension(package_dir: str) -> None:
+    """Drop an in-tree olmo_fast/_C*.so of an earlier editable build, so that a skipped or failed build is
+    what runs (and what the build record says), not old code."""
+    for path in glob.glob(os.path.join(package_dir, "_C.*")):
+        if path.endswith((".so", ".pyd")):
+            os.remove(path)
+
+
 def setup_kwargs() -> dict:
     """`ext_modules` and `cmdclass` for setup(), or nothing (with the reason recorded) when there is no build."""
     package_dir = os.path.join(ROOT, "olmo_fast")
     if os.environ.get("OLMO_FAST_NO_EXT", "") not in ("", "0"):
+        _remove_stale_extension(package_dir)
         _write_info({"built": False, "gpu": "none", "reason": "not built: OLMO_FAST_NO_EXT is set"}, package_dir)
         return {}
     try:
@@ -156,12 +165,18 @@ def setup_kwargs() -> dict:
     class BuildExtension(cpp_extension.BuildExtension):
         """torch's BuildExtension, with the GPU objects compiled first and every failure caught."""
 
+        def run(self) -> None:
+            # setuptools clears `inplace` while building (then copies the result into the source tree)
+            self.into_source = bool(self.inplace or getattr(self, "editable_mode", False))
+            super().run()
+
         def build_extensions(self) -> None:
             start = time.time()
             info: dict = {"built": False, "gpu": "none", "torch": torch.__version__}
             out_dirs = [os.path.dirname(self.get_ext_fullpath("olmo_fast._C"))]
-            if self.inplace or getattr(self, "editable_mode", False):
+            if getattr(self, "into_source", False):
                 out_dirs.append(package_dir)
+                _remove_stale_extension(package_dir)
             (ext,) = self.extensions
             cpu_only = copy.deepcopy({k: getattr(ext, k) for k in _LINK_FIELDS})
             try:
