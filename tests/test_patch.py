@@ -4,7 +4,7 @@ the patched model's logits, loss and gradients match the unpatched one's, traini
 
 Tolerances (fp32; the fused ops differ from transformers' code in summation order only, logits are O(1)):
 patched vs unpatched logits and gradients rtol 1e-4 / atol 1e-5, loss rtol 1e-5 / atol 1e-6 (a wrong rotation,
-norm or mask is off by 1e-2 or more); loss curves rtol 1e-4 over 15 AdamW steps. (A float64 copy of the
+norm or mask is off by 1e-2 or more); loss curves over 15 AdamW steps rtol 1e-4 (fp32), 3e-2 (bf16). (A float64 copy of the
 transformers model is no float64 reference: its norms and loss upcast to fp32 only.)
 """
 import collections
@@ -121,12 +121,15 @@ def test_patched_matches_unpatched(family, backend, op_calls):
     assert _loss_grads_logits(model, ids)[2].equal(before[2])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_training_converges_the_same(family):
+def test_training_converges_the_same(family, dtype):
+    """15 AdamW steps on one batch: the loss curves agree (fp32 rtol 1e-4; bf16 parameters and activations
+    rtol 3e-2, rounding differences compounding over the steps: ~1e-2 seen) and the loss falls."""
     torch.manual_seed(1)
-    reference = tiny_model(family)
+    reference = tiny_model(family).to(dtype)
     patched = copy.deepcopy(reference)
-    olmo_fast.patch(patched)  # default backend: the best available on the CPU
+    olmo_fast.patch(patched)  # default backend: the best available on this device
     ids = torch.randint(2, VOCAB, (4, 12))
     curves = []
     for model in (reference, patched):
@@ -140,7 +143,7 @@ def test_training_converges_the_same(family):
             opt.step()
             curve.append(loss.item())
         curves.append(torch.tensor(curve))
-    torch.testing.assert_close(curves[1], curves[0], rtol=1e-4, atol=0)
+    torch.testing.assert_close(curves[1], curves[0], rtol=1e-4 if dtype == torch.float32 else 3e-2, atol=0)
     assert curves[1][-1] < 0.8 * curves[1][0], f"the patched model did not learn: {curves[1]}"
     olmo_fast.unpatch(patched)
 
