@@ -122,16 +122,11 @@ def causal_lm_forward(original: Callable, opts: Options) -> Callable:
     """`*ForCausalLM.forward` taking one more keyword, `skip_logits` (default: `self.training`): with labels
     and `skip_logits`, the loss comes from `ops.linear_cross_entropy` and `logits` is None."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
+    from transformers.utils import can_return_tuple
 
-    def forward(self, *args, labels: torch.Tensor | None = None, skip_logits: bool | None = None, **kwargs):
-        shift_labels = kwargs.get("shift_labels")
-        skip = self.training if skip_logits is None else skip_logits
-        if (not skip or (labels is None and shift_labels is None) or self.lm_head.bias is not None
-                or kwargs.get("logits_to_keep", 0) not in (0, None)):
-            return original(self, *args, labels=labels, **kwargs)
-        kwargs.pop("shift_labels", None)
-        kwargs.pop("logits_to_keep", None)
-        return_dict = kwargs.pop("return_dict", None)
+    @can_return_tuple
+    def fused_loss(self, *args, labels: torch.Tensor | None, shift_labels: torch.Tensor | None = None,
+                   logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
         outputs = self.model(*args, **kwargs)
         hidden, weight = outputs.last_hidden_state, self.lm_head.weight
         device = hidden.device.type  # the head's matmul in the dtype lm_head would use: autocast's, else W's
@@ -144,8 +139,16 @@ def causal_lm_forward(original: Callable, opts: Options) -> Callable:
                                         reduction="mean" if num_items is None else "sum", backend=opts.backend)
         if num_items is not None:
             loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
-        result = CausalLMOutputWithPast(loss=loss, logits=None, cache=outputs.cache,
-                                        hidden_states=outputs.hidden_states, attentions=outputs.attentions)
-        return result.to_tuple() if return_dict is False else result
+        return CausalLMOutputWithPast(loss=loss, logits=None, cache=outputs.cache,
+                                      hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+
+    def forward(self, *args, labels: torch.Tensor | None = None, skip_logits: bool | None = None, **kwargs):
+        keep = kwargs.get("logits_to_keep", 0)
+        if ((self.training if skip_logits is None else skip_logits)
+                and (labels is not None or kwargs.get("shift_labels") is not None)
+                and len(args) <= 5  # input_ids .. inputs_embeds, as the base model takes them; then labels
+                and self.lm_head.bias is None and isinstance(keep, int) and keep == 0):
+            return fused_loss(self, *args, labels=labels, **kwargs)
+        return original(self, *args, labels=labels, **kwargs)
 
     return forward
