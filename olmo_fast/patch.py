@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import types
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -54,7 +55,7 @@ SUPPORTED = "transformers' OLMo (olmo), OLMo2 (olmo2), Llama (llama), Mistral (m
 _MISSING = object()
 
 
-@dataclass
+@dataclass(eq=False)
 class PatchRecord:
     """What one `patch` call replaced: `replaced[class name]` lists the patched module paths (a model) or the
     class itself (classes). `unpatch(record)` (or `unpatch(target)`) restores it."""
@@ -69,7 +70,17 @@ class PatchRecord:
         return f"PatchRecord({_name(self.target)}: {counts or 'nothing'})"
 
 
-_ACTIVE: list[PatchRecord] = []
+# Live records. A patched model holds its own (`_olmo_fast_patches`), so a model dropped without `unpatch` is
+# freed with its record; class patches are held here (classes live as long as the process).
+_ACTIVE: weakref.WeakSet[PatchRecord] = weakref.WeakSet()
+_CLASS_PATCHES: list[PatchRecord] = []
+
+
+def _holder(target: Any) -> list[PatchRecord]:
+    """The list that keeps `target`'s records alive, in patch order."""
+    if isinstance(target, nn.Module):
+        return target.__dict__.setdefault("_olmo_fast_patches", [])
+    return _CLASS_PATCHES
 
 
 def _name(target: Any) -> str:
@@ -122,14 +133,15 @@ def patch(target: Any, *, rope: bool = True, swiglu: bool = True, norm: bool = T
     for path, owner, cls, factory in owners:
         # accelerate's hooks keep the real forward in `_old_forward`: patch that, keep the hook
         attr = "_old_forward" if "_old_forward" in vars(owner) else "forward"
-        if any(o is owner and a == attr for r in _ACTIVE for o, a, _ in r.undo):
+        if any(o is owner and a == attr for r in {*_ACTIVE, *_holder(target)} for o, a, _ in r.undo):
             raise RuntimeError(f"{path} is already patched by olmo_fast: unpatch it first")
         record.undo.append((owner, attr, vars(owner).get(attr, _MISSING)))
         record.replaced.setdefault(cls.__name__, []).append(path)
     for (owner, attr, _), (_, _, cls, factory) in zip(record.undo, owners):
         forward = factory(cls.forward, opts)
         setattr(owner, attr, forward if isinstance(owner, type) else types.MethodType(forward, owner))
-    _ACTIVE.append(record)
+    _ACTIVE.add(record)
+    _holder(target).append(record)
     return record
 
 
@@ -138,15 +150,17 @@ def unpatch(record_or_target: Any) -> None:
     if isinstance(record_or_target, PatchRecord):
         record = record_or_target
     else:
-        matches = [r for r in _ACTIVE if r.target is record_or_target]
+        matches = [r for r in _holder(record_or_target) if r.target is record_or_target]
         if not matches:
             raise ValueError(f"{_name(record_or_target)} is not patched by olmo_fast")
         record = matches[-1]
-    if record not in _ACTIVE:
+    held = _holder(record.target)
+    if record not in held:
         raise ValueError(f"{record!r} was already undone")
     for owner, attr, old in reversed(record.undo):
         if old is _MISSING:
             delattr(owner, attr)
         else:
             setattr(owner, attr, old)
-    _ACTIVE.remove(record)
+    held.remove(record)
+    _ACTIVE.discard(record)

@@ -10,6 +10,8 @@ transformers model is no float64 reference: its norms and loss upcast to fp32 on
 import collections
 import contextlib
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -162,6 +164,17 @@ def test_unpatch_restores_exactly():
         assert model(ids).logits.equal(before)
     with pytest.raises(ValueError, match="not patched"):
         olmo_fast.unpatch(model)
+
+
+def test_a_patched_model_is_freed_without_unpatch():
+    model = tiny_model("llama")
+    olmo_fast.patch(model)
+    with pytest.raises(RuntimeError, match="already patched"):
+        olmo_fast.patch(model)
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
 
 
 def test_patch_classes_before_loading(tmp_path, op_calls):
