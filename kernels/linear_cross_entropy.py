@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import next_pow2, num_warps, to_dtype
+
 @triton.jit
 def _cross_entropy_chunk_kernel(logits_ptr, row_stride, labels_ptr, loss_ptr, V, ignore_index,
                                 COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr):
@@ -47,7 +49,7 @@ def _cross_entropy_chunk_kernel(logits_ptr, row_stride, labels_ptr, loss_ptr, V,
             cols = start + offs
             z = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32)
             grad = (tl.exp(z - lse) - tl.where(cols == target, 1.0, 0.0)) * keep
-            tl.store(base + cols, grad.to(logits_ptr.dtype.element_ty), mask=cols < V)
+            tl.store(base + cols, to_dtype(grad, logits_ptr.dtype.element_ty), mask=cols < V)
 
 
 def cross_entropy_chunk(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
@@ -57,10 +59,9 @@ def cross_entropy_chunk(logits: torch.Tensor, labels: torch.Tensor, ignore_index
     loss = torch.full((n,), float("nan"), dtype=torch.float32, device=logits.device)
     if n == 0:
         return loss
-    block = min(triton.next_power_of_2(vocab), 4096)
-    # 8 warps = 256 threads (NVIDIA) or 512 (AMD, wavefront 64): valid on both.
+    block = min(next_pow2(vocab), 4096)  # the row is looped over in blocks: any vocabulary size
     _cross_entropy_chunk_kernel[(n,)](logits, logits.stride(0), labels, loss, vocab, ignore_index,
-                                      COMPUTE_GRAD=compute_grad, BLOCK=block, num_warps=8 if block >= 2048 else 4)
+                                      COMPUTE_GRAD=compute_grad, BLOCK=block, num_warps=num_warps(block))
     return loss
 
 
