@@ -22,6 +22,7 @@ OLMO_FAST_CPU_CLONES void norm_fwd_rows(const olmo_fast_norm_fwd_args& a, int64_
       const T* x = src;
       const T* r = static_cast<const T*>(a.residual) + row * a.residual_stride;
       T* h = static_cast<T*>(a.h) + row * n;
+      OLMO_FAST_IVDEP
       for (int64_t i = 0; i < n; ++i) h[i] = from_float<T>(to_float(x[i]) + to_float(r[i]));
       src = h;
     }
@@ -36,8 +37,10 @@ OLMO_FAST_CPU_CLONES void norm_fwd_rows(const olmo_fast_norm_fwd_args& a, int64_
     if (a.mean != nullptr) a.mean[row] = center;
     T* y = static_cast<T*>(a.y) + row * n;
     if (w == nullptr && b == nullptr) {
+      OLMO_FAST_IVDEP
       for (int64_t i = 0; i < n; ++i) y[i] = from_float<T>((to_float(src[i]) - center) * rstd);
     } else {
+      OLMO_FAST_IVDEP
       for (int64_t i = 0; i < n; ++i) {
         const float v = (to_float(src[i]) - center) * rstd;
         y[i] = from_float<T>((w ? v * to_float(w[i]) : v) + (b ? to_float(b[i]) : 0.0f));
@@ -67,16 +70,20 @@ OLMO_FAST_CPU_CLONES void norm_bwd_rows(const olmo_fast_norm_bwd_args& a, int64_
     T* dx = static_cast<T*>(a.dx) + row * n;
     const T* dh = a.dh != nullptr ? static_cast<const T*>(a.dh) + row * a.dh_stride : nullptr;
     if (dh != nullptr) {
+      OLMO_FAST_IVDEP
       for (int64_t i = 0; i < n; ++i) {
         dx[i] = from_float<T>(rstd * (g(i) - xhat(i) * mean_g_xhat - mean_g) + to_float(dh[i]));
       }
     } else {
+      OLMO_FAST_IVDEP
       for (int64_t i = 0; i < n; ++i) dx[i] = from_float<T>(rstd * (g(i) - xhat(i) * mean_g_xhat - mean_g));
     }
     if (dw != nullptr) {
+      OLMO_FAST_IVDEP
       for (int64_t i = 0; i < n; ++i) dw[i] += to_float(dy[i]) * xhat(i);
     }
     if (db != nullptr) {
+      OLMO_FAST_IVDEP
       for (int64_t i = 0; i < n; ++i) db[i] += to_float(dy[i]);
     }
   }

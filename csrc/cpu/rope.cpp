@@ -20,6 +20,7 @@ OLMO_FAST_CPU_CLONES void rotate_head(const T* x, int64_t sd, int64_t step, int6
     step = 1;
     second = half;
   }
+  OLMO_FAST_IVDEP
   for (int64_t i = 0; i < half; ++i) {
     const int64_t d = i * step;
     const float x1 = to_float(x[d * sd]);
