@@ -15,6 +15,7 @@ from olmo_fast import ModelConfig, OLMo, generate
 from olmo_fast.cli import main as cli_main
 from olmo_fast.generation import Decoder, benchmark_decode, sample
 from conftest import require_kernel
+from tiny_hf import hf_olmo
 
 transformers = pytest.importorskip("transformers")
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
@@ -26,16 +27,6 @@ HF_CONFIGS = {  # untied MHA, and a tied GQA head with a clip_qkv that bites (as
 PROMPTS = [[5, 17, 9, 33, 2, 71, 40], [88], [12, 3, 56, 91, 7, 7, 30, 64, 19, 2, 44, 81, 23], [60, 61, 62, 63]]
 
 
-def hf_model(**overrides):
-    cfg = transformers.OlmoConfig(vocab_size=96, hidden_size=64, intermediate_size=88, num_hidden_layers=2,
-                                  max_position_embeddings=48, rope_theta=10000.0, pad_token_id=1, eos_token_id=0,
-                                  bos_token_id=None, attn_implementation="eager", **overrides)
-    torch.manual_seed(1)
-    model = transformers.OlmoForCausalLM(cfg).float().eval()
-    with torch.no_grad():  # HF's init (std 0.02) gives near-uniform logits; make them decisive
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    return model
 
 
 def hf_greedy(model, prompts: list[list[int]], new_tokens: int, eos: int | None) -> list[list[int]]:
@@ -75,7 +66,7 @@ def text_model():
 # ---------------------------------------------------------------------------------------------- parity
 @pytest.mark.parametrize("name", list(HF_CONFIGS))
 def test_greedy_matches_hf_generate(name, tmp_path):
-    ref = hf_model(**HF_CONFIGS[name])
+    ref = hf_olmo(**HF_CONFIGS[name])
     ref.save_pretrained(tmp_path)
     ours = OLMo.from_pretrained(tmp_path, dtype=torch.float32).eval()
     expected = hf_greedy(ref, PROMPTS, 20, eos=None)

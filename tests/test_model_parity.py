@@ -10,6 +10,7 @@ import torch
 
 from olmo_fast import OLMo
 from olmo_fast.checkpoint import hf_to_olmo, olmo_to_hf, save_olmo
+from tiny_hf import hf_olmo
 
 transformers = pytest.importorskip("transformers")
 
@@ -21,16 +22,6 @@ HF_CONFIGS = {
 }
 
 
-def hf_model(**overrides):
-    cfg = transformers.OlmoConfig(vocab_size=96, hidden_size=64, intermediate_size=88, num_hidden_layers=2,
-                                  max_position_embeddings=48, rope_theta=10000.0, pad_token_id=1, eos_token_id=0,
-                                  bos_token_id=None, attn_implementation="eager", **overrides)
-    torch.manual_seed(1)
-    model = transformers.OlmoForCausalLM(cfg).float().eval()
-    with torch.no_grad():  # HF's init is tiny (std 0.02); make activations large enough that clipping happens
-        for p in model.parameters():
-            p.normal_(0, 0.2)
-    return model
 
 
 def assert_logits_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
@@ -56,7 +47,7 @@ def ragged_ids(vocab: int):
 
 @pytest.mark.parametrize("name", list(HF_CONFIGS))
 def test_hf_checkpoint_loads_and_matches(name, tmp_path):
-    ref = hf_model(**HF_CONFIGS[name])
+    ref = hf_olmo(**HF_CONFIGS[name])
     ref.save_pretrained(tmp_path)
     ours = OLMo.from_pretrained(tmp_path, dtype=torch.float32, backend="torch")
     assert ours.config.clip_qkv == HF_CONFIGS[name]["clip_qkv"]
@@ -77,7 +68,7 @@ def test_hf_checkpoint_loads_and_matches(name, tmp_path):
 
 def test_clipping_really_happens():
     """The tight-clip config must clamp some q/k/v values, else the parity tests would not test the clip."""
-    ref = hf_model(**HF_CONFIGS["tied-gqa-clip"])
+    ref = hf_olmo(**HF_CONFIGS["tied-gqa-clip"])
     h = torch.nn.functional.layer_norm(ref.model.embed_tokens(torch.randint(0, 96, (1, 16))), (64,))
     q = ref.model.layers[0].self_attn.q_proj(h)
     assert (q.abs() > 0.05).float().mean() > 0.5
@@ -85,7 +76,7 @@ def test_clipping_really_happens():
 
 @pytest.mark.parametrize("name", ["untied-mha", "tied-gqa-clip"])
 def test_our_checkpoint_loads_in_transformers(name, tmp_path):
-    ref = hf_model(**HF_CONFIGS[name])
+    ref = hf_olmo(**HF_CONFIGS[name])
     ref.save_pretrained(tmp_path / "hf")
     ours = OLMo.from_pretrained(tmp_path / "hf", backend="torch")
     ours.save_pretrained(tmp_path / "ours")
@@ -97,7 +88,7 @@ def test_our_checkpoint_loads_in_transformers(name, tmp_path):
 
 
 def test_sharded_checkpoint_roundtrip(tmp_path):
-    ref = hf_model(**HF_CONFIGS["untied-mha"])
+    ref = hf_olmo(**HF_CONFIGS["untied-mha"])
     ours = OLMo.from_pretrained(_saved(ref, tmp_path / "hf"), backend="torch")
     ours.save_pretrained(tmp_path / "sharded", max_shard_bytes=60_000)
     assert len(list((tmp_path / "sharded").glob("model-*-of-*.safetensors"))) > 1
@@ -112,7 +103,7 @@ def _saved(model, path):
 
 
 def test_hf_name_mapping_is_a_bijection(tmp_path):
-    ref = hf_model(**HF_CONFIGS["untied-mqa-clip"])
+    ref = hf_olmo(**HF_CONFIGS["untied-mqa-clip"])
     ours = OLMo.from_pretrained(_saved(ref, tmp_path), backend="torch")
     roundtrip = olmo_to_hf(hf_to_olmo(ref.state_dict(), ours.config), ours.config)
     assert roundtrip.keys() == {k for k in ref.state_dict() if "rotary" not in k}
@@ -170,7 +161,7 @@ def test_original_olmo_checkpoint_matches(clip_qkv, weight_tying, n_kv_heads, tm
 
 
 def test_save_olmo_roundtrip(tmp_path):
-    ours = OLMo.from_pretrained(_saved(hf_model(**HF_CONFIGS["tied-gqa-clip"]), tmp_path / "hf"), backend="torch")
+    ours = OLMo.from_pretrained(_saved(hf_olmo(**HF_CONFIGS["tied-gqa-clip"]), tmp_path / "hf"), backend="torch")
     save_olmo(ours, tmp_path / "orig")
     again = OLMo.from_pretrained(tmp_path / "orig", backend="torch")
     assert again.config == ours.config
