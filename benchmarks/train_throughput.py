@@ -1,8 +1,8 @@
 """Training throughput: tokens/s and MFU of one training step of OLMo (default: OLMo-1B at 4096 context), ours
 beside HF transformers' OlmoForCausalLM, with the same step in the same run.
 
-The step is the trainer's (`olmo_fast/train/loop.py`): bf16 autocast over fp32 master weights, summed fp32
-cross-entropy over all tokens, global-norm clipping at 1.0, torch AdamW (fused on CUDA) with OLMo's settings;
+The step is the trainer's (`olmo_fast/train/loop.py`, its `summed_loss`): bf16 autocast over fp32 master
+weights, summed fp32 cross-entropy over all tokens (ours: fused with the head on a GPU, as the trainer does), global-norm clipping at 1.0, torch AdamW (fused on CUDA) with OLMo's settings;
 only the model differs. MFU = tokens/s x `ModelConfig.flops_per_token(T)` over the card's data-sheet bf16 peak,
 and over the bf16 matmul FLOP/s measured in this run.
 
@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from olmo_fast import ModelConfig
+from olmo_fast.train.loop import summed_loss
 
 from . import ceilings, models, report
 from .suite import environment
@@ -26,8 +27,14 @@ from .suite import environment
 VARIANTS = ("olmo-fast", "olmo-fast-torch", "hf-sdpa")
 
 
-def _forward(variant: str, model, ids: torch.Tensor) -> torch.Tensor:
-    return model(input_ids=ids).logits if variant.startswith("hf") else model(ids)
+def _loss_sum(variant: str, model, ids: torch.Tensor) -> torch.Tensor:
+    """Summed next-token CE over the batch: HF through its logits; ours through the trainer's own loss, which on
+    a GPU with our kernels is the fused linear cross-entropy (no `[tokens, vocab]` logits)."""
+    if variant.startswith("hf"):
+        logits = model(input_ids=ids).logits
+        return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
+    fused = variant == "olmo-fast" and ids.device.type == "cuda"
+    return summed_loss(model, ids, ids, fused=fused, dtype=torch.bfloat16)
 
 
 def measure(variant: str, cfg: ModelConfig, device: torch.device, batch: int, seq_len: int, steps: int,
@@ -46,8 +53,7 @@ def measure(variant: str, cfg: ModelConfig, device: torch.device, batch: int, se
 
     def step() -> torch.Tensor:
         with amp:
-            logits = _forward(variant, model, ids)
-        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
+            loss = _loss_sum(variant, model, ids)
         (loss / ids.numel()).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
         optimizer.step()
