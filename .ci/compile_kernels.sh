@@ -2,7 +2,7 @@
 # Compile check of the compiled extension's sources, warnings as errors; exits non-zero on any failure.
 #   1. every csrc/kernels/*.cu with nvcc for sm_80 and sm_90;
 #   2. every kernel as HIP with Debian's hipcc for gfx90a (installed with apt-get when absent);
-#   3. the CPU loops with the host compiler;
+#   3. the CPU loops with CMake (warnings as errors) and csrc/tests/cpu_loops_test.cpp through ctest;
 #   4. the GPU path of setup.py (nvcc objects + the torch binding with OLMO_FAST_WITH_GPU, cudart linked), then
 #      the resulting olmo_fast._C loaded into the (CPU) torch: the binding compiles, links and registers.
 # No GPU is needed. Usage: .ci/compile_kernels.sh  (PYTHON=path/to/python with torch for step 4; default .venv).
@@ -34,11 +34,10 @@ for src in csrc/kernels/*.cu; do
 done
 wait_all
 
-echo "== host compiler: CPU loops"
-for src in csrc/cpu/*.cpp; do
-  c++ -std=c++17 -O3 -fno-trapping-math $INC "${WARN[@]}" -fPIC -c "$src" -o "$OUT/$(basename "$src").o" &
-done
-wait_all
+echo "== CMake: CPU loops + their torch-free test (ctest)"
+cmake -S . -B "$OUT/cmake" -DOLMO_FAST_GPU=NONE >/dev/null
+cmake --build "$OUT/cmake" -j 2 >"$OUT/cmake.log" 2>&1 || { cat "$OUT/cmake.log"; exit 1; }
+ctest --test-dir "$OUT/cmake" --output-on-failure >"$OUT/ctest.log" 2>&1 || { cat "$OUT/ctest.log"; exit 1; }
 
 if [ -x "$PYTHON" ] || command -v "$PYTHON" >/dev/null; then
   echo "== setup.py GPU path (OLMO_FAST_GPU=cuda) with $PYTHON"
