@@ -188,6 +188,30 @@ def test_bad_label_is_reported_by_fused_backends():
         ops.linear_cross_entropy(x, w, torch.tensor([1, 2, 10, -100], device=DEVICE), backend="triton")
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_check_labels_false_skips_only_the_check(backend):
+    """The trainer passes check_labels=False (its token files are checked up front): the same loss and
+    gradients, and on a GPU no host sync at all (the check's bool() is one per micro-batch)."""
+    _require(backend)
+    x, w = torch.randn(37, 19, device=DEVICE), torch.randn(203, 19, device=DEVICE) / 3
+    y = torch.randint(0, 203, (37,), device=DEVICE)
+    y[::5] = -100
+    checked = _loss_and_grads(ops.linear_cross_entropy, x, w, y, reduction="sum", backend=backend)
+    unchecked = _loss_and_grads(ops.linear_cross_entropy, x, w, y, reduction="sum", check_labels=False,
+                                backend=backend)
+    for a, b in zip(checked, unchecked):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            ops.linear_cross_entropy(x, w, y, check_labels=False, backend=backend)
+            with pytest.raises(RuntimeError, match="synchroniz"):
+                ops.linear_cross_entropy(x, w, y, backend=backend)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
 _COMPILE_FOR_GPUS = """
 import triton
 from triton.backends.compiler import GPUTarget

@@ -140,12 +140,13 @@ def qkv_rope(qkv: torch.Tensor, *, n_heads: int, n_kv_heads: int, clip: float | 
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
-                         reduction: str = "mean", chunk_size: int | None = None,
+                         reduction: str = "mean", chunk_size: int | None = None, check_labels: bool = True,
                          backend: str | None = None) -> torch.Tensor:
     """`F.cross_entropy(x @ weight.T, labels)` (fp32 loss) without materialising the `[tokens, vocab]` logits:
     x `[..., D]`, weight `[V, D]`, labels `[...]` (`ignore_index` skipped); `reduction` "mean" (over the
     labelled tokens) or "sum". Computed `chunk_size` tokens at a time (default: chunks whose logits are about
     x's size), with the gradients computed chunk by chunk in the forward: see `ops/linear_cross_entropy.py`.
+    `check_labels=False` skips the label range check (a host sync) for callers that validated the ids already.
     """
     if reduction not in ("mean", "sum"):
         raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -158,7 +159,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be positive, got {chunk_size}")
     x, labels = x.reshape(-1, x.shape[-1]), labels.reshape(-1).long()
-    if not torch.compiler.is_compiling():  # a host sync: checked in eager mode only (no graph break)
+    if check_labels and not torch.compiler.is_compiling():  # a host sync: eager mode only (no graph break)
         bad = (labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))
         if bool(bad.any()):
             raise ValueError(f"labels must lie in [0, {weight.shape[0]}) or equal ignore_index={ignore_index}")

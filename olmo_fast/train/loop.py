@@ -43,16 +43,17 @@ class TrainingError(RuntimeError):
 
 
 def summed_loss(model: OLMo, input_ids: torch.Tensor, labels: torch.Tensor, fused: bool,
-                dtype: torch.dtype) -> torch.Tensor:
+                dtype: torch.dtype, check_labels: bool = True) -> torch.Tensor:
     """Sum over positions t of CE(prediction at t, labels[t + 1]), labels -100 skipped; fp32.
 
     `fused`: `ops.linear_cross_entropy` on the hidden states in `dtype`, never holding the logits.
+    `check_labels=False` skips its label range check, a host sync per call (for token files checked up front).
     """
     h = model.hidden_states(input_ids)[:, :-1]
     targets = labels[:, 1:]
     if fused:
         return ops.linear_cross_entropy(h.to(dtype), model.head_weight.to(dtype), targets, reduction="sum",
-                                        backend=model.backend)
+                                        check_labels=check_labels, backend=model.backend)
     logits = F.linear(h, model.head_weight)
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
 
@@ -165,8 +166,11 @@ class Trainer:
         if fused is None:  # where a fused kernel exists for this device
             fused = dispatch.resolve("cross_entropy_chunk", cfg.backend, self.device) != "torch"
         dtype = torch.bfloat16 if self.precision == "amp_bf16" else torch.float32
+        # Token files scanned for out-of-vocabulary ids at load time need no per-micro-batch check (a host sync).
+        checked = cfg.data.validate and all(ev.data.validate for ev, _ in self.evaluators)
         # The model's forward becomes the summed loss: FSDP's hooks run around it as around any forward.
-        self.model.forward = functools.partial(summed_loss, self.model, fused=fused, dtype=dtype)
+        self.model.forward = functools.partial(summed_loss, self.model, fused=fused, dtype=dtype,
+                                               check_labels=not checked)
         if cfg.activation_checkpointing:
             every = 1 if cfg.activation_checkpointing is True else CHECKPOINT_EVERY[cfg.activation_checkpointing]
             for block in list(blocks)[::every]:
