@@ -61,14 +61,15 @@ def load_tile(ptr, offs_t, offs_d, stride_t, T, HEAD_DIM: tl.constexpr):
 def clamp(x, clip, HAS_CLIP: tl.constexpr):
     """c(x) in x's own dtype (exact: the host rounds the clip value to it; NaN stays NaN, as in torch.clamp).
     Native 16-bit min/max keep the tile in half the registers of an fp32 round trip (the dK/dV kernel clamps a
-    query tile per step); the interpreter, whose bf16 compares are wrong, goes through fp32."""
+    query tile per step); the interpreter, whose bf16 compares are wrong, goes through fp32. The cast back keeps
+    x's dtype on triton 3.6, whose bf16 minimum/maximum return fp32 (3.9 keeps bf16; the cast is then a no-op)."""
     if HAS_CLIP:
         if INTERPRETED:
             xf = tl.maximum(x.to(tl.float32), -clip, tl.PropagateNan.ALL)
             x = tl.minimum(xf, clip, tl.PropagateNan.ALL).to(x.dtype)
         else:
             c = clip.to(x.dtype)
-            x = tl.minimum(tl.maximum(x, -c, tl.PropagateNan.ALL), c, tl.PropagateNan.ALL)
+            x = tl.minimum(tl.maximum(x, -c, tl.PropagateNan.ALL), c, tl.PropagateNan.ALL).to(x.dtype)
     return x
 
 
