@@ -80,10 +80,14 @@ inline int next_pow2(int64_t n) {
   return p;
 }
 
-// Blocks for `units` independent work items of `per_block` each; kernels grid-stride past the cap.
+// At most this many blocks per launch: HIP's dispatch packet holds gridDim.x * blockDim.x (work-items) in 32 bits,
+// so 2^21 blocks of up to 1024 threads; kernels grid-stride past the cap.
+#define OF_MAX_BLOCKS (int64_t(1) << 21)
+
+// Blocks for `units` independent work items of `per_block` each.
 inline unsigned grid_for(int64_t units, int64_t per_block) {
   const int64_t blocks = (units + per_block - 1) / per_block;
-  return unsigned(blocks < (int64_t(1) << 30) ? blocks : (int64_t(1) << 30));
+  return unsigned(blocks < OF_MAX_BLOCKS ? blocks : OF_MAX_BLOCKS);
 }
 
 inline int last_error() { return int(gpuGetLastError()); }

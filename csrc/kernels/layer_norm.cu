@@ -198,7 +198,7 @@ extern "C" int olmo_fast_norm_bwd_gpu(const olmo_fast_norm_bwd_args* args, void*
   const olmo_fast_norm_bwd_args a = *args;
   if (a.rows == 0) return 0;
   const bool accumulates = a.dweight != nullptr || a.dbias != nullptr;
-  if (a.cols <= 0 || (accumulates && (a.partials <= 0 || a.partials > (int64_t(1) << 30)))) {
+  if (a.cols <= 0 || (accumulates && (a.partials <= 0 || a.partials > OF_MAX_BLOCKS))) {
     return int(gpuErrorInvalidValue);
   }
   return dispatch_dtype(a.dtype, [&](auto tag) {

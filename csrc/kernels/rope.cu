@@ -88,7 +88,8 @@ extern "C" int olmo_fast_rope_gpu(const olmo_fast_rope_args* args, void* stream)
       const int tx = next_pow2(half / V) < 128 ? next_pow2(half / V) : 128;
       const int ty_want = next_pow2((a.heads + 3) / 4);
       const int ty = ty_want < 128 / tx ? ty_want : 128 / tx;
-      const dim3 block(unsigned(tx), unsigned(ty), unsigned(128 / (tx * ty)));
+      const int tz = 128 / (tx * ty) < 64 ? 128 / (tx * ty) : 64;  // blockDim.z is at most 64 on NVIDIA
+      const dim3 block{unsigned(tx), unsigned(ty), unsigned(tz)};
       const size_t smem = size_t(half) * sizeof(float);
       rope_kernel<T, V><<<grid_for(tokens, block.z), block, smem, static_cast<gpuStream_t>(stream)>>>(a);
       return last_error();
