@@ -13,7 +13,7 @@
 # Made for a short slot: every stage runs under `timeout`, within a total of GPU_CHECK_TOTAL_S seconds
 # (default 460, under 8 minutes on an H100 with the extension build); a stage that would start with too
 # little time left is skipped and the page says so. A hang or a failure in one stage never stops the others.
-# GPU_CHECK_SKIP="tests kernel-tests" (keys: wheels install info tests kernel-tests bench train decode) skips stages,
+# GPU_CHECK_SKIP="tests kernel-tests" (keys: wheels install info tests kernel-tests train decode bench) skips stages,
 # e.g. to rerun only the benches in what is left of a slot.
 # Liger-Kernel / flash-attn / apex wheels placed in .whl/ (benchmarks/fetch_wheels.sh gets Liger's; carry .whl
 # to the machine) are installed first so that the suite compares against them; else they are "not installed".
@@ -26,6 +26,8 @@ RUN=$(mktemp -d /tmp/gpu_check.XXXXXX)
 LOG=$RUN/gpu_check.log
 SUMMARY=""
 export PYTHONUNBUFFERED=1 MAX_JOBS=${MAX_JOBS:-$(nproc)}
+# No network there: never let transformers / huggingface_hub / datasets try (and wait on) the hub.
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1
 
 left() { echo $(( TOTAL - 20 - ($(date +%s) - START) )); }
 
@@ -45,7 +47,9 @@ stage() {
     (( limit > left )) && limit=$left
     echo "=== $name (limit ${limit}s) ===" | tee -a "$LOG"
     local t0=$(date +%s)
-    timeout --kill-after=10 "$limit" "$@" 2>&1 | tee -a "$LOG"
+    # SIGINT first: pytest then still prints its failures and summary, the benches stop between measurements
+    # (their results are written as they go); SIGKILL 15 s later if that does not end it.
+    timeout --signal=INT --kill-after=15 "$limit" "$@" 2>&1 | tee -a "$LOG"
     local rc=${PIPESTATUS[0]}
     local what="rc=$rc"; (( rc == 124 || rc == 137 )) && what="timed out (rc=$rc)"
     echo "=== $name: $what in $(( $(date +%s) - t0 ))s ===" | tee -a "$LOG"
@@ -70,22 +74,31 @@ fi
 # --- 2. what is there
 stage info "olmo-fast info" 30 $PY -m olmo_fast.cli info
 
-# --- 3. GPU tests: every gpu-marked test, and the kernel test files (they run on CUDA when it is there)
+# --- 3. GPU tests: every gpu-marked test, and the kernel test files (they run on CUDA when it is there). Their
+# time goes to Triton compiling and autotuning each kernel variant: pytest-xdist (in the image) runs them on 8 workers.
 shopt -s nullglob
 KERNEL_TESTS=(tests/test_{attention,decode_attention,layer_norm,swiglu,rope,qkv_rope,linear_cross_entropy,cross_entropy,norm,cpp,ext,extension,kernels}*.py)
 shopt -u nullglob
-stage tests "pytest -m gpu" 45 $PY -m pytest -q -p no:cacheprovider --continue-on-collection-errors -m gpu tests
-(( ${#KERNEL_TESTS[@]} )) && stage kernel-tests "kernel tests on CUDA" 75 $PY -m pytest -q -p no:cacheprovider --continue-on-collection-errors -m "not gpu" "${KERNEL_TESTS[@]}"
+XDIST=()
+$PY -c "import xdist" 2>/dev/null && XDIST=(-n "${GPU_CHECK_TEST_WORKERS:-8}")
+stage tests "pytest -m gpu" 60 $PY -m pytest -q -p no:cacheprovider --continue-on-collection-errors \
+    ${XDIST[@]+"${XDIST[@]}"} -m gpu tests
+(( ${#KERNEL_TESTS[@]} )) && stage kernel-tests "kernel tests on CUDA" 75 $PY -m pytest -q -p no:cacheprovider \
+    --continue-on-collection-errors ${XDIST[@]+"${XDIST[@]}"} -m "not gpu" "${KERNEL_TESTS[@]}"
 
-# --- 4. the quick kernel suite (it stops starting measurements after --budget-s and still writes its results)
-# Attention first: it is the headline number (and torch.compile's warm-up is what eats the time).
+# --- 4. training and generation throughput (fixed work: ~30-60 s each on an H100, Triton's compiles included)
+# GPU_CHECK_TRAIN_ARGS / GPU_CHECK_DECODE_ARGS add or override arguments (e.g. "--steps 4", "--no-hf").
+stage train "train throughput (OLMo-1B, T=4096)" 75 $PY -m olmo_fast.benchmarks.train_throughput --out "$RUN/train.json" \
+    ${GPU_CHECK_TRAIN_ARGS:-}
+stage decode "decode throughput (OLMo-1B/7B, batch 1/16)" 75 $PY -m olmo_fast.benchmarks.decode_throughput \
+    --out "$RUN/decode.json" ${GPU_CHECK_DECODE_ARGS:-}
+
+# --- 5. the quick kernel suite, last: it stops starting measurements after --budget-s (what is left of the total)
+# and still writes its results. Attention first: it is the headline number (and torch.compile's warm-up is what
+# eats the time).
 BUDGET=$(( $(left) < 140 ? $(left) - 40 : 100 )); (( BUDGET < 10 )) && BUDGET=10
 stage bench "olmo-fast bench --shapes quick" 140 $PY -m olmo_fast.cli bench --shapes quick --out "$RUN/bench" \
     --ops attention,swiglu,layer_norm,rope,qkv_rope,decode_attention --warmup-ms 10 --rep-ms 40 --budget-s "$BUDGET"
-
-# --- 5. training and generation throughput
-stage train "train throughput (OLMo-1B, T=4096)" 70 $PY -m olmo_fast.benchmarks.train_throughput --out "$RUN/train.json"
-stage decode "decode throughput (OLMo-1B/7B, batch 1/16)" 70 $PY -m olmo_fast.benchmarks.decode_throughput --out "$RUN/decode.json"
 
 # --- 6. results: Markdown page + one raw JSON, in benchmarks/results/ and $OUT
 CARD=$($PY -c "import re, torch; print(re.sub(r'[^a-z0-9]+', '-', torch.cuda.get_device_name().lower()).strip('-'))" 2>/dev/null || echo unknown-card)
