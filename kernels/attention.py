@@ -328,6 +328,10 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
 
 # ---------------------------------------------------------------------------------------------- host side
 LOG2E = 1.4426950408889634
+# tl.dot's input_precision for every input dtype. With bf16/fp16 operands NVIDIA's code is the same under "tf32"
+# and "ieee" (identical PTX for sm_90 on triton 3.6 and 3.9: the precision only changes fp32 x fp32 products), and
+# AMD's backend rejects "tf32" (gfx90a takes ieee, bf16x3, bf16x6); fp32 inputs keep exact fp32 products.
+INPUT_PRECISION = "ieee"
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -357,7 +361,7 @@ def _common(q: torch.Tensor, k: torch.Tensor, causal: bool, clip: float | None, 
     return dict(H=H, GROUP=H // k.shape[2], Tq=Tq, Tk=Tk, Q_BUCKET=triton.next_power_of_2(Tq),
                 K_BUCKET=triton.next_power_of_2(Tk), qk_scale=scale * LOG2E, clip=clip_value(clip, q.dtype),
                 HAS_CLIP=clip is not None, CAUSAL=bool(causal), HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
-                DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+                DOT_PRECISION=INPUT_PRECISION)
 
 
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, clip: float | None,

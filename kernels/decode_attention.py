@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import INTERPRET, LOG2E, attend_blocks, configs
+from .attention import INPUT_PRECISION, INTERPRET, LOG2E, attend_blocks, configs
 
 CHUNK_ALIGN = 128  # split chunks are multiples of this (and of every BLOCK_N below)
 MAX_SPLITS = 128
@@ -135,7 +135,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q, k_cache, v_cache, seqlens, out, opart, lpart, *q.stride()[:3], *k_cache.stride()[:3],
         *v_cache.stride()[:3], *out.stride()[:3], H, Hkv, group, Tq, chunk, splits, scale * LOG2E,
         ROWS=rows, SINGLE=single, HEAD_DIM=D, BLOCK_D=block_d,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32", BLOCK_M=max(16, rows))
+        DOT_PRECISION=INPUT_PRECISION, BLOCK_M=max(16, rows))
     if not single:
         _decode_combine[(B * H * Tq,)](opart, lpart, out, *out.stride()[:3], H, Tq, splits,
                                        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits))
