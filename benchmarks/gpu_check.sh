@@ -13,8 +13,8 @@
 # Made for a short slot: every stage runs under `timeout`, within a total of GPU_CHECK_TOTAL_S seconds
 # (default 460, under 8 minutes on an H100 with the extension build); a stage that would start with too
 # little time left is skipped and the page says so. A hang or a failure in one stage never stops the others.
-# GPU_CHECK_SKIP="tests kernel-tests" (keys: wheels install info tests kernel-tests train decode bench) skips stages,
-# e.g. to rerun only the benches in what is left of a slot.
+# GPU_CHECK_SKIP="tests kernel-tests" (keys: wheels install info tests kernel-tests train decode trainer bench) skips
+# stages, e.g. to rerun only the benches in what is left of a slot.
 # Liger-Kernel / flash-attn / apex wheels placed in .whl/ (benchmarks/fetch_wheels.sh gets Liger's; carry .whl
 # to the machine) are installed first so that the suite compares against them; else they are "not installed".
 set -uo pipefail
@@ -69,7 +69,7 @@ if ! stage install "install (extension for $ARCH)" 150 env TORCH_CUDA_ARCH_LIST=
     stage install "install without the extension (fallback)" 60 env OLMO_FAST_NO_EXT=1 \
         $PY -m pip install -q --no-index --no-deps --no-build-isolation -e .
 fi
-[[ -f olmo_fast/_build_info.json ]] && cat olmo_fast/_build_info.json | tee -a "$LOG"
+[[ -f olmo_fast/_build_info.json ]] && { cat olmo_fast/_build_info.json; echo; } | tee -a "$LOG"
 
 # --- 2. what is there
 stage info "olmo-fast info" 30 $PY -m olmo_fast.cli info
@@ -92,6 +92,17 @@ stage train "train throughput (OLMo-1B, T=4096)" 75 $PY -m olmo_fast.benchmarks.
     ${GPU_CHECK_TRAIN_ARGS:-}
 stage decode "decode throughput (OLMo-1B/7B, batch 1/16)" 75 $PY -m olmo_fast.benchmarks.decode_throughput \
     --out "$RUN/decode.json" ${GPU_CHECK_DECODE_ARGS:-}
+
+# The trainer itself (`olmo-fast train`: pinned batches, fused loss without its label sync, fused AdamW, DCP
+# checkpoints) on the tiny model and random tokens: 8 steps saving at 4 and 8, then a resume to step 10.
+stage trainer "olmo-fast train (tiny, save + resume)" 60 bash -c '
+    set -e
+    "$1" -c "import numpy as np; np.random.default_rng(0).integers(0, 50000, 256 * 256, dtype=np.uint16).tofile(\"$2\")"
+    args=(--model=tiny "--data.paths=[$2]" --global_train_batch_size=8 --device_train_microbatch_size=4
+          "--save_folder=$3" --save_interval=4 --console_log_interval=2 --time_limit=40)
+    "$1" -m olmo_fast.cli train "${args[@]}" --max_duration=8
+    "$1" -m olmo_fast.cli train "${args[@]}" --max_duration=10 --resume
+    ls "$3"' _ "$PY" "$RUN/tokens.npy" "$RUN/train-run"
 
 # --- 5. the quick kernel suite, last: it stops starting measurements after --budget-s (what is left of the total)
 # and still writes its results. Attention first: it is the headline number (and torch.compile's warm-up is what
