@@ -83,7 +83,7 @@ XDIST=()
 $PY -c "import xdist" 2>/dev/null && XDIST=(-n "${GPU_CHECK_TEST_WORKERS:-8}")
 stage tests "pytest -m gpu" 60 $PY -m pytest -q -p no:cacheprovider --continue-on-collection-errors \
     ${XDIST[@]+"${XDIST[@]}"} -m gpu tests
-(( ${#KERNEL_TESTS[@]} )) && stage kernel-tests "kernel tests on CUDA" 75 $PY -m pytest -q -p no:cacheprovider \
+(( ${#KERNEL_TESTS[@]} )) && stage kernel-tests "kernel tests on CUDA" 60 $PY -m pytest -q -p no:cacheprovider \
     --continue-on-collection-errors ${XDIST[@]+"${XDIST[@]}"} -m "not gpu" "${KERNEL_TESTS[@]}"
 
 # --- 4. training and generation throughput (fixed work: ~30-60 s each on an H100, Triton's compiles included)
@@ -95,7 +95,7 @@ stage decode "decode throughput (OLMo-1B/7B, batch 1/16)" 75 $PY -m olmo_fast.be
 
 # The trainer itself (`olmo-fast train`: pinned batches, fused loss without its label sync, fused AdamW, DCP
 # checkpoints) on the tiny model and random tokens: 8 steps saving at 4 and 8, then a resume to step 10.
-stage trainer "olmo-fast train (tiny, save + resume)" 60 bash -c '
+stage trainer "olmo-fast train (tiny, save + resume)" 75 bash -c '
     set -e
     "$1" -c "import numpy as np; np.random.default_rng(0).integers(0, 50000, 256 * 256, dtype=np.uint16).tofile(\"$2\")"
     args=(--model=tiny "--data.paths=[$2]" --global_train_batch_size=8 --device_train_microbatch_size=4
