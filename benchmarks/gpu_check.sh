@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# The one-call GPU check: install from this checkout (offline), `olmo-fast info`, the GPU tests, the quick kernel
-# suite, and the training and generation throughput benches; then a Markdown page and the raw JSON under
-# benchmarks/results/<date>-<card>.{md,json} (and in $OUT, when set, with the log, the CSV and the plots).
+# The one-call GPU check: install from this checkout (offline), `olmo-fast info`, the GPU tests, the training and
+# generation throughput benches, a short `olmo-fast train` run and the quick kernel suite; then a Markdown page and
+# the raw JSON under benchmarks/results/<date>-<card>.{md,json} (and in $OUT, when set, with the log, the CSV and
+# the plots).
 #
 #   bash benchmarks/gpu_check.sh            # from the repository root, on a machine with one CUDA GPU
 #
-# With the device tool: ONE run call, command `bash benchmarks/gpu_check.sh`, timeout_s 540 (carry [".whl"] after
-# benchmarks/fetch_wheels.sh to compare against Liger). The files come back from $OUT: copy the .md and .json into
-# benchmarks/results/, commit them, and rebuild the README's Performance section with
+# With the device tool: ONE run call, command `OLMO_FAST_COMMIT=<git rev-parse HEAD, run here> bash
+# benchmarks/gpu_check.sh` (the copy there has no .git; the results record that commit), timeout_s 540 (carry
+# [".whl"] after benchmarks/fetch_wheels.sh to compare against Liger). The files come back from $OUT: copy the .md
+# and .json into benchmarks/results/, commit them, and rebuild the README's Performance section with
 # `python -m olmo_fast.benchmarks.report --summary benchmarks/results/*.json`.
 #
 # Made for a short slot: every stage runs under `timeout`, within a total of GPU_CHECK_TOTAL_S seconds
@@ -88,8 +90,8 @@ stage tests "pytest -m gpu" 60 $PY -m pytest -q -p no:cacheprovider --continue-o
 
 # --- 4. training and generation throughput (fixed work: ~30-60 s each on an H100, Triton's compiles included)
 # GPU_CHECK_TRAIN_ARGS / GPU_CHECK_DECODE_ARGS add or override arguments (e.g. "--steps 4", "--no-hf").
-stage train "train throughput (OLMo-1B, T=4096)" 75 $PY -m olmo_fast.benchmarks.train_throughput --out "$RUN/train.json" \
-    ${GPU_CHECK_TRAIN_ARGS:-}
+stage train "train throughput (OLMo-1B, T=4096)" 75 $PY -m olmo_fast.benchmarks.train_throughput \
+    --out "$RUN/train.json" ${GPU_CHECK_TRAIN_ARGS:-}
 stage decode "decode throughput (OLMo-1B/7B, batch 1/16)" 75 $PY -m olmo_fast.benchmarks.decode_throughput \
     --out "$RUN/decode.json" ${GPU_CHECK_DECODE_ARGS:-}
 
