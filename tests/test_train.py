@@ -283,3 +283,13 @@ def test_fused_backends_follow_the_torch_loss_curve(tmp_path, monkeypatch, backe
     # fp32 kernels vs the fp32 reference: seen 5e-7 apart here; per-op rounding compounds over 3 steps
     np.testing.assert_allclose([got[s] for s in got], [ref[s] for s in ref], rtol=0, atol=5e-5,
                                err_msg=f"{backend} ({', '.join(fused_ops)})")
+
+
+def test_label_check_is_skipped_only_for_validated_token_files(tmp_path):
+    """The fused loss's label range check syncs the device each micro-batch: the trainer turns it off when every
+    token file it reads was scanned for out-of-vocabulary ids when loaded, and keeps it otherwise."""
+    data = token_file(tmp_path / "ids.npy", 16 * 8)
+    for overrides, check in (([], False), (["--data.validate=false"], True)):
+        cfg = load_config([f"--save_folder={tmp_path / 'run'}", f"--data.paths=[{data}]",
+                           "--model.max_sequence_length=16", *overrides], base=BASE)
+        assert Trainer(cfg, log=lambda _: None).model.forward.keywords["check_labels"] is check
