@@ -242,6 +242,8 @@ def test_empty_batches(cpp):
     assert y.shape == h.shape == (0, 16) and rstd.shape == (0,)
     assert cpp.swiglu_fwd(x).shape == (0, 8)
     assert cpp.rope(torch.empty(2, 0, 3, 8, device=DEVICE), None, 0, 1e4, False).shape == (2, 0, 3, 8)
+    assert cpp.rope(torch.empty(2, 5, 3, 0, device=DEVICE), None, 0, 1e4, False).shape == (2, 5, 3, 0)
+    assert cpp.silu_mul_fwd(torch.empty(4, 0, device=DEVICE), torch.empty(4, 0, device=DEVICE)).shape == (4, 0)
 
 
 def test_bad_inputs_raise_clear_errors(cpp):

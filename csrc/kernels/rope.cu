@@ -74,8 +74,8 @@ using namespace olmo_fast;
 extern "C" int olmo_fast_rope_gpu(const olmo_fast_rope_args* args, void* stream) {
   const olmo_fast_rope_args a = *args;
   const int64_t tokens = a.batch * a.seq;
-  if (tokens == 0 || a.heads == 0) return 0;
-  if (a.head_dim <= 0 || a.head_dim % 2 != 0) return int(gpuErrorInvalidValue);
+  if (tokens == 0 || a.heads == 0 || a.head_dim == 0) return 0;  // an empty x (the CPU loop accepts D = 0 too)
+  if (a.head_dim < 0 || a.head_dim % 2 != 0) return int(gpuErrorInvalidValue);
   const int64_t half = a.head_dim / 2;
   return dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
