@@ -124,6 +124,9 @@ def causal_lm_forward(original: Callable, opts: Options) -> Callable:
     from transformers.modeling_outputs import CausalLMOutputWithPast
     from transformers.utils import can_return_tuple
 
+    # the outputs' KV cache: `cache` in recent transformers, `past_key_values` before (5.17 has only that)
+    cache_field = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
     @can_return_tuple
     def fused_loss(self, *args, labels: torch.Tensor | None, shift_labels: torch.Tensor | None = None,
                    logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
@@ -139,7 +142,7 @@ def causal_lm_forward(original: Callable, opts: Options) -> Callable:
                                         reduction="mean" if num_items is None else "sum", backend=opts.backend)
         if num_items is not None:
             loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
-        return CausalLMOutputWithPast(loss=loss, logits=None, cache=outputs.cache,
+        return CausalLMOutputWithPast(loss=loss, logits=None, **{cache_field: getattr(outputs, cache_field)},
                                       hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
     def forward(self, *args, labels: torch.Tensor | None = None, skip_logits: bool | None = None, **kwargs):
