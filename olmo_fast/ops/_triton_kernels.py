@@ -16,11 +16,5 @@ KERNEL_MODULES = ("layer_norm", "swiglu", "rope", "attention", "qkv_rope", "deco
 
 _devices = ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
 for _name in KERNEL_MODULES:
-    try:
-        _module = importlib.import_module(f"olmo_fast.kernels.{_name}")
-    except ModuleNotFoundError as err:
-        if err.name != f"olmo_fast.kernels.{_name}":
-            raise
-        continue
-    for _op, _fn in _module.KERNELS.items():
+    for _op, _fn in importlib.import_module(f"olmo_fast.kernels.{_name}").KERNELS.items():
         register_kernel(_op, "triton", _fn, _devices)
