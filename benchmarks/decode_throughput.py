@@ -8,7 +8,6 @@ at batch 1 and 16 with `olmo_fast.benchmark_decode` (static KV cache, CUDA-graph
 from __future__ import annotations
 
 import argparse
-import gc
 import time
 from pathlib import Path
 
@@ -66,7 +65,7 @@ def run(presets: list[str], batches: list[int], prompt_len: int, new_tokens: int
             try:
                 model = build(cfg)
             except Exception as err:  # noqa: BLE001 - an OOM is a result
-                model, build_error = None, f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+                model, build_error = None, models.error_text(err)
             for batch in batches:
                 rec = {"model": preset, "provider": provider, "batch": batch, "prompt_len": prompt_len,
                        "new_tokens": new_tokens}
@@ -80,15 +79,13 @@ def run(presets: list[str], batches: list[int], prompt_len: int, new_tokens: int
                         f"{rec['ms_per_token']:8.3f} ms/step" + (f"  {rec['pct_copy_bw']:.1f}% of copy bandwidth"
                                                                  if "pct_copy_bw" in rec else ""))
                 except Exception as err:  # noqa: BLE001 - an OOM or a missing kernel is a result
-                    rec["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+                    rec["error"] = models.error_text(err)
                     log(f"  {preset:<10} {provider:<12} batch {batch:>3}: error {rec['error']}")
                 results["records"].append(rec)
                 if out is not None:
                     report.save_json(results, out)
             del model
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            models.free_memory(device)
     return results
 
 

@@ -1,6 +1,8 @@
 """Random-weight models for the throughput benches: ours (`olmo_fast.OLMo`) and HF transformers'
-`OlmoForCausalLM` with the same configuration, built straight on the device (no CPU-side fp32 copy of a 7B)."""
+`OlmoForCausalLM` with the same configuration, built straight on the device (no CPU-side fp32 copy of a 7B); and what both benches do between models."""
 from __future__ import annotations
+
+import gc
 
 import torch
 
@@ -39,3 +41,16 @@ def spec_peak_flops(device: torch.device) -> float | None:
     except ImportError:
         return None
     return device_peak_flops(device)
+
+
+def free_memory(device: torch.device) -> None:
+    """Return a dropped model's memory before the next one is built (collect, then empty CUDA's cache)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def error_text(err: BaseException) -> str:
+    """A failed record's error: the exception's type and the first line of its message (300 characters)."""
+    lines = str(err).splitlines()
+    return f"{type(err).__name__}: {lines[0][:300]}" if lines else type(err).__name__

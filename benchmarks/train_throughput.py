@@ -11,7 +11,6 @@ and over the bf16 matmul FLOP/s measured in this run.
 from __future__ import annotations
 
 import argparse
-import gc
 import time
 from pathlib import Path
 
@@ -103,14 +102,12 @@ def run(preset: str, seq_len: int, batch: int, steps: int, warmup: int, variants
                 + (f"MFU {100 * rec['mfu_spec']:.1f}% of spec  " if peak else "")
                 + f"{100 * rec['mfu_measured_matmul']:.1f}% of measured matmul  loss {rec['loss']:.3f}")
         except Exception as err:  # noqa: BLE001 - an OOM or a missing kernel is a result, not a crash
-            rec = {"variant": variant, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"}
+            rec = {"variant": variant, "error": models.error_text(err)}
             log(f"  {variant:<16} error: {rec['error']}")
         results["records"].append(rec)
         if out is not None:
             report.save_json(results, out)
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        models.free_memory(device)
     return results
 
 
