@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import INPUT_PRECISION, INTERPRET, LOG2E, attend_blocks, configs
+from .attention import INPUT_PRECISION, INTERPRET, LOG2E, attend_blocks, configs, last_dim_contiguous
 
 CHUNK_ALIGN = 128  # split chunks are multiples of this (and of every BLOCK_N below)
 MAX_SPLITS = 128
@@ -114,7 +114,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if not (q.dtype == k_cache.dtype == v_cache.dtype) or seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"q and the caches must share a dtype and seqlens be integers; got {q.dtype}, "
                          f"{k_cache.dtype}, {v_cache.dtype}, {seqlens.dtype}")
-    q, k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_cache, v_cache))
+    q, k_cache, v_cache = (last_dim_contiguous(t) for t in (q, k_cache, v_cache))
     B, Tq, H, D = q.shape
     S, Hkv = k_cache.shape[1], k_cache.shape[2]
     group = H // Hkv
