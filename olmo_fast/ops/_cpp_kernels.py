@@ -1,10 +1,10 @@
 """Registers the compiled extension `olmo_fast._C` (ops `torch.ops.olmo_fast_C.*`) as the "cpp" backend.
 
 The extension holds C++ loops for the CPU and, when built against a CUDA or ROCm torch, CUDA/HIP kernels for
-the GPU (csrc/). The functions below have the kernel-level signatures of COMMON.md and call those ops; fake
-(meta) implementations let torch.compile trace through them. If the extension is absent, importing this module
-raises ImportError saying why (from the build record olmo_fast/_build_info.json), and dispatch marks "cpp"
-unavailable with that reason.
+the GPU (csrc/). Those ops have the kernel-level signatures of COMMON.md and are registered as the kernels
+themselves; fake (meta) implementations let torch.compile trace through them. If the extension is absent,
+importing this module raises ImportError saying why (from the build record olmo_fast/_build_info.json), and
+dispatch marks "cpp" unavailable with that reason.
 """
 from __future__ import annotations
 
@@ -24,67 +24,9 @@ _ops = torch.ops.olmo_fast_C
 GPU_RUNTIME: str = _ops.gpu_runtime()  # "cuda", "hip" or "none"
 DEVICES = ("cpu", "cuda") if GPU_RUNTIME != "none" else ("cpu",)
 
-
-def layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor | None, eps: float
-                   ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """x [N, C] (+ residual) -> (y = LN(h), h = x + residual or None, rstd [N] fp32)."""
-    return _ops.layer_norm_fwd(x, residual, eps)
-
-
-def layer_norm_bwd(dy: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor, dh: torch.Tensor | None) -> torch.Tensor:
-    """dx = rstd * (dy - mean(dy) - y * mean(dy * y)) (+ dh)."""
-    return _ops.layer_norm_bwd(dy, y, rstd, dh)
-
-
-def norm_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
-             eps: float, rms: bool):
-    """LayerNorm with weight/bias, or RMSNorm -> (y, h or None, mean [N] fp32 when LayerNorm with weight or bias
-    else None, rstd [N] fp32)."""
-    return _ops.norm_fwd(x, residual, weight, bias, eps, rms)
-
-
-def norm_bwd(dy: torch.Tensor, saved: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor | None,
-             rstd: torch.Tensor, dh: torch.Tensor | None, has_bias: bool, rms: bool):
-    """-> (dx, dweight [C] fp32 or None, dbias [C] fp32 or None); `saved` is the input h with a weight or bias,
-    else the output y."""
-    return _ops.norm_bwd(dy, saved, weight, mean, rstd, dh, has_bias, rms)
-
-
-def swiglu_fwd(h: torch.Tensor) -> torch.Tensor:
-    """h = [up | gate] [N, 2H] -> silu(gate) * up [N, H]."""
-    return _ops.swiglu_fwd(h)
-
-
-def swiglu_bwd(dout: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """-> dh = [d_up | d_gate] [N, 2H]."""
-    return _ops.swiglu_bwd(dout, h)
-
-
-def silu_mul_fwd(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """gate, up [N, H] -> silu(gate) * up [N, H]."""
-    return _ops.silu_mul_fwd(gate, up)
-
-
-def silu_mul_bwd(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (d_gate, d_up) [N, H] each."""
-    return _ops.silu_mul_bwd(dout, gate, up)
-
-
-def rope(x: torch.Tensor, positions: torch.Tensor | None, offset: int, theta: float, inverse: bool) -> torch.Tensor:
-    """x [B, T, H, D] rotated (NeoX rotate-half, fp32) by positions [T] / [B, T] or offset + arange(T)."""
-    return _ops.rope(x, positions, offset, theta, inverse)
-
-
-def rope_interleaved(x: torch.Tensor, positions: torch.Tensor | None, offset: int, theta: float,
-                     inverse: bool) -> torch.Tensor:
-    """As `rope`, with GPT-J's interleaved pairs (dims 2i, 2i + 1)."""
-    return _ops.rope_interleaved(x, positions, offset, theta, inverse)
-
-
-KERNELS = {"layer_norm_fwd": layer_norm_fwd, "layer_norm_bwd": layer_norm_bwd, "norm_fwd": norm_fwd,
-           "norm_bwd": norm_bwd, "swiglu_fwd": swiglu_fwd,
-           "swiglu_bwd": swiglu_bwd, "silu_mul_fwd": silu_mul_fwd, "silu_mul_bwd": silu_mul_bwd, "rope": rope,
-           "rope_interleaved": rope_interleaved}
+KERNELS = {name: getattr(_ops, name) for name in (
+    "layer_norm_fwd", "layer_norm_bwd", "norm_fwd", "norm_bwd", "swiglu_fwd", "swiglu_bwd", "silu_mul_fwd",
+    "silu_mul_bwd", "rope", "rope_interleaved")}
 for _name, _fn in KERNELS.items():
     register_kernel(_name, "cpp", _fn, DEVICES)
 
