@@ -34,13 +34,10 @@ class Dist:
 
     def mean(self, t: torch.Tensor) -> torch.Tensor:
         """Average over processes (a collective: every rank must call it)."""
-        if self.sharded:
-            t = t.clone()
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-            t /= self.world
-        return t
+        return self.sum(t) / self.world if self.sharded else t
 
     def sum(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum over processes (a collective: every rank must call it)."""
         if self.sharded:
             t = t.clone()
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
