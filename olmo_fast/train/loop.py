@@ -204,6 +204,12 @@ class Trainer:
         return int(amount) if kind == "tokens" else self.max_steps * self.tokens_per_batch
 
     # ------------------------------------------------------------------ one step
+    def _schedule_position(self) -> tuple[int, int]:
+        """(where the run is, how long it is) in the schedule's units: steps or tokens."""
+        if self.cfg.scheduler.units == "steps":
+            return self.step, self.max_steps
+        return self.tokens, self.max_tokens
+
     def _autocast(self):
         if self.precision == "amp_bf16":
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
@@ -228,8 +234,7 @@ class Trainer:
             part = self._loss_sum(m_ids, m_labels) / ids.numel()
             part.backward()
             loss += part.detach()
-        t = self.step if self.cfg.scheduler.units == "steps" else self.tokens
-        total = self.max_steps if self.cfg.scheduler.units == "steps" else self.max_tokens
+        t, total = self._schedule_position()
         limit = self.schedule.grad_norm_limit(t)
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, limit if limit is not None else math.inf, foreach=True)
@@ -352,7 +357,7 @@ class Trainer:
             raise TrainingError(f"loss is {losses[-1]} at step {self.step}")
         elapsed = max(time.monotonic() - since, 1e-9)
         tps = (self.tokens - tokens_before) / elapsed / self.dist.world  # per device
-        t = self.step if self.cfg.scheduler.units == "steps" else self.tokens
+        t, _ = self._schedule_position()
         record = {"step": self.step, "tokens": self.tokens, "train/loss": sum(losses) / len(losses),
                   "train/step_losses": losses, "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": norm,
                   "grad_norm_limit": self.schedule.grad_norm_limit(t), "tokens_per_sec_per_device": tps,
