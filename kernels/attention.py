@@ -28,6 +28,7 @@ below 2^31 elements.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -349,8 +350,10 @@ def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+@functools.lru_cache(maxsize=64)
 def clip_value(clip: float | None, dtype: torch.dtype) -> float:
-    """The clip bound rounded to the inputs' dtype (what torch.clamp compares against); 0 when unused."""
+    """The clip bound rounded to the inputs' dtype (what torch.clamp compares against); 0 when unused.
+    Cached: it builds a host tensor, and every attention call (forward and backward) asks for it."""
     return 0.0 if clip is None else float(torch.tensor(float(clip), dtype=dtype))
 
 
