@@ -93,9 +93,8 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
         return _read_safetensors(path / s for s in shards)
-    for name in ("model.safetensors",):
-        if (path / name).is_file():
-            return _read_safetensors([path / name])
+    if (path / "model.safetensors").is_file():
+        return _read_safetensors([path / "model.safetensors"])
     for name in ("pytorch_model.bin", "model.pt"):
         if (path / name).is_file():
             return _read_torch(path / name)
@@ -197,7 +196,7 @@ def save_olmo(model, path: str | Path) -> None:
     """Original OLMo layout: config.yaml (`model:` section) + model.safetensors with OLMo's names."""
     import yaml
 
-    state = {name: t for name, t in model.state_dict().items()}
+    state = model.state_dict()
 
     def write(folder: Path) -> None:
         _write_safetensors(state, folder, max_shard_bytes=2**62)
