@@ -18,38 +18,25 @@ from torch import nn
 
 from .nn import hf
 
+
+def _family(name: str, prefix: str, norm: str, norm_forward: Callable) -> tuple[str, tuple]:
+    """A family's row of `TABLE`: transformers names its classes `<prefix>{norm, MLP, Attention, ForCausalLM}`
+    in `transformers.models.<name>.modeling_<name>`."""
+    return (f"transformers.models.{name}.modeling_{name}", (
+        (prefix + norm, ("norm",), norm_forward),
+        (prefix + "MLP", ("swiglu",), hf.swiglu_mlp_forward),
+        (prefix + "Attention", ("rope", "attention"), hf.attention_forward),
+        (prefix + "ForCausalLM", ("cross_entropy",), hf.causal_lm_forward),
+    ))
+
+
 # family -> (transformers modeling module, ((class name, switches that enable it, forward factory), ...))
 TABLE: dict[str, tuple[str, tuple[tuple[str, tuple[str, ...], Callable], ...]]] = {
-    "olmo": ("transformers.models.olmo.modeling_olmo", (
-        ("OlmoLayerNorm", ("norm",), hf.layer_norm_forward),
-        ("OlmoMLP", ("swiglu",), hf.swiglu_mlp_forward),
-        ("OlmoAttention", ("rope", "attention"), hf.attention_forward),
-        ("OlmoForCausalLM", ("cross_entropy",), hf.causal_lm_forward),
-    )),
-    "olmo2": ("transformers.models.olmo2.modeling_olmo2", (
-        ("Olmo2RMSNorm", ("norm",), hf.rms_norm_forward),
-        ("Olmo2MLP", ("swiglu",), hf.swiglu_mlp_forward),
-        ("Olmo2Attention", ("rope", "attention"), hf.attention_forward),
-        ("Olmo2ForCausalLM", ("cross_entropy",), hf.causal_lm_forward),
-    )),
-    "llama": ("transformers.models.llama.modeling_llama", (
-        ("LlamaRMSNorm", ("norm",), hf.rms_norm_forward),
-        ("LlamaMLP", ("swiglu",), hf.swiglu_mlp_forward),
-        ("LlamaAttention", ("rope", "attention"), hf.attention_forward),
-        ("LlamaForCausalLM", ("cross_entropy",), hf.causal_lm_forward),
-    )),
-    "mistral": ("transformers.models.mistral.modeling_mistral", (
-        ("MistralRMSNorm", ("norm",), hf.rms_norm_forward),
-        ("MistralMLP", ("swiglu",), hf.swiglu_mlp_forward),
-        ("MistralAttention", ("rope", "attention"), hf.attention_forward),
-        ("MistralForCausalLM", ("cross_entropy",), hf.causal_lm_forward),
-    )),
-    "qwen2": ("transformers.models.qwen2.modeling_qwen2", (
-        ("Qwen2RMSNorm", ("norm",), hf.rms_norm_forward),
-        ("Qwen2MLP", ("swiglu",), hf.swiglu_mlp_forward),
-        ("Qwen2Attention", ("rope", "attention"), hf.attention_forward),
-        ("Qwen2ForCausalLM", ("cross_entropy",), hf.causal_lm_forward),
-    )),
+    "olmo": _family("olmo", "Olmo", "LayerNorm", hf.layer_norm_forward),
+    "olmo2": _family("olmo2", "Olmo2", "RMSNorm", hf.rms_norm_forward),
+    "llama": _family("llama", "Llama", "RMSNorm", hf.rms_norm_forward),
+    "mistral": _family("mistral", "Mistral", "RMSNorm", hf.rms_norm_forward),
+    "qwen2": _family("qwen2", "Qwen2", "RMSNorm", hf.rms_norm_forward),
 }
 SUPPORTED = "transformers' OLMo (olmo), OLMo2 (olmo2), Llama (llama), Mistral (mistral) and Qwen2 (qwen2) models"
 _MISSING = object()
