@@ -34,15 +34,6 @@ def hf_olmo(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, attn: st
     return model
 
 
-def spec_peak_flops(device: torch.device) -> float | None:
-    """The card's dense bf16 peak from its data sheet (the trainer's table), None where unknown."""
-    try:
-        from olmo_fast.train.loop import device_peak_flops
-    except ImportError:
-        return None
-    return device_peak_flops(device)
-
-
 def free_memory(device: torch.device) -> None:
     """Return a dropped model's memory before the next one is built (collect, then empty CUDA's cache)."""
     gc.collect()

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from olmo_fast import ModelConfig
-from olmo_fast.train.loop import summed_loss
+from olmo_fast.train.loop import device_peak_flops, summed_loss
 
 from . import ceilings, models, report
 from .suite import environment
@@ -82,7 +82,7 @@ def run(preset: str, seq_len: int, batch: int, steps: int, warmup: int, variants
         out: str | Path | None = None, log=print) -> dict:
     """Measure each variant; the results (rewritten to `out` after each one) hold a record per variant."""
     cfg = ModelConfig.preset(preset, max_sequence_length=seq_len)
-    peak = models.spec_peak_flops(device)
+    peak = device_peak_flops(device)  # the data sheet's dense bf16 peak (the trainer's table); None if unknown
     measured = ceilings.measure(device)["matmul_tflops"] * 1e12
     results = {"kind": "train_throughput", "title": f"Training throughput: {preset} at context {seq_len}",
                "note": f"One training step per row (bf16 autocast, fp32 master weights, AdamW, grad clipping), "
