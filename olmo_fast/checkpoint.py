@@ -143,7 +143,8 @@ def check_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 # ---------------------------------------------------------------------------------------------- writing
 def _atomic_dir_write(path: Path, write) -> None:
-    """Write files into `path.tmp-*`, then move them in, so a crash never leaves half a checkpoint."""
+    """Write files into `path/.tmp-<pid>/`, then move them into `path` one by one, config last: a crash never
+    leaves a config beside half-written weights."""
     path.mkdir(parents=True, exist_ok=True)
     tmp = path / f".tmp-{os.getpid()}"
     tmp.mkdir(exist_ok=True)
