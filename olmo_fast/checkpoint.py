@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -143,13 +144,19 @@ def check_state(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
 
 # ---------------------------------------------------------------------------------------------- writing
 def _atomic_dir_write(path: Path, write) -> None:
-    """Write files into `path/.tmp-<pid>/`, then move them into `path` one by one, config last: a crash never
-    leaves a config beside half-written weights."""
+    """Write files into `path/.tmp-<pid>/`, fsync them, then move them into `path` one by one, config last: a
+    crash never leaves a config beside half-written weights. Leftovers of crashed writes are removed first."""
     path.mkdir(parents=True, exist_ok=True)
+    for stale in path.glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = path / f".tmp-{os.getpid()}"
-    tmp.mkdir(exist_ok=True)
+    tmp.mkdir()
     write(tmp)
-    for file in sorted(tmp.iterdir(), key=lambda f: f.name.startswith("config")):  # config last
+    files = sorted(tmp.iterdir(), key=lambda f: f.name.startswith("config"))  # config last
+    for file in files:
+        with open(file, "rb") as handle:
+            os.fsync(handle.fileno())
+    for file in files:
         os.replace(file, path / file.name)
     tmp.rmdir()
 

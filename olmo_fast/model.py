@@ -124,7 +124,7 @@ class OLMo(nn.Module):
             raise ValueError(f"sequence length {past_length + input_ids.shape[1]} exceeds the model's context "
                              f"({cfg.max_sequence_length} tokens)")
         if input_ids.numel():
-            low, high = int(input_ids.min()), int(input_ids.max())
+            low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one reduction, one device sync
             if low < 0 or high >= cfg.embedding_size:
                 raise ValueError(f"token ids must lie in [0, {cfg.embedding_size}); got ids from {low} to {high}")
 

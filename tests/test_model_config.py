@@ -138,3 +138,12 @@ def test_backend_errors_are_clear():
     x = torch.randn(4, 8)
     with pytest.raises(ops.BackendError, match="backend must be one of"):
         ops.layer_norm(x, backend="cuda")
+
+
+def test_save_removes_leftovers_of_a_crashed_write(tmp_path):
+    stale = tmp_path / ".tmp-99999"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half a file")
+    OLMo(ModelConfig.preset("test")).save_pretrained(tmp_path)
+    assert not list(tmp_path.glob(".tmp-*"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
