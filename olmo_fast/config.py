@@ -130,7 +130,7 @@ class ModelConfig:
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
         """From the dict of an HF `OlmoConfig` (`config.json`); a setting olmo-fast would ignore is an error."""
-        _require_supported(hf, _HF_SUPPORTED, "config.json")
+        _require_supported(hf, _HF_SUPPORTED, "HF config")
         _warn_dropout(hf, ("attention_dropout",))
         try:
             rope = hf.get("rope_parameters") or {}

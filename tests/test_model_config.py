@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from olmo_fast import ConfigError, ModelConfig, OLMo
@@ -240,3 +241,33 @@ def test_olmo_model_keys_are_allenais():
                                       mlp_hidden_size=256, layer_norm_eps=1e-6, attention_dropout=0.0,
                                       residual_dropout=0.0, embedding_dropout=0.0)
     assert ModelConfig.from_olmo(dataclasses.asdict(written)) == ModelConfig.preset("test", layer_norm_eps=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- the same, by CLI
+def test_cli_refuses_models_it_would_misread(tmp_path, capsys):
+    from test_train import BASE, markov_tokens
+    from test_train_state import assert_one_line_error
+
+    from olmo_fast.cli import main
+
+    data = tmp_path / "ids.npy"
+    markov_tokens(48 * 16, vocab=96)[0].tofile(data)  # the tiny HF models' vocabulary and context
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**BASE, "model": None}))
+
+    def train(*args):
+        code = main(["train", str(config), f"--save_folder={tmp_path / 'out'}", f"--data.paths=[{data}]", *args])
+        return code, capsys.readouterr().err
+
+    biased = _tiny_hf_folder(tmp_path / "biased", attention_bias=True)
+    fewer = _tiny_hf_folder(tmp_path / "fewer")
+    _edit_json(fewer / "config.json", num_hidden_layers=1)
+    capsys.readouterr()  # transformers' progress bars
+    assert_one_line_error(*train(f"--load_path={biased}"), "attention_bias=True")
+    code = main(["generate", "--model", str(biased), "--token-ids", "3 4", "--max-new-tokens", "1"])
+    assert_one_line_error(code, capsys.readouterr().err, "attention_bias=True")
+    assert_one_line_error(*train(f"--load_path={fewer}"), "the config does not account for")
+    block = yaml.safe_dump({**BASE, "model": {**OLMO_BLOCK, "weigth_tying": False}})
+    config.write_text(block)
+    assert_one_line_error(*train(), "unknown OLMo model key 'weigth_tying'; did you mean 'weight_tying'?")
+    assert not (tmp_path / "out").exists()

@@ -143,7 +143,8 @@ def cli_train(capsys, config, data, save_folder, *args) -> tuple[int, str]:
 
 
 def assert_one_line_error(code: int, err: str, *fragments: str) -> None:
-    lines = [line for line in err.splitlines() if not line.startswith("warning: ")]
+    """Exit code 2 and one `error:` line holding every fragment (warnings aside), no traceback."""
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith("warning: ")]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, err)
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
