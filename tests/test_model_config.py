@@ -122,15 +122,20 @@ def test_missing_or_corrupt_weights(tmp_path):
         OLMo.from_pretrained(tmp_path)
 
 
-def test_pickled_checkpoints_are_never_unpickled(tmp_path):
-    class Evil:
-        def __reduce__(self):
-            return (print, ("pwned",))
+@pytest.mark.parametrize("config,weights,match", [
+    ("config.yaml", "model.pt", "tensor-only"), ("config.json", "pytorch_model.bin", "tensor-only"),
+    ("config.json", "model.safetensors", "cannot read"), ("config.yaml", "model.safetensors", "cannot read")])
+def test_pickled_weights_are_never_unpickled(tmp_path, config, weights, match):
+    from test_train_state import payload
 
-    (tmp_path / "config.yaml").write_text("model: {d_model: 64, n_heads: 4, n_layers: 1}")
-    torch.save({"x": Evil()}, tmp_path / "model.pt")
-    with pytest.raises(CheckpointError, match="tensor-only"):
+    marker = tmp_path / "marker"
+    test = ModelConfig.preset("test")
+    text = json.dumps(test.to_hf()) if config == "config.json" else yaml.safe_dump({"model": test.to_olmo()})
+    (tmp_path / config).write_text(text)
+    (tmp_path / weights).write_bytes(payload(marker))
+    with pytest.raises(CheckpointError, match=match):
         OLMo.from_pretrained(tmp_path)
+    assert not marker.exists()
 
 
 def test_backend_errors_are_clear():
