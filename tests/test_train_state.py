@@ -272,3 +272,31 @@ def test_three_process_shards_are_read_back_by_two_and_by_one(tmp_path):
     state._read_tensors(tmp_path, state._check_index(tmp_path, index), one)
     for name, t in reference_tensors().items():
         assert torch.equal(one[name], t), name
+
+
+@pytest.mark.slow
+def test_one_process_checkpoint_resumes_on_two(tmp_path):
+    """The other direction of test_train_dist's 2 -> 1: FSDP2's parameters and AdamW moments filled by rows."""
+    import subprocess
+    import sys
+
+    import numpy as np
+    from test_train import step_losses
+    from test_train_dist import base_yaml
+
+    data = token_file(tmp_path / "ids.npy", 64 * 32)
+    common = ["--max_duration=4", "--save_interval=2"]
+    train(tmp_path / "one", data, *common)
+    train(tmp_path / "two", data, *common, "--stop_at=2")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "-m",
+              "olmo_fast.cli", "train", str(base_yaml(tmp_path)), f"--save_folder={tmp_path / 'two'}",
+              f"--data.paths=[{data}]", *common, "--resume"]
+    done = subprocess.run(launch, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "resuming from" in done.stdout and "2 process(es)" in done.stdout
+    one, two = step_losses(tmp_path / "one"), step_losses(tmp_path / "two")
+    assert [two[s] for s in (1, 2)] == [one[s] for s in (1, 2)]  # the same one-process run up to the checkpoint
+    # then fp32 on two processes: only the order of the gradient sums differs (gloo average of two halves)
+    np.testing.assert_allclose([two[s] for s in (3, 4)], [one[s] for s in (3, 4)], rtol=1e-5, atol=0)
+    assert len(list((tmp_path / "two" / "step4").glob("shard-*-of-00002.safetensors"))) == 2

@@ -190,9 +190,10 @@ def _read_tensors(folder: Path, entries: dict[str, Any], tensors: dict[str, torc
     """Fill each of `tensors` (this process's part of it) from the checkpoint in `folder`."""
     from safetensors import SafetensorError, safe_open
 
-    local = {name: _local(t) for name, t in tensors.items()}
+    with torch.no_grad():  # the local tensors themselves (not autograd views of them) are filled in place
+        local = {name: _local(t) for name, t in tensors.items()}
     rows, rank = _rows_by_rank(local), _rank()
-    with contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as stack, torch.no_grad():
         opened: dict[str, Any] = {}
 
         def files(name: str):
@@ -211,8 +212,7 @@ def _read_tensors(folder: Path, entries: dict[str, Any], tensors: dict[str, torc
                                       f"model needs {tuple(t.shape)}")
             part, sharded = local[name]
             try:
-                with torch.no_grad():
-                    _read_rows(folder, name, entries[name], part, sum(rows[name][:rank]) if sharded else 0, files)
+                _read_rows(folder, name, entries[name], part, sum(rows[name][:rank]) if sharded else 0, files)
             except SafetensorError as err:
                 raise CheckpointError(f"cannot read {name} from {folder}: {err}") from None
 
