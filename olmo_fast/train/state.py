@@ -350,7 +350,8 @@ def load(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
     entries = _check_index(path / INDEX_FILE, _read_json(path / INDEX_FILE))
     trainer = _decode(_read_json(path / TRAINER_FILE))
     if not isinstance(trainer, dict) or not TRAINER_KEYS <= set(trainer):
-        raise CheckpointError(f"{path / TRAINER_FILE} does not hold a trainer state ({', '.join(sorted(TRAINER_KEYS))})")
+        raise CheckpointError(f"{path / TRAINER_FILE} does not hold a trainer state "
+                              f"({', '.join(sorted(TRAINER_KEYS))})")
     model_state = get_model_state_dict(model)
     optim = get_optimizer_state_dict(model, optimizer) if optimizer is not None else {"state": {}}
     tensors = _named_tensors(model_state, optim["state"])
