@@ -220,6 +220,20 @@ def test_old_pickle_checkpoint_with_a_payload_is_refused(run, tmp_path, capsys, 
     assert not marker.exists()
 
 
+def test_trust_flag_loads_an_old_checkpoint_through_the_cli(run, tmp_path, capsys):
+    _, data, config = run
+    model, optimizer = stepped(0)
+    old = legacy_checkpoint(tmp_path / "old", model, optimizer, {"global_step": 3})
+    # one step at an LR far below fp32's resolution of the weights: it leaves them as loaded
+    code, err = cli_train(capsys, config, data, tmp_path / "out", f"--load_path={old}", "--trust_pickle_checkpoint",
+                          "--reset_trainer_state", "--max_duration=1", "--optimizer.learning_rate=1e-30")
+    assert code == 0, err
+    trained = OLMo(ModelConfig.preset("test"))
+    state.load(tmp_path / "out" / "step1", trained, None)
+    for (name, p), q in zip(model.state_dict().items(), trained.state_dict().values()):
+        assert torch.equal(p, q), name  # the old checkpoint's weights
+
+
 # ---------------------------------------------------------------------------------------------- re-sharding
 # Tensors with rows that 3 and 2 processes split unevenly (7 rows: 3+3+1 / 4+3; 2 rows: 1+1+0 / 1+1), a 0-d one.
 SHAPES = {"a": (7, 5), "b": (2,), "c": (13, 3, 2), "s": ()}
