@@ -168,6 +168,10 @@ def test_checkpoint_model_is_taken_without_model_settings(run, tmp_path, capsys)
     code, err = cli_train(capsys, config, data, tmp_path / "a", f"--load_path={folder / 'step2'}", "--model=null")
     assert code == 0, err
     assert state.checkpoint_model_config(tmp_path / "a" / "step3") == ModelConfig.preset("test")
+    # the run's config.yaml records that model (not the default one), so it resumes the run
+    code = main(["train", str(tmp_path / "a" / "config.yaml"), "--resume", "--max_duration=4"])
+    assert code == 0, capsys.readouterr().err
+    assert state.latest_checkpoint(tmp_path / "a").name == "step4"
 
 
 def test_missing_load_path_is_one_line(run, tmp_path, capsys):

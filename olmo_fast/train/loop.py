@@ -83,6 +83,7 @@ class Trainer:
         self.resumed_from = resume_from
         load_from = resume_from or (Path(config.load_path) if config.load_path else None)
         self.model_config = self._model_config(load_from)
+        config.model = self.model_config.to_dict()  # the run's config.yaml records the model it trains
         self.seq_len = self.model_config.max_sequence_length
 
         self.train_data, self.evaluators = self._data()
