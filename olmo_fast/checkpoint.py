@@ -24,10 +24,17 @@ class CheckpointError(ValueError):
 
 # ---------------------------------------------------------------------------------------------- name maps
 def hf_to_olmo(hf: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """HF tensors -> our (= original OLMo) names; q/k/v and gate/up are fused as OLMo fuses them."""
+    """HF tensors -> our (= original OLMo) names; q/k/v and gate/up are fused as OLMo fuses them.
+
+    Every tensor must be used: one the config does not account for (more layers than `num_hidden_layers`,
+    attention biases, a head beside tied embeddings) means the config does not describe these weights.
+    """
+    used: set[str] = set()
+
     def take(name: str) -> torch.Tensor:
         if name not in hf:
             raise CheckpointError(f"checkpoint is missing tensor {name!r}")
+        used.add(name)
         return hf[name]
 
     out = {"transformer.wte.weight": take("model.embed_tokens.weight")}
@@ -40,6 +47,13 @@ def hf_to_olmo(hf: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, to
         out[o + "ff_out.weight"] = take(p + "mlp.down_proj.weight")
     if not config.weight_tying:
         out["transformer.ff_out.weight"] = take("lm_head.weight")
+    elif "lm_head.weight" in hf and torch.equal(hf["lm_head.weight"], out["transformer.wte.weight"]):
+        used.add("lm_head.weight")  # a tied head written out as a copy of the embedding
+    extra = sorted(name for name in set(hf) - used if "rotary_emb" not in name)  # RoPE buffers: recomputed
+    if extra:
+        raise CheckpointError(
+            f"the weights hold {len(extra)} tensor(s) the config does not account for, e.g. {extra[0]!r} (config: "
+            f"num_hidden_layers={config.n_layers}, tie_word_embeddings={config.weight_tying}, no biases)")
     return out
 
 

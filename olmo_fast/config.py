@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,6 +12,30 @@ from typing import Any
 
 class ConfigError(ValueError):
     """A configuration that cannot describe an OLMo model."""
+
+
+# The fields of allenai/OLMo's `olmo.config.ModelConfig` (ai2-olmo), the keys a `model:` block may hold; embedded
+# so that olmo-fast does not import ai2-olmo at runtime (tests/test_model_config.py checks it against the package).
+OLMO_MODEL_KEYS = frozenset({
+    "activation_type", "alibi", "alibi_bias_max", "attention_dropout", "attention_layer_norm",
+    "attention_layer_norm_with_affine", "bias_for_layer_norm", "block_group_size", "block_type", "clip_qkv",
+    "d_model", "emb_init_std", "embedding_dropout", "embedding_layer_norm", "embedding_size", "eos_token_id",
+    "flash_attention", "include_bias", "init_cutoff_factor", "init_device", "init_fn", "init_std",
+    "layer_norm_eps", "layer_norm_type", "layer_norm_with_affine", "max_sequence_length", "mlp_hidden_size",
+    "mlp_ratio", "multi_query_attention", "n_heads", "n_kv_heads", "n_layers", "norm_after", "pad_token_id",
+    "precision", "residual_dropout", "rope", "rope_full_precision", "rope_theta", "scale_emb_init", "scale_logits",
+    "vocab_size", "weight_tying",
+})
+# OLMo model keys that change the architecture -> the values olmo-fast implements (a missing key is fine).
+_OLMO_SUPPORTED = {
+    "activation_type": ("swiglu",), "block_type": ("sequential",), "layer_norm_type": ("default", None),
+    "rope": (True,), "attention_layer_norm": (False, None), "bias_for_layer_norm": (False, None),
+    "include_bias": (False, None), "layer_norm_with_affine": (False, None), "alibi": (False, None),
+    "multi_query_attention": (False, None), "embedding_layer_norm": (False, None), "scale_logits": (False, None),
+    "norm_after": (False, None),
+}
+# The same for the keys of transformers' `OlmoConfig` (config.json) that olmo-fast does not map onto ModelConfig.
+_HF_SUPPORTED = {"model_type": ("olmo",), "hidden_act": ("silu",), "attention_bias": (False, None)}
 
 
 @dataclass
@@ -98,15 +124,14 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ConfigError(f"unknown model config keys {unknown}; known keys: {sorted(known)}")
+        _reject_unknown(values, {f.name for f in dataclasses.fields(cls)}, "model config key")
         return cls(**values)
 
     @classmethod
     def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
-        """From the dict of an HF `OlmoConfig` (`config.json`)."""
+        """From the dict of an HF `OlmoConfig` (`config.json`); a setting olmo-fast would ignore is an error."""
+        _require_supported(hf, _HF_SUPPORTED, "HF config")
+        _warn_dropout(hf, ("attention_dropout",))
         try:
             rope = hf.get("rope_parameters") or {}
             theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
@@ -163,25 +188,14 @@ class ModelConfig:
     def from_olmo(cls, cfg: dict[str, Any]) -> "ModelConfig":
         """From the `model:` section of an original OLMo `config.yaml`."""
         model = cfg.get("model", cfg)
+        if not isinstance(model, dict):
+            raise ConfigError(f"the OLMo model config must be a mapping, got {model!r}")
+        _reject_unknown(model, OLMO_MODEL_KEYS, "OLMo model key")
+        _require_supported(model, _OLMO_SUPPORTED, "OLMo config")
+        _warn_dropout(model, ("attention_dropout", "residual_dropout", "embedding_dropout"))
         try:
             d_model = int(model["d_model"])
             mlp = model.get("mlp_hidden_size") or int(model.get("mlp_ratio", 4)) * d_model
-            unsupported = {
-                "attention_layer_norm": False, "bias_for_layer_norm": False, "include_bias": False,
-                "layer_norm_with_affine": False, "alibi": False, "multi_query_attention": False,
-                "embedding_layer_norm": False, "scale_logits": False, "norm_after": False,
-            }
-            for key, expected in unsupported.items():
-                if bool(model.get(key, expected)) != expected:
-                    raise ConfigError(f"OLMo config sets {key}={model[key]!r}; olmo-fast supports only {expected}")
-            if model.get("layer_norm_type", "default") not in ("default", None):
-                raise ConfigError(f"layer_norm_type {model['layer_norm_type']!r} is not supported")
-            if model.get("activation_type", "swiglu") != "swiglu":
-                raise ConfigError(f"activation_type {model['activation_type']!r} is not supported")
-            if model.get("block_type", "sequential") != "sequential":
-                raise ConfigError(f"block_type {model['block_type']!r} is not supported")
-            if not model.get("rope", True):
-                raise ConfigError("models without RoPE are not supported")
             vocab = int(model.get("vocab_size", 50280))
             return cls(
                 d_model=d_model,
@@ -195,6 +209,7 @@ class ModelConfig:
                 vocab_size=vocab,
                 embedding_size=int(model.get("embedding_size") or vocab),
                 weight_tying=bool(model.get("weight_tying", True)),
+                layer_norm_eps=float(model.get("layer_norm_eps", 1e-5)),
                 eos_token_id=int(model.get("eos_token_id", 50279)),
                 pad_token_id=int(model.get("pad_token_id", 1)),
                 init_std=float(model.get("init_std", 0.02)),
@@ -210,7 +225,7 @@ class ModelConfig:
             "max_sequence_length": self.max_sequence_length, "rope": True, "rope_theta": self.rope_theta,
             "rope_full_precision": True, "clip_qkv": self.clip_qkv, "vocab_size": self.vocab_size,
             "embedding_size": self.embedding_size, "weight_tying": self.weight_tying,
-            "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
+            "layer_norm_eps": self.layer_norm_eps, "eos_token_id": self.eos_token_id, "pad_token_id": self.pad_token_id,
             "activation_type": "swiglu", "block_type": "sequential", "layer_norm_type": "default",
             "layer_norm_with_affine": False, "attention_layer_norm": False, "include_bias": False,
             "bias_for_layer_norm": False, "alibi": False, "attention_dropout": 0.0, "residual_dropout": 0.0,
@@ -221,6 +236,8 @@ class ModelConfig:
     def from_file(cls, path: str | Path) -> "ModelConfig":
         """From an HF `config.json`, an OLMo `config.yaml`, or a directory holding either."""
         path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"{path} does not exist")
         if path.is_dir():
             for name in ("config.json", "config.yaml"):
                 if (path / name).is_file():
@@ -239,6 +256,29 @@ class ModelConfig:
             raise ConfigError(f"cannot parse {path}: {err}") from None
         except Exception as err:  # yaml.YAMLError and friends
             raise ConfigError(f"cannot parse {path}: {err}") from None
+
+
+def _reject_unknown(values: dict[str, Any], known: set[str] | frozenset[str], what: str) -> None:
+    """ConfigError naming the first key of `values` not in `known`, and the known key closest to it."""
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], sorted(known), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {sorted(known)}"
+        raise ConfigError(f"unknown {what} {unknown[0]!r}{hint}")
+
+
+def _require_supported(values: dict[str, Any], supported: dict[str, tuple], source: str) -> None:
+    for key, allowed in supported.items():
+        if key in values and values[key] not in allowed:
+            raise ConfigError(f"{source} sets {key}={values[key]!r}; olmo-fast supports only "
+                              f"{' or '.join(repr(a) for a in allowed if a is not None)}")
+
+
+def _warn_dropout(values: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """Dropout only changes training, which olmo-fast runs without it: say so rather than drop it silently."""
+    nonzero = [f"{key}={values[key]}" for key in keys if values.get(key)]
+    if nonzero:
+        warnings.warn(f"olmo-fast trains without dropout; ignoring {', '.join(nonzero)}", stacklevel=3)
 
 
 def _first_id(value: Any, default: int) -> int:

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
 from olmo_fast import ConfigError, ModelConfig, OLMo
@@ -121,15 +122,20 @@ def test_missing_or_corrupt_weights(tmp_path):
         OLMo.from_pretrained(tmp_path)
 
 
-def test_pickled_checkpoints_are_never_unpickled(tmp_path):
-    class Evil:
-        def __reduce__(self):
-            return (print, ("pwned",))
+@pytest.mark.parametrize("config,weights,match", [
+    ("config.yaml", "model.pt", "tensor-only"), ("config.json", "pytorch_model.bin", "tensor-only"),
+    ("config.json", "model.safetensors", "cannot read"), ("config.yaml", "model.safetensors", "cannot read")])
+def test_pickled_weights_are_never_unpickled(tmp_path, config, weights, match):
+    from test_train_state import payload
 
-    (tmp_path / "config.yaml").write_text("model: {d_model: 64, n_heads: 4, n_layers: 1}")
-    torch.save({"x": Evil()}, tmp_path / "model.pt")
-    with pytest.raises(CheckpointError, match="tensor-only"):
+    marker = tmp_path / "marker"
+    test = ModelConfig.preset("test")
+    text = json.dumps(test.to_hf()) if config == "config.json" else yaml.safe_dump({"model": test.to_olmo()})
+    (tmp_path / config).write_text(text)
+    (tmp_path / weights).write_bytes(payload(marker))
+    with pytest.raises(CheckpointError, match=match):
         OLMo.from_pretrained(tmp_path)
+    assert not marker.exists()
 
 
 def test_backend_errors_are_clear():
@@ -147,3 +153,126 @@ def test_save_removes_leftovers_of_a_crashed_write(tmp_path):
     OLMo(ModelConfig.preset("test")).save_pretrained(tmp_path)
     assert not list(tmp_path.glob(".tmp-*"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "model.safetensors"]
+
+
+# ---------------------------------------------------------------------------------------------- configs olmo-fast
+# would misread: refused (or, for dropout, which only training would apply, warned about), never ignored
+def _tiny_hf_folder(tmp_path, **overrides):
+    pytest.importorskip("transformers")
+    from tiny_hf import hf_olmo
+
+    hf_olmo(**overrides).save_pretrained(tmp_path)
+    return tmp_path
+
+
+def _edit_json(file, **changes):
+    values = json.loads(file.read_text())
+    values.update(changes)
+    file.write_text(json.dumps(values))
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (dict(attention_bias=True), "attention_bias=True; olmo-fast supports only False"),
+    (dict(hidden_act="gelu"), "hidden_act='gelu'; olmo-fast supports only 'silu'"),
+])
+def test_hf_settings_olmo_fast_would_ignore_are_refused(tmp_path, overrides, match):
+    folder = _tiny_hf_folder(tmp_path, **overrides)
+    with pytest.raises(ConfigError, match=match):
+        OLMo.from_pretrained(folder)
+
+
+def test_hf_config_of_another_family_is_refused(tmp_path):
+    folder = _tiny_hf_folder(tmp_path)
+    _edit_json(folder / "config.json", model_type="olmo2")
+    with pytest.raises(ConfigError, match="model_type='olmo2'; olmo-fast supports only 'olmo'"):
+        OLMo.from_pretrained(folder)
+
+
+def test_hf_weights_the_config_does_not_account_for_are_refused(tmp_path):
+    folder = _tiny_hf_folder(tmp_path)  # 2 layers, untied
+    assert OLMo.from_pretrained(folder).config.n_layers == 2  # loads as saved
+    _edit_json(folder / "config.json", num_hidden_layers=1)
+    with pytest.raises(CheckpointError, match=r"hold 7 tensor\(s\) the config does not account for, e.g. "
+                                              r"'model.layers.1.mlp.down_proj.weight'"):
+        OLMo.from_pretrained(folder)
+    _edit_json(folder / "config.json", num_hidden_layers=2, tie_word_embeddings=True)  # a head of its own
+    with pytest.raises(CheckpointError, match="'lm_head.weight'"):
+        OLMo.from_pretrained(folder)
+
+
+def test_tied_head_saved_as_a_copy_of_the_embedding_loads(tmp_path):
+    folder = _tiny_hf_folder(tmp_path, tie_word_embeddings=True)
+    tensors = load_file(str(folder / "model.safetensors"))
+    assert "lm_head.weight" not in tensors
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, str(folder / "model.safetensors"))
+    model = OLMo.from_pretrained(folder)
+    assert torch.equal(model.transformer["wte"].weight, tensors["model.embed_tokens.weight"])
+
+
+def test_hf_dropout_is_warned_about(tmp_path):
+    folder = _tiny_hf_folder(tmp_path, attention_dropout=0.1)
+    with pytest.warns(UserWarning, match="trains without dropout; ignoring attention_dropout=0.1"):
+        OLMo.from_pretrained(folder)
+
+
+OLMO_BLOCK = {"d_model": 64, "n_heads": 4, "n_layers": 2, "mlp_ratio": 4, "max_sequence_length": 64,
+              "vocab_size": 250, "embedding_size": 256, "weight_tying": False, "include_bias": False,
+              "layer_norm_with_affine": False, "rope": True, "eos_token_id": 0, "pad_token_id": 1}
+
+
+def test_olmo_model_block_keys():
+    assert ModelConfig.from_olmo(OLMO_BLOCK) == ModelConfig.preset("test")
+    assert ModelConfig.from_olmo({**OLMO_BLOCK, "layer_norm_eps": 1e-6}).layer_norm_eps == 1e-6
+    with pytest.raises(ConfigError, match="^unknown OLMo model key 'weigth_tying'; did you mean 'weight_tying'\\?$"):
+        ModelConfig.from_olmo({**OLMO_BLOCK, "weigth_tying": True})
+    with pytest.raises(ConfigError, match="OLMo config sets include_bias=True; olmo-fast supports only False"):
+        ModelConfig.from_olmo({**OLMO_BLOCK, "include_bias": True})
+    with pytest.raises(ConfigError, match="unknown model config key 'n_layer'; did you mean 'n_layers'"):
+        ModelConfig.from_dict({"n_layer": 2})
+    with pytest.warns(UserWarning, match="ignoring residual_dropout=0.1"):
+        ModelConfig.from_olmo({**OLMO_BLOCK, "residual_dropout": 0.1, "attention_dropout": 0.0})
+
+
+def test_olmo_model_keys_are_allenais():
+    """The embedded list of allenai/OLMo's ModelConfig fields (olmo-fast does not import ai2-olmo at runtime)."""
+    import dataclasses
+
+    from olmo_fast.config import OLMO_MODEL_KEYS
+
+    olmo_config = pytest.importorskip("olmo.config")
+    assert OLMO_MODEL_KEYS == {f.name for f in dataclasses.fields(olmo_config.ModelConfig)}
+    written = olmo_config.ModelConfig(**{k: v for k, v in OLMO_BLOCK.items() if k != "mlp_ratio"},
+                                      mlp_hidden_size=256, layer_norm_eps=1e-6, attention_dropout=0.0,
+                                      residual_dropout=0.0, embedding_dropout=0.0)
+    assert ModelConfig.from_olmo(dataclasses.asdict(written)) == ModelConfig.preset("test", layer_norm_eps=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- the same, by CLI
+def test_cli_refuses_models_it_would_misread(tmp_path, capsys):
+    from test_train import BASE, markov_tokens
+    from test_train_state import assert_one_line_error
+
+    from olmo_fast.cli import main
+
+    data = tmp_path / "ids.npy"
+    markov_tokens(48 * 16, vocab=96)[0].tofile(data)  # the tiny HF models' vocabulary and context
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({**BASE, "model": None}))
+
+    def train(*args):
+        code = main(["train", str(config), f"--save_folder={tmp_path / 'out'}", f"--data.paths=[{data}]", *args])
+        return code, capsys.readouterr().err
+
+    biased = _tiny_hf_folder(tmp_path / "biased", attention_bias=True)
+    fewer = _tiny_hf_folder(tmp_path / "fewer")
+    _edit_json(fewer / "config.json", num_hidden_layers=1)
+    capsys.readouterr()  # transformers' progress bars
+    assert_one_line_error(*train(f"--load_path={biased}"), "attention_bias=True")
+    code = main(["generate", "--model", str(biased), "--token-ids", "3 4", "--max-new-tokens", "1"])
+    assert_one_line_error(code, capsys.readouterr().err, "attention_bias=True")
+    assert_one_line_error(*train(f"--load_path={fewer}"), "the config does not account for")
+    block = yaml.safe_dump({**BASE, "model": {**OLMO_BLOCK, "weigth_tying": False}})
+    config.write_text(block)
+    assert_one_line_error(*train(), "unknown OLMo model key 'weigth_tying'; did you mean 'weight_tying'?")
+    assert not (tmp_path / "out").exists()

@@ -67,7 +67,7 @@ def test_torchrun_two_gloo_processes_match_one_and_resume_on_one(tmp_path):
     done = subprocess.run(launch, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "2 process(es)" in done.stdout
-    assert len(list((tmp_path / "two" / "step4").glob("*.distcp"))) == 2  # one shard per process
+    assert len(list((tmp_path / "two" / "step4").glob("shard-*-of-00002.safetensors"))) == 2  # one per process
     train(tmp_path / "two", data, *common, "--resume")  # 2 shards -> 1 process
     one, two = step_losses(tmp_path / "one"), step_losses(tmp_path / "two")
     assert list(two) == list(range(1, 7))

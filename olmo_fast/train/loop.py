@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from .. import ops
-from ..checkpoint import check_state, load_state
+from ..checkpoint import CheckpointError, check_state, load_state
 from ..config import ConfigError, ModelConfig
 from ..model import OLMo
 from ..ops import dispatch
@@ -83,6 +83,7 @@ class Trainer:
         self.resumed_from = resume_from
         load_from = resume_from or (Path(config.load_path) if config.load_path else None)
         self.model_config = self._model_config(load_from)
+        config.model = self.model_config.to_dict()  # the run's config.yaml records the model it trains
         self.seq_len = self.model_config.max_sequence_length
 
         self.train_data, self.evaluators = self._data()
@@ -131,11 +132,16 @@ class Trainer:
         return folder  # made by fit(), once the data and the model have passed their checks
 
     def _model_config(self, load_from: Path | None) -> ModelConfig:
-        if self.cfg.model is not None or load_from is None:
-            return self.cfg.model_config()
+        """A training checkpoint's model (which a `model` setting must equal), else the `model` setting, else the
+        model of the weights loaded."""
+        asked = self.cfg.model_config() if self.cfg.model is not None or load_from is None else None
+        if load_from is None:
+            return asked
+        if not load_from.is_dir():
+            raise CheckpointError(f"load_path {load_from} is not a folder (a stepN checkpoint or an HF / OLMo model)")
         if state.is_checkpoint(load_from):
-            return state.checkpoint_model_config(load_from)
-        return ModelConfig.from_file(load_from)
+            return state.checkpoint_model_config(load_from, asked, self.cfg.trust_pickle_checkpoint)
+        return asked or ModelConfig.from_file(load_from)
 
     def _dataset(self, data: DataConfig) -> TokenDataset:
         return TokenDataset(data.all_paths(), self.seq_len, data.memmap_dtype, data.label_mask_paths,
@@ -184,7 +190,7 @@ class Trainer:
             dist.shard(self.model, cfg.fsdp.precision if self.precision == "amp_bf16" else "full")
 
     def _restore(self, path: Path, optimizer: bool, trainer: bool) -> None:
-        saved = state.load(path, self.model, self.optimizer if optimizer else None)
+        saved = state.load(path, self.model, self.optimizer if optimizer else None, self.cfg.trust_pickle_checkpoint)
         if not trainer:
             return
         self.step, self.tokens = int(saved["global_step"]), int(saved["global_train_tokens_seen"])
