@@ -16,17 +16,13 @@ from olmo_fast.cli import main as cli_main
 from olmo_fast.generation import Decoder, benchmark_decode, sample
 from conftest import require_kernel
 from tiny_hf import hf_olmo
-
-transformers = pytest.importorskip("transformers")
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 HF_CONFIGS = {  # untied MHA, and a tied GQA head with a clip_qkv that bites (as in test_model_parity)
     "untied-mha": dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False, clip_qkv=None),
     "tied-gqa-clip": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, clip_qkv=0.3),
 }
 PROMPTS = [[5, 17, 9, 33, 2, 71, 40], [88], [12, 3, 56, 91, 7, 7, 30, 64, 19, 2, 44, 81, 23], [60, 61, 62, 63]]
-
-
 
 
 def hf_greedy(model, prompts: list[list[int]], new_tokens: int, eos: int | None) -> list[list[int]]:
