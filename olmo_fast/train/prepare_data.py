@@ -129,8 +129,9 @@ def _missing_folders(path: Path) -> list[Path]:
 
 
 def write_token_files(documents: Iterable[Document], out_dir: Path, tokenizer, eos: int,
-                      dtype: str | None = None, piece_chars: int = PIECE_CHARS) -> Summary:
-    """Tokenize into `out_dir/input_ids.npy` (+ `label_mask.npy` when some tokens are masked).
+                      dtype: str | None = None, piece_chars: int | None = None) -> Summary:
+    """Tokenize into `out_dir/input_ids.npy` (+ `label_mask.npy` when some tokens are masked); texts longer
+    than 2 x `piece_chars` (default PIECE_CHARS) characters are encoded in pieces (see the module docstring).
 
     Nothing is left in `out_dir` (not even the folder, if this call made it) when the input turns out bad
     (InputError) or the run fails or is interrupted. A `label_mask.npy` of an earlier run is removed when this
@@ -143,6 +144,7 @@ def write_token_files(documents: Iterable[Document], out_dir: Path, tokenizer, e
     if not 0 <= eos < vocab:
         raise InputError(f"EOS id {eos} is outside the tokenizer's vocabulary of {vocab}")
     summary = Summary(dtype=np_dtype.name)
+    piece_chars = piece_chars or PIECE_CHARS
     created = _missing_folders(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ids_tmp, mask_tmp = out_dir / f".input_ids.{os.getpid()}", out_dir / f".label_mask.{os.getpid()}"
