@@ -120,6 +120,16 @@ def _check_backend(backend: str | None, device: str) -> None:
         raise UsageError(f"--backend {backend} runs on {', '.join(entry['devices'])}, not on {device_type}")
 
 
+def _checked_inputs(args: argparse.Namespace) -> tuple[list[str] | list[list[int]], str]:
+    """The prompts and the device, after every check that needs no tokenizer or model (else UsageError)."""
+    prompts = _prompts(args)
+    _check_flags(args)
+    device = _device(args.device)
+    check_model_name(args.model)
+    _check_backend(args.backend, device)
+    return prompts, device
+
+
 def run(args: argparse.Namespace) -> int:
     from .checkpoint import CheckpointError
     from .generation import generate
@@ -128,11 +138,7 @@ def run(args: argparse.Namespace) -> int:
 
     mid_line = False  # stdout holds a partial line (a streamed prompt) that an error must end first
     try:
-        prompts = _prompts(args)
-        _check_flags(args)
-        device = _device(args.device)
-        check_model_name(args.model)
-        _check_backend(args.backend, device)
+        prompts, device = _checked_inputs(args)
         dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
         tokenizer = _tokenizer(args)
         model = load(args.model, device, dtype, args.backend).eval()

@@ -315,7 +315,7 @@ def test_cli_errors_found_while_generating(checkpoint, capsys):
     (["--model", "test", "--token-ids", "5", " "], "prompt 1 is empty: pass --allow-empty-prompt"),
     (["--model", "test", "--token-ids", "5 x"], "--token-ids prompts must be integers"),
     (["--model", "test"], "give at least one prompt"),
-    (["--model", "no/such/dir", "--token-ids", "5"], "--model 'no/such/dir' is neither a checkpoint directory nor a preset"),
+    (["--model", "no/such/dir", "--token-ids", "5"], "--model 'no/such/dir' is neither a checkpoint directory nor"),
     (["--model", __file__, "hi"], "is a file, not a checkpoint directory"),
     (["--model", "test", "--device", "tpu", "hi"], "--device 'tpu': expected cpu, cuda or cuda:N"),
     (["--model", "test", "--device", f"cuda:{torch.cuda.device_count() + 7}", "hi"], "CUDA is not usable here"),

@@ -110,7 +110,7 @@ def test_hf_name_mapping_is_a_bijection(tmp_path):
 # ------------------------------------------------------------------------ allenai/OLMo's own implementation
 def reference_olmo(clip_qkv, weight_tying, n_kv_heads):
     """allenai's OLMo with weights ~N(0, 0.2); skips the calling test where ai2-olmo is not installed."""
-    pytest.importorskip("olmo", reason="the comparison with allenai's OLMo needs ai2-olmo: pip install 'olmo-fast[olmo]'")
+    pytest.importorskip("olmo", reason="comparing with allenai's OLMo needs ai2-olmo: pip install 'olmo-fast[olmo]'")
     from olmo.config import ModelConfig as RefConfig
     from olmo.model import OLMo as RefOLMo
 

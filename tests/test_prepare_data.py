@@ -53,7 +53,7 @@ BAD_INPUTS = {  # name: (file content, where the error is: "name" or "name:line"
     "binary.txt": (bytes(range(256)) * 4, "binary.txt:2", "not UTF-8 text"),  # a newline at byte 10, 0x80 at 128
     "nul.txt": (b"line one\nline two\x00 three", "nul.txt:2", "a NUL character: this looks like a binary file"),
     "binary.jsonl": (b'{"text": "ok"}\n\xff\xfe\x00junk\n', "binary.jsonl:2", "not UTF-8 text"),
-    "number.jsonl": (b'{"text": "ok"}\n42\n', "number.jsonl:2", "expected a JSON object with a 'text' field, got a number"),
+    "number.jsonl": (b'{"text": "ok"}\n42\n', "number.jsonl:2", "a JSON object with a 'text' field, got a number"),
     "list.jsonl": (b'[1, 2]\n', "list.jsonl:1", "expected a JSON object with a 'text' field, got a list"),
     "invalid.jsonl": (b'{"text": "a"}\n\n{"text": "b",\n', "invalid.jsonl:3", "not a JSON line"),
     "null.jsonl": (b'{"text": "a"}\n{"text": null}\n', "null.jsonl:2", "'text' is null, not a string"),
@@ -145,7 +145,8 @@ def test_failed_or_interrupted_run_leaves_the_previous_output_as_it_was(tmp_path
         write_token_files(failing_documents(500, error), out, byte_tokenizer(), EOS, piece_chars=8)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     with pytest.raises(type(error)):
-        write_token_files(failing_documents(500, error), tmp_path / "new" / "deeper", byte_tokenizer(), EOS, piece_chars=8)
+        write_token_files(failing_documents(500, error), tmp_path / "new" / "deeper", byte_tokenizer(), EOS,
+                          piece_chars=8)
     assert not (tmp_path / "new").exists()
 
 
@@ -161,8 +162,8 @@ def test_a_stale_label_mask_is_removed_with_the_token_file_it_belonged_to(tmp_pa
 def varied_text(n_atoms: int, seed: int = 0) -> str:
     """Words, numbers, contractions, punctuation before newlines, runs of spaces and tabs, CRLF, combining marks
     (NFC), CJK, emoji and special-token strings; every 4th atom a word and a space (a clean place to cut)."""
-    atoms = ["the", "Quick", "über", "naïve", "e\u0301", "λόγος", "東京", "1234", "3.14", "can't", "it's", "we'll",
-             "a.b", "(x)", "\n", "\n\n", "\r\n", "  ", "    ", "\t", " \n", ".\n", "!\n\n", "|||IP_ADDRESS|||",
+    atoms = ["the", "Quick", "über", "naïve", "e\u0301", "λόγος", "東京", "1234", "3.14", "can't", "it's",
+             "we'll", "a.b", "(x)", "\n", "\n\n", "\r\n", "  ", "    ", "\t", " \n", ".\n", "!\n\n", "|||IP_ADDRESS|||",
              "<|endoftext|>", "x_y", "😀", "\u00a0", "—", "...", "'", "”"]
     rng = random.Random(seed)
     return "".join(rng.choice(atoms) + rng.choice(["", " ", " ", "\n"]) + "and " * (i % 4 == 0) for i in range(n_atoms))
@@ -223,7 +224,8 @@ def growth_mb(work):  # peak resident memory during work() above the resident me
 
 tokenizer = byte_tokenizer()
 line = Path(sys.argv[1])
-pieces = growth_mb(lambda: write_token_files(read_documents(line), Path(sys.argv[2]), tokenizer, 256, piece_chars=16384))
+out = Path(sys.argv[2])
+pieces = growth_mb(lambda: write_token_files(read_documents(line), out, tokenizer, 256, piece_chars=16384))
 text = next(read_documents(line))[1]
 whole = growth_mb(lambda: tokenizer.encode(text, add_special_tokens=False))
 print(pieces, whole)

@@ -7,7 +7,7 @@ import torch
 
 def require_transformers():
     """The transformers module; skips the calling test (only it) where transformers is not installed."""
-    return pytest.importorskip("transformers", reason="the HF comparison needs transformers: pip install 'olmo-fast[hf]'")
+    return pytest.importorskip("transformers", reason="comparing with HF needs transformers: pip install olmo-fast[hf]")
 
 
 def hf_olmo(**overrides):

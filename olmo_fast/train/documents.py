@@ -19,7 +19,7 @@ BLOCK_BYTES = 1 << 16  # bytes read at a time from a .txt file
 JSON_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")
 
 # (prompt, text): the prompt is not scored ("" for plain text); the text is a string or its blocks in order
-Document = tuple[str, "str | Iterable[str]"]
+Document = tuple[str, str | Iterable[str]]
 
 
 class InputError(ValueError):
