@@ -82,30 +82,21 @@ def test_truncated_gzip_names_the_line_it_reached(tmp_path):
     assert 1 < int(err.value.args[0].split(":")[1]) < 3000  # some records were read before the damage
 
 
-@pytest.mark.parametrize("case, message", [
-    ("no_input", "nope.txt: no such file"),
-    ("folder_input", "sub: not a file"),
-    ("all_texts_empty", "no text to tokenize: every document is empty"),
-    ("output_is_a_file", "exists and is not a folder"),
-    ("bad_tokenizer", "is not a tokenizer.json the tokenizers library can read"),
-    ("eos_out_of_range", "EOS id 300 is outside the tokenizer's vocabulary of 258"),
+@pytest.mark.parametrize("inputs, out, extra, message", [
+    (["nope.txt"], "out", [], "nope.txt: no such file"),
+    (["sub"], "out", [], "sub: not a file"),
+    (["empty.jsonl"], "out", [], "no text to tokenize: every document is empty"),
+    (["ok.txt"], "ok.txt", [], "exists and is not a folder"),
+    (["ok.txt"], "out", ["--tokenizer", "{tmp}/sub/tokenizer.json"], "is not a tokenizer.json the tokenizers library"),
+    (["ok.txt"], "out", ["--eos", "300"], "EOS id 300 is outside the tokenizer's vocabulary of 258"),
 ])
-def test_bad_arguments_are_one_line_exit_2(tmp_path, tokenizer_file, capsys, case, message):
+def test_bad_arguments_are_one_line_exit_2(tmp_path, tokenizer_file, capsys, inputs, out, extra, message):
     (tmp_path / "ok.txt").write_text("some text")
-    args = {"no_input": ["nope.txt"], "folder_input": ["sub"], "all_texts_empty": ["empty.jsonl"]}.get(case, ["ok.txt"])
     (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "tokenizer.json").write_text("{not json")
     (tmp_path / "empty.jsonl").write_text('{"text": ""}\n{"prompt": "", "completion": ""}\n')
-    out = "out"
-    extra = []
-    if case == "output_is_a_file":
-        out = "ok.txt"
-    elif case == "bad_tokenizer":
-        tokenizer_file = tmp_path / "sub" / "tokenizer.json"
-        tokenizer_file.write_text("{not json")
-    elif case == "eos_out_of_range":
-        extra = ["--eos", "300"]
-    argv = ["prepare-data", *(str(tmp_path / a) for a in args), "-o", str(tmp_path / out),
-            "--tokenizer", str(tokenizer_file), *extra]
+    argv = ["prepare-data", *(str(tmp_path / i) for i in inputs), "-o", str(tmp_path / out),
+            "--tokenizer", str(tokenizer_file), *(e.format(tmp=tmp_path) for e in extra)]  # a later flag wins
     before = sorted(p.name for p in tmp_path.rglob("*"))
     assert main(argv) == 2
     assert message in one_error_line(capsys)
