@@ -13,15 +13,29 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+class UsageError(ValueError):
+    """A bad flag or prompt, found before anything is loaded."""
+
+
+def check_model_name(model: str) -> None:
+    """Raise UsageError unless `model` is a checkpoint directory or a preset name."""
+    from .config import PRESETS
+
+    if Path(model).is_dir() or model in PRESETS:
+        return
+    if Path(model).exists():
+        raise UsageError(f"--model {model!r} is a file, not a checkpoint directory")
+    raise UsageError(f"--model {model!r} is neither a checkpoint directory nor a preset ({', '.join(PRESETS)})")
+
+
 def load(model: str, device: str, dtype: torch.dtype, backend: str | None):
     """An HF / original OLMo checkpoint directory, or a preset name (random "mitchell" weights)."""
-    from .config import PRESETS, ModelConfig
+    from .config import ModelConfig
     from .model import OLMo
 
+    check_model_name(model)
     if Path(model).is_dir():
         return OLMo.from_pretrained(model, dtype=dtype, device=device, backend=backend)
-    if model not in PRESETS:
-        raise ValueError(f"--model {model!r} is neither a checkpoint directory nor a preset ({', '.join(PRESETS)})")
     with torch.device("meta"):
         olmo = OLMo(ModelConfig.preset(model), backend=backend, init=False)
     olmo = olmo.to(dtype).to_empty(device=device)
@@ -44,23 +58,88 @@ def _tokenizer(args: argparse.Namespace):
         raise
 
 
+def _prompts(args: argparse.Namespace) -> list[str] | list[list[int]]:
+    if args.token_ids:
+        try:
+            prompts = [[int(t) for t in p.replace(",", " ").split()] for p in args.prompts]
+        except ValueError:
+            raise UsageError("--token-ids prompts must be integers separated by spaces or commas") from None
+    else:
+        prompts = list(args.prompts)
+    if not prompts:
+        raise UsageError("give at least one prompt")
+    empty = [i for i, p in enumerate(prompts) if not p]
+    if empty and not args.allow_empty_prompt:
+        raise UsageError(f"prompt {empty[0]} is empty: pass --allow-empty-prompt to start it from the EOS token")
+    return prompts
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    checks = [
+        (args.max_new_tokens >= 0, f"--max-new-tokens must be >= 0, got {args.max_new_tokens}"),
+        (args.temperature >= 0, f"--temperature must be >= 0 (0 = greedy), got {args.temperature}"),
+        (args.top_k is None or args.top_k >= 0, f"--top-k must be >= 0 (0 = off), got {args.top_k}"),
+        (0 < args.top_p <= 1, f"--top-p must lie in (0, 1], got {args.top_p}"),
+        (all(args.stop or ()), "--stop strings must be non-empty"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UsageError(message)
+
+
+def _device(name: str | None) -> str:
+    """`name` checked to be usable here (default: cuda if available, else cpu)."""
+    if name is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name!r}: expected cpu, cuda or cuda:N")
+    if device.type == "cuda":
+        try:
+            torch.empty(0, device=device)
+        except (AssertionError, RuntimeError) as err:  # CPU-only torch asserts; no driver / bad ordinal raise
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise UsageError(f"--device {name}: CUDA is not usable here ({reason})") from None
+    return name
+
+
+def _check_backend(backend: str | None, device: str) -> None:
+    """An explicit --backend must run on the device's type (ops it lacks still fail when first called)."""
+    if backend in (None, "torch"):
+        return
+    from .ops import dispatch
+
+    entry = dispatch.status()[backend]
+    if "unavailable" in entry:
+        raise UsageError(f"--backend {backend} is unavailable here: {entry['unavailable']}")
+    device_type = torch.device(device).type
+    if device_type not in entry["devices"]:
+        raise UsageError(f"--backend {backend} runs on {', '.join(entry['devices'])}, not on {device_type}")
+
+
+def _checked_inputs(args: argparse.Namespace) -> tuple[list[str] | list[list[int]], str]:
+    """The prompts and the device, after every check that needs no tokenizer or model (else UsageError)."""
+    prompts = _prompts(args)
+    _check_flags(args)
+    device = _device(args.device)
+    check_model_name(args.model)
+    _check_backend(args.backend, device)
+    return prompts, device
+
+
 def run(args: argparse.Namespace) -> int:
     from .checkpoint import CheckpointError
     from .generation import generate
+    from .ops import BackendError
     from .tokenizer import TokenizerError
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    mid_line = False  # stdout holds a partial line (a streamed prompt) that an error must end first
     try:
-        prompts = [[int(t) for t in p.replace(",", " ").split()] for p in args.prompts] if args.token_ids \
-            else list(args.prompts)
-    except ValueError:
-        print("error: --token-ids prompts must be integers separated by spaces or commas", file=sys.stderr)
-        return 2
-    if not prompts:
-        print("error: give at least one prompt", file=sys.stderr)
-        return 2
-    try:
+        prompts, device = _checked_inputs(args)
+        dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
         tokenizer = _tokenizer(args)
         model = load(args.model, device, dtype, args.backend).eval()
         eos = None if args.ignore_eos else model.config.eos_token_id
@@ -76,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
 
         if single:
             print(shown(prompts[0]), end="", flush=True)
+            mid_line = True
         start = time.perf_counter()
         with warnings.catch_warnings(record=True) as notices:
             warnings.simplefilter("always")
@@ -86,8 +166,11 @@ def run(args: argparse.Namespace) -> int:
                 empty_prompt_token=model.config.eos_token_id if args.allow_empty_prompt else None,
                 cuda_graph=not args.no_cuda_graph and device.startswith("cuda"))
         elapsed = time.perf_counter() - start
-    except (ValueError, TypeError, CheckpointError, TokenizerError) as err:
-        print(f"\nerror: {err}", file=sys.stderr)
+    except (ValueError, TypeError, CheckpointError, TokenizerError, BackendError) as err:
+        if mid_line:
+            print(flush=True)
+        where = f"--backend {args.backend}: " if isinstance(err, BackendError) else ""
+        print(f"error: {where}{err}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps([{"tokens": r.tokens, "text": r.text, "finish_reason": r.finish_reason} for r in results]))

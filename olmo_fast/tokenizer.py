@@ -40,7 +40,11 @@ def load_tokenizer(path: str | Path | None = None) -> Tokenizer:
             file = file / "tokenizer.json"
     if not file.is_file():
         raise TokenizerError(f"no tokenizer at {file}")
-    tokenizer = Tokenizer.from_file(str(file))
+    try:
+        tokenizer = Tokenizer.from_file(str(file))
+    except Exception as err:  # the tokenizers library raises plain Exception for a malformed file
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise TokenizerError(f"{file} is not a tokenizer.json the tokenizers library can read ({first})") from None
     if path is None:
         eos = tokenizer.token_to_id(EOS_TOKEN)
         if eos != 50279 or tokenizer.token_to_id(PAD_TOKEN) != 1:

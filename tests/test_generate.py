@@ -16,17 +16,13 @@ from olmo_fast.cli import main as cli_main
 from olmo_fast.generation import Decoder, benchmark_decode, sample
 from conftest import require_kernel
 from tiny_hf import hf_olmo
-
-transformers = pytest.importorskip("transformers")
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
+from tiny_tokenizer import byte_tokenizer
 
 HF_CONFIGS = {  # untied MHA, and a tied GQA head with a clip_qkv that bites (as in test_model_parity)
     "untied-mha": dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False, clip_qkv=None),
     "tied-gqa-clip": dict(num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True, clip_qkv=0.3),
 }
 PROMPTS = [[5, 17, 9, 33, 2, 71, 40], [88], [12, 3, 56, 91, 7, 7, 30, 64, 19, 2, 44, 81, 23], [60, 61, 62, 63]]
-
-
 
 
 def hf_greedy(model, prompts: list[list[int]], new_tokens: int, eos: int | None) -> list[list[int]]:
@@ -44,16 +40,6 @@ def hf_greedy(model, prompts: list[list[int]], new_tokens: int, eos: int | None)
 def model():
     torch.manual_seed(0)
     return OLMo(ModelConfig.preset("test")).eval()  # vocab 250 of an embedding of 256, eos 0, context 64
-
-
-def byte_tokenizer() -> Tokenizer:
-    """Byte-level BPE without merges: one token per byte (multi-byte characters span tokens), eos 256."""
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tok = Tokenizer(models.BPE({ch: i for i, ch in enumerate(alphabet)}, []))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(["<|endoftext|>", "<|padding|>"])
-    return tok
 
 
 @pytest.fixture(scope="module")
@@ -309,13 +295,64 @@ def test_cli_json_sampled_batch(checkpoint, text_model, capsys):
     assert [r["tokens"] for r in got] == [c.tokens for c in expected]
 
 
-def test_cli_errors(checkpoint, capsys):
+def one_error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith("error: ") and captured.err.count("\n") == 1, captured
+    return captured.err[len("error: "):-1]
+
+
+def test_cli_errors_found_while_generating(checkpoint, capsys):
     assert cli_main(["generate", "--model", str(checkpoint), "x" * 70]) == 2
-    assert "more than the model's context of 64" in capsys.readouterr().err
-    assert cli_main(["generate", "--model", str(checkpoint), ""]) == 2
-    assert "is empty" in capsys.readouterr().err
-    assert cli_main(["generate", "--model", "no-such-model", "--token-ids", "5"]) == 2  # (no tokenizer needed)
-    assert "neither a checkpoint directory nor a preset" in capsys.readouterr().err
+    captured = capsys.readouterr()  # the prompt was streamed: its line is ended before the error
+    assert captured.out == "x" * 70 + "\n" and captured.err.count("\n") == 1
+    assert "more than the model's context of 64" in captured.err
+    assert cli_main(["generate", "--model", str(checkpoint), "--json", "x" * 70]) == 2
+    assert "more than the model's context of 64" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--model", "test", ""], "prompt 0 is empty: pass --allow-empty-prompt to start it from the EOS token"),
+    (["--model", "test", "--token-ids", "5", " "], "prompt 1 is empty: pass --allow-empty-prompt"),
+    (["--model", "test", "--token-ids", "5 x"], "--token-ids prompts must be integers"),
+    (["--model", "test"], "give at least one prompt"),
+    (["--model", "no/such/dir", "--token-ids", "5"], "--model 'no/such/dir' is neither a checkpoint directory nor"),
+    (["--model", __file__, "hi"], "is a file, not a checkpoint directory"),
+    (["--model", "test", "--device", "tpu", "hi"], "--device 'tpu': expected cpu, cuda or cuda:N"),
+    (["--model", "test", "--device", f"cuda:{torch.cuda.device_count() + 7}", "hi"], "CUDA is not usable here"),
+    pytest.param(["--model", "test", "--device", "cuda", "hi"], "--device cuda: CUDA is not usable here",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is usable here")),
+    (["--model", "test", "--max-new-tokens", "-1", "hi"], "--max-new-tokens must be >= 0, got -1"),
+    (["--model", "test", "--temperature", "-0.5", "hi"], "--temperature must be >= 0 (0 = greedy), got -0.5"),
+    (["--model", "test", "--temperature", "nan", "hi"], "--temperature must be >= 0 (0 = greedy), got nan"),
+    (["--model", "test", "--top-k", "-1", "hi"], "--top-k must be >= 0 (0 = off), got -1"),
+    (["--model", "test", "--top-p", "0", "hi"], "--top-p must lie in (0, 1], got 0.0"),
+    (["--model", "test", "--top-p", "1.5", "hi"], "--top-p must lie in (0, 1], got 1.5"),
+    (["--model", "test", "--stop", "", "hi"], "--stop strings must be non-empty"),
+])
+def test_cli_bad_input_fails_before_loading_anything(args, message, capsys, monkeypatch):
+    from olmo_fast import generate_cli
+
+    def forbidden(*a, **k):
+        raise AssertionError("loaded before the input was checked")
+
+    monkeypatch.setattr(generate_cli, "load", forbidden)
+    monkeypatch.setattr(generate_cli, "_tokenizer", forbidden)
+    assert cli_main(["generate", *args]) == 2
+    got = one_error_line(capsys)
+    assert got.startswith(message) or message in got, got
+
+
+def test_cli_backend_must_run_on_the_device(capsys, monkeypatch):
+    from olmo_fast import generate_cli
+    from olmo_fast.ops import dispatch
+
+    monkeypatch.setattr(generate_cli, "load", lambda *a, **k: pytest.fail("loaded before the backend was checked"))
+    monkeypatch.setattr(dispatch, "status", lambda: {"triton": {"ops": ["attention"], "devices": ["cuda"]},
+                                                     "cpp": {"unavailable": "not built"}})
+    assert cli_main(["generate", "--model", "test", "--device", "cpu", "--backend", "triton", "hi"]) == 2
+    assert one_error_line(capsys) == "--backend triton runs on cuda, not on cpu"
+    assert cli_main(["generate", "--model", "test", "--device", "cpu", "--backend", "cpp", "hi"]) == 2
+    assert one_error_line(capsys) == "--backend cpp is unavailable here: not built"
 
 
 def test_cli_entry_point_preset_token_ids():
