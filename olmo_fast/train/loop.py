@@ -578,6 +578,8 @@ def _reason(err: BaseException) -> str:
         err = next(iter(err.failures.values()))[0]
     if isinstance(err, OSError) and err.strerror:
         return f"{err.strerror} (errno {err.errno})"
+    if re.search(r"unexpected pos \d+ vs \d+|PytorchStreamWriter failed|file write failed", str(err)):
+        return "the write was cut short (a full disk? a file size limit?)"  # torch's writer drops the OSError
     text = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", str(err).strip()).splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}"
 
