@@ -4,6 +4,7 @@ settings refused before any work, non-finite training stopped before a checkpoin
 import errno
 import json
 import math
+import re
 import warnings
 
 import numpy as np
@@ -336,7 +337,6 @@ BAD_SETTINGS = [
     ("--max_duration=0T", "max_duration '0T' must be positive"),
     ("--max_duration=0ep", "max_duration '0ep' must be positive"),
     ("--scheduler.t_warmup=-1", "scheduler.t_warmup -1.0 must be >= 0"),
-    ("--scheduler.t_warmup=7", "scheduler.t_warmup 7 is longer than the schedule (6 steps)"),
     ("--scheduler.alpha_f=2", "scheduler.alpha_f 2.0 must lie in [0, 1]"),
     ("--save_interval=0", "save_interval 0 must be positive (null: never)"),
     ("--eval_interval=-1", "eval_interval -1 must be positive (null: never)"),
@@ -363,6 +363,15 @@ def test_bad_settings_fail_before_any_work_in_one_line(tmp_path, capsys, monkeyp
                           setting)
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_warmup_longer_than_the_run_is_a_warning(tmp_path):
+    data = token_file(tmp_path / "ids.npy", 64 * 16)
+    cfg = load_config([f"--save_folder={tmp_path / 'run'}", f"--data.paths=[{data}]", "--scheduler.t_warmup=7"],
+                      base=BASE)
+    with pytest.warns(UserWarning, match=r"^scheduler.t_warmup 7 is longer than the schedule \(6 steps\): the "
+                                         r"learning rate never reaches optimizer.learning_rate$"):
+        Trainer(cfg, log=lambda _: None)
 
 
 def test_missing_load_path_and_too_small_eval_set_fail_before_any_work(tmp_path, capsys, monkeypatch):
@@ -415,12 +424,16 @@ def test_diverging_learning_rate_stops_with_one_line(tmp_path, capsys, monkeypat
     data = token_file(tmp_path / "ids.npy", 64 * 16)
     code, err = cli_train(tmp_path, capsys, monkeypatch, f"--save_folder={tmp_path / 'run'}", f"--data.paths=[{data}]",
                           "--optimizer.learning_rate=1e3", "--max_duration=30", "--save_interval=1")
-    assert code == 1 and len(err) == 1 and err[0].startswith("error: loss is nan at step "), err
-    bad = int(err[0].split("at step ")[1].split(":")[0])
+    # Which comes first (an infinite loss, a NaN norm, overflowed weights) may differ between machines' BLAS.
+    found = re.fullmatch(r"error: (?:(?:loss|gradient norm) is (?:nan|inf|-inf) at|parameters are not finite after)"
+                         r" step (\d+)(?: \(.*\))?: .*", err[0]) if code == 1 and len(err) == 1 else None
+    assert found, err
+    bad = int(found.group(1))
     saved = sorted(int(p.name[4:]) for p in (tmp_path / "run").glob("step*"))
-    assert saved and max(saved) == bad - 1  # every step before the bad one, none from it on
-    trainer_state = state.load(tmp_path / "run" / f"step{bad - 1}", OLMo(ModelConfig.preset("test")), None)
-    assert trainer_state["global_step"] == bad - 1
+    assert saved == list(range(max(bad - 3, 1), bad))  # the last 3 good steps (kept: 3), none from the bad one on
+    model = OLMo(ModelConfig.preset("test"))
+    assert state.load(tmp_path / "run" / f"step{bad - 1}", model, None)["global_step"] == bad - 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 # ---------------------------------------------------------------------------------------------- failed writes

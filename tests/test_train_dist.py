@@ -1,6 +1,7 @@
 """Training in other processes: SIGKILL in the middle of a checkpoint write; SIGTERM mid-run, then `--resume`,
 equal to the uninterrupted run; `torchrun` with 2 gloo processes (FSDP2) against one process, stopped by SIGTERM
 and its sharded checkpoint resumed on one process; a write failing for want of space; Triton without a GPU."""
+import contextlib
 import json
 import os
 import resource
@@ -8,6 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -21,16 +24,27 @@ def cli(*args):
     return [sys.executable, "-m", "olmo_fast.cli", "train", *map(str, args)]
 
 
-def signal_after_step(proc: subprocess.Popen, metrics, step: int, signum: int = signal.SIGTERM) -> str:
-    """Send `signum` to `proc` once metrics.jsonl records `step`; its stderr once it has exited."""
+def sigterm_after_step(proc: subprocess.Popen, metrics: Path, step: int, pid: Callable[[], int] | None = None) -> str:
+    """SIGTERM to `proc` (or to `pid()`) once metrics.jsonl records `step`; `proc`'s stderr once it has exited."""
     deadline = time.monotonic() + 120
     while not (metrics.exists() and any(json.loads(line)["step"] >= step for line in metrics.read_text().splitlines()
                                         if line.endswith("}"))):
         assert proc.poll() is None, proc.communicate()[1]
         assert time.monotonic() < deadline, f"step {step} was never logged"
         time.sleep(0.05)
-    proc.send_signal(signum)
+    os.kill(pid() if pid else proc.pid, signal.SIGTERM)
     return proc.communicate(timeout=120)[1]
+
+
+def torchrun_worker(launcher: int, rank: int) -> int:
+    """The pid of torchrun `launcher`'s worker of `rank` (from /proc: its parent and its RANK variable)."""
+    for entry in Path("/proc").iterdir():
+        with contextlib.suppress(OSError, IndexError):  # gone, or not a process
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == launcher:
+                env = (entry / "environ").read_bytes().split(b"\0")
+                if f"RANK={rank}".encode() in env:
+                    return int(entry.name)
+    raise AssertionError(f"no worker of rank {rank} under process {launcher}")
 
 
 def test_sigterm_mid_run_saves_the_step_and_resume_equals_the_uninterrupted_run(tmp_path):
@@ -41,7 +55,7 @@ def test_sigterm_mid_run_saves_the_step_and_resume_equals_the_uninterrupted_run(
     proc = subprocess.Popen(cli(base_yaml(tmp_path), f"--save_folder={run}", f"--data.paths=[{data}]", long),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        err = signal_after_step(proc, run / "metrics.jsonl", 3)
+        err = sigterm_after_step(proc, run / "metrics.jsonl", 3)
     finally:
         proc.kill()
         proc.wait()
@@ -120,8 +134,8 @@ def test_sigkill_during_checkpoint_write_then_resume_from_last_complete(tmp_path
 
 
 def test_torchrun_two_gloo_processes_stop_together_on_sigterm_match_one_and_resume_on_one(tmp_path):
-    """Both start from the same HF weights (rank 0 reads them and scatters them to the shards). SIGTERM to
-    torchrun reaches both ranks, maybe in different steps: they agree on one step, both save it, both exit."""
+    """Both start from the same HF weights (rank 0 reads them and scatters them to the shards). SIGTERM to rank 1
+    alone: both ranks agree to stop after the same step, both save it and exit 143 (no rank left waiting)."""
     data = token_file(tmp_path / "ids.npy", 64 * 32)
     torch.manual_seed(5)
     OLMo(ModelConfig.preset("test")).save_pretrained(tmp_path / "hf")
@@ -132,7 +146,7 @@ def test_torchrun_two_gloo_processes_stop_together_on_sigterm_match_one_and_resu
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(launch, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        err = signal_after_step(proc, tmp_path / "two" / "metrics.jsonl", 2)
+        err = sigterm_after_step(proc, tmp_path / "two" / "metrics.jsonl", 2, lambda: torchrun_worker(proc.pid, 1))
     finally:
         proc.kill()
         proc.wait()
@@ -140,6 +154,7 @@ def test_torchrun_two_gloo_processes_stop_together_on_sigterm_match_one_and_resu
     stopped = state.latest_checkpoint(tmp_path / "two")
     k = int(stopped.name[4:])
     assert err.count(f"stopped: SIGTERM: stopped after step {k}, checkpoint written to {stopped}") == 2, err[-3000:]
+    assert "exitcode  : 143" in err  # torchrun's report of its failed workers
     assert len(list(stopped.glob("*.distcp"))) == 2  # one shard per process, the same step
     end = f"--stop_at={k + 2}"
     train(tmp_path / "two", data, *common, "--resume", end)  # 2 shards -> 1 process
