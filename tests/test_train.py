@@ -5,6 +5,7 @@ import errno
 import json
 import math
 import re
+import shutil
 import warnings
 
 import numpy as np
@@ -229,6 +230,24 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one_bitwise(tmp_pa
     train(tmp_path / "b", data, "--max_duration=2", "--save_overwrite")  # starts over: the old run is gone
     assert sorted(p.name for p in (tmp_path / "b").glob("step*")) == ["step2"]
     assert list(step_losses(tmp_path / "b")) == [1, 2]
+
+
+def test_resume_cuts_the_metrics_after_its_checkpoint_torn_line_included(tmp_path):
+    """A run killed after logging steps 3-4 (and in the middle of a line) but saving only step 2: resumed, it
+    records steps 3-4 again, in place of the lost ones; a run started afresh in the folder drops all."""
+    data = token_file(tmp_path / "ids.npy", 64 * 16)
+    run = tmp_path / "run"
+    train(run, data, "--stop_at=4", "--save_interval=2")
+    shutil.rmtree(run / "step4")  # as if killed while writing it
+    metrics = run / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"step": 5, "train/lo')
+    train(run, data, "--resume")
+    assert list(step_losses(run)) == list(range(1, 7))
+    assert step_losses(run) == step_losses(train(tmp_path / "whole", data).save_folder)
+    for checkpoint in run.glob("step*"):
+        shutil.rmtree(checkpoint)
+    train(run, data, "--resume", "--stop_at=1")  # nothing to resume: a fresh start, the old records go
+    assert list(step_losses(run)) == [1]
 
 
 def test_anneal_from_checkpoint_keeps_optimizer_state_and_decays_to_zero(tmp_path):

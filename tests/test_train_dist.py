@@ -61,8 +61,8 @@ def test_sigterm_mid_run_saves_the_step_and_resume_equals_the_uninterrupted_run(
         proc.wait()
     stopped = state.latest_checkpoint(run)
     assert proc.returncode == 128 + signal.SIGTERM, err
-    assert err.splitlines()[-1] == (f"stopped: SIGTERM: stopped after step {stopped.name[4:]}, checkpoint written "
-                                    f"to {stopped}; continue with --resume"), err
+    assert err.splitlines()[-1] == (f"interrupted: SIGTERM after step {stopped.name[4:]}: checkpoint written to "
+                                    f"{stopped}; continue with --resume"), err
     assert "Traceback" not in err
     k = int(stopped.name[4:])
     assert 3 <= k < 1000 and [p.name for p in run.glob("step*")] == [stopped.name]
@@ -153,7 +153,7 @@ def test_torchrun_two_gloo_processes_stop_together_on_sigterm_match_one_and_resu
     assert proc.returncode != 0
     stopped = state.latest_checkpoint(tmp_path / "two")
     k = int(stopped.name[4:])
-    assert err.count(f"stopped: SIGTERM: stopped after step {k}, checkpoint written to {stopped}") == 2, err[-3000:]
+    assert err.count(f"interrupted: SIGTERM after step {k}: checkpoint written to {stopped}") == 2, err[-3000:]
     assert "exitcode  : 143" in err  # torchrun's report of its failed workers
     assert len(list(stopped.glob("*.distcp"))) == 2  # one shard per process, the same step
     end = f"--stop_at={k + 2}"

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         trainer.fit()
     except Interrupted as err:  # SIGINT / SIGTERM: the step's checkpoint is written
-        print(f"stopped: {err}", file=sys.stderr)
+        print(f"interrupted: {err}", file=sys.stderr)
         return err.exit_code
     except TrainingError as err:
         print(f"error: {err}", file=sys.stderr)

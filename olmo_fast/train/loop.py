@@ -381,18 +381,20 @@ class Trainer:
         self.log(f"run folder: {self.save_folder}")
 
     def _truncate_metrics(self) -> None:
-        """Keep only the records of steps up to where this run starts (all of a resumed run's checkpoint, none
-        for a fresh run), so that every step is recorded once; a torn last line of a killed run goes too.
-        Replaced atomically: an interruption leaves the old file or the new one."""
+        """Cut metrics.jsonl (appended in step order) before its first record past the step this run starts
+        from - all of a fresh run's, those after a resumed run's checkpoint, a torn line of a killed run - so
+        that every step is recorded once. One truncate call: the file is never left half rewritten."""
         path = self.save_folder / METRICS_FILE
         if not path.is_file():
             return
-        lines = path.read_text().splitlines()
-        kept = [line for line in lines if (step := _record_step(line)) is not None and step <= self.step]
-        if len(kept) < len(lines):
-            tmp = path.with_name(f".{METRICS_FILE}.tmp")
-            tmp.write_text("".join(line + "\n" for line in kept))
-            os.replace(tmp, path)
+        offset = 0
+        with open(path, "rb") as fh:
+            for line in fh:
+                step = _record_step(line)
+                if step is None or step > self.step or not line.endswith(b"\n"):
+                    os.truncate(path, offset)
+                    return
+                offset += len(line)
 
     def _write_metrics(self, record: dict[str, Any]) -> None:
         if self.dist.main:
@@ -412,7 +414,7 @@ class Trainer:
         with _progress(main, self.step, stop_at) as bar, _StopSignals(announce=main) as signals:
             last, stop = self._loop(stop_at, start, bar, signals)
         if isinstance(stop, signal.Signals):
-            raise Interrupted(stop, f"{stop.name}: stopped after step {self.step}, checkpoint written to "
+            raise Interrupted(stop, f"{stop.name} after step {self.step}: checkpoint written to "
                                     f"{self.save_folder / f'step{self.step}'}; continue with --resume")
         if stop == "time":
             self.log(f"time_limit of {cfg.time_limit}s reached at step {self.step}")
@@ -558,7 +560,7 @@ class _StopSignals:
                         f"(again: stop at once)\n".encode())
 
 
-def _record_step(line: str) -> int | None:
+def _record_step(line: bytes) -> int | None:
     """The step of one metrics.jsonl line (None: not a record, e.g. torn by a kill mid-write)."""
     try:
         step = json.loads(line)["step"]
