@@ -161,7 +161,8 @@ class TrainConfig:
         self.model_config()
 
     def _checks(self) -> list[tuple[bool, str]]:
-        g, m, opt, sched = self.global_train_batch_size, self.device_train_microbatch_size, self.optimizer, self.scheduler
+        g, m = self.global_train_batch_size, self.device_train_microbatch_size
+        opt, sched = self.optimizer, self.scheduler
         return [
             (g > 0 and m > 0, "global_train_batch_size and device_train_microbatch_size must be positive"),
             (opt.name == "adamw", f"optimizer.name {opt.name!r}: only adamw is implemented"),
@@ -178,7 +179,8 @@ class TrainConfig:
             (sched.units in ("steps", "tokens"), "scheduler.units must be steps or tokens"),
             (_at_least_zero(sched.t_warmup), f"scheduler.t_warmup {sched.t_warmup} must be >= 0"),
             (sched.t_max is None or _positive(sched.t_max), f"scheduler.t_max {sched.t_max} must be positive"),
-            (_at_least_zero(sched.alpha_f) and sched.alpha_f <= 1, f"scheduler.alpha_f {sched.alpha_f} must lie in [0, 1]"),
+            (_at_least_zero(sched.alpha_f) and sched.alpha_f <= 1,
+             f"scheduler.alpha_f {sched.alpha_f} must lie in [0, 1]"),
             (sched.warmup_min_lr is None or _at_least_zero(sched.warmup_min_lr),
              f"scheduler.warmup_min_lr {sched.warmup_min_lr} must be >= 0"),
             (sched.grad_clip_warmup_steps is None or _at_least_zero(sched.grad_clip_warmup_steps),
@@ -209,7 +211,8 @@ class TrainConfig:
              f"{sorted(CHECKPOINT_EVERY)}"),
             (isinstance(self.compile, (bool, dict)) or self.compile is None,
              f"compile must be true/false or a mapping of torch.compile options, got {self.compile!r}"),
-            (self.backend in (None, "torch", "triton", "cpp"), f"backend {self.backend!r} must be torch, triton or cpp"),
+            (self.backend in (None, "torch", "triton", "cpp"),
+             f"backend {self.backend!r} must be torch, triton or cpp"),
             _device_check(self.device),
             (self.load_path is None or Path(self.load_path).exists(), f"load_path {self.load_path} does not exist"),
         ]
@@ -347,7 +350,8 @@ def parse_overrides(args: list[str]) -> tuple[str | None, dict[str, Any]]:
         try:
             value = yaml.safe_load(text) if sep else True
         except yaml.YAMLError as err:
-            raise ConfigError(f"cannot parse the value of {arg!r} (YAML): {getattr(err, 'problem', None) or err}") from None
+            problem = getattr(err, "problem", None) or err
+            raise ConfigError(f"cannot parse the value of {arg!r} (YAML): {problem}") from None
         if not key or any(not part for part in key.split(".")):
             raise ConfigError(f"malformed override {arg!r}; expected --key.path=value")
         node = nested
