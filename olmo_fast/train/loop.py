@@ -505,21 +505,39 @@ class Trainer:
 
 class _StopVote:
     """Whether to stop after this step - a signal (SIGTERM first) or "time" (time_limit passed) on any rank, or
-    None - the same answer on every rank. Sharded, the ranks' reasons are summed by an all-reduce that is read
-    a step later, so that the host never waits for the device within a step; one process decides at once."""
+    None - the same answer on every rank. One process decides at once. Sharded, the ranks' reasons are summed
+    by an all-reduce that is read a step later: on a GPU it is copied to pinned memory behind an event, so the
+    host waits for that all-reduce only, never for the step queued after it."""
 
     def __init__(self, processes: dist.Dist) -> None:
         self.dist = processes
-        self._previous: torch.Tensor | None = None
+        self._pending: Callable[[], torch.Tensor] | None = None
 
     def __call__(self, received: signal.Signals | None, late: bool) -> signal.Signals | str | None:
         votes = torch.tensor([received == signal.SIGTERM, received == signal.SIGINT, late], dtype=torch.int32)
         if self.dist.sharded:
-            votes, self._previous = self._previous, self.dist.sum(votes.to(self.dist.device, non_blocking=True))
-            if votes is None:
+            previous, self._pending = self._pending, self._all_reduce(votes)
+            if previous is None:
                 return None
+            votes = previous()
         sigterm, sigint, late = (votes > 0).tolist()
         return signal.SIGTERM if sigterm else signal.SIGINT if sigint else "time" if late else None
+
+    def _all_reduce(self, votes: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Start summing `votes` over ranks; returns how to read the sum (on the host) later."""
+        summed = self.dist.sum(votes.to(self.dist.device, non_blocking=True))
+        if summed.device.type == "cpu":
+            return lambda: summed
+        host = torch.empty(summed.shape, dtype=summed.dtype, pin_memory=True)
+        host.copy_(summed, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+
+        def read() -> torch.Tensor:
+            copied.synchronize()
+            return host
+
+        return read
 
 
 class _StopSignals:
