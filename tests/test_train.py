@@ -1,18 +1,26 @@
 """The training loop in one process: config parsing, schedules, optimizer groups, learning, exact resume,
-annealing from a checkpoint, fine-tuning from HF weights with label masks, fused-backend convergence."""
+annealing from a checkpoint, fine-tuning from HF weights with label masks, fused-backend convergence; bad
+settings refused before any work, non-finite training stopped before a checkpoint, failed writes in one line."""
+import errno
 import json
 import math
+import re
+import shutil
+import warnings
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from conftest import require_kernel
 
 from olmo_fast import ModelConfig, OLMo
+from olmo_fast import cli as olmo_cli
 from olmo_fast.config import ConfigError
+from olmo_fast.train import state
 from olmo_fast.train.config import SchedulerConfig, load_config, parse_overrides
 from olmo_fast.train.data import epoch_order
-from olmo_fast.train.loop import Trainer
+from olmo_fast.train.loop import Trainer, TrainingError
 from olmo_fast.train.optim import param_groups
 from olmo_fast.train.schedule import Schedule
 
@@ -54,9 +62,28 @@ def train(folder, data, *overrides, log=lambda _: None):
 
 
 def step_losses(folder) -> dict[int, float]:
-    """step -> loss from metrics.jsonl (console_log_interval=1: each record is one step)."""
+    """step -> loss from metrics.jsonl (console_log_interval=1: each record is one step), in file order;
+    fails if a step is recorded twice (a resumed run must replace the records after its checkpoint)."""
     records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train/step_losses"][-1] for r in records if "train/loss" in r}
+    train_records = [r for r in records if "train/loss" in r]
+    steps = [r["step"] for r in train_records]
+    assert len(steps) == len(set(steps)), f"steps recorded more than once: {steps}"
+    assert all(len(r["train/step_losses"]) == 1 for r in train_records)
+    return {r["step"]: r["train/step_losses"][0] for r in train_records}
+
+
+def base_yaml(tmp_path):
+    path = tmp_path / "base.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    return path
+
+
+def cli_train(tmp_path, capsys, monkeypatch, *args) -> tuple[int, list[str]]:
+    """`olmo-fast train base.yaml ARGS` in this process: (exit code, stderr lines)."""
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # the CLI reroutes it
+    capsys.readouterr()
+    code = olmo_cli.main(["train", str(base_yaml(tmp_path)), *map(str, args)])
+    return code, capsys.readouterr().err.splitlines()
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -205,6 +232,24 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_one_bitwise(tmp_pa
     assert list(step_losses(tmp_path / "b")) == [1, 2]
 
 
+def test_resume_cuts_the_metrics_after_its_checkpoint_torn_line_included(tmp_path):
+    """A run killed after logging steps 3-4 (and in the middle of a line) but saving only step 2: resumed, it
+    records steps 3-4 again, in place of the lost ones; a run started afresh in the folder drops all."""
+    data = token_file(tmp_path / "ids.npy", 64 * 16)
+    run = tmp_path / "run"
+    train(run, data, "--stop_at=4", "--save_interval=2")
+    shutil.rmtree(run / "step4")  # as if killed while writing it
+    metrics = run / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"step": 5, "train/lo')
+    train(run, data, "--resume")
+    assert list(step_losses(run)) == list(range(1, 7))
+    assert step_losses(run) == step_losses(train(tmp_path / "whole", data).save_folder)
+    for checkpoint in run.glob("step*"):
+        shutil.rmtree(checkpoint)
+    train(run, data, "--resume", "--stop_at=1")  # nothing to resume: a fresh start, the old records go
+    assert list(step_losses(run)) == [1]
+
+
 def test_anneal_from_checkpoint_keeps_optimizer_state_and_decays_to_zero(tmp_path):
     data = token_file(tmp_path / "ids.npy")
     first = train(tmp_path / "a", data, "--max_duration=4", "--scheduler.name=constant")
@@ -293,3 +338,149 @@ def test_label_check_is_skipped_only_for_validated_token_files(tmp_path):
         cfg = load_config([f"--save_folder={tmp_path / 'run'}", f"--data.paths=[{data}]",
                            "--model.max_sequence_length=16", *overrides], base=BASE)
         assert Trainer(cfg, log=lambda _: None).model.forward.keywords["check_labels"] is check
+
+
+# ---------------------------------------------------------------------------------------------- refused before any work
+BAD_SETTINGS = [
+    ("--max_grad_norm=-1", "max_grad_norm -1.0 must be positive"),
+    ("--max_grad_norm=0", "max_grad_norm 0.0 must be positive"),
+    ("--optimizer.learning_rate=-0.001", "optimizer.learning_rate -0.001 must be positive"),
+    ("--optimizer.learning_rate=.nan", "optimizer.learning_rate nan must be positive"),
+    ("--optimizer.learning_rate=null", "optimizer.learning_rate must not be null"),
+    ("--optimizer.betas=[0.9,1.5]", "optimizer.betas [0.9, 1.5] must be two numbers in [0, 1)"),
+    ("--optimizer.betas=0.9", "optimizer.betas must be a list of numbers"),
+    ("--optimizer.eps=0", "optimizer.eps 0.0 must be positive"),
+    ("--optimizer.weight_decay=-0.1", "optimizer.weight_decay -0.1 must be >= 0"),
+    ("--max_duration=0", "max_duration 0 must be positive"),
+    ("--max_duration=-5", "max_duration -5 must be positive"),
+    ("--max_duration=0T", "max_duration '0T' must be positive"),
+    ("--max_duration=0ep", "max_duration '0ep' must be positive"),
+    ("--scheduler.t_warmup=-1", "scheduler.t_warmup -1.0 must be >= 0"),
+    ("--scheduler.alpha_f=2", "scheduler.alpha_f 2.0 must lie in [0, 1]"),
+    ("--save_interval=0", "save_interval 0 must be positive (null: never)"),
+    ("--eval_interval=-1", "eval_interval -1 must be positive (null: never)"),
+    ("--save_num_checkpoints_to_keep=0", "save_num_checkpoints_to_keep 0 must be positive (-1: keep all)"),
+    ("--stop_at=0", "stop_at 0 must be positive"),
+    ("--time_limit=0", "time_limit 0.0 must be positive"),
+    ("--console_log_interval=0", "console_log_interval must be positive"),
+    ("--seed=-1", "seed and data.seed must be >= 0"),
+    ("--global_train_batch_size=null", "global_train_batch_size must not be null"),
+    ("--device_train_microbatch_size=3", "device_train_microbatch_size 3 does not divide the 8 instances"),
+    ("--device_train_microbatch_size=16", "device_train_microbatch_size 16 does not divide the 8 instances"),
+    (f"--device=cuda:{torch.cuda.device_count()}", "was asked for, but torch sees"),
+    ("--device=gpu", "device 'gpu' is not a torch device name"),
+    ("--backend=cpp", "backend 'cpp' cannot train on cpu"),  # it has no attention kernel (or is not built)
+    ("--backend=tpu", "backend 'tpu' must be torch, triton or cpp"),
+    ("--evaluators=[{data: {paths: [x]}", "cannot parse the value of '--evaluators="),
+]
+
+
+@pytest.mark.parametrize("setting, message", BAD_SETTINGS, ids=[s for s, _ in BAD_SETTINGS])
+def test_bad_settings_fail_before_any_work_in_one_line(tmp_path, capsys, monkeypatch, setting, message):
+    data = token_file(tmp_path / "ids.npy", 64 * 16)
+    code, err = cli_train(tmp_path, capsys, monkeypatch, f"--save_folder={tmp_path / 'run'}", f"--data.paths=[{data}]",
+                          setting)
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_warmup_longer_than_the_run_is_a_warning(tmp_path):
+    data = token_file(tmp_path / "ids.npy", 64 * 16)
+    cfg = load_config([f"--save_folder={tmp_path / 'run'}", f"--data.paths=[{data}]", "--scheduler.t_warmup=7"],
+                      base=BASE)
+    with pytest.warns(UserWarning, match=r"^scheduler.t_warmup 7 is longer than the schedule \(6 steps\): the "
+                                         r"learning rate never reaches optimizer.learning_rate$"):
+        Trainer(cfg, log=lambda _: None)
+
+
+def test_missing_load_path_and_too_small_eval_set_fail_before_any_work(tmp_path, capsys, monkeypatch):
+    data = token_file(tmp_path / "ids.npy", 64 * 16)
+    small = token_file(tmp_path / "small.npy", 64 * 3)  # 3 instances: no eval batch of 4
+    common = [f"--save_folder={tmp_path / 'run'}", f"--data.paths=[{data}]"]
+    nowhere = tmp_path / "nowhere"
+    for setting, message in [(f"--load_path={nowhere}", f"load_path {nowhere} does not exist"),
+                             (f"--evaluators=[{{label: small, data: {{paths: [{small}]}}}}]",
+                              "evaluator 'small': eval data holds 3 instances, fewer than one batch of 4")]:
+        code, err = cli_train(tmp_path, capsys, monkeypatch, *common, setting)
+        assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
+        assert not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------- non-finite training
+def poison_parameters_after_step(monkeypatch, at: int) -> None:
+    """After step `at`'s update, one weight becomes NaN (as an overflowing update would leave it)."""
+    step = Trainer.train_step
+
+    def poisoned(self, batch):
+        out = step(self, batch)
+        if self.step == at:
+            with torch.no_grad():
+                self.model.transformer["blocks"][0].ff_out.weight[0, 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(Trainer, "train_step", poisoned)
+
+
+@pytest.mark.parametrize("poisoned_at, message, logged", [
+    (3, "loss is nan at step 4: training stopped, no checkpoint of it written", [2]),  # step 3's loss is finite
+    (4, "parameters are not finite after step 4 (transformer.blocks.0.ff_out.weight): no checkpoint written",
+     [2, 4]),  # step 4's loss is finite too
+])
+def test_no_checkpoint_of_non_finite_training(tmp_path, monkeypatch, poisoned_at, message, logged):
+    """Losses are read every 5 steps, checkpoints written every 2: the checkpoint of step 4 is refused, whether
+    the step's loss or only the parameters after it are NaN; the good checkpoint of step 2 stays."""
+    data = token_file(tmp_path / "ids.npy", 64 * 16)
+    poison_parameters_after_step(monkeypatch, poisoned_at)
+    with pytest.raises(TrainingError) as caught:
+        train(tmp_path / "run", data, "--max_duration=8", "--console_log_interval=5", "--save_interval=2",
+              "--save_num_checkpoints_to_keep=1")
+    assert str(caught.value).startswith(message)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir() if "step" in p.name) == ["step2"]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], len(r["train/step_losses"])) for r in records] == [(s, 2) for s in logged]  # saves log
+
+
+def test_diverging_learning_rate_stops_with_one_line(tmp_path, capsys, monkeypatch):
+    data = token_file(tmp_path / "ids.npy", 64 * 16)
+    code, err = cli_train(tmp_path, capsys, monkeypatch, f"--save_folder={tmp_path / 'run'}", f"--data.paths=[{data}]",
+                          "--optimizer.learning_rate=1e3", "--max_duration=30", "--save_interval=1")
+    # Which comes first (an infinite loss, a NaN norm, overflowed weights) may differ between machines' BLAS.
+    found = re.fullmatch(r"error: (?:(?:loss|gradient norm) is (?:nan|inf|-inf) at|parameters are not finite after)"
+                         r" step (\d+)(?: \(.*\))?: .*", err[0]) if code == 1 and len(err) == 1 else None
+    assert found, err
+    bad = int(found.group(1))
+    saved = sorted(int(p.name[4:]) for p in (tmp_path / "run").glob("step*"))
+    assert saved == list(range(max(bad - 3, 1), bad))  # the last 3 good steps (kept: 3), none from the bad one on
+    model = OLMo(ModelConfig.preset("test"))
+    assert state.load(tmp_path / "run" / f"step{bad - 1}", model, None)["global_step"] == bad - 1
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------- failed writes
+def test_full_disk_while_writing_a_checkpoint_ends_in_one_line_naming_it(tmp_path, capsys, monkeypatch):
+    data = token_file(tmp_path / "ids.npy", 64 * 16)
+    save = state.save
+
+    def disk_full_at_step_4(save_folder, step, *args):
+        if step == 4:
+            (save_folder / ".tmp-step4").mkdir()  # a write under way
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return save(save_folder, step, *args)
+
+    monkeypatch.setattr(state, "save", disk_full_at_step_4)
+    code, err = cli_train(tmp_path, capsys, monkeypatch, f"--save_folder={tmp_path / 'run'}", f"--data.paths=[{data}]",
+                          "--save_interval=2")
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith(f"error: cannot write the checkpoint {tmp_path / 'run' / 'step4'}: "
+                             f"No space left on device (errno {errno.ENOSPC}) (")
+    assert err[0].endswith("MiB free on its disk)")
+    assert state.latest_checkpoint(tmp_path / "run").name == "step2"
+    assert list(step_losses(tmp_path / "run")) == [1, 2, 3, 4]  # stopped at the failed write
+
+
+def test_unwritable_metrics_end_in_one_line_naming_the_file(tmp_path, capsys, monkeypatch):
+    data = token_file(tmp_path / "ids.npy", 64 * 16)
+    (tmp_path / "run" / "metrics.jsonl").mkdir(parents=True)  # open(..., "a") fails: IsADirectoryError
+    code, err = cli_train(tmp_path, capsys, monkeypatch, f"--save_folder={tmp_path / 'run'}", f"--data.paths=[{data}]")
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith(f"error: cannot write the metrics {tmp_path / 'run' / 'metrics.jsonl'}: Is a directory")

@@ -11,6 +11,9 @@ Common keys: model (preset name or mapping), save_folder, load_path, max_duratio
 1ep), global_train_batch_size, device_train_microbatch_size, optimizer.learning_rate, scheduler.name /
 t_warmup / alpha_f / units, precision (amp_bf16 | fp32), save_interval, eval_interval, compile,
 activation_checkpointing, backend. `--resume` continues from the newest complete checkpoint in save_folder.
+SIGINT (Ctrl-C) or SIGTERM: the current step finishes, a checkpoint of it is written, and the run exits with
+130 / 143 (a second signal stops at once); `--resume` continues from it. Exit 2: bad settings or data (before
+any work); 1: training failed (a non-finite loss, a failed write).
 Multi-process: `torchrun --nproc-per-node N -m olmo_fast.cli train ...` (FSDP2; gloo on CPUs).
 """
 from __future__ import annotations
@@ -40,7 +43,7 @@ QUICK_RUN = {
 def run(args: argparse.Namespace) -> int:
     from . import config as train_config
     from .data import DataError
-    from .loop import Trainer, TrainingError
+    from .loop import Interrupted, Trainer, TrainingError
 
     if any(a in ("-h", "--help") for a in args.args):
         print(__doc__)
@@ -55,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         trainer.fit()
+    except Interrupted as err:  # SIGINT / SIGTERM: the step's checkpoint is written
+        print(f"interrupted: {err}", file=sys.stderr)
+        return err.exit_code
     except TrainingError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -8,12 +8,14 @@ OLMo training config (allenai/OLMo `configs/`) loads; any other unknown key is a
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+import torch
 import yaml
 
 from ..config import ConfigError, ModelConfig
@@ -150,14 +152,42 @@ class TrainConfig:
             raise ConfigError(f"max_duration {value!r} must be steps (1000), tokens (2e9T) or epochs (1ep)") from None
 
     def validate(self) -> None:
+        """Reject settings that cannot describe a run, each with one line, before any work."""
+        for ok, message in self._checks():
+            if not ok:
+                raise ConfigError(message)
+        _, amount = self.max_duration_parsed()
+        if not amount > 0:
+            raise ConfigError(f"max_duration {self.max_duration!r} must be positive")
+        self.model_config()
+
+    def _checks(self) -> list[tuple[bool, str]]:
         g, m = self.global_train_batch_size, self.device_train_microbatch_size
-        checks = [
+        opt, sched = self.optimizer, self.scheduler
+        return [
             (g > 0 and m > 0, "global_train_batch_size and device_train_microbatch_size must be positive"),
-            (self.optimizer.name == "adamw", f"optimizer.name {self.optimizer.name!r}: only adamw is implemented"),
-            (self.scheduler.name in ("cosine_with_warmup", "linear_with_warmup", "constant_with_warmup", "constant"),
-             f"scheduler.name {self.scheduler.name!r} is not one of cosine_with_warmup, linear_with_warmup, "
+            (opt.name == "adamw", f"optimizer.name {opt.name!r}: only adamw is implemented"),
+            (_positive(opt.learning_rate), f"optimizer.learning_rate {opt.learning_rate} must be positive"),
+            (_at_least_zero(opt.weight_decay), f"optimizer.weight_decay {opt.weight_decay} must be >= 0"),
+            (len(opt.betas) == 2 and all(0 <= b < 1 for b in opt.betas),
+             f"optimizer.betas {list(opt.betas)} must be two numbers in [0, 1)"),
+            (_positive(opt.eps), f"optimizer.eps {opt.eps} must be positive"),
+            (self.max_grad_norm is None or _positive(self.max_grad_norm),
+             f"max_grad_norm {self.max_grad_norm} must be positive (null: no clipping)"),
+            (sched.name in ("cosine_with_warmup", "linear_with_warmup", "constant_with_warmup", "constant"),
+             f"scheduler.name {sched.name!r} is not one of cosine_with_warmup, linear_with_warmup, "
              f"constant_with_warmup, constant"),
-            (self.scheduler.units in ("steps", "tokens"), "scheduler.units must be steps or tokens"),
+            (sched.units in ("steps", "tokens"), "scheduler.units must be steps or tokens"),
+            (_at_least_zero(sched.t_warmup), f"scheduler.t_warmup {sched.t_warmup} must be >= 0"),
+            (sched.t_max is None or _positive(sched.t_max), f"scheduler.t_max {sched.t_max} must be positive"),
+            (_at_least_zero(sched.alpha_f) and sched.alpha_f <= 1,
+             f"scheduler.alpha_f {sched.alpha_f} must lie in [0, 1]"),
+            (sched.warmup_min_lr is None or _at_least_zero(sched.warmup_min_lr),
+             f"scheduler.warmup_min_lr {sched.warmup_min_lr} must be >= 0"),
+            (sched.grad_clip_warmup_steps is None or _at_least_zero(sched.grad_clip_warmup_steps),
+             f"scheduler.grad_clip_warmup_steps {sched.grad_clip_warmup_steps} must be >= 0"),
+            (sched.grad_clip_warmup_factor is None or _positive(sched.grad_clip_warmup_factor),
+             f"scheduler.grad_clip_warmup_factor {sched.grad_clip_warmup_factor} must be positive"),
             (self.precision in (None, "amp_bf16", "fp32"), f"precision {self.precision!r} must be amp_bf16 or fp32"),
             (self.fsdp.precision in ("mixed", "pure", "full"), "fsdp.precision must be mixed, pure or full"),
             (self.data.memmap_dtype in ("uint8", "uint16", "uint32", "uint64"),
@@ -165,23 +195,57 @@ class TrainConfig:
             (self.data.label_mask_paths is None or len(self.data.label_mask_paths) == len(self.data.all_paths()),
              f"data.label_mask_paths has {len(self.data.label_mask_paths or [])} files for "
              f"{len(self.data.all_paths())} data.paths"),
+            ((self.data.seed if self.data.seed is not None else self.seed) >= 0, "seed and data.seed must be >= 0"),
             (self.console_log_interval > 0, "console_log_interval must be positive"),
+            *((value is None or value > 0, f"{name} {value} must be positive (null: never)")
+              for name, value in (("save_interval", self.save_interval), ("eval_interval", self.eval_interval))),
+            *((value is None or _positive(value), f"{name} {value} must be positive")
+              for name, value in (("stop_at", self.stop_at), ("time_limit", self.time_limit),
+                                  ("flops_peak", self.flops_peak))),
+            (self.save_num_checkpoints_to_keep == -1 or self.save_num_checkpoints_to_keep > 0,
+             f"save_num_checkpoints_to_keep {self.save_num_checkpoints_to_keep} must be positive (-1: keep all)"),
+            *((ev.subset_num_batches is None or ev.subset_num_batches > 0,
+               f"evaluator {ev.label!r}: subset_num_batches {ev.subset_num_batches} must be positive")
+              for ev in self.evaluators),
             (self.activation_checkpointing in (False, True, None) or self.activation_checkpointing in CHECKPOINT_EVERY,
              f"activation_checkpointing {self.activation_checkpointing!r} must be true, false or one of "
              f"{sorted(CHECKPOINT_EVERY)}"),
             (isinstance(self.compile, (bool, dict)) or self.compile is None,
              f"compile must be true/false or a mapping of torch.compile options, got {self.compile!r}"),
+            (self.backend in (None, "torch", "triton", "cpp"),
+             f"backend {self.backend!r} must be torch, triton or cpp"),
+            _device_check(self.device),
+            (self.load_path is None or Path(self.load_path).exists(), f"load_path {self.load_path} does not exist"),
         ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-        self.max_duration_parsed()
-        self.model_config()
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
         out["optimizer"]["betas"] = list(self.optimizer.betas)
         return out
+
+
+def _positive(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def _at_least_zero(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value >= 0
+
+
+def _device_check(device: str | None) -> tuple[bool, str]:
+    """(usable, why not) for the `device` setting: a torch device name, CUDA only where torch sees a GPU."""
+    if device is None:
+        return True, ""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        return False, f"device {device!r} is not a torch device name (cpu, cuda, cuda:1)"
+    if dev.type not in ("cpu", "cuda"):
+        return False, f"device {device!r}: training runs on cpu or cuda"
+    count = torch.cuda.device_count() if dev.type == "cuda" else 1
+    if dev.type == "cuda" and (count == 0 or (dev.index or 0) >= count):
+        return False, f"device {device!r} was asked for, but torch sees {count} GPU(s)"
+    return True, ""
 
 
 def model_config_from(value: Any) -> ModelConfig:
@@ -234,6 +298,10 @@ def _convert(hint: Any, value: Any, where: str, ignored: list[str]) -> Any:
         return _build(hint, value, where, ignored)
     origin = get_origin(hint)
     args = [a for a in get_args(hint) if a is not type(None)]
+    if value is None and hint is not Any and type(None) not in get_args(hint):
+        if origin is list:  # OLMo writes unset lists as null
+            return []
+        raise ConfigError(f"{where} must not be null")
     if origin is list and args and dataclasses.is_dataclass(args[0]):
         if not isinstance(value, list):
             raise ConfigError(f"{where} must be a list")
@@ -247,7 +315,10 @@ def _convert(hint: Any, value: Any, where: str, ignored: list[str]) -> Any:
             raise ConfigError(f"{where} must be a list, got {value!r}")
         return [str(v) for v in value]
     if origin is tuple:
-        return tuple(float(v) for v in value)
+        try:
+            return tuple(float(v) for v in value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where} must be a list of numbers, got {value!r}") from None
     base = args[0] if args else hint
     if base in (int, float) and not isinstance(value, bool):
         try:
@@ -277,7 +348,11 @@ def parse_overrides(args: list[str]) -> tuple[str | None, dict[str, Any]]:
             continue
         key, sep, text = arg[2:].partition("=")
         key = {"resume": "try_load_latest_save"}.get(key, key)
-        value = yaml.safe_load(text) if sep else True
+        try:
+            value = yaml.safe_load(text) if sep else True
+        except yaml.YAMLError as err:
+            problem = getattr(err, "problem", None) or err
+            raise ConfigError(f"cannot parse the value of {arg!r} (YAML): {problem}") from None
         if not key or any(not part for part in key.split(".")):
             raise ConfigError(f"malformed override {arg!r}; expected --key.path=value")
         node = nested

@@ -152,14 +152,18 @@ class BatchOrder:
         self.epoch, self.position, self._order = int(state["epoch"]), int(state["position"]), None
 
 
-def eval_batches(dataset: TokenDataset, batch_size: int, rank: int, world: int,
-                 max_batches: int | None = None):
-    """Sequential eval batches, instances dealt round-robin to ranks (each rank gets the same number)."""
+def eval_steps(dataset: TokenDataset, batch_size: int, world: int, max_batches: int | None = None) -> int:
+    """How many eval batches of `batch_size` per rank the data gives (DataError if not even one)."""
     per_step = batch_size * world
     steps = len(dataset) // per_step
     if steps == 0:
         raise DataError(f"eval data holds {len(dataset)} instances, fewer than one batch of {per_step}")
-    if max_batches is not None:
-        steps = min(steps, max_batches)
-    for s in range(steps):
+    return steps if max_batches is None else min(steps, max_batches)
+
+
+def eval_batches(dataset: TokenDataset, batch_size: int, rank: int, world: int,
+                 max_batches: int | None = None):
+    """Sequential eval batches, instances dealt round-robin to ranks (each rank gets the same number)."""
+    per_step = batch_size * world
+    for s in range(eval_steps(dataset, batch_size, world, max_batches)):
         yield dataset.batch(np.arange(s * per_step + rank, (s + 1) * per_step, world))

@@ -5,6 +5,11 @@ One step: the rank's share of the global batch is split into micro-batches; each
 masked or not; FSDP's gradient average over ranks then divides by the global batch); then global-norm
 clipping, the scheduled LR, and AdamW. Nothing in the step waits for the device: losses and norms stay on it
 until a logging interval reads them all at once.
+
+Nothing silent, nothing lost: settings, backend, data and eval sets are checked before any work; a non-finite
+loss or gradient norm stops the run naming its step, and a checkpoint is written only of finite parameters;
+SIGINT / SIGTERM finish the step, save, and exit (128 + the signal; `--resume` continues); a failed write
+(a full disk) ends with one line naming the path; a resumed run's metrics.jsonl holds each step once.
 """
 from __future__ import annotations
 
@@ -12,15 +17,21 @@ import contextlib
 import functools
 import json
 import math
+import os
+import re
 import resource
+import shutil
+import signal
+import threading
 import time
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.utils.checkpoint import checkpoint
 
 from .. import ops
@@ -30,16 +41,28 @@ from ..model import OLMo
 from ..ops import dispatch
 from . import corpus, dist, state
 from .config import CHECKPOINT_EVERY, DataConfig, EvaluatorConfig, TrainConfig, save_config
-from .data import BatchOrder, TokenDataset, eval_batches
+from .data import BatchOrder, DataError, TokenDataset, eval_batches, eval_steps
 from .optim import build_optimizer
 from .schedule import Schedule
 
 # Dense bf16 peak FLOP/s per device, for MFU (a torch device: one MI250X GCD is half the card).
 PEAK_FLOPS = {"H100": 989.5e12, "H200": 989.5e12, "A100": 312e12, "MI250X": 383e12 / 2, "MI300X": 1307.4e12}
+# The kernels of one training step (model.py's ops, forward and backward): an explicit backend must have them all.
+STEP_KERNELS = ("layer_norm_fwd", "layer_norm_bwd", "qkv_rope_fwd", "qkv_rope_bwd", "attention_fwd", "attention_bwd",
+                "swiglu_fwd", "swiglu_bwd")
+METRICS_FILE = "metrics.jsonl"
 
 
 class TrainingError(RuntimeError):
     pass
+
+
+class Interrupted(TrainingError):
+    """SIGINT / SIGTERM stopped the run after a step, whose checkpoint was written; `exit_code` is 128 + signal."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
 
 
 def summed_loss(model: OLMo, input_ids: torch.Tensor, labels: torch.Tensor, fused: bool,
@@ -73,10 +96,13 @@ def memory_gib(device: torch.device) -> float:
 
 class Trainer:
     def __init__(self, config: TrainConfig, log: Callable[[str], None] = print) -> None:
+        config.validate()
         self.cfg = config
         self.dist = dist.init(config.device)
         self.log = log if self.dist.main else (lambda _: None)
         self.device = self.dist.device
+        self._check_batch_sizes()
+        self.fused_loss = self._fused_loss()
         self.precision = config.precision or ("amp_bf16" if self.device.type == "cuda" else "fp32")
         self.save_folder = self._save_folder()
         resume_from = state.latest_checkpoint(self.save_folder) if config.try_load_latest_save else None
@@ -119,8 +145,41 @@ class Trainer:
                                                            "fresh" if (load_from / "optim.pt").exists() else ""))
         self.max_steps = self._max_steps()
         self.max_tokens = self._max_tokens()
+        self._warn_long_warmup()
 
     # ------------------------------------------------------------------ setup
+    def _check_batch_sizes(self) -> None:
+        g, m, world = self.cfg.global_train_batch_size, self.cfg.device_train_microbatch_size, self.dist.world
+        if g % world:
+            raise ConfigError(f"global_train_batch_size {g} is not divisible by the {world} processes")
+        if (g // world) % m:
+            raise ConfigError(f"device_train_microbatch_size {m} does not divide the {g // world} instances each "
+                              f"process takes per step (global_train_batch_size {g} / {world} processes)")
+
+    def _fused_loss(self) -> bool:
+        """Whether the loss runs fused (`fused_loss`, or where a fused kernel exists); an explicit backend must
+        have every kernel of the step (else ConfigError, before any work)."""
+        backend, wanted = self.cfg.backend, self.cfg.fused_loss
+        if wanted is None:
+            chosen = backend or dispatch.resolve("cross_entropy_chunk", None, self.device)
+            wanted = chosen != "torch" and dispatch.has_kernel("cross_entropy_chunk", chosen, self.device.type)
+        if backend not in (None, "torch"):
+            try:
+                for op in STEP_KERNELS + (("cross_entropy_chunk",) if wanted else ()):
+                    dispatch.kernel(op, backend, self.device.type)
+            except dispatch.BackendError as err:
+                raise ConfigError(f"backend {backend!r} cannot train on {self.device.type}: {err}; leave backend "
+                                  f"unset to use the best kernel of each op") from None
+        return wanted
+
+    def _warn_long_warmup(self) -> None:
+        sched = self.cfg.scheduler
+        _, total = self._schedule_position()
+        length = sched.t_max if sched.t_max is not None else total
+        if sched.name != "constant" and sched.t_warmup > length:  # a smoke test's short run: not an error
+            warnings.warn(f"scheduler.t_warmup {sched.t_warmup:g} is longer than the schedule ({length:g} "
+                          f"{sched.units}): the learning rate never reaches optimizer.learning_rate", stacklevel=2)
+
     def _save_folder(self) -> Path:
         cfg = self.cfg
         stamp = self.dist.broadcast(datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S"))
@@ -164,18 +223,24 @@ class Trainer:
                 evaluators = [EvaluatorConfig(label="corpus-val", data=DataConfig(paths=[str(val)]),
                                               subset_num_batches=4)]
             self.log(f"data: the built-in corpus ({train.stat().st_size // 2:,} tokens of OLMo eval-task text)")
-        return self._dataset(cfg.data), [(e, self._dataset(e.data)) for e in evaluators]
+        return self._dataset(cfg.data), [(e, self._eval_dataset(e)) for e in evaluators]
+
+    def _eval_dataset(self, ev: EvaluatorConfig) -> TokenDataset:
+        """An evaluator's data, checked to hold at least one eval batch now rather than at the first eval."""
+        data = self._dataset(ev.data)
+        try:
+            eval_steps(data, self.cfg.device_train_microbatch_size, self.dist.world)
+        except DataError as err:
+            raise DataError(f"evaluator {ev.label!r}: {err} (device_train_microbatch_size x processes)") from None
+        return data
 
     def _prepare_model(self) -> None:
         cfg, blocks = self.cfg, self.model.transformer["blocks"]
-        fused = cfg.fused_loss
-        if fused is None:  # where a fused kernel exists for this device
-            fused = dispatch.resolve("cross_entropy_chunk", cfg.backend, self.device) != "torch"
         dtype = torch.bfloat16 if self.precision == "amp_bf16" else torch.float32
         # Token files scanned for out-of-vocabulary ids at load time need no per-micro-batch check (a host sync).
         checked = cfg.data.validate and all(ev.data.validate for ev, _ in self.evaluators)
         # The model's forward becomes the summed loss: FSDP's hooks run around it as around any forward.
-        self.model.forward = functools.partial(summed_loss, self.model, fused=fused, dtype=dtype,
+        self.model.forward = functools.partial(summed_loss, self.model, fused=self.fused_loss, dtype=dtype,
                                                check_labels=not checked)
         if cfg.activation_checkpointing:
             every = 1 if cfg.activation_checkpointing is True else CHECKPOINT_EVERY[cfg.activation_checkpointing]
@@ -275,8 +340,21 @@ class Trainer:
                 "rng": torch.get_rng_state(), "world_size": self.dist.world}
 
     def save_checkpoint(self) -> Path:
-        return state.save(self.save_folder, self.step, self.model, self.optimizer, self.trainer_state(),
-                          self.model_config, self.cfg.save_num_checkpoints_to_keep, self.dist)
+        """Write `step<N>/` (a collective), only of finite parameters (else TrainingError, nothing written)."""
+        self._check_finite_parameters()
+        path = self.save_folder / f"step{self.step}"
+        with _writing("checkpoint", path):
+            return state.save(self.save_folder, self.step, self.model, self.optimizer, self.trainer_state(),
+                              self.model_config, self.cfg.save_num_checkpoints_to_keep, self.dist)
+
+    def _check_finite_parameters(self) -> None:
+        named = [(n, p.to_local() if hasattr(p, "to_local") else p) for n, p in self.model.named_parameters()]
+        bad = torch.stack([~torch.isfinite(p.detach()).all() for _, p in named])
+        if self.dist.sum(bad.any().int()).item():  # any rank's shard
+            names = [n for (n, _), b in zip(named, bad.tolist()) if b]
+            raise TrainingError(f"parameters are not finite after step {self.step}"
+                                + (f" ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" if names else "")
+                                + ": no checkpoint written")
 
     def export_hf(self) -> Path | None:
         full = state.full_model_state(self.model)
@@ -285,63 +363,68 @@ class Trainer:
             with torch.device("meta"):
                 model = OLMo(self.model_config, init=False)
             model.load_state_dict(full, assign=True)
-            model.save_pretrained(path)
+            with _writing("HF export", path):
+                model.save_pretrained(path)
         self.dist.barrier()
         return path
 
-    # ------------------------------------------------------------------ the loop
-    def _write_metrics(self, record: dict[str, Any]) -> None:
-        if self.dist.main:
-            with open(self.save_folder / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps(record) + "\n")
-
-    def fit(self) -> dict[str, Any]:
-        cfg, main = self.cfg, self.dist.main
-        if main:
+    # ------------------------------------------------------------------ the run folder
+    def _open_run_folder(self) -> None:
+        """Make the run folder (rank 0): its config.yaml, and metrics.jsonl cut back to this run's start."""
+        cfg = self.cfg
+        if not self.dist.main:
+            return
+        with _writing("run folder", self.save_folder):
             if cfg.save_overwrite and self.resumed_from is None:  # start over: no stale checkpoints or metrics
                 state.clear_run(self.save_folder)
             self.save_folder.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.save_folder / "config.yaml")
-            n = self.model_config.num_params()
-            self.log(f"model: {n / 1e6:.1f}M parameters, context {self.seq_len}; device {self.device}, "
-                     f"{self.dist.world} process(es), precision {self.precision}; {len(self.train_data):,} "
-                     f"instances; {self.max_steps} steps of {self.tokens_per_batch:,} tokens")
-            self.log(f"run folder: {self.save_folder}")
+            self._truncate_metrics()
+        n = self.model_config.num_params()
+        self.log(f"model: {n / 1e6:.1f}M parameters, context {self.seq_len}; device {self.device}, "
+                 f"{self.dist.world} process(es), precision {self.precision}; {len(self.train_data):,} "
+                 f"instances; {self.max_steps} steps of {self.tokens_per_batch:,} tokens")
+        self.log(f"run folder: {self.save_folder}")
+
+    def _truncate_metrics(self) -> None:
+        """Cut metrics.jsonl (appended in step order) before its first record past the step this run starts
+        from - all of a fresh run's, those after a resumed run's checkpoint, a torn line of a killed run - so
+        that every step is recorded once. One truncate call: the file is never left half rewritten."""
+        path = self.save_folder / METRICS_FILE
+        if not path.is_file():
+            return
+        offset = 0
+        with open(path, "rb") as fh:
+            for line in fh:
+                step = _record_step(line)
+                if step is None or step > self.step or not line.endswith(b"\n"):
+                    os.truncate(path, offset)
+                    return
+                offset += len(line)
+
+    def _write_metrics(self, record: dict[str, Any]) -> None:
+        if self.dist.main:
+            path = self.save_folder / METRICS_FILE
+            with _writing("metrics", path), open(path, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    # ------------------------------------------------------------------ the loop
+    def fit(self) -> dict[str, Any]:
+        """Train to the end of the schedule (or stop_at / time_limit), then evaluate and export; the last metrics.
+        Raises Interrupted after SIGINT / SIGTERM (with the step's checkpoint written), TrainingError on a
+        non-finite loss or a failed write."""
+        cfg, main = self.cfg, self.dist.main
+        self._open_run_folder()
         stop_at = min(self.max_steps, cfg.stop_at) if cfg.stop_at is not None else self.max_steps
-        peak = cfg.flops_peak or device_peak_flops(self.device)
-        flops_per_token = self.model_config.flops_per_token(self.seq_len)
-        bar = _progress(main, self.step, stop_at)
         start = time.monotonic()
-        pending: list[tuple[torch.Tensor, torch.Tensor]] = []
-        last_time, last_tokens = time.monotonic(), self.tokens
-        last: dict[str, Any] = {}
-        evaluated_at = None
-        while self.step < stop_at:
-            batch = self.train_data.batch(self.order.next())
-            self.step += 1
-            self.tokens += self.tokens_per_batch
-            pending.append(self.train_step(batch))
-            bar.update(1)
-            out_of_time = False
-            if self.step % cfg.console_log_interval == 0 or self.step == stop_at:
-                last.update(self._log_interval(pending, last_time, last_tokens, peak, flops_per_token))
-                pending.clear()
-                last_time, last_tokens = time.monotonic(), self.tokens
-                bar.set_postfix(loss=f"{last['train/loss']:.4f}")
-                if cfg.time_limit is not None:  # rank 0's clock decides, so that all ranks stop together
-                    out_of_time = self.dist.broadcast(time.monotonic() - start > cfg.time_limit)
-            if cfg.eval_interval and self.evaluators and self.step % cfg.eval_interval == 0:
-                last.update(self._log_eval())
-                evaluated_at = self.step
-            if (cfg.save_interval and self.step % cfg.save_interval == 0) or self.step == stop_at or out_of_time:
-                path = self.save_checkpoint()
-                if main:
-                    bar.write(f"saved checkpoint {path}")
-            if out_of_time:
-                self.log(f"time_limit of {cfg.time_limit}s reached at step {self.step}")
-                break
-        bar.close()
-        if self.evaluators and evaluated_at != self.step:
+        with _progress(main, self.step, stop_at) as bar, _StopSignals(announce=main) as signals:
+            last, stop = self._loop(stop_at, start, bar, signals)
+        if isinstance(stop, signal.Signals):
+            raise Interrupted(stop, f"{stop.name} after step {self.step}: checkpoint written to "
+                                    f"{self.save_folder / f'step{self.step}'}; continue with --resume")
+        if stop == "time":
+            self.log(f"time_limit of {cfg.time_limit}s reached at step {self.step}")
+        if self.evaluators and not self._eval_due():
             last.update(self._log_eval())
         if cfg.export_hf:
             path = self.export_hf()
@@ -352,15 +435,55 @@ class Trainer:
                      f"run written to {self.save_folder}")
         return last
 
+    def _eval_due(self) -> bool:
+        return bool(self.cfg.eval_interval and self.evaluators and self.step % self.cfg.eval_interval == 0)
+
+    def _loop(self, stop_at: int, start: float, bar, signals: "_StopSignals") -> tuple[dict[str, Any], Any]:
+        """Steps until `stop_at` or a stop; returns (the last metrics, why it stopped early: a signal, "time" or
+        None). Every checkpoint step is also a logging step, so its losses are checked before it is written."""
+        cfg = self.cfg
+        peak = cfg.flops_peak or device_peak_flops(self.device)
+        flops_per_token = self.model_config.flops_per_token(self.seq_len)
+        pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        last_time, last_tokens = time.monotonic(), self.tokens
+        last: dict[str, Any] = {}
+        stop, vote = None, _StopVote(self.dist)
+        while self.step < stop_at and stop is None:
+            batch = self.train_data.batch(self.order.next())
+            self.step += 1
+            self.tokens += self.tokens_per_batch
+            pending.append(self.train_step(batch))
+            bar.update(1)
+            late = cfg.time_limit is not None and time.monotonic() - start > cfg.time_limit
+            stop = vote(signals.received, late)
+            save_due = bool(cfg.save_interval and self.step % cfg.save_interval == 0) or self.step == stop_at
+            if save_due or stop or self.step % cfg.console_log_interval == 0:
+                last.update(self._log_interval(pending, last_time, last_tokens, peak, flops_per_token))
+                pending.clear()
+                last_time, last_tokens = time.monotonic(), self.tokens
+                bar.set_postfix(loss=f"{last['train/loss']:.4f}")
+            if self._eval_due():
+                last.update(self._log_eval())
+            if save_due or stop:
+                path = self.save_checkpoint()
+                if self.dist.main:
+                    bar.write(f"saved checkpoint {path}")
+        return last, stop
+
     def _log_interval(self, pending, since: float, tokens_before: int, peak: float | None,
                       flops_per_token: float) -> dict[str, Any]:
+        """Log the steps of `pending` (the one host sync of the interval); TrainingError at the first step whose
+        loss or gradient norm is not finite, before anything of it is saved."""
         losses = self.dist.mean(torch.stack([loss for loss, _ in pending]))
-        norm = pending[-1][1]
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        values = torch.cat([losses.float(), norm.float().reshape(1)]).tolist()  # the one host sync
-        losses, norm = values[:-1], values[-1]
-        if any(not math.isfinite(v) for v in losses):
-            raise TrainingError(f"loss is {losses[-1]} at step {self.step}")
+        norms = torch.stack([n.full_tensor() if hasattr(n, "full_tensor") else n for _, n in pending])
+        losses, norms = torch.stack([losses.float(), norms.float()]).tolist()  # the one host sync
+        first = self.step - len(pending) + 1
+        for step, loss, norm in zip(range(first, self.step + 1), losses, norms):
+            if not math.isfinite(loss) or not math.isfinite(norm):
+                what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {norm}"
+                raise TrainingError(f"{what} at step {step}: training stopped, no checkpoint of it written "
+                                    f"(try a lower optimizer.learning_rate or max_grad_norm)")
+        norm = norms[-1]
         elapsed = max(time.monotonic() - since, 1e-9)
         tps = (self.tokens - tokens_before) / elapsed / self.dist.world  # per device
         t, _ = self._schedule_position()
@@ -384,6 +507,122 @@ class Trainer:
 
     def close(self) -> None:
         self.dist.close()
+
+
+class _StopVote:
+    """Whether to stop after this step - a signal (SIGTERM first) or "time" (time_limit passed) on any rank, or
+    None - the same answer on every rank. One process decides at once. Sharded, the ranks' reasons are summed
+    by an all-reduce that is read a step later: on a GPU it is copied to pinned memory behind an event, so the
+    host waits for that all-reduce only, never for the step queued after it."""
+
+    def __init__(self, processes: dist.Dist) -> None:
+        self.dist = processes
+        self._pending: Callable[[], torch.Tensor] | None = None
+
+    def __call__(self, received: signal.Signals | None, late: bool) -> signal.Signals | str | None:
+        votes = torch.tensor([received == signal.SIGTERM, received == signal.SIGINT, late], dtype=torch.int32)
+        if self.dist.sharded:
+            previous, self._pending = self._pending, self._all_reduce(votes)
+            if previous is None:
+                return None
+            votes = previous()
+        sigterm, sigint, late = (votes > 0).tolist()
+        return signal.SIGTERM if sigterm else signal.SIGINT if sigint else "time" if late else None
+
+    def _all_reduce(self, votes: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Start summing `votes` over ranks; returns how to read the sum (on the host) later."""
+        summed = self.dist.sum(votes.to(self.dist.device, non_blocking=True))
+        if summed.device.type == "cpu":
+            return lambda: summed
+        host = torch.empty(summed.shape, dtype=summed.dtype, pin_memory=True)
+        host.copy_(summed, non_blocking=True)
+        copied = torch.cuda.Event()
+        copied.record()
+
+        def read() -> torch.Tensor:
+            copied.synchronize()
+            return host
+
+        return read
+
+
+class _StopSignals:
+    """While training, the first SIGINT / SIGTERM is recorded in `received` (the loop finishes its step, saves and
+    stops); a second one acts as if unhandled (stops at once). Signals ignored at start (a background job's
+    SIGINT) stay ignored; outside the main thread (no handlers possible) nothing changes."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self, announce: bool) -> None:
+        self.announce = announce
+        self.received: signal.Signals | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.received is not None:  # the second: what the signal did before
+            previous = self._previous[signum]
+            if callable(previous):
+                previous(signum, frame)
+                return
+            signal.signal(signum, previous)
+            os.kill(os.getpid(), signum)
+            return
+        self.received = signal.Signals(signum)
+        if self.announce:  # os.write: no lock that the interrupted code might hold
+            os.write(2, f"\n{self.received.name}: finishing the step, then saving a checkpoint "
+                        f"(again: stop at once)\n".encode())
+
+
+def _record_step(line: bytes) -> int | None:
+    """The step of one metrics.jsonl line (None: not a record, e.g. torn by a kill mid-write)."""
+    try:
+        step = json.loads(line)["step"]
+    except (ValueError, TypeError, KeyError):
+        return None
+    return step if isinstance(step, int) else None
+
+
+@contextlib.contextmanager
+def _writing(what: str, path: Path) -> Iterator[None]:
+    """A failed write of `what` at `path` (a full disk, a lost mount, no permission...) becomes one TrainingError
+    naming the path, the reason and the space left there, in place of a writer's traceback."""
+    try:
+        yield
+    except (Exception, CheckpointException) as err:
+        if isinstance(err, TrainingError):
+            raise
+        raise TrainingError(f"cannot write the {what} {path}: {_reason(err)} ({_free_space(path)} free on its disk)"
+                            ) from err
+
+
+def _reason(err: BaseException) -> str:
+    if isinstance(err, CheckpointException) and err.failures:  # DCP: each failed rank's exception
+        err = next(iter(err.failures.values()))[0]
+    if isinstance(err, OSError) and err.strerror:
+        return f"{err.strerror} (errno {err.errno})"
+    if re.search(r"unexpected pos \d+ vs \d+|PytorchStreamWriter failed|file write failed", str(err)):
+        return "the write was cut short (a full disk? a file size limit?)"  # torch's writer drops the OSError
+    text = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", str(err).strip()).splitlines()
+    return f"{type(err).__name__}: {text[0] if text else ''}"
+
+
+def _free_space(path: Path) -> str:
+    folder = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    try:
+        return f"{shutil.disk_usage(folder).free / 2**20:,.1f} MiB"
+    except OSError:
+        return "unknown space"
 
 
 def _progress(enabled: bool, initial: int, total: int):
