@@ -174,10 +174,11 @@ def test_checkpoint_model_is_taken_without_model_settings(run, tmp_path, capsys)
     assert state.latest_checkpoint(tmp_path / "a").name == "step4"
 
 
-def test_missing_load_path_is_one_line(run, tmp_path, capsys):
+def test_load_path_of_a_file_is_one_line(run, tmp_path, capsys):
     _, data, config = run
-    code, err = cli_train(capsys, config, data, tmp_path / "a", f"--load_path={tmp_path / 'nowhere'}")
-    assert_one_line_error(code, err, "nowhere is not a folder")
+    (tmp_path / "weights.bin").write_bytes(b"not a checkpoint")
+    code, err = cli_train(capsys, config, data, tmp_path / "a", f"--load_path={tmp_path / 'weights.bin'}")
+    assert_one_line_error(code, err, "weights.bin is not a folder")
 
 
 @pytest.mark.parametrize("planted", ["index.json", "model.json", "optimizer.json", "trainer.json",
