@@ -181,7 +181,7 @@ def compare(a: dict, b: dict) -> tuple[str, list[dict]]:
 
 
 # ---------------------------------------------------------------- the Markdown page of a GPU check
-def _md_kernels(results: dict) -> list[str]:
+def md_kernels(results: dict) -> list[str]:
     ceil = results["ceilings"]
     lines = [f"## Kernels ({results['settings']['dtype']}, shapes `{results['settings']['shapes']}`)", ""]
     state = results.get("state", "complete")
@@ -226,7 +226,7 @@ def _md_kernels(results: dict) -> list[str]:
     return lines
 
 
-def _md_records(title: str, data: dict) -> list[str]:
+def md_records(title: str, data: dict) -> list[str]:
     """A throughput result (train/decode): `records` is a list of flat dicts, shown as a table."""
     records = data.get("records", [])
     lines = [f"## {title}", ""]
@@ -253,13 +253,19 @@ def markdown(results: list[dict]) -> str:
     for data in results:
         kind = data.get("kind", "microbench")
         if kind == "microbench":
-            lines += _md_kernels(data)
+            lines += md_kernels(data)
         else:
-            lines += _md_records(data.get("title", kind), data)
+            lines += md_records(data.get("title", kind), data)
     return "\n".join(lines)
 
 
 OURS = ("ours-triton", "ours-cpp")
+
+
+def failed_rows(rows: list[dict]) -> list[dict]:
+    """Rows of ours (`OURS`) that computed another function than eager (check MISMATCH) or raised."""
+    return [r for r in rows if r["provider"] in OURS and
+            (r["status"] == "error" or str(r.get("check", "")).startswith("MISMATCH"))]
 
 
 def summary(raw: dict) -> str:

@@ -53,20 +53,12 @@ def run(args: argparse.Namespace) -> int:
         return 130
     print()
     print(report.table(results))
-    failed = failed_rows(results["rows"])
+    failed = report.failed_rows(results["rows"])
     for row in failed:
         what = row["check"] if row["status"] == "ok" else f"{row['status']}: {row['reason']}"
         print(f"olmo-fast bench: FAILED {row['provider']} {row['op']} {row['shape']} {row['mode']}: {what}",
               file=sys.stderr)
     return 1 if failed else 0
-
-
-def failed_rows(rows: list[dict]) -> list[dict]:
-    """Rows of ours (report.OURS) that computed another function than eager (check MISMATCH) or raised."""
-    from .benchmarks.report import OURS
-
-    return [r for r in rows if r["provider"] in OURS and
-            (r["status"] == "error" or str(r.get("check", "")).startswith("MISMATCH"))]
 
 
 def add_parser(sub) -> None:
