@@ -36,7 +36,12 @@ MAX_LISTED = 25  # failing tests listed on the page
 
 def read_stages(path: Path) -> tuple[dict, list[dict]]:
     """The plan (first line) and the latest record of each planned stage, in plan order."""
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = []
+    for line in path.read_text().splitlines():
+        try:
+            lines.append(json.loads(line))
+        except ValueError:  # a record cut by a kill: the one before it stands
+            continue
     plan, latest = lines[0], {}
     for rec in lines[1:]:
         latest[rec["key"]] = rec
@@ -65,7 +70,8 @@ def junit(path: Path) -> dict:
 def trainer_run(folder: Path) -> dict:
     """What a short `olmo-fast train` run (with a resume) left: checkpoints, logged steps, the last record."""
     metrics = folder / "metrics.jsonl"
-    records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()] if metrics.is_file() else []
+    lines = metrics.read_text().splitlines() if metrics.is_file() else []
+    records = [json.loads(line) for line in lines if line.strip()]
     checkpoints = sorted((p.name for p in folder.glob("step*") if p.is_dir()), key=lambda n: int(n[4:] or 0))
     return {"checkpoints": checkpoints, "steps_logged": [r.get("step") for r in records],
             "last": records[-1] if records else None, "hf_export": (folder / "hf").is_dir()}
@@ -144,7 +150,8 @@ def _md_info(info: dict | None) -> list[str]:
               + ", ".join(f"{k} {v}" for k, v in ext.items()), ""]
     for backend, entry in info.get("backends", {}).items():
         where = entry.get("unavailable") or f"{len(entry['ops'])} ops on {', '.join(entry['devices'])}"
-        lines.append(f"- {backend}: {where}" + (f" (load error: {entry['load_error']})" if "load_error" in entry else ""))
+        error = f" (load error: {entry['load_error']})" if "load_error" in entry else ""
+        lines.append(f"- {backend}: {where}{error}")
     return lines + [""]
 
 

@@ -46,8 +46,8 @@ def _signalling(sig: int, swallow: bool):
 @pytest.mark.parametrize("sig,swallow", [(signal.SIGTERM, False), (signal.SIGINT, True)], ids=["term", "swallowed-int"])
 def test_signal_stops_the_suite_and_keeps_the_rows(monkeypatch, tmp_path, sig, swallow):
     # Eager's rows (fwd, bwd), then a provider that signals: eager's rows are in bench.json, marked interrupted.
-    monkeypatch.setattr(suite, "registry", lambda: {"swiglu": [providers.Provider("eager", _eager_swiglu),
-                                                               providers.Provider("signal", _signalling(sig, swallow))]})
+    signalling = providers.Provider("signal", _signalling(sig, swallow))
+    monkeypatch.setattr(suite, "registry", lambda: {"swiglu": [providers.Provider("eager", _eager_swiglu), signalling]})
     previous = signal.getsignal(sig)
     with pytest.raises(KeyboardInterrupt):
         suite.run(["swiglu"], "cpu-small", ["fwd", "bwd"], "fp32", CPU, out_dir=tmp_path, warmup_ms=0, rep_ms=0,
