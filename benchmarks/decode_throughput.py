@@ -105,13 +105,14 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     try:
-        run([m for m in args.models.split(",") if m], [int(b) for b in args.batches.split(",") if b],
-            args.prompt_len, args.new_tokens, torch.device(args.device), dtype, hf=not args.no_hf, out=args.out)
+        results = run([m for m in args.models.split(",") if m], [int(b) for b in args.batches.split(",") if b],
+                      args.prompt_len, args.new_tokens, torch.device(args.device), dtype, hf=not args.no_hf,
+                      out=args.out)
     except KeyboardInterrupt:
         return models.interrupted(args.out)
     if args.out:
         print(f"wrote {args.out}")
-    return 0
+    return models.exit_status(results)
 
 
 if __name__ == "__main__":

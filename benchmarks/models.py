@@ -1,6 +1,6 @@
 """Random-weight models for the throughput benches: ours (`olmo_fast.OLMo`) and HF transformers'
 `OlmoForCausalLM` with the same configuration, built straight on the device (no CPU-side fp32 copy of a 7B); and
-what both benches share: freeing memory between models, a failed record's error text, the interrupted exit."""
+what both benches share: freeing memory between models, a failed record's error text, their exit statuses."""
 from __future__ import annotations
 
 import gc
@@ -54,3 +54,8 @@ def interrupted(out: str | None) -> int:
     kept = f"; the records measured so far are in {out}" if out else ""
     print(f"interrupted{kept}", file=sys.stderr)
     return 130
+
+
+def exit_status(results: dict) -> int:
+    """A throughput bench's exit status: 1 if a record failed (its error is in the results and was logged)."""
+    return 1 if any("error" in rec for rec in results["records"]) else 0

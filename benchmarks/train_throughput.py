@@ -129,13 +129,13 @@ def main(argv: list[str] | None = None) -> int:
     if set(variants) - set(VARIANTS):
         p.error(f"unknown variants {sorted(set(variants) - set(VARIANTS))}; choose from {VARIANTS}")
     try:
-        run(args.model, args.seq_len, args.batch, args.steps, args.warmup, variants, torch.device(args.device),
-            args.out)
+        results = run(args.model, args.seq_len, args.batch, args.steps, args.warmup, variants,
+                      torch.device(args.device), args.out)
     except KeyboardInterrupt:
         return models.interrupted(args.out)
     if args.out:
         print(f"wrote {args.out}")
-    return 0
+    return models.exit_status(results)
 
 
 if __name__ == "__main__":

@@ -107,6 +107,30 @@ def test_bench_exit_status_on_a_mismatch_of_ours(monkeypatch, capsys, name, code
     assert (f"FAILED {name} swiglu" in err and "MISMATCH" in err) == (code == 1)
 
 
+@pytest.mark.parametrize("second,code,state", [("error", 1, "complete"), ("interrupt", 130, "interrupted")])
+def test_throughput_bench_exit_status_and_interrupt(monkeypatch, tmp_path, capsys, second, code, state):
+    """train_throughput's main: a failed record makes it exit 1; SIGINT/SIGTERM (a KeyboardInterrupt) during the
+    second variant exits 130 with the first record written and the file marked interrupted."""
+    from olmo_fast.benchmarks import train_throughput
+
+    def measure(variant, *args):
+        if variant == "hf-sdpa":
+            raise KeyboardInterrupt("SIGTERM") if second == "interrupt" else RuntimeError("out of memory")
+        return {"variant": variant, "tokens_per_s": 10.0, "flops_per_token": 1.0, "step_ms": 1.0, "loss": 5.0}
+
+    monkeypatch.setattr(train_throughput, "measure", measure)
+    out = tmp_path / "train.json"
+    assert train_throughput.main(["--model", "test", "--seq-len", "16", "--device", "cpu", "--out", str(out),
+                                  "--variants", "olmo-fast,hf-sdpa"]) == code
+    data = json.loads(out.read_text())
+    assert data["state"] == state and data["records"][0]["variant"] == "olmo-fast"
+    if second == "error":
+        assert data["records"][1] == {"variant": "hf-sdpa", "error": "RuntimeError: out of memory"}
+    else:
+        assert len(data["records"]) == 1 and data["interrupted_by"] == "SIGTERM"
+        assert f"interrupted; the records measured so far are in {out}" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------------------------------- what did not load
 def _info(**changes) -> dict:
     """An `olmo-fast info` record of a healthy CUDA machine, with `changes`."""
