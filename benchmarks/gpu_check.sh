@@ -10,8 +10,9 @@
 #   bash benchmarks/gpu_check.sh --dry-run                                  # the same stages on a CPU (CI)
 #
 # With the device tool: ONE run call, command `OLMO_FAST_COMMIT=<git rev-parse HEAD, run here> bash
-# benchmarks/gpu_check.sh` (the copy there has no .git), timeout_s 540. The run folder is $OUT (a temporary folder
-# when OUT is unset), written as it goes, so a killed call still returns the log and the partial results:
+# benchmarks/gpu_check.sh` (the copy there has no .git), timeout_s 540 (the default total is 480 s). The run folder
+# is $OUT (a temporary folder when OUT is unset), written as it goes, so a killed call still returns the log and the
+# partial results (7 files, within what the tool brings back; a file cut by SIGKILL says "state": "running"):
 #   <date>-<card>.md    the results page and <date>-<card>.json the raw results (bench, train, decode, info,
 #                       tests, trainer, stages), both rewritten before and after every stage;
 #   gpu_check.log       everything every stage printed;
@@ -24,7 +25,8 @@
 # Time: GPU_CHECK_TOTAL_S (default 480) is shared by the stages' limits below (their sum plus 10 s for the final
 # page); a stage may also use what the stages before it left unused, never what the later ones are given. A
 # stage that overruns gets SIGINT (the benches then stop and keep every row; pytest prints its summary) and,
-# shortly after, SIGKILL. GPU_CHECK_SKIP="tests kernel-tests" (stage keys below) skips stages;
+# shortly after, SIGKILL; SIGINT/SIGTERM to the script are passed on to the running stage the same way, then the
+# page is rewritten and it exits 130. GPU_CHECK_SKIP="tests kernel-tests" (stage keys below) skips stages;
 # GPU_CHECK_TRAIN_ARGS / GPU_CHECK_DECODE_ARGS add arguments to those benches (e.g. "--steps 4", "--no-hf").
 # Liger-Kernel / flash-attn / apex wheels placed in .whl/ (benchmarks/fetch_wheels.sh; carry [".whl"]) are
 # installed first, so that the bench compares against them.
