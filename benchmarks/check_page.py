@@ -148,8 +148,10 @@ def _md_info(info: dict | None) -> list[str]:
     lines += ["", f"torch {info.get('torch')} (CUDA {info.get('torch_cuda')}, HIP {info.get('torch_hip')}), triton "
               f"{info.get('triton')}, devices {', '.join(info.get('devices', []))}; olmo_fast._C: "
               + ", ".join(f"{k} {v}" for k, v in ext.items()), ""]
+    lines += ["Imports from: " + "; ".join(f"{k} {v}" for k, v in info.get("install", {}).items()), ""]
     for backend, entry in info.get("backends", {}).items():
-        where = entry.get("unavailable") or f"{len(entry['ops'])} ops on {', '.join(entry['devices'])}"
+        ops = "all ops" if entry.get("ops") == ["all"] else f"{len(entry.get('ops', []))} ops"
+        where = entry.get("unavailable") or f"{ops} on {', '.join(entry['devices'])}"
         error = f" (load error: {entry['load_error']})" if "load_error" in entry else ""
         lines.append(f"- {backend}: {where}{error}")
     return lines + [""]
@@ -237,7 +239,12 @@ def main(argv: list[str] | None = None) -> int:
         if name not in PARTS or not path:
             parser.error(f"bad part {item!r}: use PART=PATH with PART one of {sorted(PARTS)}")
         paths[name] = Path(path)
-    plan, stages = read_stages(Path(args.stages))
+    try:
+        plan, stages = read_stages(Path(args.stages))
+    except (OSError, LookupError) as err:  # no file, no plan line, a plan without its keys
+        print(f"check_page: error: {args.stages} is not a gpu_check.sh stage file ({type(err).__name__}: {err})",
+              file=sys.stderr)
+        return 2
     data = {name.replace("-", "_"): load_part(name, path) for name, path in paths.items()}
     raw = {"schema": 1, "kind": "gpu_check", **{k: plan[k] for k in ("dry_run", "commit", "started", "total_s")},
            "stages": stages, "problems": problems(stages, data), **data}

@@ -170,6 +170,8 @@ on_signal() {
     page; echo "gpu_check: interrupted; partial results in $RUN" | tee -a "$LOG"; exit 130
 }
 trap on_signal INT TERM
+# The scratch folder goes at the end (its results are in the page and the raw JSON), unless it holds the run folder.
+[[ -n "${OUT:-}" ]] && trap 'rm -rf "$SCRATCH"' EXIT
 
 # The plan: the first stage record (check_page lists every planned stage, run or not).
 {

@@ -262,6 +262,9 @@ def test_verify_names_what_is_missing(tmp_path, capsys):
     assert "stage train: no data in the JSON" in err
     assert "stage tests" not in err  # skipped on purpose: no data needed
     assert "stage decode: running" in raw["problems"] and "\n## Training throughput" in text  # the section says why
+    (folder / "empty.jsonl").write_text("")
+    assert check_page.main(["--stages", str(folder / "empty.jsonl"), "--md", "x.md", "--json", "x.json"]) == 2
+    assert "is not a gpu_check.sh stage file" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils' timeout")
