@@ -15,7 +15,7 @@ import torch
 
 from olmo_fast import ModelConfig, benchmark_decode
 
-from . import ceilings, models, report
+from . import ceilings, interrupt, models, report
 from .suite import environment
 
 
@@ -47,7 +47,8 @@ def _ours(model, cfg: ModelConfig, batch: int, prompt_len: int, new_tokens: int)
 
 def run(presets: list[str], batches: list[int], prompt_len: int, new_tokens: int, device: torch.device,
         dtype: torch.dtype, hf: bool = True, out: str | Path | None = None, log=print) -> dict:
-    """A record per (model, provider, batch); the results are rewritten to `out` after each one."""
+    """A record per (model, provider, batch); the results are rewritten to `out` atomically after each one.
+    SIGINT/SIGTERM stop it with the records so far written (`interrupt.recording`)."""
     if new_tokens < 2:
         raise ValueError("new_tokens must be at least 2 (HF's decode time is that of n tokens minus that of 1)")
     copy_gbps = ceilings.measure(device)["copy_gbps"]
@@ -58,34 +59,36 @@ def run(presets: list[str], batches: list[int], prompt_len: int, new_tokens: int
     providers = {"olmo-fast": (lambda cfg: models.olmo(cfg, device, dtype).eval(), _ours)}
     if hf:
         providers["hf-generate"] = (lambda cfg: models.hf_olmo(cfg, device, dtype).eval(), hf_decode)
-    for preset in presets:
-        context = max(prompt_len + new_tokens, ModelConfig.preset(preset).max_sequence_length)
-        cfg = ModelConfig.preset(preset, max_sequence_length=context)
-        for provider, (build, measure) in providers.items():
-            try:
-                model = build(cfg)
-            except Exception as err:  # noqa: BLE001 - an OOM is a result
-                model, build_error = None, models.error_text(err)
-            for batch in batches:
-                rec = {"model": preset, "provider": provider, "batch": batch, "prompt_len": prompt_len,
-                       "new_tokens": new_tokens}
+    save = (lambda: None) if out is None else (lambda: report.save_json(results, out))
+    with interrupt.recording(results, save) as stop_check:
+        for preset in presets:
+            context = max(prompt_len + new_tokens, ModelConfig.preset(preset).max_sequence_length)
+            cfg = ModelConfig.preset(preset, max_sequence_length=context)
+            for provider, (build, measure) in providers.items():
                 try:
-                    if model is None:
-                        raise RuntimeError(build_error)
-                    rec.update(measure(model, cfg, batch, prompt_len, new_tokens))
-                    if "achieved_gb_s" in rec:
-                        rec["pct_copy_bw"] = 100 * rec["achieved_gb_s"] / copy_gbps
-                    log(f"  {preset:<10} {provider:<12} batch {batch:>3}: {rec['tokens_per_s']:10.1f} tok/s "
-                        f"{rec['ms_per_token']:8.3f} ms/step" + (f"  {rec['pct_copy_bw']:.1f}% of copy bandwidth"
-                                                                 if "pct_copy_bw" in rec else ""))
-                except Exception as err:  # noqa: BLE001 - an OOM or a missing kernel is a result
-                    rec["error"] = models.error_text(err)
-                    log(f"  {preset:<10} {provider:<12} batch {batch:>3}: error {rec['error']}")
-                results["records"].append(rec)
-                if out is not None:
-                    report.save_json(results, out)
-            del model
-            models.free_memory(device)
+                    model = build(cfg)
+                except Exception as err:  # noqa: BLE001 - an OOM is a result
+                    model, build_error = None, models.error_text(err)
+                for batch in batches:
+                    rec = {"model": preset, "provider": provider, "batch": batch, "prompt_len": prompt_len,
+                           "new_tokens": new_tokens}
+                    try:
+                        if model is None:
+                            raise RuntimeError(build_error)
+                        rec.update(measure(model, cfg, batch, prompt_len, new_tokens))
+                        if "achieved_gb_s" in rec:
+                            rec["pct_copy_bw"] = 100 * rec["achieved_gb_s"] / copy_gbps
+                        log(f"  {preset:<10} {provider:<12} batch {batch:>3}: {rec['tokens_per_s']:10.1f} tok/s "
+                            f"{rec['ms_per_token']:8.3f} ms/step" + (f"  {rec['pct_copy_bw']:.1f}% of copy "
+                                                                     f"bandwidth" if "pct_copy_bw" in rec else ""))
+                    except Exception as err:  # noqa: BLE001 - an OOM or a missing kernel is a result
+                        rec["error"] = models.error_text(err)
+                        log(f"  {preset:<10} {provider:<12} batch {batch:>3}: error {rec['error']}")
+                    results["records"].append(rec)
+                    save()
+                    stop_check()
+                del model
+                models.free_memory(device)
     return results
 
 
@@ -101,11 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="JSON file for the results")
     args = p.parse_args(argv)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
-    run([m for m in args.models.split(",") if m], [int(b) for b in args.batches.split(",") if b],
-        args.prompt_len, args.new_tokens, torch.device(args.device), dtype, hf=not args.no_hf, out=args.out)
+    try:
+        results = run([m for m in args.models.split(",") if m], [int(b) for b in args.batches.split(",") if b],
+                      args.prompt_len, args.new_tokens, torch.device(args.device), dtype, hf=not args.no_hf,
+                      out=args.out)
+    except KeyboardInterrupt:
+        return models.interrupted(args.out)
     if args.out:
         print(f"wrote {args.out}")
-    return 0
+    return models.exit_status(results)
 
 
 if __name__ == "__main__":

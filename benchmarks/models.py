@@ -1,8 +1,10 @@
 """Random-weight models for the throughput benches: ours (`olmo_fast.OLMo`) and HF transformers'
-`OlmoForCausalLM` with the same configuration, built straight on the device (no CPU-side fp32 copy of a 7B); and what both benches do between models."""
+`OlmoForCausalLM` with the same configuration, built straight on the device (no CPU-side fp32 copy of a 7B); and
+what both benches share: freeing memory between models, a failed record's error text, their exit statuses."""
 from __future__ import annotations
 
 import gc
+import sys
 
 import torch
 
@@ -45,3 +47,15 @@ def error_text(err: BaseException) -> str:
     """A failed record's error: the exception's type and the first line of its message (300 characters)."""
     lines = str(err).splitlines()
     return f"{type(err).__name__}: {lines[0][:300]}" if lines else type(err).__name__
+
+
+def interrupted(out: str | None) -> int:
+    """What a throughput bench's `main` does when SIGINT/SIGTERM stopped it: say where its records are; 130."""
+    kept = f"; the records measured so far are in {out}" if out else ""
+    print(f"interrupted{kept}", file=sys.stderr)
+    return 130
+
+
+def exit_status(results: dict) -> int:
+    """A throughput bench's exit status: 1 if a record failed (its error is in the results and was logged)."""
+    return 1 if any("error" in rec for rec in results["records"]) else 0

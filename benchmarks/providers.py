@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from olmo_fast import ops
 
+from . import report
 from .cases import Case
 
 THETA, EPS = 10000.0, 1e-5
@@ -83,7 +84,7 @@ def op_fn(case: Case, backend: str) -> Callable[..., Any]:
 
 def _ours(backend: str) -> Callable[[Case, torch.device], Impl]:
     def build(case: Case, device: torch.device) -> Impl:  # BackendError (no kernel) surfaces at the first call
-        note = "Triton interpreter: a plumbing check, not a speed" if backend == "triton" and device.type == "cpu" else ""
+        note = report.INTERPRETED if backend == "triton" and device.type == "cpu" else ""
         return Impl(op_fn(case, backend), note=note)
     return build
 

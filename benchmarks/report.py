@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import math
 from collections import defaultdict
 from pathlib import Path
 
+# The note on our Triton rows on a CPU (TRITON_INTERPRET=1): the table, the CSV and the JSON carry it.
+INTERPRETED = "Triton interpreter: a plumbing check, not a speed"
 COLUMNS = ("op", "shape", "size", "variant", "mode", "dtype", "provider", "status", "median_ms", "p20_ms", "p80_ms", "n",
            "bytes", "flops", "gbps", "tflops", "pct_copy_bw", "pct_matmul", "peak_mem_mb", "check", "check_err",
            "reason", "note")
@@ -50,7 +53,8 @@ def table(results: dict) -> str:
         for r in ok:
             spread = f"[{r['p20_ms']:.4f}-{r['p80_ms']:.4f}]"
             mem = "" if r.get("peak_mem_mb") is None else f"  {r['peak_mem_mb']:8.1f} MB"
-            lines.append(f"  {r['provider']:<15} {rate(r)} {spread} x{r['median_ms'] / best:5.2f}{mem}")
+            note = f"  [{INTERPRETED}]" if r.get("note") == INTERPRETED else ""
+            lines.append(f"  {r['provider']:<15} {rate(r)} {spread} x{r['median_ms'] / best:5.2f}{mem}{note}")
         for r in rows:
             if r["status"] != "ok":
                 lines.append(f"  {r['provider']:<15} {r['status']}: {r.get('reason', '')}")
@@ -58,11 +62,13 @@ def table(results: dict) -> str:
 
 
 def write_csv(rows: list[dict], path: str | Path) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: row.get(k, "") if row.get(k) is not None else "" for k in COLUMNS})
+    """The rows as CSV, through a temporary file (see `save_text`)."""
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: row.get(k, "") if row.get(k) is not None else "" for k in COLUMNS})
+    save_text(text.getvalue(), path)
 
 
 def plot(results: dict, out_dir: str | Path) -> tuple[list[Path], str]:
@@ -112,13 +118,20 @@ def plot(results: dict, out_dir: str | Path) -> tuple[list[Path], str]:
     return written, note
 
 
-def save_json(data: dict, path: str | Path) -> None:
-    """Write `data` to `path` (its folder created), through a temporary file so a reader never sees half."""
+def save_text(text: str, path: str | Path) -> None:
+    """Write `text` to `path` (its folder created) through a temporary file renamed over it: a reader, or a
+    run killed while writing, never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        f.write(text)
     tmp.replace(path)
+
+
+def save_json(data: dict, path: str | Path) -> None:
+    """`data` as JSON at `path`, atomically (`save_text`)."""
+    save_text(json.dumps(data, indent=1), path)
 
 
 def write(results: dict, out_dir: str | Path, plots: bool = True, log=print) -> None:
@@ -168,14 +181,22 @@ def compare(a: dict, b: dict) -> tuple[str, list[dict]]:
 
 
 # ---------------------------------------------------------------- the Markdown page of a GPU check
-def _md_kernels(results: dict) -> list[str]:
+def md_kernels(results: dict) -> list[str]:
     ceil = results["ceilings"]
-    lines = [f"## Kernels ({results['settings']['dtype']}, shapes `{results['settings']['shapes']}`)", "",
-             f"Ceilings measured in this run: device-to-device copy **{ceil['copy_gbps']:.0f} GB/s**, "
-             f"{ceil['matmul_dtype']} matmul {'x'.join(map(str, ceil['matmul_shape']))} "
-             f"**{ceil['matmul_tflops']:.1f} TFLOP/s**. Times are medians of CUDA-event timings with the L2 "
-             f"flushed before each call (p20-p80 in brackets); rates count the least bytes/FLOPs each op must move "
-             f"(`benchmarks/roofline.py`).", ""]
+    lines = [f"## Kernels ({results['settings']['dtype']}, shapes `{results['settings']['shapes']}`)", ""]
+    state = results.get("state", "complete")
+    if state != "complete":
+        by = f", {results['interrupted_by']}" if "interrupted_by" in results else ""
+        lines += [f"**Cut short** (state: {state}{by}): the {len(results['rows'])} rows measured are below.", ""]
+    if ceil:
+        timer = ("CUDA-event timings with the L2 flushed before each call" if results["env"].get("device") == "cuda"
+                 else "perf_counter timings")
+        lines += [f"Ceilings measured in this run: device-to-device copy **{ceil['copy_gbps']:.0f} GB/s**, "
+                  f"{ceil['matmul_dtype']} matmul {'x'.join(map(str, ceil['matmul_shape']))} "
+                  f"**{ceil['matmul_tflops']:.1f} TFLOP/s**. Times are medians of {timer} (p20-p80 in brackets); "
+                  f"rates count the least bytes/FLOPs each op must move (`benchmarks/roofline.py`).", ""]
+    else:
+        lines += ["(the ceilings were not measured: the run was cut short before)", ""]
     by_op: dict[str, list[dict]] = defaultdict(list)
     for row in results["rows"]:
         by_op[row["op"]].append(row)
@@ -205,10 +226,12 @@ def _md_kernels(results: dict) -> list[str]:
     return lines
 
 
-def _md_records(title: str, data: dict) -> list[str]:
+def md_records(title: str, data: dict) -> list[str]:
     """A throughput result (train/decode): `records` is a list of flat dicts, shown as a table."""
     records = data.get("records", [])
     lines = [f"## {title}", ""]
+    if data.get("state", "complete") != "complete":
+        lines += [f"**Cut short** (state: {data['state']}): the {len(records)} records measured are below.", ""]
     if data.get("note"):
         lines += [data["note"], ""]
     if not records:
@@ -230,13 +253,19 @@ def markdown(results: list[dict]) -> str:
     for data in results:
         kind = data.get("kind", "microbench")
         if kind == "microbench":
-            lines += _md_kernels(data)
+            lines += md_kernels(data)
         else:
-            lines += _md_records(data.get("title", kind), data)
+            lines += md_records(data.get("title", kind), data)
     return "\n".join(lines)
 
 
 OURS = ("ours-triton", "ours-cpp")
+
+
+def failed_rows(rows: list[dict]) -> list[dict]:
+    """Rows of ours (`OURS`) that computed another function than eager (check MISMATCH) or raised."""
+    return [r for r in rows if r["provider"] in OURS and
+            (r["status"] == "error" or str(r.get("check", "")).startswith("MISMATCH"))]
 
 
 def summary(raw: dict) -> str:
@@ -251,8 +280,9 @@ def summary(raw: dict) -> str:
     bench = raw.get("bench")
     if bench:
         ceil = bench["ceilings"]
-        lines += [f"Measured ceilings: copy {ceil['copy_gbps']:.0f} GB/s, {ceil['matmul_dtype']} matmul "
-                  f"{ceil['matmul_tflops']:.0f} TFLOP/s. {bench['settings']['dtype']}, medians.", "",
+        measured = (f"Measured ceilings: copy {ceil['copy_gbps']:.0f} GB/s, {ceil['matmul_dtype']} matmul "
+                    f"{ceil['matmul_tflops']:.0f} TFLOP/s. " if ceil else "")
+        lines += [f"{measured}{bench['settings']['dtype']}, medians.", "",
                   "| op | shape | mode | ours | ours ms | rate (% of ceiling) | best other | other ms | speed-up |",
                   "|---|---|---|---|---|---|---|---|---|"]
         groups: dict[tuple, list[dict]] = defaultdict(list)

@@ -2,8 +2,10 @@
 and score it against the op's least work (`roofline.py`) and the ceilings measured in the same run.
 
 Each (case, provider, mode) gives one row; a provider that cannot run gives rows saying why ("not installed",
-"unavailable: <reason>", "error: <message>"), never silence. Results are written after every case, so a run cut
-short (a timeout in the GPU check) still leaves what it measured.
+"unavailable: <reason>", "error: <message>"), never silence. With an output folder, bench.json (and bench.csv) are
+rewritten atomically after every row, so a run cut short (a timeout, SIGINT, SIGTERM, even SIGKILL) leaves valid
+files holding every row measured; `state` says whether the run was complete, interrupted, or cut short
+("running"). SIGINT/SIGTERM stop the run (see `interrupt.py`); the caller exits 130.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import torch
 
 from olmo_fast.ops import BackendError
 
-from . import ceilings, report, roofline
+from . import ceilings, interrupt, report, roofline
 from .cases import DTYPES, OPS, Case, differentiable, make_inputs, modes, shape_set
 from .providers import Impl, NotInstalled, Unavailable, op_fn, registry
 from .timing import peak_memory_mb, time_fn
@@ -147,7 +149,8 @@ def _status(err: BaseException) -> tuple[str, str]:
 
 class Suite:
     def __init__(self, device: torch.device, dtype: torch.dtype, providers: set[str] | None,
-                 warmup_ms: float | None, rep_ms: float | None, budget_s: float | None, log=print) -> None:
+                 warmup_ms: float | None, rep_ms: float | None, budget_s: float | None, log=print,
+                 on_row: Callable[[], None] = lambda: None) -> None:
         self.device, self.dtype, self.providers = device, dtype, providers
         self.warmup_ms, self.rep_ms = warmup_ms, rep_ms
         now = time.monotonic()
@@ -155,7 +158,8 @@ class Suite:
         # Past this point the expensive providers (compilers) are skipped, leaving the rest of the budget to the
         # cheap ones of the cases still to come.
         self.soft_deadline = None if budget_s is None else now + SOFT_BUDGET * budget_s
-        self.log = log
+        self.log, self.on_row = log, on_row  # on_row: called after each row is added (writes the results)
+        self.stop_check: Callable[[], None] = lambda: None  # raises KeyboardInterrupt once a signal has come
         self.ceilings: dict = {}
         self.rows: list[dict] = []
 
@@ -170,6 +174,8 @@ class Suite:
                "dtype": str(self.dtype).removeprefix("torch."), "provider": provider, "status": status,
                "reason": reason, **extra}
         self.rows.append(row)
+        self.on_row()
+        self.stop_check()
         return row
 
     def run_case(self, case: Case, modes_wanted: tuple[str, ...]) -> None:
@@ -292,20 +298,24 @@ def run(ops_wanted: list[str], shapes: str, modes_wanted: list[str], dtype: str,
         _raise_recompile_limits()
     cases = [c for c in shape_set(shapes) if c.op in ops_wanted]
     cases.sort(key=lambda c: ops_wanted.index(c.op))
+    results: dict = {"schema": 1, "env": environment(device),
+                     "settings": {"ops": ops_wanted, "shapes": shapes, "modes": modes_wanted, "dtype": dtype,
+                                  "providers": providers, "warmup_ms": warmup_ms, "rep_ms": rep_ms,
+                                  "budget_s": budget_s},
+                     "state": "running", "ceilings": {}, "rows": []}
+    save = (lambda: None) if out_dir is None else (lambda: report.write(results, out_dir, plots=False))
     suite = Suite(device, DTYPES[dtype], None if providers is None else set(providers), warmup_ms, rep_ms,
-                  budget_s, log)
-    results = {"schema": 1, "env": environment(device),
-               "settings": {"ops": ops_wanted, "shapes": shapes, "modes": modes_wanted, "dtype": dtype,
-                            "providers": providers, "warmup_ms": warmup_ms, "rep_ms": rep_ms, "budget_s": budget_s},
-               "ceilings": {}, "rows": suite.rows}
-    log(f"device: {results['env']['card']} ({device.type}); measuring ceilings ...")
-    suite.ceilings = results["ceilings"] = ceilings.measure(device, warmup_ms, rep_ms)
-    log(f"  copy {suite.ceilings['copy_gbps']:.1f} GB/s, {suite.ceilings['matmul_dtype']} matmul "
-        f"{suite.ceilings['matmul_tflops']:.2f} TFLOP/s")
-    for case in cases:
-        suite.run_case(case, tuple(modes_wanted))
-        if out_dir is not None:
-            report.write(results, out_dir, plots=False)
+                  budget_s, log, on_row=save)
+    results["rows"] = suite.rows
+    save()  # a valid (empty) file from the start
+    with interrupt.recording(results, save) as suite.stop_check:
+        log(f"device: {results['env']['card']} ({device.type}); measuring ceilings ...")
+        suite.ceilings = results["ceilings"] = ceilings.measure(device, warmup_ms, rep_ms)
+        log(f"  copy {suite.ceilings['copy_gbps']:.1f} GB/s, {suite.ceilings['matmul_dtype']} matmul "
+            f"{suite.ceilings['matmul_tflops']:.2f} TFLOP/s")
+        save()
+        for case in cases:
+            suite.run_case(case, tuple(modes_wanted))
     if out_dir is not None:
         report.write(results, out_dir, plots=plots, log=log)
     return results

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from olmo_fast import ModelConfig
 from olmo_fast.train.loop import device_peak_flops, summed_loss
 
-from . import ceilings, models, report
+from . import ceilings, interrupt, models, report
 from .suite import environment
 
 VARIANTS = ("olmo-fast", "olmo-fast-torch", "hf-sdpa")
@@ -80,7 +80,8 @@ def measure(variant: str, cfg: ModelConfig, device: torch.device, batch: int, se
 
 def run(preset: str, seq_len: int, batch: int, steps: int, warmup: int, variants: list[str], device: torch.device,
         out: str | Path | None = None, log=print) -> dict:
-    """Measure each variant; the results (rewritten to `out` after each one) hold a record per variant."""
+    """Measure each variant; the results (rewritten to `out` atomically after each one) hold a record per variant.
+    SIGINT/SIGTERM stop it with the records so far written (`interrupt.recording`)."""
     cfg = ModelConfig.preset(preset, max_sequence_length=seq_len)
     peak = device_peak_flops(device)  # the data sheet's dense bf16 peak (the trainer's table); None if unknown
     measured = ceilings.measure(device)["matmul_tflops"] * 1e12
@@ -92,22 +93,24 @@ def run(preset: str, seq_len: int, batch: int, steps: int, warmup: int, variants
                        f"{measured / 1e12:.1f} TFLOP/s bf16 matmul measured in this run.",
                "env": environment(device), "model": preset, "spec_peak_flops": peak,
                "measured_matmul_flops": measured, "records": []}
-    for variant in variants:
-        try:
-            rec = measure(variant, cfg, device, batch, seq_len, steps, warmup)
-            flops = rec["tokens_per_s"] * rec["flops_per_token"]
-            rec["mfu_spec"] = flops / peak if peak else None
-            rec["mfu_measured_matmul"] = flops / measured
-            log(f"  {variant:<16} {rec['tokens_per_s']:>12,.0f} tok/s  step {rec['step_ms']:8.1f} ms  "
-                + (f"MFU {100 * rec['mfu_spec']:.1f}% of spec  " if peak else "")
-                + f"{100 * rec['mfu_measured_matmul']:.1f}% of measured matmul  loss {rec['loss']:.3f}")
-        except Exception as err:  # noqa: BLE001 - an OOM or a missing kernel is a result, not a crash
-            rec = {"variant": variant, "error": models.error_text(err)}
-            log(f"  {variant:<16} error: {rec['error']}")
-        results["records"].append(rec)
-        if out is not None:
-            report.save_json(results, out)
-        models.free_memory(device)
+    save = (lambda: None) if out is None else (lambda: report.save_json(results, out))
+    with interrupt.recording(results, save) as stop_check:
+        for variant in variants:
+            try:
+                rec = measure(variant, cfg, device, batch, seq_len, steps, warmup)
+                flops = rec["tokens_per_s"] * rec["flops_per_token"]
+                rec["mfu_spec"] = flops / peak if peak else None
+                rec["mfu_measured_matmul"] = flops / measured
+                log(f"  {variant:<16} {rec['tokens_per_s']:>12,.0f} tok/s  step {rec['step_ms']:8.1f} ms  "
+                    + (f"MFU {100 * rec['mfu_spec']:.1f}% of spec  " if peak else "")
+                    + f"{100 * rec['mfu_measured_matmul']:.1f}% of measured matmul  loss {rec['loss']:.3f}")
+            except Exception as err:  # noqa: BLE001 - an OOM or a missing kernel is a result, not a crash
+                rec = {"variant": variant, "error": models.error_text(err)}
+                log(f"  {variant:<16} error: {rec['error']}")
+            results["records"].append(rec)
+            save()
+            models.free_memory(device)
+            stop_check()
     return results
 
 
@@ -125,10 +128,14 @@ def main(argv: list[str] | None = None) -> int:
     variants = [v for v in args.variants.split(",") if v]
     if set(variants) - set(VARIANTS):
         p.error(f"unknown variants {sorted(set(variants) - set(VARIANTS))}; choose from {VARIANTS}")
-    run(args.model, args.seq_len, args.batch, args.steps, args.warmup, variants, torch.device(args.device), args.out)
+    try:
+        results = run(args.model, args.seq_len, args.batch, args.steps, args.warmup, variants,
+                      torch.device(args.device), args.out)
+    except KeyboardInterrupt:
+        return models.interrupted(args.out)
     if args.out:
         print(f"wrote {args.out}")
-    return 0
+    return models.exit_status(results)
 
 
 if __name__ == "__main__":

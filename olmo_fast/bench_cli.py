@@ -1,4 +1,8 @@
-"""`olmo-fast bench`: the microbenchmark suite (`olmo_fast.benchmarks`), or `--compare A.json B.json`."""
+"""`olmo-fast bench`: the microbenchmark suite (`olmo_fast.benchmarks`), or `--compare A.json B.json`.
+
+Exit status: 0; 1 if a row of ours (ours-triton, ours-cpp) failed its correctness check against eager (MISMATCH)
+or raised; 2 for bad arguments; 130 if SIGINT/SIGTERM stopped it (bench.json then holds the rows measured).
+"""
 from __future__ import annotations
 
 import argparse
@@ -43,9 +47,18 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:  # a bad --ops/--modes/--providers value
         print(f"olmo-fast bench: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # SIGINT/SIGTERM: the suite stopped and wrote what it measured
+        kept = f"; the rows measured so far are in {os.path.join(args.out, 'bench.json')}" if args.out else ""
+        print(f"olmo-fast bench: interrupted{kept}", file=sys.stderr)
+        return 130
     print()
     print(report.table(results))
-    return 0
+    failed = report.failed_rows(results["rows"])
+    for row in failed:
+        what = row["check"] if row["status"] == "ok" else f"{row['status']}: {row['reason']}"
+        print(f"olmo-fast bench: FAILED {row['provider']} {row['op']} {row['shape']} {row['mode']}: {what}",
+              file=sys.stderr)
+    return 1 if failed else 0
 
 
 def add_parser(sub) -> None:

@@ -99,6 +99,7 @@ def cpu_run(tmp_path_factory):
 def test_cli_cpu_small_end_to_end(cpu_run):
     data = json.loads((cpu_run / "bench.json").read_text())
     rows = data["rows"]
+    assert data["state"] == "complete" and not list(cpu_run.glob(".*.tmp"))
     assert data["env"]["torch"] == torch.__version__ and "git_commit" in data["env"]
     assert data["ceilings"]["copy_gbps"] > 0 and data["ceilings"]["matmul_tflops"] > 0
     with open(cpu_run / "bench.csv") as f:
@@ -181,12 +182,18 @@ def test_plots_or_reason(cpu_run, tmp_path):
         assert [f.name for f in files] == ["plot-swiglu.png"] and files[0].stat().st_size > 1000
 
 
-def test_interpreted_triton_kernel_is_checked_and_timed():
+def test_interpreted_triton_kernel_is_checked_and_timed(tmp_path):
     require_kernel("swiglu_fwd", "triton")
-    results = suite.run(["swiglu"], "cpu-small", ["fwd"], "fp32", torch.device("cpu"),
-                        providers=["ours-triton"], warmup_ms=0, rep_ms=0, log=lambda *a: None)
+    results = suite.run(["swiglu"], "cpu-small", ["fwd"], "fp32", torch.device("cpu"), providers=["ours-triton"],
+                        out_dir=tmp_path, warmup_ms=0, rep_ms=0, plots=False, log=lambda *a: None)
     (row,) = [r for r in results["rows"] if r["provider"] == "ours-triton"]
     assert row["status"] == "ok" and row["check"] == "ok" and row["check_err"] < 1e-5
+    # Interpreted on the CPU: the JSON, the CSV and the table say it is a plumbing check, not a speed.
+    assert row["note"] == report.INTERPRETED == "Triton interpreter: a plumbing check, not a speed"
+    assert json.loads((tmp_path / "bench.json").read_text())["rows"][0]["note"] == report.INTERPRETED
+    assert report.INTERPRETED in (tmp_path / "bench.csv").read_text()
+    (line,) = [ln for ln in report.table(results).splitlines() if ln.strip().startswith("ours-triton")]
+    assert line.endswith(f"[{report.INTERPRETED}]")
 
 
 def test_train_throughput_bench_runs_every_variant(tmp_path):
@@ -198,6 +205,7 @@ def test_train_throughput_bench_runs_every_variant(tmp_path):
     results = train_throughput.run("test", seq_len=16, batch=2, steps=1, warmup=1, variants=variants,
                                    device=torch.device("cpu"), out=out, log=lambda *a: None)
     assert json.loads(out.read_text()) == json.loads(json.dumps(results))  # rewritten after every variant
+    assert results["state"] == "complete"
     assert [r["variant"] for r in results["records"]] == variants
     for rec in results["records"]:
         assert "error" not in rec, rec
@@ -214,7 +222,7 @@ def test_decode_throughput_bench_beside_hf(tmp_path):
     out = tmp_path / "decode.json"
     results = decode_throughput.run(["test"], [1, 2], prompt_len=4, new_tokens=3, device=torch.device("cpu"),
                                     dtype=torch.float32, out=out, log=lambda *a: None)
-    assert json.loads(out.read_text())["records"] == results["records"]
+    assert json.loads(out.read_text())["records"] == results["records"] and results["state"] == "complete"
     assert [(r["provider"], r["batch"]) for r in results["records"]] == [
         ("olmo-fast", 1), ("olmo-fast", 2), ("hf-generate", 1), ("hf-generate", 2)]
     for rec in results["records"]:

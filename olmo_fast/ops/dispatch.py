@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import traceback
 from typing import Callable, Iterator
 
 import torch
@@ -25,7 +26,7 @@ BACKENDS = ("torch", "triton", "cpp")
 
 # op name -> backend -> (kernel callable, device types it supports)
 _KERNELS: dict[str, dict[str, tuple[Callable, frozenset[str]]]] = {}
-# backend -> why it is unavailable (import error, not built, ...)
+# backend -> why it is (wholly or partly) unavailable: its provider's import error, with where it was raised
 _UNAVAILABLE: dict[str, str] = {}
 _PROVIDERS = {"triton": "olmo_fast.ops._triton_kernels", "cpp": "olmo_fast.ops._cpp_kernels"}
 _loaded: set[str] = set()
@@ -52,8 +53,10 @@ def _load_provider(backend: str) -> None:
     _loaded.add(backend)
     try:
         importlib.import_module(_PROVIDERS[backend])
-    except Exception as err:  # an absent Triton or extension must never break the package
-        mark_unavailable(backend, f"{type(err).__name__}: {err}")
+    except Exception as err:  # an absent Triton or extension must never break the package: fall back, say why
+        frame = traceback.extract_tb(err.__traceback__)[-1]
+        where = f"{os.path.basename(frame.filename)}:{frame.lineno}"
+        mark_unavailable(backend, f"{type(err).__name__}: {err} (at {where})")
 
 
 def kernel(op: str, backend: str, device_type: str) -> Callable:
@@ -131,7 +134,9 @@ def resolve(op: str, backend: str | None, device: torch.device) -> str:
 
 
 def status() -> dict[str, dict[str, list[str] | str]]:
-    """For `olmo-fast info`: per backend, the ops it provides and on which devices, or why it is absent."""
+    """For `olmo-fast info`: per backend, the ops it provides and on which devices, or why it is absent; a backend
+    whose provider failed part-way (some kernel modules registered, then an import error) has both, the error as
+    "load_error"."""
     for backend in _PROVIDERS:
         _load_provider(backend)
     report: dict[str, dict[str, list[str] | str]] = {"torch": {"ops": ["all"], "devices": ["cpu", "cuda"]}}
@@ -140,6 +145,8 @@ def status() -> dict[str, dict[str, list[str] | str]]:
         if ops:
             devices = sorted(set().union(*(_KERNELS[op][backend][1] for op in ops)))
             report[backend] = {"ops": ops, "devices": devices}
+            if backend in _UNAVAILABLE:
+                report[backend]["load_error"] = _UNAVAILABLE[backend]
         else:
             report[backend] = {"unavailable": _UNAVAILABLE.get(backend, "no kernels registered")}
     return report
