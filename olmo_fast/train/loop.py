@@ -31,7 +31,6 @@ from typing import Any, Callable, Iterator
 
 import torch
 import torch.nn.functional as F
-from torch.distributed.checkpoint.api import CheckpointException
 from torch.utils.checkpoint import checkpoint
 
 from .. import ops
@@ -599,7 +598,7 @@ def _writing(what: str, path: Path) -> Iterator[None]:
     naming the path, the reason and the space left there, in place of a writer's traceback."""
     try:
         yield
-    except (Exception, CheckpointException) as err:
+    except Exception as err:
         if isinstance(err, TrainingError):
             raise
         raise TrainingError(f"cannot write the {what} {path}: {_reason(err)} ({_free_space(path)} free on its disk)"
@@ -607,13 +606,12 @@ def _writing(what: str, path: Path) -> Iterator[None]:
 
 
 def _reason(err: BaseException) -> str:
-    if isinstance(err, CheckpointException) and err.failures:  # DCP: each failed rank's exception
-        err = next(iter(err.failures.values()))[0]
     if isinstance(err, OSError) and err.strerror:
         return f"{err.strerror} (errno {err.errno})"
-    if re.search(r"unexpected pos \d+ vs \d+|PytorchStreamWriter failed|file write failed", str(err)):
-        return "the write was cut short (a full disk? a file size limit?)"  # torch's writer drops the OSError
-    text = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", str(err).strip()).splitlines()
+    if found := re.search(r"\(os error (\d+)\)", str(err)):  # safetensors' writer: the OSError in its text
+        errno = int(found.group(1))
+        return f"{os.strerror(errno)} (errno {errno})"
+    text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0] if text else ''}"
 
 
