@@ -28,14 +28,14 @@ below 2^31 elements.
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import INTERPRETED, MAX_THREADS, warp_size
+from ._clamp import clamp, clamp_grad, clip_bound
+from ._launch import MAX_THREADS, warp_size
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -56,31 +56,6 @@ def load_tile(ptr, offs_t, offs_d, stride_t, T, HEAD_DIM: tl.constexpr):
     """Rows `offs_t` (< T) of a [T, HEAD_DIM] slab with row stride `stride_t`; zeros outside."""
     mask = (offs_t[:, None] < T) & (offs_d[None, :] < HEAD_DIM)
     return tl.load(ptr + offs_t[:, None] * stride_t + offs_d[None, :], mask=mask, other=0.0)
-
-
-@triton.jit
-def clamp(x, clip, HAS_CLIP: tl.constexpr):
-    """c(x) in x's own dtype (exact: the host rounds the clip value to it; NaN stays NaN, as in torch.clamp).
-    Native 16-bit min/max keep the tile in half the registers of an fp32 round trip (the dK/dV kernel clamps a
-    query tile per step); the interpreter, whose bf16 compares are wrong, goes through fp32. The cast back keeps
-    x's dtype on triton 3.6, whose bf16 minimum/maximum return fp32 (3.9 keeps bf16; the cast is then a no-op)."""
-    if HAS_CLIP:
-        if INTERPRETED:
-            xf = tl.maximum(x.to(tl.float32), -clip, tl.PropagateNan.ALL)
-            x = tl.minimum(xf, clip, tl.PropagateNan.ALL).to(x.dtype)
-        else:
-            c = clip.to(x.dtype)
-            x = tl.minimum(tl.maximum(x, -c, tl.PropagateNan.ALL), c, tl.PropagateNan.ALL).to(x.dtype)
-    return x
-
-
-@triton.jit
-def clamp_grad(g, x, clip, HAS_CLIP: tl.constexpr):
-    """torch.clamp's backward: g where -clip <= x <= clip (inclusive), 0 elsewhere."""
-    if HAS_CLIP:
-        xf = x.to(tl.float32)
-        g = tl.where((xf >= -clip) & (xf <= clip), g, 0.0)
-    return g
 
 
 @triton.jit
@@ -350,19 +325,12 @@ def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-@functools.lru_cache(maxsize=64)
-def clip_value(clip: float | None, dtype: torch.dtype) -> float:
-    """The clip bound rounded to the inputs' dtype (what torch.clamp compares against); 0 when unused.
-    Cached: it builds a host tensor, and every attention call (forward and backward) asks for it."""
-    return 0.0 if clip is None else float(torch.tensor(float(clip), dtype=dtype))
-
-
 def _common(q: torch.Tensor, k: torch.Tensor, causal: bool, clip: float | None, scale: float) -> dict:
     """Scalar and constexpr arguments shared by the forward and backward kernels."""
     B, Tq, H, D = q.shape
     Tk = k.shape[1]
     return dict(H=H, GROUP=H // k.shape[2], Tq=Tq, Tk=Tk, Q_BUCKET=triton.next_power_of_2(Tq),
-                K_BUCKET=triton.next_power_of_2(Tk), qk_scale=scale * LOG2E, clip=clip_value(clip, q.dtype),
+                K_BUCKET=triton.next_power_of_2(Tk), qk_scale=scale * LOG2E, clip=clip_bound(clip, q.dtype),
                 HAS_CLIP=clip is not None, CAUSAL=bool(causal), HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
                 DOT_PRECISION=INPUT_PRECISION)
 

@@ -1,8 +1,10 @@
 """Triton clipped-QKV flash attention (forward + backward) against float64 PyTorch (`ops.reference` in float64).
 
-Rule (flash-attention's): max |kernel - f64| <= 2 * max |torch same dtype - f64| + atol, for out, dq, dk, dv,
-where "torch same dtype" is the "torch" backend (clamp + SDPA) run in the kernel's dtype and atol is twice the
-dtype's rounding error at 0.3 (flash-attention's choice). Never NaN, fully masked rows exactly 0.
+Rule (flash-attention's, with a slack that scales): for out, dq, dk, dv, element by element,
+|kernel - f64| <= 2 * max |torch same dtype - f64| + SLACK * eps(dtype) * scale, where "torch same dtype" is the
+"torch" backend (clamp + SDPA) run in the kernel's dtype and `scale` is the element's terms summed in absolute value
+(`conftest.attention_error_scales`, float64), so the bound holds on any CPU, also where an exact gradient is ~0.
+Never NaN, fully masked rows exactly 0.
 On the CPU (TRITON_INTERPRET=1) only fp16 and fp32 run: the interpreter's bf16 tl.dot is wrong; bf16 is covered by
 the `gpu`-marked tests on a GPU. Kernel outputs are poisoned (NaN-filled allocations) so unwritten elements fail.
 """
@@ -12,11 +14,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEVICE, poisoned_allocations, require_kernel, rounding_atol
+from conftest import DEVICE, attention_error_scales, poisoned_allocations, require_kernel
 from olmo_fast import ModelConfig, OLMo, ops
 from olmo_fast.ops import reference
 
 CLIP = 0.75  # exactly representable in fp16/bf16; inputs are N(0, 1): ~45% of values lie beyond it
+# Epsilons of slack per unit of summed magnitude: kernel error / (eps * scale) reaches ~2.5 on the CPU cases (dv in
+# fp32, where torch's own error is as large), under 1 in fp16 (P and dS rounded to fp16 before their products).
+# A real defect (a lost term, a wrong mask) is an error of order 1 / eps in these units.
+SLACK = 8.0
 
 
 @pytest.fixture(autouse=True)
@@ -54,17 +60,29 @@ def check_against_f64(q, k, v, causal, clip, scale=None):
         got = run(q, k, v, dout, causal, clip, "triton", scale)
     same = run(q, k, v, dout, causal, clip, "torch", scale)
     ref = run(q.double(), k.double(), v.double(), dout.double(), causal, clip, "torch", scale)
-    atol = rounding_atol(q.dtype)
-    for name, g, s, r in zip(("out", "dq", "dk", "dv"), got, same, ref):
-        assert g.dtype == s.dtype and g.shape == s.shape, name
-        assert not g.isnan().any(), f"{name} has NaN"
-        err, base = (g.double() - r).abs().max().item(), (s.double() - r).abs().max().item()
-        assert err <= 2 * base + atol, \
-            f"{name}: kernel error {err:.3g} > 2 x torch {q.dtype} error {base:.3g} + {atol:.2g}"
+    Tq, Tk = q.shape[1], k.shape[1]
+    visible = torch.ones(1, Tq, Tk, dtype=torch.bool, device=DEVICE)
+    if causal:
+        visible = visible.tril(diagonal=Tk - Tq)
+    scales = attention_error_scales(q, k, v, dout, visible, q.shape[-1] ** -0.5 if scale is None else scale, clip)
+    assert_within(got, same, ref, scales, ("out", "dq", "dk", "dv"))
     if clip is not None:  # the clamp's gradient is exactly zero beyond the clip
         for x, grad in zip((q, k, v), got[1:]):
             assert (grad[x.abs() > clip] == 0).all()
     return got
+
+
+def assert_within(got, same, ref, scales, names):
+    """The module's rule for each (kernel, torch same dtype, float64, error scale) quadruple."""
+    for name, g, s, r, m in zip(names, got, same, ref, scales):
+        assert g.dtype == s.dtype and g.shape == s.shape, name
+        assert not g.isnan().any(), f"{name} has NaN"
+        err, base = (g.double() - r).abs(), (s.double() - r).abs().max().item()
+        slack = SLACK * torch.finfo(g.dtype).eps * m
+        worst = (err - 2 * base - slack).argmax()
+        assert (err <= 2 * base + slack).all(), \
+            (f"{name}: kernel error {err.flatten()[worst]:.3g} > 2 x torch {g.dtype} error {base:.3g} + "
+             f"{SLACK} eps x scale {m.flatten()[worst]:.3g}")
 
 
 # (B, Tq, Tk, H, Hkv, D, causal): T=1, odd lengths, Tq < Tk and Tq > Tk (rows with no key), GQA ratios 1/2/4.
