@@ -107,3 +107,11 @@ def attention_error_scales(q, k, v, dout, visible, scale, clip=None):
 
     out_mag, dq_mag, dk_mag, dv_mag = mags[0], mags[1], kv_heads(mags[2]), kv_heads(mags[3])
     return tuple(t.transpose(1, 2) for t in (out_mag, dq_mag, dk_mag, dv_mag))
+
+
+def dot_eps(dtype: torch.dtype) -> float:
+    """Relative precision of the attention kernels' products for inputs of `dtype` here: tf32's 2^-10 for fp32
+    where they run in tf32 (NVIDIA GPUs), else the dtype's eps."""
+    from olmo_fast.kernels.attention import dot_precision
+
+    return 2.0 ** -10 if dot_precision(dtype) == "tf32" else torch.finfo(dtype).eps
