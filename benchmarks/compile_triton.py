@@ -229,8 +229,9 @@ def compile_all(targets: list[str], cases: list[str] | None = None, dtype: str =
                     continue
                 with _tuning.use_target(_tuning.TARGETS[name]), _intercepted_launches() as calls:
                     call()
-                    variants = [(args, v) for kernel, args, kwargs in calls for v in _variants(kernel, args, kwargs)]
-                for args, (fn, launch) in variants[:1] if first_config_only else variants:
+                    variants = [(args, v) for kernel, args, kwargs in calls
+                                for v in _variants(kernel, args, kwargs)[:1 if first_config_only else None]]
+                for args, (fn, launch) in variants:
                     key = (fn.__name__, _args_key(args), repr(sorted(launch.items(), key=str)))
                     if key not in seen:
                         seen.add(key)

@@ -17,6 +17,7 @@ Never empty: when nothing fits, the config with the smallest estimate is kept (a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import os
 import warnings
@@ -86,7 +87,9 @@ def _device_target(index: int) -> Target:
     props = driver.active.utils.get_device_properties(index)
     gpu = driver.active.get_current_target()
     backend = "hip" if gpu.backend == "hip" else "cuda"
-    name = gpu.arch if backend == "hip" else f"sm_{gpu.arch}"
+    name = str(gpu.arch).split(":")[0] if backend == "hip" else f"sm_{gpu.arch}"
+    if name in TARGETS:  # the limits compile_triton checks offline (the driver gives AMD's per-block registers)
+        return dataclasses.replace(TARGETS[name], shared_bytes=props["max_shared_mem"])
     return Target(name, backend, gpu.warp_size, props["max_shared_mem"], 256 if backend == "hip" else 255,
                   props["max_num_regs"])
 
