@@ -59,6 +59,8 @@ TARGETS = {
     "gfx942": Target("gfx942", "hip", 64, 65536, 256, 131072),  # MI300X
 }
 _override: list[Target] = []
+_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # read once, as Triton does
+_CPU = Target("cpu", "cpu", 64 if torch.version.hip else 32, 1 << 30, 1 << 30, 1 << 30)
 
 
 @contextlib.contextmanager
@@ -75,8 +77,8 @@ def current() -> Target:
     """The target kernels are launched for: `use_target`'s, else the current GPU's, else the interpreter's."""
     if _override:
         return _override[-1]
-    if os.environ.get("TRITON_INTERPRET") == "1" or not torch.cuda.is_available():
-        return Target("cpu", "cpu", 64 if torch.version.hip else 32, 1 << 30, 1 << 30, 1 << 30)
+    if _INTERPRETED or not torch.cuda.is_available():
+        return _CPU
     return _device_target(torch.cuda.current_device())
 
 
