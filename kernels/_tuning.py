@@ -122,7 +122,8 @@ def tile_footprint(config: triton.Config, target: Target, element: int, fp32_til
     """(shared bytes, 32-bit words per thread) of a kernel's tiles: `fp32_tiles` elements of fp32 accumulators
     and score tiles in registers; `resident` input elements loaded once, `streamed` loaded per loop step.
     NVIDIA: each of num_stages stages holds the streamed tiles in shared memory, beside the resident ones; MMA
-    operands pass through registers (mma.sync), except on sm_90+ where wgmma reads them from shared memory.
+    operands pass through registers (mma.sync), except the streamed ones on sm_90+, which wgmma reads from shared
+    memory (the resident ones stay in registers as its A operand).
     AMD: the stream pipeliner holds num_stages - 1 loads in flight in registers and one in LDS."""
     threads = config.num_warps * target.warp_size
     if target.backend == "hip":
@@ -130,7 +131,7 @@ def tile_footprint(config: triton.Config, target: Target, element: int, fp32_til
         operands = resident + (config.num_stages - 1) * streamed
     else:
         smem = (config.num_stages * streamed + resident) * element
-        operands = 0 if int(target.name.split("_")[-1]) >= 90 else resident + streamed
+        operands = resident + (0 if int(target.name.split("_")[-1]) >= 90 else streamed)
     return smem, (fp32_tiles + operands * element / 4) / threads
 
 

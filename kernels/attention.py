@@ -154,10 +154,11 @@ def attend_blocks(acc, m_i, l_i, q, K, V, stride_kt, stride_vt, offs_d, limit, l
 
 # ---------------------------------------------------------------------------------------------- forward
 # Configs (BLOCK_M, BLOCK_N, warps, stages). NVIDIA's are pruned per target by `_tuning` (sm_80: 128x128 needs
-# more shared memory than its 163 KB, and the tiles that spill there go). AMD's are those that compile with at most
+# more shared memory than its 163 KB, and the tiles that spill there go); the last, small one is for fp32 inputs,
+# whose tiles take twice the bytes (the others spill 1-2 KB or exceed shared memory there). AMD's are those that compile with at most
 # ~60 B spilled on gfx90a (triton 3.6, bf16, head dim 128; its 4-stage pipelines fail and 128x128 spills 2 KB).
 _FWD_CONFIGS = configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (64, 32, 4, 4),
-                        (128, 32, 4, 3)], hip=[(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)], interpret=(32, 16))
+                        (128, 32, 4, 3), (32, 32, 4, 2)], hip=[(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)], interpret=(32, 16))
 _KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_CLIP", "DOT_PRECISION"]
 
 
@@ -236,7 +237,8 @@ def _dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, sqt, sdt, offs_n, offs_d, lo, 
 
 
 # AMD: the two that stay under ~100 B spilled on gfx90a (the others spill 0.4-3.5 KB there).
-_DKDV_CONFIGS = configs([(16, 64, 8, 3), (32, 64, 8, 2), (32, 64, 8, 3), (64, 64, 8, 3), (16, 128, 8, 2)],
+_DKDV_CONFIGS = configs([(16, 64, 8, 3), (32, 64, 8, 2), (32, 64, 8, 3), (64, 64, 8, 3), (16, 128, 8, 2),
+                         (16, 32, 4, 2)],
                         hip=[(16, 64, 8, 3), (16, 128, 8, 2)], interpret=(16, 32))
 
 
@@ -311,7 +313,8 @@ def _dq_blocks(dq, q, do, lse, delta, K, V, skt, svt, offs_m, offs_d, limit, lo,
 
 
 # AMD: those under ~100 B spilled on gfx90a (64x64 and 128x64 on 8 warps spill 0.5-0.7 KB there).
-_DQ_CONFIGS = configs([(64, 64, 8, 3), (64, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3)],
+_DQ_CONFIGS = configs([(64, 64, 8, 3), (64, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3),
+                       (32, 32, 4, 2)],
                       hip=[(64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 3)], interpret=(32, 16))
 
 
