@@ -2,17 +2,22 @@
 
     python -m olmo_fast.benchmarks.compile_triton                      # sm_90 and gfx90a, bf16, every config
     python -m olmo_fast.benchmarks.compile_triton --targets sm_90 --cases swiglu_fwd --dtype fp16
+    python -m olmo_fast.benchmarks.compile_triton --targets sm_80,sm_90,gfx90a --json report.json   # CI
 
 Each case calls a kernel module's host function (its KERNELS entry) on CPU tensors of OLMo-7B's widths
 (d_model 4096, 32 heads of 128, SwiGLU hidden 11008, vocabulary 50304) with the launch intercepted: the
 arguments it would launch with are bound and specialised by Triton's own JIT machinery for the target (16-byte
 pointer alignment and divisibility of integers, as on a GPU) and compiled with `triton.compile` - for autotuned
-kernels once per config the module defines (configs over 1024 threads are dropped for wave-64 targets, as the
-module's `configs()` does on ROCm). Warp counts come from `kernels/_launch` with the target's warp size.
+kernels once per config that the kernel's autotune prune keeps for the target (`kernels/_tuning.py`: the
+backend's configs that fit its shared memory and registers), under `_tuning.use_target`, so warp counts, dot
+precision and pruning are those the target would get.
 
 One line per distinct compiled variant: case/kernel, target, constexprs that vary, warps/stages, registers
 (NVIDIA: ptxas -v; AMD: VGPRs from the code object's metadata), spill bytes (NVIDIA: stores/loads; AMD: spilled
-VGPRs+SGPRs and scratch bytes), shared memory and compile seconds. Exit status 1 when any variant fails to compile.
+VGPRs+SGPRs and scratch bytes), shared memory and compile seconds. `--json PATH` also writes every variant with
+its instruction counts: PTX `wgmma.mma_async`, `mma.sync`, TMA `cp.async.bulk.tensor` (NVIDIA), `v_mfma` (AMD);
+rewritten after each variant, so an interrupted run leaves what it compiled. Exit status 1 when any variant fails
+to compile or spills more than `_tuning.SPILL_BUDGET_BYTES` per thread.
 Uses Triton's JIT helpers `create_function_from_signature` and `JITFunction._pack_args` (private; checked on
 triton 3.6 and 3.9). The kernels must not be interpreted: under TRITON_INTERPRET=1 the module re-runs itself
 with TRITON_INTERPRET=0.
@@ -31,9 +36,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 TARGETS = {"sm_80": ("cuda", 80, 32), "sm_90": ("cuda", 90, 32), "gfx90a": ("hip", "gfx90a", 64),
-           "gfx942": ("hip", "gfx942", 64)}
+           "gfx942": ("hip", "gfx942", 64)}  # triton's GPUTarget(backend, arch, warp size); limits: kernels/_tuning
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
-MAX_THREADS = 1024
+# Instruction counts reported per variant: name -> (assembly, pattern at the start of an instruction).
+INSTRUCTIONS = {"wgmma": ("ptx", r"wgmma\.mma_async"), "mma": ("ptx", r"mma\.sync"),
+                "tma": ("ptx", r"cp\.async\.bulk\.tensor"), "mfma": ("amdgcn", r"v_mfma")}
 
 
 @dataclass
@@ -49,7 +56,9 @@ class Result:
     scratch_bytes: int | None = None
     shared_bytes: int | None = None
     seconds: float = 0.0
+    instructions: dict[str, int] | None = None
     error: str | None = None
+    over_budget: bool = False
 
     def line(self) -> str:
         head = (f"{self.case + '/' + self.kernel:<46} {self.target:<6} {self.config:<36} "
@@ -59,8 +68,9 @@ class Result:
         regs = "?" if self.registers is None else self.registers
         spill = "?" if self.spill_bytes is None else self.spill_bytes
         scratch = "" if self.scratch_bytes is None else f" scratch={self.scratch_bytes}B"
+        flag = "  OVER SPILL BUDGET" if self.over_budget else ""
         return (f"{head}  regs={regs} spill={spill}B{scratch} smem={self.shared_bytes}B  "
-                f"{self.seconds:.1f}s")
+                f"{self.seconds:.1f}s{flag}")
 
 
 def _cases(dtype) -> dict[str, Callable[[], object]]:
@@ -105,29 +115,28 @@ def _cases(dtype) -> dict[str, Callable[[], object]]:
 
 
 @contextlib.contextmanager
-def _intercepted_launches(warp_size: int) -> Iterator[list]:
-    """Record `kernel[grid](*args, **kwargs)` calls instead of launching them; `_launch` sized for `warp_size`."""
+def _intercepted_launches() -> Iterator[list]:
+    """Record `kernel[grid](*args, **kwargs)` calls instead of launching them."""
     from triton.runtime.jit import KernelInterface
 
-    from olmo_fast.kernels import _launch
-
     calls: list = []
-    getitem, size = KernelInterface.__getitem__, _launch.warp_size
+    getitem = KernelInterface.__getitem__
     KernelInterface.__getitem__ = lambda self, grid: lambda *args, **kwargs: calls.append((self, args, kwargs))
-    _launch.warp_size = lambda: warp_size
     try:
         yield calls
     finally:
-        KernelInterface.__getitem__, _launch.warp_size = getitem, size
+        KernelInterface.__getitem__ = getitem
 
 
-def _variants(kernel, kwargs: dict, warp_size: int) -> list[tuple[object, dict]]:
-    """(JITFunction, launch kwargs) for a plain kernel, or one per autotune config that fits MAX_THREADS."""
+def _variants(kernel, args: tuple, kwargs: dict) -> list[tuple[object, dict]]:
+    """(JITFunction, launch kwargs) for a plain kernel, or one per autotune config its prune keeps for the target
+    (`_tuning.use_target`'s)."""
     configs = getattr(kernel, "configs", None)
     if configs is None:
         return [(kernel, kwargs)]
-    return [(kernel.fn, {**kwargs, **config.all_kwargs()}) for config in configs
-            if config.num_warps * warp_size <= MAX_THREADS]
+    if kernel.early_config_prune is not None:
+        configs = kernel.early_config_prune(configs, dict(zip(kernel.arg_names, args)), **kwargs)
+    return [(kernel.fn, {**kwargs, **config.all_kwargs()}) for config in configs]
 
 
 def _resources(compiled, ptxas_log: str) -> dict:
@@ -141,11 +150,18 @@ def _resources(compiled, ptxas_log: str) -> dict:
 
         spills = [field(r"\.vgpr_spill_count:\s+(\d+)"), field(r"\.sgpr_spill_count:\s+(\d+)")]
         return dict(registers=field(r"; NumVgprs:\s+(\d+)"), scratch_bytes=field(r"; ScratchSize:\s+(\d+)"),
-                    spill_bytes=None if None in spills else 4 * sum(spills))
+                    spill_bytes=None if None in spills else 4 * sum(spills), instructions=_counts(compiled.asm))
     regs = re.search(r"Used (\d+) registers", ptxas_log)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas_log)
     return dict(registers=int(regs.group(1)) if regs else None,
-                spill_bytes=int(spill.group(1)) + int(spill.group(2)) if spill else None)
+                spill_bytes=int(spill.group(1)) + int(spill.group(2)) if spill else None,
+                instructions=_counts(compiled.asm))
+
+
+def _counts(asm: dict) -> dict[str, int]:
+    """Counts of the INSTRUCTIONS whose assembly the compiled kernel has (PTX for NVIDIA, amdgcn for AMD)."""
+    return {name: len(re.findall(rf"^\s*{pattern}", asm[kind], flags=re.M))
+            for name, (kind, pattern) in INSTRUCTIONS.items() if kind in asm}
 
 
 def _compile(fn, args: tuple, kwargs: dict, target) -> tuple[object, dict, str]:
@@ -188,13 +204,17 @@ def _varying(kwargs: dict) -> str:
 
 
 def compile_all(targets: list[str], cases: list[str] | None = None, dtype: str = "bf16",
-                first_config_only: bool = False, echo: bool = True) -> list[Result]:
-    """Compile the selected cases for the named targets; one Result per distinct variant (printed if `echo`)."""
+                first_config_only: bool = False, echo: bool = True,
+                on_result: Callable[[list[Result]], None] | None = None) -> list[Result]:
+    """Compile the selected cases for the named targets; one Result per distinct variant (printed if `echo`;
+    `on_result` called with the results so far after each)."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("compile_all needs TRITON_INTERPRET unset or 0 (the kernels must be compiled, "
                            "not interpreted)")
     import torch
     from triton.backends.compiler import GPUTarget
+
+    from olmo_fast.kernels import _tuning
 
     table = _cases(getattr(torch, DTYPES[dtype]))
     unknown = sorted(set(cases or ()) - set(table))
@@ -207,17 +227,19 @@ def compile_all(targets: list[str], cases: list[str] | None = None, dtype: str =
             for case, call in table.items():
                 if cases and case not in cases:
                     continue
-                with _intercepted_launches(target.warp_size) as calls:
+                with _tuning.use_target(_tuning.TARGETS[name]), _intercepted_launches() as calls:
                     call()
-                for kernel, args, kwargs in calls:
-                    variants = _variants(kernel, kwargs, target.warp_size)
-                    for fn, launch in variants[:1] if first_config_only else variants:
-                        key = (fn.__name__, _args_key(args), repr(sorted(launch.items(), key=str)))
-                        if key not in seen:
-                            seen.add(key)
-                            results.append(_compile_variant(case, name, target, fn, args, launch))
-                            if echo:
-                                print(results[-1].line(), flush=True)
+                    variants = [(args, v) for kernel, args, kwargs in calls
+                                for v in _variants(kernel, args, kwargs)[:1 if first_config_only else None]]
+                for args, (fn, launch) in variants:
+                    key = (fn.__name__, _args_key(args), repr(sorted(launch.items(), key=str)))
+                    if key not in seen:
+                        seen.add(key)
+                        results.append(_compile_variant(case, name, target, fn, args, launch))
+                        if echo:
+                            print(results[-1].line(), flush=True)
+                        if on_result:
+                            on_result(results)
     return results
 
 
@@ -232,6 +254,9 @@ def _compile_variant(case: str, name: str, target, fn, args: tuple, launch: dict
             setattr(result, field, value)
     except Exception as err:  # reported; the other variants still compile
         result.error = _root_cause(err)
+    from olmo_fast.kernels._tuning import SPILL_BUDGET_BYTES
+
+    result.over_budget = (result.spill_bytes or 0) > SPILL_BUDGET_BYTES
     result.seconds = time.perf_counter() - start
     return result
 
@@ -261,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cases", default="", help="comma-separated case names (default: all)")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     parser.add_argument("--first-config", action="store_true", help="only the first autotune config of each kernel")
+    parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":  # set by the test setup on CPUs: compile in a fresh process
         os.environ["TRITON_INTERPRET"] = "0"
@@ -270,10 +296,39 @@ def main(argv: list[str] | None = None) -> int:
     bad = sorted(set(targets) - set(TARGETS))
     if bad:
         parser.error(f"unknown targets {bad}; known: {sorted(TARGETS)}")
-    results = compile_all(targets, [c for c in args.cases.split(",") if c] or None, args.dtype, args.first_config)
+    from olmo_fast.kernels._tuning import SPILL_BUDGET_BYTES
+
+    def report(results: list[Result]) -> None:
+        if args.json:
+            _write_json(args.json, targets, args.dtype, results)
+
+    results = compile_all(targets, [c for c in args.cases.split(",") if c] or None, args.dtype, args.first_config,
+                          on_result=report)
+    report(results)
     failed = [r for r in results if r.error]
-    print(f"compiled {len(results) - len(failed)} of {len(results)} variants for {', '.join(targets)}")
-    return 1 if failed else 0
+    spilling = [r for r in results if r.over_budget]
+    print(f"compiled {len(results) - len(failed)} of {len(results)} variants for {', '.join(targets)}"
+          + (f"; {len(spilling)} spill over the budget of {SPILL_BUDGET_BYTES} B per thread" if spilling else ""))
+    return 1 if failed or spilling else 0
+
+
+def _write_json(path: str, targets: list[str], dtype: str, results: list[Result]) -> None:
+    """The report as JSON, replaced atomically (a reader never sees half a file)."""
+    import dataclasses
+    import json
+
+    import triton
+
+    from olmo_fast.kernels._tuning import SPILL_BUDGET_BYTES
+
+    doc = {"targets": targets, "dtype": dtype, "triton": triton.__version__,
+           "spill_budget_bytes": SPILL_BUDGET_BYTES, "failed": sum(r.error is not None for r in results),
+           "over_budget": sum(r.over_budget for r in results),
+           "variants": [dataclasses.asdict(r) for r in results]}
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

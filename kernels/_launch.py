@@ -13,6 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import _tuning
+
 # The interpreter (TRITON_INTERPRET=1, CPU tests) truncates fp32 -> bf16 instead of rounding to nearest even
 # (triton 3.9 `cast_impl`), doubling bf16 output error; there `to_dtype` rounds with integer ops instead.
 INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
@@ -23,7 +25,8 @@ MAX_FUSED = 16384  # longest row handled in one block; longer rows loop over chu
 
 
 def warp_size() -> int:
-    return 64 if torch.version.hip else 32
+    """Lanes of a warp / wavefront of the target kernels are built for (`_tuning.current()`)."""
+    return _tuning.current().warp_size
 
 
 def next_pow2(n: int) -> int:

@@ -23,31 +23,70 @@ Kernel contract (KERNELS; `olmo_fast/ops/attention.py` wraps them in custom ops 
   "attention_fwd"(q, k, v, causal: bool, clip: float | None, scale: float) -> (out [B, Tq, H, D] q.dtype, lse)
   "attention_bwd"(dout, q, k, v, out, lse, causal, clip, scale) -> (dq, dk, dv) in the inputs' shapes and dtype
   lse [B, H, Tq] fp32 only travels from a backend's forward to its own backward (here: base 2, scaled scores).
-Offsets: batch bases are int64; in-sequence offsets (t * stride_t) are int32, so one sequence's slab must stay
-below 2^31 elements.
+Offsets are int64 (a fused-qkv view's t * stride_t passes 2^31 at T ~ 175K); (block, batch x head) pairs are
+folded into grid axis 0 (axis 1 would cap B * H at 65535).
+Precision: tl.dot of fp32 inputs runs in tf32 on NVIDIA GPUs (tensor cores: 10-bit mantissa products, fp32 sums,
+as torch's allow_tf32; an ieee fp32 dot takes minutes to compile and runs on CUDA cores), ieee elsewhere (AMD's
+backend rejects tf32; the interpreter); bf16/fp16 dots are exact products with fp32 sums on every target.
+Autotune configs are pruned per target (shared memory, registers; `_tuning.py`).
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from ._launch import INTERPRETED, MAX_THREADS, warp_size
+from . import _tuning
+from ._clamp import clamp, clamp_grad, clip_bound
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def configs(shapes: list[tuple[int, ...]], interpret: tuple[int, ...], names: tuple[str, ...] = ("BLOCK_M", "BLOCK_N")
-            ) -> list[triton.Config]:
-    """Autotune configs from (*block sizes named `names`, num_warps, num_stages), keeping those that fit 1024
-    threads; under the interpreter, only the small `interpret` block sizes, so that CPU tests stay fast."""
+def configs(cuda: list[tuple[int, ...]], hip: list[tuple[int, ...]], interpret: tuple[int, ...],
+            names: tuple[str, ...] = ("BLOCK_M", "BLOCK_N")) -> dict[str, list[triton.Config]]:
+    """Autotune configs per backend from (*block sizes named `names`, num_warps, num_stages), for
+    `_tuning.autotune`; under the interpreter only the small `interpret` block sizes, so that CPU tests stay fast."""
+    def make(shapes):
+        return [triton.Config(dict(zip(names, s[:-2])), num_warps=s[-2], num_stages=s[-1]) for s in shapes]
+
     if INTERPRET:
-        shapes = [(*interpret, 1, 1)]
-    return [triton.Config(dict(zip(names, shape[:-2])), num_warps=shape[-2], num_stages=shape[-1])
-            for shape in shapes if shape[-2] * warp_size() <= MAX_THREADS]
+        return {"cpu": make([(*interpret, 1, 1)])}
+    return {"cuda": make(cuda), "hip": make(hip)}
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision for inputs of `dtype` on the current target (module docstring: tf32 for fp32 on
+    NVIDIA, ieee elsewhere; for bf16/fp16 both give the same code, and AMD rejects "tf32")."""
+    return "tf32" if dtype == torch.float32 and _tuning.current().backend == "cuda" else "ieee"
+
+
+def _fwd_footprint(config: triton.Config, args: dict, target: _tuning.Target) -> tuple[int, float]:
+    """Forward tiles: acc [M, D] and scores [M, N] fp32; q [M, D] resident; k, v [N, D] streamed."""
+    m, n, d = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], args["BLOCK_D"]
+    return _tuning.tile_footprint(config, target, args["Q"].element_size(), m * d + m * n, m * d, 2 * n * d)
+
+
+def _dkdv_footprint(config: triton.Config, args: dict, target: _tuning.Target) -> tuple[int, float]:
+    """dK/dV tiles: dk, dv [N, D] and P^T, dP^T [N, M] fp32; k, v [N, D] resident; q, dO [M, D] streamed."""
+    m, n, d = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], args["BLOCK_D"]
+    return _tuning.tile_footprint(config, target, args["Q"].element_size(), 2 * n * d + 2 * n * m, 2 * n * d,
+                                  2 * m * d)
+
+
+def _dq_footprint(config: triton.Config, args: dict, target: _tuning.Target) -> tuple[int, float]:
+    """dQ tiles: dq [M, D] and P, dP [M, N] fp32; q, dO [M, D] resident; k, v [N, D] streamed."""
+    m, n, d = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], args["BLOCK_D"]
+    return _tuning.tile_footprint(config, target, args["Q"].element_size(), m * d + 2 * m * n, 2 * m * d,
+                                  2 * n * d)
+
+
+@triton.jit
+def row_offsets(offs_t, stride_t):
+    """int64 element offsets [len(offs_t), 1] of rows `offs_t` with row stride `stride_t` (both int32: their
+    product passes 2^31 in long sequences of wide rows)."""
+    return offs_t[:, None].to(tl.int64) * stride_t
 
 
 # ---------------------------------------------------------------------------------------------- shared helpers
@@ -55,32 +94,16 @@ def configs(shapes: list[tuple[int, ...]], interpret: tuple[int, ...], names: tu
 def load_tile(ptr, offs_t, offs_d, stride_t, T, HEAD_DIM: tl.constexpr):
     """Rows `offs_t` (< T) of a [T, HEAD_DIM] slab with row stride `stride_t`; zeros outside."""
     mask = (offs_t[:, None] < T) & (offs_d[None, :] < HEAD_DIM)
-    return tl.load(ptr + offs_t[:, None] * stride_t + offs_d[None, :], mask=mask, other=0.0)
+    return tl.load(ptr + row_offsets(offs_t, stride_t) + offs_d[None, :], mask=mask, other=0.0)
 
 
 @triton.jit
-def clamp(x, clip, HAS_CLIP: tl.constexpr):
-    """c(x) in x's own dtype (exact: the host rounds the clip value to it; NaN stays NaN, as in torch.clamp).
-    Native 16-bit min/max keep the tile in half the registers of an fp32 round trip (the dK/dV kernel clamps a
-    query tile per step); the interpreter, whose bf16 compares are wrong, goes through fp32. The cast back keeps
-    x's dtype on triton 3.6, whose bf16 minimum/maximum return fp32 (3.9 keeps bf16; the cast is then a no-op)."""
-    if HAS_CLIP:
-        if INTERPRETED:
-            xf = tl.maximum(x.to(tl.float32), -clip, tl.PropagateNan.ALL)
-            x = tl.minimum(xf, clip, tl.PropagateNan.ALL).to(x.dtype)
-        else:
-            c = clip.to(x.dtype)
-            x = tl.minimum(tl.maximum(x, -c, tl.PropagateNan.ALL), c, tl.PropagateNan.ALL).to(x.dtype)
-    return x
-
-
-@triton.jit
-def clamp_grad(g, x, clip, HAS_CLIP: tl.constexpr):
-    """torch.clamp's backward: g where -clip <= x <= clip (inclusive), 0 elsewhere."""
-    if HAS_CLIP:
-        xf = x.to(tl.float32)
-        g = tl.where((xf >= -clip) & (xf <= clip), g, 0.0)
-    return g
+def _query_block(Tq, BLOCK_M: tl.constexpr):
+    """(batch x head index (int64), first query row) of this program: axis 0 enumerates the query blocks of each
+    (batch, head) in turn, the longest (causal) ones first."""
+    blocks = tl.cdiv(Tq, BLOCK_M)
+    pid = tl.program_id(0)
+    return (pid // blocks).to(tl.int64), (blocks - 1 - pid % blocks) * BLOCK_M
 
 
 @triton.jit
@@ -130,23 +153,23 @@ def attend_blocks(acc, m_i, l_i, q, K, V, stride_kt, stride_vt, offs_d, limit, l
 
 
 # ---------------------------------------------------------------------------------------------- forward
-# Configs: compiled offline for sm_90 (bf16, D=128, clip + causal, 16-byte-aligned pointers and strides as the
-# JIT specialises them), ptxas reports no register spills for these forward and dQ ones, none or ~100-150
-# bytes for the dK/dV ones with BLOCK_N = 64, ~500 with BLOCK_N = 128 (kept for D=64); 4-warp 128-row forward
-# tiles spill there and are left out. The GPU autotuner picks among them.
+# Configs (BLOCK_M, BLOCK_N, warps, stages). NVIDIA's are pruned per target by `_tuning` (sm_80: 128x128 needs
+# more shared memory than its 163 KB, and the tiles that spill there go); the last, small one is for fp32 inputs,
+# whose tiles take twice the bytes (the others spill 1-2 KB or exceed shared memory there). AMD's are those that compile with at most
+# ~60 B spilled on gfx90a (triton 3.6, bf16, head dim 128; its 4-stage pipelines fail and 128x128 spills 2 KB).
 _FWD_CONFIGS = configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (64, 32, 4, 4),
-                        (128, 32, 4, 3)], interpret=(32, 16))
+                        (128, 32, 4, 3), (32, 32, 4, 2)], hip=[(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)], interpret=(32, 16))
+_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_CLIP", "DOT_PRECISION"]
 
 
-@triton.autotune(configs=_FWD_CONFIGS, key=["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_CLIP", "DOT_PRECISION"])
+@_tuning.autotune(_FWD_CONFIGS, _KEY, _fwd_footprint)
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE,
               sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
               H, GROUP, Tq, Tk, Q_BUCKET, K_BUCKET, qk_scale, clip,
               HAS_CLIP: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
               DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # longest (causal) query blocks first
-    bh = tl.program_id(1).to(tl.int64)
+    bh, start_m = _query_block(Tq, BLOCK_M)
     b, h = bh // H, bh % H
     kh = h // GROUP
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -170,7 +193,7 @@ def _attn_fwd(Q, K, V, O, LSE,
     lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
     row_ok = offs_m < Tq
     tl.store(LSE + bh * Tq + offs_m, lse, mask=row_ok)
-    o_ptrs = O + b * sob + h * soh + offs_m[:, None] * sot + offs_d[None, :]
+    o_ptrs = O + b * sob + h * soh + row_offsets(offs_m, sot) + offs_d[None, :]
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
@@ -178,8 +201,7 @@ def _attn_fwd(Q, K, V, O, LSE,
 @triton.jit
 def _attn_bwd_delta(O, DO, DELTA, sob, sot, soh, sdb, sdt, sdh, H, Tq,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1).to(tl.int64)
+    bh, start_m = _query_block(Tq, BLOCK_M)
     b, h = bh // H, bh % H
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
@@ -214,19 +236,22 @@ def _dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, sqt, sdt, offs_n, offs_d, lo, 
     return dk, dv
 
 
-_DKDV_CONFIGS = configs([(16, 64, 8, 3), (32, 64, 8, 2), (32, 64, 8, 3), (64, 64, 8, 3), (32, 128, 8, 3),
-                         (16, 128, 8, 2)], interpret=(16, 32))
+# AMD: the two that stay under ~100 B spilled on gfx90a (the others spill 0.4-3.5 KB there).
+_DKDV_CONFIGS = configs([(16, 64, 8, 3), (32, 64, 8, 2), (32, 64, 8, 3), (64, 64, 8, 3), (16, 128, 8, 2),
+                         (16, 32, 4, 2)],
+                        hip=[(16, 64, 8, 3), (16, 128, 8, 2)], interpret=(16, 32))
 
 
-@triton.autotune(configs=_DKDV_CONFIGS, key=["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_CLIP", "DOT_PRECISION"])
+@_tuning.autotune(_DKDV_CONFIGS, _KEY, _dkdv_footprint)
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
                    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh, sdkb, sdkt, sdkh, sdvb, sdvt, sdvh,
                    H, GROUP, Tq, Tk, Q_BUCKET, K_BUCKET, scale, qk_scale, clip,
                    HAS_CLIP: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_n = tl.program_id(0) * BLOCK_N
-    bkh = tl.program_id(1).to(tl.int64)
+    blocks = tl.cdiv(Tk, BLOCK_N)
+    pid = tl.program_id(0)
+    bkh, start_n = (pid // blocks).to(tl.int64), pid % blocks * BLOCK_N
     Hkv = H // GROUP
     b, kh = bkh // Hkv, bkh % Hkv
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -262,8 +287,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
         dv = clamp_grad(dv, load_tile(V, offs_n, offs_d, svt, Tk, HEAD_DIM), clip, HAS_CLIP)
     dk *= scale
     mask = (offs_n[:, None] < Tk) & (offs_d[None, :] < HEAD_DIM)
-    dk_ptrs = DK + b * sdkb + kh * sdkh + offs_n[:, None] * sdkt + offs_d[None, :]
-    dv_ptrs = DV + b * sdvb + kh * sdvh + offs_n[:, None] * sdvt + offs_d[None, :]
+    dk_ptrs = DK + b * sdkb + kh * sdkh + row_offsets(offs_n, sdkt) + offs_d[None, :]
+    dv_ptrs = DV + b * sdvb + kh * sdvh + row_offsets(offs_n, sdvt) + offs_d[None, :]
     tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=mask)
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=mask)
 
@@ -287,19 +312,20 @@ def _dq_blocks(dq, q, do, lse, delta, K, V, skt, svt, offs_m, offs_d, limit, lo,
     return dq
 
 
-_DQ_CONFIGS = configs([(64, 64, 8, 3), (64, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3)],
-                      interpret=(32, 16))
+# AMD: those under ~100 B spilled on gfx90a (64x64 and 128x64 on 8 warps spill 0.5-0.7 KB there).
+_DQ_CONFIGS = configs([(64, 64, 8, 3), (64, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 8, 3),
+                       (32, 32, 4, 2)],
+                      hip=[(64, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 3)], interpret=(32, 16))
 
 
-@triton.autotune(configs=_DQ_CONFIGS, key=["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_CLIP", "DOT_PRECISION"])
+@_tuning.autotune(_DQ_CONFIGS, _KEY, _dq_footprint)
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
                  sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh, sdqb, sdqt, sdqh,
                  H, GROUP, Tq, Tk, Q_BUCKET, K_BUCKET, scale, qk_scale, clip,
                  HAS_CLIP: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                  DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M  # longest (causal) query blocks first
-    bh = tl.program_id(1).to(tl.int64)
+    bh, start_m = _query_block(Tq, BLOCK_M)
     b, h = bh // H, bh % H
     kh = h // GROUP
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -323,16 +349,12 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
     if HAS_CLIP:  # raw q loaded again rather than kept in registers across the loop
         dq = clamp_grad(dq, load_tile(Q, offs_m, offs_d, sqt, Tq, HEAD_DIM), clip, HAS_CLIP)
     dq *= scale
-    dq_ptrs = DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqt + offs_d[None, :]
+    dq_ptrs = DQ + b * sdqb + h * sdqh + row_offsets(offs_m, sdqt) + offs_d[None, :]
     tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM))
 
 
 # ---------------------------------------------------------------------------------------------- host side
 LOG2E = 1.4426950408889634
-# tl.dot's input_precision for every input dtype. With bf16/fp16 operands NVIDIA's code is the same under "tf32"
-# and "ieee" (identical PTX for sm_90 on triton 3.6 and 3.9: the precision only changes fp32 x fp32 products), and
-# AMD's backend rejects "tf32" (gfx90a takes ieee, bf16x3, bf16x6); fp32 inputs keep exact fp32 products.
-INPUT_PRECISION = "ieee"
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -350,21 +372,14 @@ def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-@functools.lru_cache(maxsize=64)
-def clip_value(clip: float | None, dtype: torch.dtype) -> float:
-    """The clip bound rounded to the inputs' dtype (what torch.clamp compares against); 0 when unused.
-    Cached: it builds a host tensor, and every attention call (forward and backward) asks for it."""
-    return 0.0 if clip is None else float(torch.tensor(float(clip), dtype=dtype))
-
-
 def _common(q: torch.Tensor, k: torch.Tensor, causal: bool, clip: float | None, scale: float) -> dict:
     """Scalar and constexpr arguments shared by the forward and backward kernels."""
     B, Tq, H, D = q.shape
     Tk = k.shape[1]
     return dict(H=H, GROUP=H // k.shape[2], Tq=Tq, Tk=Tk, Q_BUCKET=triton.next_power_of_2(Tq),
-                K_BUCKET=triton.next_power_of_2(Tk), qk_scale=scale * LOG2E, clip=clip_value(clip, q.dtype),
+                K_BUCKET=triton.next_power_of_2(Tk), qk_scale=scale * LOG2E, clip=clip_bound(clip, q.dtype),
                 HAS_CLIP=clip is not None, CAUSAL=bool(causal), HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
-                DOT_PRECISION=INPUT_PRECISION)
+                DOT_PRECISION=dot_precision(q.dtype))
 
 
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, clip: float | None,
@@ -378,7 +393,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     if out.numel() == 0:
         return out, lse
     args = _common(q, k, causal, clip, scale)
-    grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)  # noqa: E731
+    grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]) * B * H,)  # noqa: E731
     _attn_fwd[grid](q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], **args)
     return out, lse
 
@@ -399,13 +414,13 @@ def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     args = _common(q, k, causal, clip, scale)
     delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     block_m = 16 if INTERPRET else 64
-    _attn_bwd_delta[(triton.cdiv(Tq, block_m), B * H)](
+    _attn_bwd_delta[(triton.cdiv(Tq, block_m) * B * H,)](
         out, dout, delta, *out.stride()[:3], *dout.stride()[:3], H, Tq,
         HEAD_DIM=D, BLOCK_D=args["BLOCK_D"], BLOCK_M=block_m)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
-    _attn_bwd_dkdv[lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]), B * Hkv)](
+    _attn_bwd_dkdv[lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]) * B * Hkv,)](
         q, k, v, dout, lse, delta, dk, dv, *strides, *dk.stride()[:3], *dv.stride()[:3], scale=scale, **args)
-    _attn_bwd_dq[lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]), B * H)](
+    _attn_bwd_dq[lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]) * B * H,)](
         q, k, v, dout, lse, delta, dq, *strides, *dq.stride()[:3], scale=scale, **args)
     return dq, dk, dv
 

@@ -22,33 +22,43 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention import INPUT_PRECISION, INTERPRET, LOG2E, attend_blocks, configs, last_dim_contiguous
+from . import _tuning
+from .attention import LOG2E, attend_blocks, configs, dot_precision, last_dim_contiguous, row_offsets
 
 CHUNK_ALIGN = 128  # split chunks are multiples of this (and of every BLOCK_N below)
 MAX_SPLITS = 128
 
-_SPLIT_CONFIGS = configs([(32, 2, 2), (64, 4, 2), (64, 4, 3), (32, 4, 3), (128, 4, 2)], interpret=(16,),
-                         names=("BLOCK_N",))
+_SHAPES = [(32, 2, 2), (64, 4, 2), (64, 4, 3), (32, 4, 3), (128, 4, 2)]  # (BLOCK_N, warps, stages)
+_SPLIT_CONFIGS = configs(_SHAPES, hip=_SHAPES, interpret=(16,), names=("BLOCK_N",))
 
 
-@triton.autotune(configs=_SPLIT_CONFIGS, key=["CHUNK", "HEAD_DIM", "ROWS", "SINGLE"])
+def _split_footprint(config: triton.Config, args: dict, target: _tuning.Target) -> tuple[int, float]:
+    """Split tiles: acc [M, D] and scores [M, N] fp32; q [M, D] resident; k, v [N, D] streamed."""
+    m, n, d = args["BLOCK_M"], config.kwargs["BLOCK_N"], args["BLOCK_D"]
+    return _tuning.tile_footprint(config, target, args["Q"].element_size(), m * d + m * n, m * d, 2 * n * d)
+
+
+@_tuning.autotune(_SPLIT_CONFIGS, ["CHUNK", "HEAD_DIM", "ROWS", "SINGLE"], _split_footprint)
 @triton.jit
 def _decode_split(Q, K, V, SEQLENS, O, OPART, LPART,
                   sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
                   H, Hkv, GROUP, Tq, CHUNK, n_splits, qk_scale,
                   ROWS: tl.constexpr, SINGLE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                   DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    split = tl.program_id(0)
-    bkh = tl.program_id(1).to(tl.int64)
+    # Axis 0 enumerates (split, row block, batch x kv head), splits fastest: no grid axis caps B * Hkv.
+    pid = tl.program_id(0)
+    row_blocks = tl.cdiv(GROUP * Tq, ROWS)
+    split = pid % n_splits
+    bkh = (pid // n_splits // row_blocks).to(tl.int64)
     b, kh = bkh // Hkv, bkh % Hkv
     # Row r of the block is query i of head kh * GROUP + g, with r = g * Tq + i.
-    rows = tl.program_id(2) * ROWS + tl.arange(0, BLOCK_M)
+    rows = pid // n_splits % row_blocks * ROWS + tl.arange(0, BLOCK_M)
     row_ok = (rows < GROUP * Tq) & (tl.arange(0, BLOCK_M) < ROWS)
     g, i = rows // Tq, rows % Tq
     h = kh * GROUP + g
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < HEAD_DIM
-    q_ptrs = Q + b * sqb + i[:, None] * sqt + h[:, None] * sqh + offs_d[None, :]
+    q_ptrs = Q + b * sqb + row_offsets(i, sqt) + row_offsets(h, sqh) + offs_d[None, :]
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok, other=0.0)
 
     seqlen = tl.load(SEQLENS + b).to(tl.int32)
@@ -69,7 +79,7 @@ def _decode_split(Q, K, V, SEQLENS, O, OPART, LPART,
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     if SINGLE:
-        o_ptrs = O + b * sob + i[:, None] * sot + h[:, None] * soh + offs_d[None, :]
+        o_ptrs = O + b * sob + row_offsets(i, sot) + row_offsets(h, soh) + offs_d[None, :]
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok)
     else:
         part = ((b * H + h) * Tq + i) * n_splits + split  # [B, H, Tq, n_splits]
@@ -131,11 +141,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     opart = out if single else torch.empty((B, H, Tq, splits, D), dtype=torch.float32, device=q.device)
     lpart = out if single else torch.empty((B, H, Tq, splits), dtype=torch.float32, device=q.device)
     block_d = max(16, triton.next_power_of_2(D))
-    _decode_split[(splits, B * Hkv, row_blocks)](
+    _decode_split[(splits * row_blocks * B * Hkv,)](
         q, k_cache, v_cache, seqlens, out, opart, lpart, *q.stride()[:3], *k_cache.stride()[:3],
         *v_cache.stride()[:3], *out.stride()[:3], H, Hkv, group, Tq, chunk, splits, scale * LOG2E,
         ROWS=rows, SINGLE=single, HEAD_DIM=D, BLOCK_D=block_d,
-        DOT_PRECISION=INPUT_PRECISION, BLOCK_M=max(16, rows))
+        DOT_PRECISION=dot_precision(q.dtype), BLOCK_M=max(16, rows))
     if not single:
         _decode_combine[(B * H * Tq,)](opart, lpart, out, *out.stride()[:3], H, Tq, splits,
                                        HEAD_DIM=D, BLOCK_D=block_d, BLOCK_S=triton.next_power_of_2(splits))

@@ -204,7 +204,7 @@ def norm_bwd(dy: torch.Tensor, saved: torch.Tensor, weight: torch.Tensor | None,
     block, single = row_block(C)
     dx = torch.empty((N, C), dtype=dy.dtype, device=dy.device)
     programs = persistent_programs(N, dy.device) if from_input else max(N, 1)
-    partial = torch.empty if single else torch.zeros
+    partial = torch.empty if single and N else torch.zeros  # no row: no program writes its partial sums
     dw = partial((programs, C), dtype=torch.float32, device=dy.device) if weight is not None else None
     db = partial((programs, C), dtype=torch.float32, device=dy.device) if has_bias else None
     if N:

@@ -1,5 +1,6 @@
 """The attention prologue in one kernel: the fused projection output `[B, T, (Hq + 2 Hkv) D]` -> clamp to
-±clip (OLMo 1.7) -> split Q | K | V -> RoPE (NeoX) on q and k -> q `[B, T, Hq, D]`, k, v `[B, T, Hkv, D]`.
+±clip (OLMo 1.7; exactly torch.clamp, see `_clamp.py`) -> split Q | K | V -> RoPE (NeoX) on q and k ->
+q `[B, T, Hq, D]`, k, v `[B, T, Hkv, D]`.
 
 Backward: dqkv from (dq, dk, dv) (any strides): the inverse rotation on dq and dk, then the clamp's gradient,
 which passes where -clip <= x <= clip (inclusive, as torch.clamp's; NaN blocks it) - so it reads the saved
@@ -13,6 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._clamp import clamp, clamp_grad, clip_bound
 from ._launch import num_warps, to_dtype
 from .rope import head_tiles, inv_freq, pair_offsets, position_args, rope_cos_sin, rotate, token_position
 
@@ -29,9 +31,8 @@ def _fwd_heads(SRC, DST, n_heads, HALF, cos, sin, clip, CLIP: tl.constexpr, ROTA
         offs = heads[:, None] * (2 * HALF)
         x1 = tl.load(SRC + offs + i1[None, :], mask=mask, other=0.0).to(tl.float32)
         x2 = tl.load(SRC + offs + i2[None, :], mask=mask, other=0.0).to(tl.float32)
-        if CLIP:
-            x1 = tl.minimum(tl.maximum(x1, -clip), clip)
-            x2 = tl.minimum(tl.maximum(x2, -clip), clip)
+        x1 = clamp(x1, clip, CLIP)
+        x2 = clamp(x2, clip, CLIP)
         if ROTATE:
             x1, x2 = rotate(x1, x2, cos[None, :], sin[None, :], False)
         tl.store(DST + offs + i1[None, :], to_dtype(x1, DST.dtype.element_ty), mask=mask)
@@ -56,8 +57,8 @@ def _bwd_heads(GRAD, stride_h, stride_d, SRC, DST, n_heads, HALF, cos, sin, clip
         if CLIP:
             x1 = tl.load(SRC + offs + i1[None, :], mask=mask, other=0.0).to(tl.float32)
             x2 = tl.load(SRC + offs + i2[None, :], mask=mask, other=0.0).to(tl.float32)
-            g1 = tl.where(tl.abs(x1) <= clip, g1, 0.0)
-            g2 = tl.where(tl.abs(x2) <= clip, g2, 0.0)
+            g1 = clamp_grad(g1, x1, clip, CLIP)
+            g2 = clamp_grad(g2, x2, clip, CLIP)
         tl.store(DST + offs + i1[None, :], to_dtype(g1, DST.dtype.element_ty), mask=mask)
         tl.store(DST + offs + i2[None, :], to_dtype(g2, DST.dtype.element_ty), mask=mask)
 
@@ -110,7 +111,7 @@ def qkv_rope_fwd(qkv: torch.Tensor, n_heads: int, n_kv_heads: int, clip: float |
     if qkv.numel():
         _qkv_rope_fwd_kernel[(B * T,)](
             qkv, q, k, v, qkv if pos is None else pos, inv_freq(D, float(theta), qkv.device), T, n_heads,
-            n_kv_heads, D // 2, offset, qkv.stride(0), qkv.stride(1), stride_pb, 0.0 if clip is None else clip,
+            n_kv_heads, D // 2, offset, qkv.stride(0), qkv.stride(1), stride_pb, clip_bound(clip, qkv.dtype),
             HAS_POS=pos is not None, CLIP=clip is not None, BLOCK_H=block_h, BLOCK_HALF=block_half,
             num_warps=num_warps(2 * block_h * block_half))
     return q, k, v
@@ -132,7 +133,7 @@ def qkv_rope_bwd(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, qkv: torc
         _qkv_rope_bwd_kernel[(B * T,)](
             dq, dk, dv, src, dqkv, dq if pos is None else pos, inv_freq(D, float(theta), dq.device), T,
             n_heads, n_kv_heads, D // 2, offset, *dq.stride(), *dk.stride(), *dv.stride(), src.stride(0),
-            src.stride(1), stride_pb, 0.0 if clip is None else clip, HAS_POS=pos is not None,
+            src.stride(1), stride_pb, clip_bound(clip, src.dtype), HAS_POS=pos is not None,
             CLIP=clip is not None, BLOCK_H=block_h, BLOCK_HALF=block_half,
             num_warps=num_warps(2 * block_h * block_half))
     return dqkv

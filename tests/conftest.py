@@ -77,3 +77,41 @@ def assert_within_2x(name: str, got: torch.Tensor, same: torch.Tensor, ref: torc
     err, base = (got.double() - ref).abs().max().item(), (same.double() - ref).abs().max().item()
     atol = max(rounding_atol(got.dtype), 4 * torch.finfo(torch.float32).eps) * max(1.0, ref.abs().max().item())
     assert err <= 2 * base + atol, f"{name}: kernel error {err:.3g} > 2 x torch {got.dtype} error {base:.3g} + {atol:.2g}"
+
+
+def attention_error_scales(q, k, v, dout, visible, scale, clip=None):
+    """float64 per-element scales of the rounding error of attention's out, dq, dk, dv: each output's terms summed
+    in absolute value (|P| |V| for out, P^T |dO| for dv, |dS| |K| and |dS|^T |Q| for dq, dk with
+    |dS| = P (|dO| |V|^T + |dO| . |O|)), P weighted by 1 + |scale q . k| (the logits' own rounding moves P).
+    A bound c * eps * scale then holds on any CPU (it does not depend on the summation order) and does not vanish
+    where a gradient's exact value is ~0 but its terms are not. Layout [B, T, H, D]; k/v may have fewer heads;
+    `visible` [B or 1, Tq, Tk] bool: which keys each query sees."""
+    q, k, v, dout = (t.detach().double() for t in (q, k, v, dout))
+    if clip is not None:
+        q, k, v = (t.clamp(-clip, clip) for t in (q, k, v))
+    group = q.shape[2] // k.shape[2]
+    q, k, v, dout = (t.transpose(1, 2) for t in (q, k, v, dout))  # [B, H, T, D]
+    k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))
+    logits = scale * q @ k.transpose(-1, -2)
+    mask = visible[:, None]
+    p = torch.softmax(logits.masked_fill(~mask, float("-inf")), -1).nan_to_num(0.0)
+    w = p * (1 + logits.abs())
+    out = p @ v
+    ds = w * (dout.abs() @ v.abs().transpose(-1, -2) + (dout.abs() * out.abs()).sum(-1, keepdim=True))
+    mags = (w @ v.abs(), scale * ds @ k.abs(), scale * ds.transpose(-1, -2) @ q.abs(),
+            w.transpose(-1, -2) @ dout.abs())
+    B, H, Tk, D = mags[2].shape
+
+    def kv_heads(t):  # gradients of a kv head sum over its group of query heads
+        return t.view(B, H // group, group, Tk, D).sum(2)
+
+    out_mag, dq_mag, dk_mag, dv_mag = mags[0], mags[1], kv_heads(mags[2]), kv_heads(mags[3])
+    return tuple(t.transpose(1, 2) for t in (out_mag, dq_mag, dk_mag, dv_mag))
+
+
+def dot_eps(dtype: torch.dtype) -> float:
+    """Relative precision of the attention kernels' products for inputs of `dtype` here: tf32's 2^-10 for fp32
+    where they run in tf32 (NVIDIA GPUs), else the dtype's eps."""
+    from olmo_fast.kernels.attention import dot_precision
+
+    return 2.0 ** -10 if dot_precision(dtype) == "tf32" else torch.finfo(dtype).eps

@@ -119,3 +119,21 @@ def test_bad_inputs(backend):
     y, h = ops.layer_norm(x.half(), residual=x, backend=backend)  # x + residual promotes, as in PyTorch
     assert y.dtype == h.dtype == torch.float32
     torch.testing.assert_close(h, x.half().float() + x, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("variant", ["layer_norm_affine", "rms_norm_weight"])
+def test_no_rows_give_zero_parameter_gradients(backend, variant):
+    """An empty batch (0 rows) with a weight (and bias): dweight and dbias are exactly 0, as PyTorch's, not sums of
+    a partial-sum buffer that no program wrote (allocations NaN-poisoned)."""
+    rms, has_weight, has_bias = VARIANTS[variant]
+    require_kernel_where_registered("norm_bwd", backend)
+    C = 37
+    x, dy = torch.randn(0, C, device=DEVICE), torch.randn(0, C, device=DEVICE)
+    weight = torch.randn(C, device=DEVICE)
+    bias = torch.randn(C, device=DEVICE) if has_bias else None
+    with poisoned_allocations():
+        dx, *dparams = run(x, None, weight, bias, dy, None, rms, backend, 1e-5)[1:]
+    assert dx.shape == (0, C) and len(dparams) == 1 + has_bias
+    for grad in dparams:
+        assert grad.shape == (C,) and torch.equal(grad, torch.zeros(C, device=DEVICE))

@@ -105,3 +105,37 @@ def test_bad_inputs(backend):
     with pytest.raises(ValueError, match="positions"):
         ops.qkv_rope(torch.randn(1, 2, 12, device=DEVICE), n_heads=1, n_kv_heads=1,
                      positions=torch.arange(3, device=DEVICE), backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_clamp_is_torch_clamp(backend, dtype):
+    """Exactly torch.clamp at the edges: clip 0.3 is not representable, and torch compares against it rounded to
+    the dtype (0.30078125 in bf16, 0.30005 in fp16: above 0.3), so an input equal to the rounded bound keeps its
+    value and passes its gradient, and the next value up is clamped with no gradient; NaN stays NaN (on a GPU
+    tl.maximum/minimum would turn it into +-clip unless told to propagate it) and gets no gradient."""
+    require_kernel_where_registered("qkv_rope_fwd", backend)
+    clip, D = 0.3, 8
+    bound = torch.tensor(clip, dtype=dtype)
+    above = torch.nextafter(bound, torch.tensor(1.0, dtype=dtype))
+    head = torch.randn(D).to(dtype).clamp(-0.25, 0.25)
+    head[:4] = torch.stack([bound, -bound, torch.tensor(float("nan"), dtype=dtype), -above])
+    qkv = head.repeat(3).view(1, 1, 3 * D).to(DEVICE)  # the same head as q, k and v
+    grads = tuple(torch.randn(1, 1, 1, D, device=DEVICE).to(dtype) for _ in range(3))
+    kwargs = dict(n_heads=1, n_kv_heads=1, clip=clip)
+    with poisoned_allocations():
+        got = run(qkv, grads, backend, **kwargs)
+    want = run(qkv, grads, "torch", **kwargs)
+    assert torch.equal(got[2].isnan(), want[2].isnan()) and got[2].isnan().sum() == 1
+    v_got, v_want = got[2].nan_to_num(7.0), want[2].nan_to_num(7.0)
+    assert torch.equal(v_got, v_want)  # v: clamped only, no rotation: bitwise
+    assert v_got.flatten()[0] == bound and v_got.flatten()[3] == -bound
+    dv_got = got[3][..., 2 * D:].flatten()
+    assert torch.equal(dv_got, want[3][..., 2 * D:].flatten())
+    assert dv_got[0] == grads[2].flatten()[0] and dv_got[1] == grads[2].flatten()[1]  # passes at +-bound
+    assert dv_got[2] == 0 and dv_got[3] == 0  # NaN and beyond the bound: no gradient
+    for g, w in zip(got[:2], want[:2]):  # q, k: a NaN rotates into its pair; the rest as torch's, to rounding
+        assert torch.equal(g.isnan(), w.isnan()) and g.isnan().sum() == 2
+        torch.testing.assert_close(g, w, equal_nan=True)
+    torch.testing.assert_close(got[3], want[3])
+    assert torch.equal(got[3] == 0, want[3] == 0)
