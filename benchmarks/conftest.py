@@ -37,8 +37,16 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    if not config.pluginmanager.hasplugin("benchmark"):
+        raise pytest.UsageError("benchmarks/ needs pytest-benchmark: pip install 'pytest-benchmark>=4,<6' "
+                                "(or the test extra: pip install -e '.[test]')")
     config.addinivalue_line("markers", f"interpreted: our Triton kernels on a CPU ({report.INTERPRETED}); "
                                        "skipped unless --bench-interpreted")
+    # Threads set before pytest-benchmark reads the machine info (the suite's environment includes them).
+    # On the CPU one by default: steady timings on a shared machine (as `olmo-fast bench`).
+    threads = config.getoption("bench_threads")
+    if threads or bench_device(config).type == "cpu":
+        torch.set_num_threads(threads or 1)
 
 
 def bench_device(config: pytest.Config) -> torch.device:
@@ -98,10 +106,6 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 @pytest.fixture(scope="session")
 def device(pytestconfig: pytest.Config) -> torch.device:
     device = bench_device(pytestconfig)
-    if device.type == "cpu":  # one thread by default: steady timings on a shared machine (as `olmo-fast bench`)
-        torch.set_num_threads(pytestconfig.getoption("bench_threads") or 1)
-    elif pytestconfig.getoption("bench_threads"):
-        torch.set_num_threads(pytestconfig.getoption("bench_threads"))
     named = _providers_named(pytestconfig)
     if device.type == "cuda" if named is None else "torch-compile" in named:
         suite.raise_recompile_limits()
@@ -120,6 +124,9 @@ def peaks(device: torch.device) -> dict:
 
 
 def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: dict) -> None:
-    """The suite's environment (card, torch/triton/CUDA versions, git commit) in the JSON's machine_info."""
-    machine_info["olmo_fast"] = suite.environment(bench_device(config))
+    """The suite's environment (card, torch/triton/CUDA versions, threads) in the JSON's machine_info; without
+    the date and git state, which the JSON holds elsewhere (datetime, commit_info) and which would make every
+    --benchmark-compare warn of another machine."""
+    env = suite.environment(bench_device(config))
+    machine_info["olmo_fast"] = {k: v for k, v in env.items() if k not in ("date", "git_commit", "git_dirty")}
 
