@@ -27,7 +27,8 @@ from .providers import registry  # noqa: E402
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("olmo-fast benchmarks")
     group.addoption("--bench-device", help="cuda, cuda:1, cpu (default: cuda if available)")
-    group.addoption("--bench-shapes", choices=SHAPE_SETS, help="shape set (default: olmo-7b on a GPU, cpu-small on the CPU)")
+    group.addoption("--bench-shapes", choices=SHAPE_SETS,
+                    help="shape set (default: olmo-7b on a GPU, cpu-small on the CPU)")
     group.addoption("--bench-dtype", choices=sorted(DTYPES), help="default: bf16 on a GPU, fp32 on the CPU")
     group.addoption("--bench-providers", help="comma-separated providers to run (default: all that can run here; "
                                               "on the CPU all but torch-compile)")
@@ -50,7 +51,16 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def bench_device(config: pytest.Config) -> torch.device:
-    return torch.device(config.getoption("bench_device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    name = config.getoption("bench_device")
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise pytest.UsageError(f"--bench-device {name!r}: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise pytest.UsageError(f"--bench-device {name!r}: no CUDA device here")
+    return device
 
 
 def bench_dtype(config: pytest.Config) -> torch.dtype:

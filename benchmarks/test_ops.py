@@ -64,8 +64,10 @@ def test_op(benchmark, pytestconfig: pytest.Config, bench_case: Case, provider: 
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
+    call(*setup()[0])  # the first call: a kernel's compile (and autotuning), untimed
+    args = setup()[0]
     start = time.perf_counter()
-    call(*setup()[0])  # the first call (a kernel's compile), untimed; also the estimate of one call
+    call(*args)  # the estimate of one call
     rounds, warmup_rounds = _rounds(pytestconfig, time.perf_counter() - start)
     benchmark.group = f"{bench_case.op} {bench_case.label} {mode}"
     benchmark.pedantic(call, setup=setup, rounds=rounds, warmup_rounds=warmup_rounds)
