@@ -94,6 +94,12 @@ def _eager(case: Case, device: torch.device) -> Impl:
 
 
 def _compiled(case: Case, device: torch.device) -> Impl:
+    # The bwd timing replays one graph (retain_graph=True), which a compiled backward that donates its saved
+    # buffers refuses: keep them (a process-wide switch, read when a function compiles).
+    import torch._functorch.config
+
+    if hasattr(torch._functorch.config, "donated_buffer"):
+        torch._functorch.config.donated_buffer = False
     return Impl(torch.compile(op_fn(case, "torch"), dynamic=False), note="torch.compile of the eager code")
 
 

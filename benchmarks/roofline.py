@@ -90,3 +90,16 @@ def work(op: str, p: dict, itemsize: int, mode: str) -> tuple[int | None, float 
             raise ValueError("decode_attention is inference-only: it has no backward")
         return decode_attention_bytes(p["b"], p["tq"], p["cached"], p["hq"], p["hk"], p["d"], s), None
     raise ValueError(f"no work formula for op {op!r}")
+
+
+def rates(op: str, p: dict, itemsize: int, mode: str, seconds: float, ceilings: dict) -> dict:
+    """One call's work (`work`) and its rates at `seconds` a call: GB/s or TFLOP/s, and their percentage of the
+    copy bandwidth and matmul FLOP/s measured in the same run (`ceilings`: copy_gbps, matmul_tflops; a ceiling
+    not measured gives None)."""
+    nbytes, flops = work(op, p, itemsize, mode)
+    gbps = None if nbytes is None else nbytes / seconds / 1e9
+    tflops = None if flops is None else flops / seconds / 1e12
+    bw, mm = ceilings.get("copy_gbps"), ceilings.get("matmul_tflops")
+    return {"bytes": nbytes, "flops": flops, "gbps": gbps, "tflops": tflops,
+            "pct_copy_bw": None if gbps is None or not bw else 100 * gbps / bw,
+            "pct_matmul": None if tflops is None or not mm else 100 * tflops / mm}

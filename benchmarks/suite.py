@@ -110,7 +110,7 @@ def _args(impl: Impl, case: Case, inputs: tuple, grad: bool) -> tuple[list, list
     return args, [args[j] for j in idx]
 
 
-def _runner(impl: Impl, case: Case, sets: list[tuple], mode: str) -> Callable[[int], Any]:
+def runner(impl: Impl, case: Case, sets: list[tuple], mode: str) -> Callable[[int], Any]:
     """`run(i)`: one `mode` call on input set i (graphs for `bwd` are built here, untimed)."""
     n_out = _n_outputs(case)
     staged = [_args(impl, case, inputs, mode != "fwd") for inputs in sets]
@@ -138,7 +138,52 @@ def _n_sets(inputs: tuple, device: torch.device) -> int:
     return max(1, min(4, math.ceil(2 * cache / max(footprint, 1))))
 
 
-def _status(err: BaseException) -> tuple[str, str]:
+def input_sets(case: Case, dtype: torch.dtype, device: torch.device) -> list[tuple]:
+    """Fresh random inputs of `case`, in enough copies that a timed call does not find its data in cache."""
+    sets = [make_inputs(case.op, case.params, dtype, device)]
+    return sets + [make_inputs(case.op, case.params, dtype, device) for _ in range(_n_sets(sets[0], device) - 1)]
+
+
+def references(case: Case, inputs: tuple, backward: bool) -> tuple[list[torch.Tensor], tuple | None]:
+    """Eager's outputs on `inputs` and, with `backward`, (random output gradients, eager's input gradients)."""
+    n_out = _n_outputs(case)
+    with torch.no_grad():
+        reference = _flat(op_fn(case, "torch")(*inputs), n_out)
+    if not backward:
+        return reference, None
+    diff = differentiable(case.op, case.params)
+    leaves = [t.clone().requires_grad_(i in diff) for i, t in enumerate(inputs)]
+    outs = _flat(op_fn(case, "torch")(*leaves), n_out)
+    grad_outs = [torch.randn_like(o) for o in outs]
+    return reference, (grad_outs, list(torch.autograd.grad(outs, [leaves[i] for i in diff], grad_outs)))
+
+
+def _outputs(impl: Impl, case: Case, inputs: tuple, grad: bool) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The provider's outputs in our layout, on fresh copies of `inputs`; with `grad`, also its argument leaves
+    (the ones the backward differentiates)."""
+    args, leaves = _args(impl, case, tuple(t.clone() for t in inputs), grad)
+    with torch.set_grad_enabled(grad):
+        out = impl.fn(*args)
+    return _flat(impl.post(out) if impl.post else out, _n_outputs(case)), leaves
+
+
+def forward_error(impl: Impl, case: Case, inputs: tuple, reference: list[torch.Tensor]) -> float:
+    """`check_error` of the provider's outputs against eager's (`references`)."""
+    with torch.no_grad():
+        return check_error(_outputs(impl, case, inputs, grad=False)[0], reference)
+
+
+def grad_error(impl: Impl, case: Case, inputs: tuple, grads: tuple) -> float:
+    """Error of the provider's input gradients (for eager's random output gradients) against eager's."""
+    grad_outs, reference = grads
+    outs, leaves = _outputs(impl, case, inputs, grad=True)
+    got = list(torch.autograd.grad(outs, leaves, grad_outs))
+    return check_error(impl.grad_post(got) if impl.grad_post else got, reference)
+
+
+def failure_status(err: BaseException) -> tuple[str, str]:
+    """(status, reason) of a provider that raised: "not installed" / "unavailable" (it cannot run here: no
+    library, no kernel for this device) or "error" (it should have run)."""
     text = f"{type(err).__name__}: {err}".strip().splitlines()[0][:300] if str(err) else type(err).__name__
     if isinstance(err, Unavailable):
         return ("not installed" if isinstance(err, NotInstalled) else "unavailable"), str(err)
@@ -182,19 +227,8 @@ class Suite:
         case_modes = [m for m in modes(case.op) if m in modes_wanted]
         if not case_modes:
             return
-        sets = [make_inputs(case.op, case.params, self.dtype, self.device)]
-        sets += [make_inputs(case.op, case.params, self.dtype, self.device) for _ in range(_n_sets(sets[0], self.device) - 1)]
-        n_out = _n_outputs(case)
-        with torch.no_grad():
-            reference = _flat(op_fn(case, "torch")(*sets[0]), n_out)
-        grads = None  # (grad outputs, eager's input gradients) for the backward check
-        if any(m != "fwd" for m in case_modes):
-            diff = differentiable(case.op, case.params)
-            leaves = [t.clone().requires_grad_(i in diff) for i, t in enumerate(sets[0])]
-            outs = _flat(op_fn(case, "torch")(*leaves), n_out)
-            grad_outs = [torch.randn_like(o) for o in outs]
-            grads = grad_outs, list(torch.autograd.grad(outs, [leaves[i] for i in diff], grad_outs))
-            del leaves, outs
+        sets = input_sets(case, self.dtype, self.device)
+        reference, grads = references(case, sets[0], backward=any(m != "fwd" for m in case_modes))
         for provider in registry()[case.op]:
             why_not = self.selected(provider.name)
             if why_not is None and self.deadline is not None:
@@ -207,33 +241,17 @@ class Suite:
                 for mode in case_modes:
                     self.row(case, mode, provider.name, "skipped", why_not)
                 continue
-            self._run_provider(case, provider, case_modes, sets, reference, grads, n_out)
+            self._run_provider(case, provider, case_modes, sets, reference, grads)
         del sets, reference, grads
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _outputs(self, impl: Impl, case: Case, inputs: tuple, n_out: int, grad: bool):
-        """The provider's outputs in our layout, on fresh copies of `inputs`; with `grad`, also its argument
-        leaves (the ones the backward differentiates)."""
-        args, leaves = _args(impl, case, tuple(t.clone() for t in inputs), grad)
-        with torch.set_grad_enabled(grad):
-            out = impl.fn(*args)
-        return _flat(impl.post(out) if impl.post else out, n_out), leaves
-
-    def _grad_error(self, impl: Impl, case: Case, inputs: tuple, n_out: int, grads) -> float:
-        """Error of the provider's input gradients (for eager's random output gradients) against eager's."""
-        grad_outs, reference = grads
-        outs, leaves = self._outputs(impl, case, inputs, n_out, grad=True)
-        got = list(torch.autograd.grad(outs, leaves, grad_outs))
-        return check_error(impl.grad_post(got) if impl.grad_post else got, reference)
-
-    def _run_provider(self, case, provider, case_modes, sets, reference, grads, n_out) -> None:
+    def _run_provider(self, case, provider, case_modes, sets, reference, grads) -> None:
         try:
             impl = provider.build(case, self.device)
-            with torch.no_grad():
-                err = check_error(self._outputs(impl, case, sets[0], n_out, grad=False)[0], reference)
+            err = forward_error(impl, case, sets[0], reference)
         except Exception as exc:  # noqa: BLE001 - every failure becomes a row, the run goes on
-            status, reason = _status(exc)
+            status, reason = failure_status(exc)
             for mode in case_modes:
                 self.row(case, mode, provider.name, status, reason)
             self.log(f"  {case.op:<16} {case.label:<28} {provider.name:<15} {status}: {reason}")
@@ -241,7 +259,7 @@ class Suite:
         grad_err = None
         if grads is not None:
             try:
-                grad_err = self._grad_error(impl, case, sets[0], n_out, grads)
+                grad_err = grad_error(impl, case, sets[0], grads)
             except Exception:  # noqa: BLE001 - the backward's own failure is recorded by its timed rows
                 pass
         tol = CHECK_TOL[self.dtype]
@@ -253,26 +271,20 @@ class Suite:
             try:
                 self._time(case, provider.name, impl, mode, sets, worst, check)
             except Exception as exc:  # noqa: BLE001
-                status, reason = _status(exc)
+                status, reason = failure_status(exc)
                 self.row(case, mode, provider.name, status, reason, note=impl.note)
                 self.log(f"  {case.op:<16} {case.label:<28} {provider.name:<15} {mode:<8} {status}: {reason}")
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
 
     def _time(self, case, name, impl, mode, sets, err, check) -> None:
-        run = _runner(impl, case, sets, mode)
+        run = runner(impl, case, sets, mode)
         timing = time_fn(run, self.device, len(sets), self.warmup_ms, self.rep_ms)
         peak = peak_memory_mb(lambda: run(0), self.device)
-        nbytes, flops = roofline.work(case.op, case.params, self.dtype.itemsize, mode)
-        seconds = timing.median_ms * 1e-3
-        gbps = None if nbytes is None else nbytes / seconds / 1e9
-        tflops = None if flops is None else flops / seconds / 1e12
-        bw, mm = self.ceilings.get("copy_gbps"), self.ceilings.get("matmul_tflops")
+        scores = roofline.rates(case.op, case.params, self.dtype.itemsize, mode, timing.median_ms * 1e-3,
+                                self.ceilings)
         row = self.row(case, mode, name, "ok", note=impl.note, median_ms=timing.median_ms, p20_ms=timing.p20_ms,
-                       p80_ms=timing.p80_ms, n=timing.n, bytes=nbytes, flops=flops, gbps=gbps, tflops=tflops,
-                       pct_copy_bw=None if gbps is None or not bw else 100 * gbps / bw,
-                       pct_matmul=None if tflops is None or not mm else 100 * tflops / mm,
-                       peak_mem_mb=peak, check_err=err, check=check)
+                       p80_ms=timing.p80_ms, n=timing.n, **scores, peak_mem_mb=peak, check_err=err, check=check)
         self.log(f"  {case.op:<16} {case.label:<28} {name:<15} {mode:<8} {report.rate(row)}")
 
 
@@ -293,9 +305,9 @@ def run(ops_wanted: list[str], shapes: str, modes_wanted: list[str], dtype: str,
         if set(providers) - known:
             raise ValueError(f"unknown providers {sorted(set(providers) - known)}; choose from {sorted(known)}")
         if "torch-compile" in providers:
-            _raise_recompile_limits()
+            raise_recompile_limits()
     elif device.type == "cuda":
-        _raise_recompile_limits()
+        raise_recompile_limits()
     cases = [c for c in shape_set(shapes) if c.op in ops_wanted]
     cases.sort(key=lambda c: ops_wanted.index(c.op))
     results: dict = {"schema": 1, "env": environment(device),
@@ -321,7 +333,7 @@ def run(ops_wanted: list[str], shapes: str, modes_wanted: list[str], dtype: str,
     return results
 
 
-def _raise_recompile_limits() -> None:
+def raise_recompile_limits() -> None:
     """One compiled function per case, each at static shapes: let dynamo keep them all."""
     import torch._dynamo
 

@@ -69,6 +69,19 @@ def time_cuda(run: Callable[[int], object], n_sets: int = 1, warmup_ms: float = 
     return summarize([s.elapsed_time(e) for s, e in zip(starts, ends)])
 
 
+def l2_flush(device: torch.device) -> Callable[[], None]:
+    """A call that evicts the GPU's L2 cache (a 256 MB memset) and waits for it, for timers that synchronize
+    around each timed call; nothing on the CPU."""
+    if device.type != "cuda":
+        return lambda: None
+    buffer = torch.empty(_FLUSH_BYTES, dtype=torch.int8, device=device)
+
+    def flush() -> None:
+        buffer.zero_()
+        torch.cuda.synchronize(device)
+    return flush
+
+
 def time_cpu(run: Callable[[int], object], n_sets: int = 1, warmup_ms: float = 10, rep_ms: float = 50,
              min_rep: int = 3, max_rep: int = 200) -> Timing:
     """Median/p20/p80 of `run` on the CPU by `time.perf_counter`."""
