@@ -1,6 +1,6 @@
-"""The op `linear_cross_entropy`, fused linear + cross-entropy: the loss of `labels` under `softmax(x @ weight.T)` without ever holding the
-`[tokens, vocab]` logits. One chunk loop for every backend; the per-chunk step is the "cross_entropy_chunk"
-kernel ("triton", "cpp") or its PyTorch version `reference.cross_entropy_chunk` ("torch").
+"""The op `linear_cross_entropy`, fused linear + cross-entropy: the loss of `labels` under `softmax(x @ weight.T)`
+without ever holding the `[tokens, vocab]` logits. One chunk loop for every backend; the per-chunk step is the
+"cross_entropy_chunk" kernel ("triton", "cpp") or its PyTorch version `reference.cross_entropy_chunk` ("torch").
 
 Scheme (Liger-Kernel's): gradients are computed in the forward, chunk by chunk. For each chunk of `chunk_size`
 tokens: `z = x_c @ W.T` (`[chunk, V]`, x's dtype, as a plain lm_head would produce), the "cross_entropy_chunk"
