@@ -105,4 +105,3 @@ def _silu_mul_backward(ctx, dout):
 
 
 _silu_mul_fwd.register_autograd(_silu_mul_backward, setup_context=_silu_mul_setup)
-

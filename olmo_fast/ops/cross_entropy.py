@@ -109,4 +109,3 @@ def _backward(ctx, d_loss, _dx, _dw):
 
 
 _forward.register_autograd(_backward, setup_context=_setup_context)
-

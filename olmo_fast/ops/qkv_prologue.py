@@ -77,4 +77,3 @@ def _backward(ctx, dq, dk, dv):
 
 
 _fwd.register_autograd(_backward, setup_context=_setup)
-

@@ -59,4 +59,3 @@ def _backward(ctx, dq, dk):
 
 
 _rope.register_autograd(_backward, setup_context=_setup)
-

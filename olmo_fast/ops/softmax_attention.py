@@ -98,4 +98,3 @@ def _backward(ctx, dout, _dlse):
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
-
