@@ -1,5 +1,7 @@
 """torch.clamp(x, -clip, clip) and its gradient on the device, for every kernel that clips (OLMo 1.7's clip_qkv):
-kernels/qkv_rope.py and kernels/attention.py.
+kernels/qkv_rope.py and kernels/attention.py. The rule itself is `olmo_fast.ops.clip_qkv` (what the "torch"
+backend and the patched models run); this file mirrors it in Triton, and tests/test_qkv_rope.py checks that the
+two agree bitwise at the edges.
 
 Exactly torch.clamp's semantics: the bound is the clip value rounded to the input's dtype (`clip_bound`, on the
 host; torch compares in the tensor's dtype), NaN propagates through the clamp (tl.maximum/minimum drop a NaN

@@ -19,7 +19,8 @@ Work, with P = B * H * Tq * Tk * D (halved under a causal mask when Tq = Tk):
 Bytes (e = element size): forward reads Q, K, V and writes O, LSE: e*B*D*(2*H*Tq + 2*Hkv*Tk) + 4*B*H*Tq from HBM
 (K/V tiles are re-read once per query block, mostly from L2). Backward reads Q, K, V, O, dO, LSE and writes dQ,
 dK, dV plus the fp32 delta: e*B*D*(5*H*Tq + 4*Hkv*Tk) + 12*B*H*Tq.
-Kernel contract (KERNELS; `olmo_fast/ops/attention.py` wraps them in custom ops with autograd):
+Kernel contract (KERNELS; `olmo_fast/ops/softmax_attention.py` validates the shapes and wraps them in custom ops
+with autograd):
   "attention_fwd"(q, k, v, causal: bool, clip: float | None, scale: float) -> (out [B, Tq, H, D] q.dtype, lse)
   "attention_bwd"(dout, q, k, v, out, lse, causal, clip, scale) -> (dq, dk, dv) in the inputs' shapes and dtype
   lse [B, H, Tq] fp32 only travels from a backend's forward to its own backward (here: base 2, scaled scores).
@@ -357,15 +358,10 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
 LOG2E = 1.4426950408889634
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape or q.shape[0] != k.shape[0] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"attention wants q [B,Tq,H,D], k and v [B,Tk,Hkv,D]; got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k.shape[2]} key/value heads")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise ValueError(f"attention wants q, k, v of one dtype among fp16/bf16/fp32; got {q.dtype}, {k.dtype}, "
-                         f"{v.dtype}")
+def _check_dtype(q: torch.Tensor) -> None:
+    """What only this kernel needs (shapes and one shared dtype are checked by `ops.attention`)."""
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"the Triton attention kernel takes fp16/bf16/fp32, got {q.dtype}")
 
 
 def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -385,7 +381,7 @@ def _common(q: torch.Tensor, k: torch.Tensor, causal: bool, clip: float | None, 
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, clip: float | None,
                   scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (out [B, Tq, H, D] contiguous in q's dtype, lse [B, H, Tq] fp32 base 2, +inf for rows with no key)."""
-    _check(q, k, v)
+    _check_dtype(q)
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
     B, Tq, H, D = q.shape
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -402,7 +398,7 @@ def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
                   lse: torch.Tensor, causal: bool, clip: float | None, scale: float
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dq, dk, dv), contiguous, in the inputs' dtype; the clamp's gradient included."""
-    _check(q, k, v)
+    _check_dtype(q)
     q, k, v, out, dout = (last_dim_contiguous(t) for t in (q, k, v, out, dout))
     B, Tq, H, D = q.shape
     Tk, Hkv = k.shape[1], k.shape[2]

@@ -114,16 +114,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      scale: float | None = None, num_splits: int | None = None) -> torch.Tensor:
     """Out [B, Tq, H, D] (q's dtype) of q over the first seqlens[b] slots of each cache; see the module docstring.
 
-    seqlens[b] must lie in [Tq, S] (not checked on the device: that would synchronise)."""
-    if q.dim() != 4 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape or q.shape[0] != k_cache.shape[0] \
-            or q.shape[3] != k_cache.shape[3] or seqlens.shape != (q.shape[0],):
-        raise ValueError(f"decode_attention wants q [B,Tq,H,D], caches [B,S,Hkv,D] and seqlens [B]; got "
-                         f"{tuple(q.shape)}, {tuple(k_cache.shape)}, {tuple(v_cache.shape)}, {tuple(seqlens.shape)}")
-    if q.shape[2] % k_cache.shape[2]:
-        raise ValueError(f"{q.shape[2]} query heads are not a multiple of {k_cache.shape[2]} key/value heads")
-    if not (q.dtype == k_cache.dtype == v_cache.dtype) or seqlens.dtype not in (torch.int32, torch.int64):
-        raise ValueError(f"q and the caches must share a dtype and seqlens be integers; got {q.dtype}, "
-                         f"{k_cache.dtype}, {v_cache.dtype}, {seqlens.dtype}")
+    Inputs as `ops.decode_attention` validates them (shapes, one dtype, integer seqlens); seqlens[b] must lie in
+    [Tq, S] (not checked on the device: that would synchronise)."""
     q, k_cache, v_cache = (last_dim_contiguous(t) for t in (q, k_cache, v_cache))
     B, Tq, H, D = q.shape
     S, Hkv = k_cache.shape[1], k_cache.shape[2]

@@ -1,5 +1,5 @@
 """Cross-entropy of one chunk of logits and its gradient, in place: the per-chunk kernel of the fused linear
-cross-entropy (`olmo_fast/ops/linear_cross_entropy.py` runs the matmuls around it).
+cross-entropy (`olmo_fast/ops/cross_entropy.py` runs the matmuls around it).
 
 For each row i of `logits [n, V]` (fp32/fp16/bf16, stride(-1) == 1, any row stride) with label y_i:
     loss[i] = logsumexp(z_i) - z_i[y_i]              (fp32; 0 where y_i == ignore_index)

@@ -139,3 +139,22 @@ def test_clamp_is_torch_clamp(backend, dtype):
         torch.testing.assert_close(g, w, equal_nan=True)
     torch.testing.assert_close(got[3], want[3])
     assert torch.equal(got[3] == 0, want[3] == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_clip_qkv_bound_is_the_kernels(dtype):
+    """`ops.clip_qkv`, the clamp of the "torch" backend and of the patched models, clamps at the bound the Triton
+    kernels are given (`kernels._clamp.clip_bound`: the clip rounded to the dtype), keeps NaN, and passes the
+    gradient at the bound; `test_clamp_is_torch_clamp` checks the kernels' clamp against it on the device."""
+    pytest.importorskip("triton")
+    from olmo_fast.kernels._clamp import clip_bound
+
+    for clip in (0.3, 1.7, 5.0):
+        bound = clip_bound(clip, dtype)
+        t = torch.tensor([100.0, -100.0, float("nan"), bound, -bound], dtype=dtype, requires_grad=True)
+        got = ops.clip_qkv(t, clip)
+        assert got[0].item() == bound == -got[1].item() and got[2].isnan()
+        got.sum().backward()
+        assert t.grad.tolist() == [0.0, 0.0, 0.0, 1.0, 1.0]
+    t = torch.randn(3)
+    assert ops.clip_qkv(t, None) is t

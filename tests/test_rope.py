@@ -71,7 +71,7 @@ def test_against_float64(backend, dtype, shape, interleaved):
 def test_inverse_undoes_rotation(backend):
     """The backward is the inverse rotation: applying it to the forward output gives the input back."""
     require_kernel_where_registered("rope", backend)
-    from olmo_fast.ops.rope import _rope
+    from olmo_fast.ops.rotary import _rope
 
     q, k = torch.randn(2, 9, 3, 16, device=DEVICE), torch.randn(2, 9, 1, 16, device=DEVICE)
     rq, rk = ops.rope(q, k, offset=77, backend=backend)

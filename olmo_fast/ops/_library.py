@@ -1,4 +1,4 @@
-"""Plumbing shared by the custom ops of `ops/<op>.py` (the "triton" and "cpp" backends both run through them).
+"""Plumbing shared by the op modules' custom ops (the "triton" and "cpp" backends both run through them).
 
 Each op is a pair of `torch.library` custom ops, "olmo_fast::<op>_fwd" and "olmo_fast::<op>_bwd", with fake
 (meta) implementations for torch.compile and autograd registered on the forward; both take `backend` and look

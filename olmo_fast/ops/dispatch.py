@@ -1,16 +1,22 @@
-"""The one dispatch point: which backend runs an op, and the table of compiled/Triton kernels.
+"""The one dispatch point: which backend runs a kernel, and the table of compiled/Triton kernels.
+
+Names: an *op* is a public function of `olmo_fast.ops` (`ops.rms_norm`); a *kernel* is a named plain function of
+one backend, without autograd, that an op's custom op calls (e.g. "norm_fwd" and "norm_bwd", signatures in
+`kernels/<file>.py`). Dispatch knows kernels only: providers register them, ops ask for them by name.
 
 Backends:
-  "torch"  - plain PyTorch (`reference.py`): the numerical reference, runs everywhere.
+  "torch"  - plain PyTorch (`reference.py`): the numerical reference, runs everywhere, registers no kernels.
   "triton" - Triton kernels from `kernels/` (CUDA/ROCm GPUs; the CPU only under TRITON_INTERPRET=1).
   "cpp"    - the compiled extension `olmo_fast._C`: CUDA or HIP kernels on a GPU, C++ loops on the CPU.
 
-Kernel providers register plain functions (no autograd) with `register_kernel(op, backend, fn, devices)`;
-`ops/<op>.py` wraps them in one torch.library custom op + autograd shared by every compiled backend.
-`backend=None` picks, per op and device, the first available of `preferred_order(device)`;
-the environment variable OLMO_FAST_BACKEND (or, in-process, `with prefer(backend):`) puts its backend first;
-ops it lacks fall back to the others.
-An explicit `backend=` is strict: if that backend cannot run the op on that device, it raises.
+Kernel providers register functions with `register_kernel(name, backend, fn, devices)`, into one table keyed by
+(kernel name, backend, device type): every later lookup is one dict access (a provider is imported on the first
+lookup of its backend). An op call resolves its backend once, `resolve(<its forward kernel>, backend, device)`,
+and passes the backend's name to its custom ops, which fetch their kernels with `kernel(...)`.
+`backend=None` picks, per kernel and device, the first backend of `preferred_order(device)` that has it; the
+environment variable OLMO_FAST_BACKEND (or, in-process, `with prefer(backend):`) puts its backend first, read
+on every call (the preference is never memoized); kernels it lacks fall back to the others.
+An explicit `backend=` is strict: if that backend has no such kernel on that device, it raises.
 """
 from __future__ import annotations
 
@@ -24,8 +30,8 @@ import torch
 
 BACKENDS = ("torch", "triton", "cpp")
 
-# op name -> backend -> (kernel callable, device types it supports)
-_KERNELS: dict[str, dict[str, tuple[Callable, frozenset[str]]]] = {}
+# (kernel name, backend, device type) -> kernel: the registry, and the lookup table of every dispatch
+_KERNELS: dict[tuple[str, str, str], Callable] = {}
 # backend -> why it is (wholly or partly) unavailable: its provider's import error, with where it was raised
 _UNAVAILABLE: dict[str, str] = {}
 _PROVIDERS = {"triton": "olmo_fast.ops._triton_kernels", "cpp": "olmo_fast.ops._cpp_kernels"}
@@ -36,11 +42,12 @@ class BackendError(RuntimeError):
     """An op was asked of a backend that cannot run it."""
 
 
-def register_kernel(op: str, backend: str, fn: Callable, devices: tuple[str, ...] | frozenset[str]) -> None:
-    """Make `fn` the `backend` kernel of `op` on the given device types ("cuda", "cpu")."""
+def register_kernel(name: str, backend: str, fn: Callable, devices: tuple[str, ...] | frozenset[str]) -> None:
+    """Make `fn` the `backend` kernel `name` on the given device types ("cuda", "cpu")."""
     if backend not in BACKENDS or backend == "torch":
         raise ValueError(f"kernels are registered for 'triton' or 'cpp', not {backend!r}")
-    _KERNELS.setdefault(op, {})[backend] = (fn, frozenset(devices))
+    for device_type in devices:
+        _KERNELS[(name, backend, device_type)] = fn
 
 
 def mark_unavailable(backend: str, reason: str) -> None:
@@ -59,32 +66,39 @@ def _load_provider(backend: str) -> None:
         mark_unavailable(backend, f"{type(err).__name__}: {err} (at {where})")
 
 
-def kernel(op: str, backend: str, device_type: str) -> Callable:
-    """The registered kernel of `op` for `backend` on `device_type`, or BackendError saying why not."""
-    _load_provider(backend)
-    entry = _KERNELS.get(op, {}).get(backend)
-    if entry is None:
-        why = _UNAVAILABLE.get(backend, f"the {backend!r} backend has no kernel for {op!r}")
-        raise BackendError(f"{op}: backend {backend!r} is unavailable ({why})")
-    fn, devices = entry
-    if device_type not in devices:
-        raise BackendError(f"{op}: backend {backend!r} runs on {sorted(devices)}, not on {device_type!r} tensors")
+def _lookup(name: str, backend: str, device_type: str) -> Callable | None:
+    """The table entry, or None; loads the backend's provider on its first miss."""
+    fn = _KERNELS.get((name, backend, device_type))
+    if fn is None and backend not in _loaded:
+        _load_provider(backend)
+        fn = _KERNELS.get((name, backend, device_type))
     return fn
 
 
-def has_kernel(op: str, backend: str, device_type: str) -> bool:
-    if backend == "torch":
-        return True
-    try:
-        kernel(op, backend, device_type)
-        return True
-    except BackendError:
-        return False
+def kernel(name: str, backend: str, device_type: str) -> Callable:
+    """The registered `backend` kernel `name` on `device_type`, or BackendError saying why not."""
+    fn = _lookup(name, backend, device_type)
+    if fn is None:
+        raise BackendError(_why_not(name, backend, device_type))
+    return fn
 
 
-def available_backends(op: str, device_type: str) -> list[str]:
-    """Backends that can run `op` on `device_type` now, best first."""
-    return [b for b in _default_order(device_type) if has_kernel(op, b, device_type)]
+def _why_not(name: str, backend: str, device_type: str) -> str:
+    devices = sorted(d for (n, b, d) in _KERNELS if n == name and b == backend)
+    if devices:
+        return f"{name}: backend {backend!r} runs on {devices}, not on {device_type!r} tensors"
+    why = _UNAVAILABLE.get(backend, f"the {backend!r} backend has no kernel {name!r}")
+    return f"{name}: backend {backend!r} is unavailable ({why})"
+
+
+def has_kernel(name: str, backend: str, device_type: str) -> bool:
+    """Whether `backend` can run kernel `name` on `device_type` ("torch" runs everything)."""
+    return backend == "torch" or _lookup(name, backend, device_type) is not None
+
+
+def available_backends(name: str, device_type: str) -> list[str]:
+    """Backends that can run kernel `name` on `device_type` now, best first."""
+    return [b for b in _default_order(device_type) if has_kernel(name, b, device_type)]
 
 
 def _default_order(device_type: str) -> list[str]:
@@ -119,32 +133,31 @@ def preferred_order(device_type: str) -> list[str]:
     return order
 
 
-def resolve(op: str, backend: str | None, device: torch.device) -> str:
-    """The backend that runs `op` on `device`: `backend` itself (checked), or the best available."""
+def resolve(name: str, backend: str | None, device: torch.device) -> str:
+    """The backend that runs kernel `name` on `device`: `backend` itself (checked), or the best available."""
     if backend is not None:
         if backend not in BACKENDS:
             raise BackendError(f"backend must be one of {BACKENDS} or None, got {backend!r}")
-        if backend != "torch":
-            kernel(op, backend, device.type)  # raises with the reason
+        if backend != "torch" and _lookup(name, backend, device.type) is None:
+            raise BackendError(_why_not(name, backend, device.type))
         return backend
     for candidate in preferred_order(device.type):
-        if has_kernel(op, candidate, device.type):
+        if has_kernel(name, candidate, device.type):
             return candidate
     return "torch"
 
 
 def status() -> dict[str, dict[str, list[str] | str]]:
-    """For `olmo-fast info`: per backend, the ops it provides and on which devices, or why it is absent; a backend
-    whose provider failed part-way (some kernel modules registered, then an import error) has both, the error as
-    "load_error"."""
+    """For `olmo-fast info`: per backend, the kernels it provides ("ops": kernel names) and on which devices, or
+    why it is absent; a backend whose provider failed part-way (some kernel modules registered, then an import
+    error) has both, the error as "load_error"."""
     for backend in _PROVIDERS:
         _load_provider(backend)
     report: dict[str, dict[str, list[str] | str]] = {"torch": {"ops": ["all"], "devices": ["cpu", "cuda"]}}
     for backend in _PROVIDERS:
-        ops = sorted(op for op, table in _KERNELS.items() if backend in table)
-        if ops:
-            devices = sorted(set().union(*(_KERNELS[op][backend][1] for op in ops)))
-            report[backend] = {"ops": ops, "devices": devices}
+        entries = [(n, d) for (n, b, d) in _KERNELS if b == backend]
+        if entries:
+            report[backend] = {"ops": sorted({n for n, _ in entries}), "devices": sorted({d for _, d in entries})}
             if backend in _UNAVAILABLE:
                 report[backend]["load_error"] = _UNAVAILABLE[backend]
         else:

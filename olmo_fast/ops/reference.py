@@ -1,6 +1,6 @@
 """The "torch" backend: plain PyTorch implementations of every op, and the numerical reference for tests.
 
-They follow OLMo's semantics exactly (see shared REFERENCE.md): LayerNorm statistics in fp32, RoPE angles and
+They follow OLMo's semantics exactly (allenai's OLMo, transformers' Olmo): LayerNorm statistics in fp32, RoPE angles and
 rotation in fp32 with the rotate-half layout, clamp before the split and before RoPE, SwiGLU on `[x | gate]`.
 """
 from __future__ import annotations
@@ -112,8 +112,14 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None = None
     return rotate(q), rotate(k)
 
 
-def clip(t: torch.Tensor, value: float | None) -> torch.Tensor:
-    return t if value is None else t.clamp(-value, value)
+def clip_qkv(t: torch.Tensor, clip: float | None) -> torch.Tensor:
+    """OLMo 1.7's `clip_qkv`, the one clamp rule of the package: `torch.clamp(t, -clip, clip)`, nothing if `clip` is
+    None. Semantics are torch.clamp's: the bound is `clip` rounded to t's dtype (torch compares in the tensor's
+    dtype: 0.3 clamps bf16 at 0.30078125), NaN stays NaN, and the gradient passes where -bound <= t <= bound
+    (inclusive; not at NaN). The Triton kernels mirror it (`kernels/_clamp.py`: `clip_bound` rounds the bound the
+    same way on the host, `clamp`/`clamp_grad` apply it on loaded tiles); tests/test_qkv_rope.py checks that they
+    agree bitwise at the rounded bound, just past it and at NaN."""
+    return t if clip is None else t.clamp(-clip, clip)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, clip_value: float | None = None,
@@ -123,7 +129,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     With `causal` and fewer queries than keys, query i sees keys up to `Tk - Tq + i` (bottom-right aligned,
     as flash-attn and a KV cache need).
     """
-    q, k, v = clip(q, clip_value), clip(k, clip_value), clip(v, clip_value)
+    q, k, v = clip_qkv(q, clip_value), clip_qkv(k, clip_value), clip_qkv(v, clip_value)
     n_rep = q.shape[2] // k.shape[2]
     if n_rep > 1:
         k = k.repeat_interleave(n_rep, dim=2)
@@ -166,7 +172,7 @@ def qkv_rope(qkv: torch.Tensor, n_heads: int, n_kv_heads: int, clip_value: float
     """
     B, T, width = qkv.shape
     head_dim = width // (n_heads + 2 * n_kv_heads)
-    qkv = clip(qkv, clip_value)
+    qkv = clip_qkv(qkv, clip_value)
     q, k, v = qkv.split((n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim), dim=-1)
     q, k = rope(q.view(B, T, n_heads, head_dim), k.view(B, T, n_kv_heads, head_dim), positions, offset, theta)
     return q, k, v.view(B, T, n_kv_heads, head_dim)

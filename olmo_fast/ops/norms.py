@@ -1,4 +1,5 @@
-"""LayerNorm / RMSNorm (+ fused residual add) as custom ops "olmo_fast::norm_fwd" / "olmo_fast::norm_bwd".
+"""The ops `layer_norm` and `rms_norm` (+ fused residual add): validation, dispatch, and the custom ops
+"olmo_fast::norm_fwd" / "olmo_fast::norm_bwd" with autograd that the compiled backends run through.
 
 OLMo's non-parametric LayerNorm runs the kernels "layer_norm_fwd"/"layer_norm_bwd" (which every compiled
 backend provides) and keeps only its output y and rstd for the backward; with a weight or bias, or RMSNorm, it
@@ -8,7 +9,55 @@ from __future__ import annotations
 
 import torch
 
+from . import dispatch, reference
 from ._library import as_rows, check_like, kernel, nothing
+
+
+def layer_norm(x: torch.Tensor, *, eps: float = 1e-5, residual: torch.Tensor | None = None,
+               weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, backend: str | None = None):
+    """LayerNorm over the last dim (fp32 statistics), output in x's dtype. OLMo's is non-parametric (no
+    `weight`, no `bias`); other models pass `[C]` ones.
+
+    With `residual`: `h = x + residual`, returns `(LN(h), h)` - the residual add every OLMo block does.
+    """
+    x, residual = _checked(x, residual, weight, bias)
+    parametric = weight is not None or bias is not None
+    chosen = dispatch.resolve("norm_fwd" if parametric else "layer_norm_fwd", backend, x.device)
+    if chosen == "torch":
+        return reference.layer_norm(x, eps, residual, weight, bias)
+    return _norm(x, eps, residual, weight, bias, False, chosen)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, *, eps: float = 1e-6,
+             residual: torch.Tensor | None = None, backend: str | None = None):
+    """RMSNorm over the last dim: `h * rsqrt(mean(h^2) + eps) * weight` with fp32 statistics (and an fp32
+    weight gradient, reduced over rows in fp32), output in x's dtype. With `residual`, returns `(y, h)`."""
+    x, residual = _checked(x, residual, weight, None)
+    chosen = dispatch.resolve("norm_fwd", backend, x.device)
+    if chosen == "torch":
+        return reference.rms_norm(x, weight, eps, residual)
+    return _norm(x, eps, residual, weight, None, True, chosen)
+
+
+def _checked(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
+             bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The norms' inputs checked, and `x + residual` promoted as PyTorch does: under bf16 autocast the fp32
+    residual stream meets a bf16 branch output, and the sum (and the norm's output) stays fp32 on every backend."""
+    width = x.shape[-1]
+    check_like("residual", residual, x, x.shape)
+    check_like("weight", weight, x, (width,))
+    check_like("bias", bias, x, (width,))
+    if residual is None or residual.dtype == x.dtype:
+        return x, residual
+    dtype = torch.promote_types(x.dtype, residual.dtype)
+    return x.to(dtype), residual.to(dtype)
+
+
+def _norm(x: torch.Tensor, eps: float, residual: torch.Tensor | None, weight: torch.Tensor | None,
+          bias: torch.Tensor | None, rms: bool, backend: str):
+    """A norm on a compiled backend: y, or (y, h) with a residual."""
+    y, h, _, _ = _fwd(x, residual, weight, bias, eps, rms, backend)
+    return y if residual is None else (y, h)
 
 
 def _parametric(weight: torch.Tensor | None, bias: torch.Tensor | None, rms: bool) -> bool:
@@ -80,14 +129,3 @@ def _backward(ctx, dy, dh, _dmean, _drstd):
 
 
 _fwd.register_autograd(_backward, setup_context=_setup)
-
-
-def apply(x: torch.Tensor, *, eps: float, residual: torch.Tensor | None = None, weight: torch.Tensor | None = None,
-          bias: torch.Tensor | None = None, rms: bool = False, backend: str):
-    """`ops.layer_norm` / `ops.rms_norm` on a compiled backend: y, or (y, h) with a residual."""
-    width = x.shape[-1]
-    check_like("residual", residual, x, x.shape)
-    check_like("weight", weight, x, (width,))
-    check_like("bias", bias, x, (width,))
-    y, h, _, _ = _fwd(x, residual, weight, bias, eps, rms, backend)
-    return y if residual is None else (y, h)

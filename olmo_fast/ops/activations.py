@@ -1,12 +1,37 @@
-"""SwiGLU as custom ops: "olmo_fast::swiglu_fwd"/"_bwd" (OLMo's fused `[up | gate]` layout) and
-"olmo_fast::silu_mul_fwd"/"_bwd" (separate gate and up tensors), kernels of the same names
-(signatures: kernels/swiglu.py). The backward keeps the inputs and recomputes the sigmoid.
+"""The SwiGLU ops `swiglu` (OLMo's fused `[x | gate]` layout) and `silu_mul` (separate gate and up tensors):
+validation, dispatch, and the custom ops "olmo_fast::swiglu_fwd"/"_bwd" and "olmo_fast::silu_mul_fwd"/"_bwd"
+with autograd, running the kernels of the same names (signatures: kernels/swiglu.py). The backward keeps the
+inputs and recomputes the sigmoid.
 """
 from __future__ import annotations
 
 import torch
 
+from . import dispatch, reference
 from ._library import as_rows, kernel
+
+
+def swiglu(h: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """`h = [x | gate]` (`[..., 2H]`) -> `silu(gate) * x` (`[..., H]`)."""
+    if h.shape[-1] % 2:
+        raise ValueError(f"swiglu needs an even last dim ([x | gate]), got {tuple(h.shape)}")
+    chosen = dispatch.resolve("swiglu_fwd", backend, h.device)
+    if chosen == "torch":
+        return reference.swiglu(h)
+    return _swiglu_fwd(h, chosen)
+
+
+def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """The separate gate/up SwiGLU layout (Llama's MLP): `silu(gate) * up`, both `[..., H]`."""
+    if gate.shape != up.shape:
+        raise ValueError(f"silu_mul wants gate and up of one shape, got {tuple(gate.shape)} and {tuple(up.shape)}")
+    chosen = dispatch.resolve("silu_mul_fwd", backend, gate.device)
+    if chosen == "torch":
+        return reference.silu_mul(gate, up)
+    if gate.dtype != up.dtype or gate.device != up.device:  # the kernels' constraint ("torch" promotes)
+        raise ValueError(f"silu_mul wants gate and up of one dtype and device, got {gate.dtype}/{gate.device} "
+                         f"and {up.dtype}/{up.device}")
+    return _silu_mul_fwd(gate, up, chosen)
 
 
 def _out_shape(t: torch.Tensor, width: int) -> tuple[int, ...]:
@@ -80,16 +105,3 @@ def _silu_mul_backward(ctx, dout):
 
 
 _silu_mul_fwd.register_autograd(_silu_mul_backward, setup_context=_silu_mul_setup)
-
-
-def apply(h: torch.Tensor, *, backend: str) -> torch.Tensor:
-    """`ops.swiglu` on a compiled backend: `[..., 2H]` = `[up | gate]` -> `[..., H]`."""
-    return _swiglu_fwd(h, backend)
-
-
-def apply_silu_mul(gate: torch.Tensor, up: torch.Tensor, *, backend: str) -> torch.Tensor:
-    """`ops.silu_mul` on a compiled backend: silu(gate) * up."""
-    if gate.dtype != up.dtype or gate.device != up.device:
-        raise ValueError(f"silu_mul wants gate and up of one dtype and device, got {gate.dtype}/{gate.device} "
-                         f"and {up.dtype}/{up.device}")
-    return _silu_mul_fwd(gate, up, backend)

@@ -1,13 +1,38 @@
-"""The attention prologue (clamp -> split -> RoPE) as custom ops "olmo_fast::qkv_rope_fwd" / "_bwd", kernels of
-the same names (signatures: kernels/qkv_rope.py). The backward keeps the qkv input only when clipping (for the
-clamp's gradient); without a clip it keeps nothing but the positions.
+"""The op `qkv_rope`, the attention prologue (clamp -> split -> RoPE): validation, dispatch, and the custom ops
+"olmo_fast::qkv_rope_fwd" / "_bwd" with autograd, running the kernels of the same names (signatures:
+kernels/qkv_rope.py). The backward keeps the qkv input only when clipping (for the clamp's gradient); without a
+clip it keeps nothing but the positions.
 """
 from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import dispatch, reference
 from ._library import check_positions, kernel
+
+
+def qkv_rope(qkv: torch.Tensor, *, n_heads: int, n_kv_heads: int, clip: float | None = None,
+             positions: torch.Tensor | None = None, offset: int | torch.Tensor = 0, theta: float = 10000.0,
+             backend: str | None = None):
+    """Attention prologue: `[B, T, (Hq + 2 Hkv) D]` -> clamp to ±clip (`reference.clip_qkv`) -> split Q|K|V ->
+    RoPE on q, k.
+
+    Returns `(q, k, v)` in `[B, T, H, D]`.
+    """
+    heads = n_heads + 2 * n_kv_heads
+    if qkv.dim() != 3 or qkv.shape[-1] % heads:
+        raise ValueError(f"qkv_rope wants [B, T, (Hq + 2 Hkv) * D], got {tuple(qkv.shape)} "
+                         f"for {n_heads} query and {n_kv_heads} key/value heads")
+    if (qkv.shape[-1] // heads) % 2:
+        raise ValueError(f"qkv_rope needs an even head dim, got {qkv.shape[-1] // heads}")
+    check_positions(positions, qkv.shape[0], qkv.shape[1])
+    chosen = dispatch.resolve("qkv_rope_fwd", backend, qkv.device)
+    if chosen == "torch":
+        return reference.qkv_rope(qkv, n_heads, n_kv_heads, clip, positions, offset, theta)
+    if positions is None and isinstance(offset, torch.Tensor):
+        positions, offset = reference.rope_positions(qkv.shape[1], offset, qkv.device), 0
+    return _fwd(qkv, n_heads, n_kv_heads, None if clip is None else float(clip), positions, int(offset),
+                float(theta), chosen)
 
 
 @torch.library.custom_op("olmo_fast::qkv_rope_fwd", mutates_args=())
@@ -52,16 +77,3 @@ def _backward(ctx, dq, dk, dv):
 
 
 _fwd.register_autograd(_backward, setup_context=_setup)
-
-
-def apply(qkv: torch.Tensor, *, n_heads: int, n_kv_heads: int, clip: float | None = None,
-          positions: torch.Tensor | None = None, offset: int | torch.Tensor = 0, theta: float = 10000.0,
-          backend: str):
-    """`ops.qkv_rope` on a compiled backend -> (q, k, v), contiguous `[B, T, H, D]`."""
-    if (qkv.shape[-1] // (n_heads + 2 * n_kv_heads)) % 2:
-        raise ValueError(f"qkv_rope needs an even head dim, got {qkv.shape[-1] // (n_heads + 2 * n_kv_heads)}")
-    if positions is None and isinstance(offset, torch.Tensor):
-        positions, offset = reference.rope_positions(qkv.shape[1], offset, qkv.device), 0
-    check_positions(positions, qkv.shape[0], qkv.shape[1])
-    return _fwd(qkv, n_heads, n_kv_heads, None if clip is None else float(clip), positions, int(offset),
-                float(theta), backend)

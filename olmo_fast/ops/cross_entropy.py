@@ -1,6 +1,6 @@
-"""Fused linear + cross-entropy: the loss of `labels` under `softmax(x @ weight.T)` without ever holding the
-`[tokens, vocab]` logits. One chunk loop for every backend; the per-chunk step is the "cross_entropy_chunk"
-kernel ("triton", "cpp") or its PyTorch version `reference.cross_entropy_chunk` ("torch").
+"""The op `linear_cross_entropy`, fused linear + cross-entropy: the loss of `labels` under `softmax(x @ weight.T)`
+without ever holding the `[tokens, vocab]` logits. One chunk loop for every backend; the per-chunk step is the
+"cross_entropy_chunk" kernel ("triton", "cpp") or its PyTorch version `reference.cross_entropy_chunk` ("torch").
 
 Scheme (Liger-Kernel's): gradients are computed in the forward, chunk by chunk. For each chunk of `chunk_size`
 tokens: `z = x_c @ W.T` (`[chunk, V]`, x's dtype, as a plain lm_head would produce), the "cross_entropy_chunk"
@@ -19,8 +19,42 @@ from __future__ import annotations
 
 import torch
 
-from . import reference
+from . import dispatch, reference
 from ._library import kernel, nothing
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
+                         reduction: str = "mean", chunk_size: int | None = None, check_labels: bool = True,
+                         backend: str | None = None) -> torch.Tensor:
+    """`F.cross_entropy(x @ weight.T, labels)` (fp32 loss) without materialising the `[tokens, vocab]` logits:
+    x `[..., D]`, weight `[V, D]`, labels `[...]` (`ignore_index` skipped); `reduction` "mean" (over the
+    labelled tokens) or "sum". Computed `chunk_size` tokens at a time (default: chunks whose logits are about
+    x's size), with the gradients computed chunk by chunk in the forward (module docstring).
+    `check_labels=False` skips the label range check (a host sync) for callers that validated the ids already.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    if weight.dim() != 2 or x.shape[-1] != weight.shape[1] or x.shape[:-1] != labels.shape:
+        raise ValueError(f"linear_cross_entropy wants x [..., D], weight [V, D] and labels [...]; got "
+                         f"{tuple(x.shape)}, {tuple(weight.shape)}, {tuple(labels.shape)}")
+    if x.dtype != weight.dtype or labels.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"x and weight must share a float dtype and labels be integers; got {x.dtype}, "
+                         f"{weight.dtype}, {labels.dtype}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    x, labels = x.reshape(-1, x.shape[-1]), labels.reshape(-1).long()
+    if check_labels and not torch.compiler.is_compiling():  # a host sync: eager mode only (no graph break)
+        bad = (labels != ignore_index) & ((labels < 0) | (labels >= weight.shape[0]))
+        if bool(bad.any()):
+            raise ValueError(f"labels must lie in [0, {weight.shape[0]}) or equal ignore_index={ignore_index}")
+    chosen = dispatch.resolve("cross_entropy_chunk", backend, x.device)  # "torch": reference.cross_entropy_chunk
+    grad_on = torch.is_grad_enabled()
+    chunk = chunk_size or default_chunk_size(x.shape[0], weight.shape[0], weight.shape[1])
+    loss, _, _ = _forward(x, weight, labels, ignore_index, chunk, grad_on and x.requires_grad,
+                          grad_on and weight.requires_grad, chosen)
+    if reduction == "mean":
+        return loss / (labels != ignore_index).sum()
+    return loss
 
 
 def default_chunk_size(n_tokens: int, vocab: int, hidden: int) -> int:
@@ -75,15 +109,3 @@ def _backward(ctx, d_loss, _dx, _dw):
 
 
 _forward.register_autograd(_backward, setup_context=_setup_context)
-
-
-def apply(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, ignore_index: int, reduction: str,
-          chunk_size: int | None, backend: str) -> torch.Tensor:
-    """The fused loss of `x [N, D]`, `weight [V, D]`, `labels [N]` (checked by `ops.linear_cross_entropy`)."""
-    grad_on = torch.is_grad_enabled()
-    chunk = chunk_size or default_chunk_size(x.shape[0], weight.shape[0], weight.shape[1])
-    loss, _, _ = _forward(x, weight, labels, ignore_index, chunk, grad_on and x.requires_grad,
-                          grad_on and weight.requires_grad, backend)
-    if reduction == "mean":
-        return loss / (labels != ignore_index).sum()
-    return loss
