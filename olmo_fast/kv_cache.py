@@ -9,8 +9,8 @@ Two phases:
   (right-padded prompts), so plain causal attention over the new block is exact for every real token of a
   ragged batch; padded queries compute garbage that nobody reads. `start(lengths)` then sets each length.
 - decode: each new token's k/v go to slot `lengths[b]` (+ t for several new tokens) and the block's attention
-  module attends over `lengths[b] + T` keys (`ops.decode_attention`). `lengths` is one tensor updated in place, so a CUDA graph captured
-  around a decode step stays valid from step to step.
+  module attends over `lengths[b] + T` keys (`ops.decode_attention`). `lengths` is one tensor updated in place,
+  so a CUDA graph captured around a decode step stays valid from step to step.
 The cache holds tensors only: the block's `nn.Attention` attends over what `update` returns, on its own backend
 (so `OLMo.set_backend` reaches decoding through an existing cache). Bytes per layer: 2 * B * S * Hkv * D *
 element size.

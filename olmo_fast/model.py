@@ -138,7 +138,8 @@ class OLMo(nn.Module):
             ranges += [*torch.aminmax(scored)]
         bounds = torch.stack(ranges).tolist()
         if bounds[0] < 0 or bounds[1] >= cfg.embedding_size:
-            raise ValueError(f"token ids must lie in [0, {cfg.embedding_size}); got ids from {bounds[0]} to {bounds[1]}")
+            raise ValueError(f"token ids must lie in [0, {cfg.embedding_size}); got ids from {bounds[0]} to "
+                             f"{bounds[1]}")
         if labels is not None and (bounds[2] < 0 or bounds[3] >= cfg.embedding_size):
             raise ValueError(f"labels must lie in [0, {cfg.embedding_size}) or be -100; got labels from {bounds[2]} "
                              f"to {bounds[3]}")

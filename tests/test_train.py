@@ -362,7 +362,8 @@ def test_trainer_loss_is_the_models_summed_loss_over_all_tokens(tmp_path, fused)
     data = token_file(tmp_path / "ids.npy", 16 * 8)
     cfg = load_config([f"--save_folder={tmp_path / 'run'}", f"--data.paths=[{data}]",
                        "--model.max_sequence_length=16", "--global_train_batch_size=6",
-                       "--device_train_microbatch_size=3", f"--fused_loss={str(fused).lower()}"], base=BASE)  # 2 micro-batches
+                       "--device_train_microbatch_size=3",  # two micro-batches
+                       f"--fused_loss={str(fused).lower()}"], base=BASE)
     trainer = Trainer(cfg, log=lambda _: None)
     assert trainer.fused_loss is fused
     ids = torch.randint(0, 250, (6, 16))
