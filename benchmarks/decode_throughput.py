@@ -1,5 +1,5 @@
 """Generation throughput: greedy decoding tokens/s of random-weight OLMo models (default OLMo-1B and OLMo-7B, bf16)
-at batch 1 and 16 with `olmo_fast.benchmark_decode` (static KV cache, CUDA-graph step), beside HF transformers'
+at batch 1 and 16 with `decode_bench.benchmark_decode` (static KV cache, CUDA-graph step), beside HF transformers'
 `generate` on the same shapes, and the fraction of the copy bandwidth measured in this run that decoding reaches
 (weights + KV cache read per step, as `benchmark_decode` counts them).
 
@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 
-from olmo_fast import ModelConfig, benchmark_decode
+from olmo_fast import ModelConfig
 
 from . import ceilings, interrupt, models, report
+from .decode_bench import benchmark_decode
 from .suite import environment
 
 

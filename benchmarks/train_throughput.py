@@ -1,7 +1,7 @@
 """Training throughput: tokens/s and MFU of one training step of OLMo (default: OLMo-1B at 4096 context), ours
 beside HF transformers' OlmoForCausalLM, with the same step in the same run.
 
-The step is the trainer's (`olmo_fast/train/loop.py`, its `summed_loss`): bf16 autocast over fp32 master
+The step is the trainer's (`olmo_fast/train/loop.py`: `OLMo.forward`'s summed loss): bf16 autocast over fp32 master
 weights, summed fp32 cross-entropy over all tokens (ours: fused with the head on a GPU, as the trainer does), global-norm clipping at 1.0, torch AdamW (fused on CUDA) with OLMo's settings;
 only the model differs. MFU = tokens/s x `ModelConfig.flops_per_token(T)` over the card's data-sheet bf16 peak,
 and over the bf16 matmul FLOP/s measured in this run.
@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from olmo_fast import ModelConfig
-from olmo_fast.train.loop import device_peak_flops, summed_loss
+from olmo_fast.train.loop import device_peak_flops
 
 from . import ceilings, interrupt, models, report
 from .suite import environment
@@ -33,7 +33,7 @@ def _loss_sum(variant: str, model, ids: torch.Tensor) -> torch.Tensor:
         logits = model(input_ids=ids).logits
         return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
     fused = variant == "olmo-fast" and ids.device.type == "cuda"
-    return summed_loss(model, ids, ids, fused=fused, dtype=torch.bfloat16, check_labels=False)  # as the trainer
+    return model(ids, ids, reduction="sum", fused=fused, check_inputs=False)[1]  # as the trainer
 
 
 def measure(variant: str, cfg: ModelConfig, device: torch.device, batch: int, seq_len: int, steps: int,
@@ -43,7 +43,6 @@ def measure(variant: str, cfg: ModelConfig, device: torch.device, batch: int, se
         model = models.hf_olmo(cfg, device, torch.float32)
     else:
         model = models.olmo(cfg, device, torch.float32, backend="torch" if variant == "olmo-fast-torch" else None)
-        model.validate_inputs = False
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=4e-4, betas=(0.9, 0.95), eps=1e-5, weight_decay=0.1,
                                   fused=device.type == "cuda" or None)

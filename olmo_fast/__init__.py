@@ -5,8 +5,8 @@ from . import ops
 from .config import ConfigError, ModelConfig
 from .model import OLMo
 from .patch import patch, unpatch
-from .generation import Completion, benchmark_decode, generate
+from .generation import Completion, generate
 
 __version__ = "0.1.0"
-__all__ = ["ModelConfig", "ConfigError", "OLMo", "ops", "generate", "benchmark_decode", "Completion",
+__all__ = ["ModelConfig", "ConfigError", "OLMo", "ops", "generate", "Completion",
            "patch", "unpatch", "__version__"]

@@ -10,12 +10,11 @@
   are never produced.
 - `_TextState`: incremental detokenization (text is emitted once it no longer ends in a partial character)
   and stop strings, held back while they may still be completing.
-- `benchmark_decode`: decode throughput and the memory bandwidth it implies.
+(`benchmark_decode`, decode throughput on a `Decoder`, is in `olmo_fast.benchmarks.decode_bench`.)
 """
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
@@ -42,13 +41,15 @@ class Completion:
 
 # ---------------------------------------------------------------------------------------------- decoding
 class Decoder:
-    """A batch of `batch_size` sequences of at most `max_length` tokens each, decoded one token per step."""
+    """A batch of `batch_size` sequences of at most `max_length` tokens each, decoded one token per step. The
+    token ids it is fed are not checked (no host sync in a step): `generate` checks the prompts once, and sampled
+    ids lie in the vocabulary."""
 
     def __init__(self, model: torch.nn.Module, batch_size: int, max_length: int,
                  cuda_graph: bool | None = None) -> None:
         weight = model.head_weight
         self.model, self.device = model, weight.device
-        self.cache = StaticKVCache(model.config, batch_size, max_length, self.device, weight.dtype, model.backend)
+        self.cache = StaticKVCache(model.config, batch_size, max_length, self.device, weight.dtype)
         self.use_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         if self.use_graph and self.device.type != "cuda":
             raise ValueError("CUDA graphs need the model on a CUDA device")
@@ -67,7 +68,7 @@ class Decoder:
         return F.linear(last, self.model.head_weight).float()
 
     def _run(self) -> torch.Tensor:
-        logits = self.model(self._tokens, cache=self.cache)[:, -1].float()
+        logits = self.model(self._tokens, cache=self.cache, check_inputs=False)[:, -1].float()
         self.cache.advance(self._active)
         return logits
 
@@ -280,7 +281,7 @@ def generate(model: torch.nn.Module, prompts: Prompt | Sequence[Prompt], *, toke
     batch = torch.full((B, longest), config.pad_token_id, dtype=torch.long)
     for b, prompt in enumerate(ids):
         batch[b, :len(prompt)] = torch.tensor(prompt)
-    model.check_input_ids(batch)
+    model.check_inputs(batch)
 
     budgets = [0 if max_new_tokens == 0 else min(max_new_tokens, context - len(p)) for p in ids]
     texts = [_TextState(tokenizer, stop) if tokenizer is not None else None for _ in ids]
@@ -390,85 +391,15 @@ def _decode_loop(model, batch: torch.Tensor, lengths: torch.Tensor, progress: _P
         generator.manual_seed(seed)
     decoder = Decoder(model, B, min(progress.context, longest + progress.max_new_tokens) + 1, cuda_graph)
     host = _HostCopy(device, B)
-    validate, model.validate_inputs = model.validate_inputs, False
-    try:
-        with torch.inference_mode():
-            logits = decoder.prefill(batch.to(device), lengths)
-            active = torch.tensor(progress.running(), dtype=torch.int32, device=device)
-            while True:
-                tokens = sample(logits, generator=generator, **sampling)
-                host.start(tokens)
-                if not progress.next_token_ends_all():
-                    logits = decoder.step(tokens, active)
-                if progress.accept(host.wait()):
-                    if progress.done():
-                        return
-                    active = torch.tensor(progress.running(), dtype=torch.int32, device=device)
-    finally:
-        model.validate_inputs = validate
-
-
-# ---------------------------------------------------------------------------------------------- benchmark
-def weight_bytes_per_step(model: torch.nn.Module, batch_size: int) -> int:
-    """Bytes of weights one decode step reads: every block matrix and the head once, plus `batch_size` rows
-    of the embedding (the whole table is read only as a tied head)."""
-    cfg = model.config
-    blocks = sum(p.numel() * p.element_size() for p in model.transformer["blocks"].parameters())
-    head = model.head_weight
-    rows = 0 if cfg.weight_tying else batch_size * cfg.d_model * head.element_size()
-    return blocks + head.numel() * head.element_size() + rows
-
-
-def benchmark_decode(model: torch.nn.Module, batch_size: int, prompt_len: int, new_tokens: int, *,
-                     cuda_graph: bool | None = None, warmup: int = 3) -> dict:
-    """Time a prefill of `batch_size` random prompts of `prompt_len` tokens (after an untimed one), then
-    `new_tokens` greedy decode steps (after `warmup` untimed steps, which also capture the CUDA graph). The
-    loop feeds each step's argmax back on the device, without host syncs. `achieved_gb_s` counts the weights
-    and the KV cache read per step."""
-    cfg = model.config
-    if prompt_len < 1 or new_tokens < 1 or prompt_len + new_tokens > cfg.max_sequence_length:
-        raise ValueError(f"need prompt_len >= 1, new_tokens >= 1 and prompt_len + new_tokens <= "
-                         f"{cfg.max_sequence_length}; got {prompt_len} and {new_tokens}")
-    device = model.head_weight.device
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    decoder = Decoder(model, batch_size, prompt_len + new_tokens, cuda_graph)
-    ids = torch.randint(0, cfg.vocab_size, (batch_size, prompt_len), device=device)
-    lengths = torch.full((batch_size,), prompt_len, dtype=torch.int32)
-    validate, model.validate_inputs = model.validate_inputs, False
-    try:
-        with torch.inference_mode():
-            decoder.prefill(ids, lengths)  # warm-up: first-call compilation is not prefill time
-            decoder.cache.reset()
-            sync()
-            start = time.perf_counter()
-            tokens = decoder.prefill(ids, lengths).argmax(-1)
-            sync()
-            prefill_s = time.perf_counter() - start
-            idle = torch.zeros(batch_size, dtype=torch.int32, device=device)
-            for _ in range(warmup):  # non-advancing steps: compile, autotune, capture
-                decoder.step(tokens, idle)
-            ones = torch.ones_like(idle)
-            sync()
-            start = time.perf_counter()
-            for _ in range(new_tokens):
-                tokens = decoder.step(tokens, ones).argmax(-1)
-            sync()
-            decode_s = time.perf_counter() - start
-    finally:
-        model.validate_inputs = validate
-    weights = weight_bytes_per_step(model, batch_size)
-    kv_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * model.head_weight.element_size()
-    kv = batch_size * kv_token * (prompt_len + (new_tokens + 1) / 2)  # mean keys read per step
-    step_s = decode_s / new_tokens
-    return {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "dtype": str(model.head_weight.dtype).removeprefix("torch."),
-        "batch_size": batch_size, "prompt_len": prompt_len, "new_tokens": new_tokens,
-        "cuda_graph": decoder.use_graph,
-        "prefill_ms": prefill_s * 1e3,
-        "ms_per_token": step_s * 1e3,  # one decode step: each sequence gets one token
-        "tokens_per_s": batch_size * new_tokens / decode_s,
-        "weight_bytes_per_step": weights,
-        "kv_bytes_per_step": kv,
-        "achieved_gb_s": (weights + kv) / step_s / 1e9,
-    }
+    with torch.inference_mode():
+        logits = decoder.prefill(batch.to(device), lengths)
+        active = torch.tensor(progress.running(), dtype=torch.int32, device=device)
+        while True:
+            tokens = sample(logits, generator=generator, **sampling)
+            host.start(tokens)
+            if not progress.next_token_ends_all():
+                logits = decoder.step(tokens, active)
+            if progress.accept(host.wait()):
+                if progress.done():
+                    return
+                active = torch.tensor(progress.running(), dtype=torch.int32, device=device)

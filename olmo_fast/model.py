@@ -1,13 +1,14 @@
-"""The OLMo model (OLMo 1B / 7B / 1.7-7B), built from `olmo_fast.ops` so every backend runs it.
+"""The OLMo model (OLMo 1B / 7B / 1.7-7B), built from `olmo_fast.nn` modules (each on one op of `olmo_fast.ops`,
+holding its backend), so every backend runs it.
 
-Parameter names follow allenai/OLMo (`transformer.wte`, `transformer.blocks.{i}.att_proj` ...), so an
-original checkpoint's state dict loads as it is; `checkpoint.py` converts to and from HF's names.
+Parameter names follow allenai/OLMo (`transformer.blocks.{i}.att_proj` ...), so an original checkpoint's state
+dict loads as it is; `checkpoint.py` converts to and from HF's names. The nn modules hold no parameters.
 
 Block (OLMo's sequential block, pre-norm, no biases):
-    h = LN(x);  q, k, v = RoPE(split(clamp(att_proj(h))));  x = x + attn_out(attention(q, k, v))
-    h = LN(x);  x = x + ff_out(silu(gate) * up)  where [up | gate] = ff_proj(h)
-Each residual add is fused into the LayerNorm that follows it (`layer_norm(delta, residual=x)`), also across
-blocks: a block hands its MLP output to the next block's first norm, the last one to the final `ln_f`.
+    h = attn_norm(x);  q, k, v = rotary(att_proj(h))  (clamp, split, RoPE);  x = x + attn_out(attention(q, k, v))
+    h = ff_norm(x);  x = x + ff_out(act(ff_proj(h)))  with act([up | gate]) = silu(gate) * up
+Each residual add is fused into the LayerNorm that follows it (`norm(delta, residual=x)`), also across blocks: a
+block hands its MLP output to the next block's `attn_norm`, the last one to the final `ln_f`.
 """
 from __future__ import annotations
 
@@ -19,49 +20,54 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
 from .config import ModelConfig
+from .nn import Attention, CausalLMLoss, LayerNorm, QKVRope, SwiGLU, set_backend
 
 
 class KVCache(Protocol):
-    """What the model needs of a KV cache (the generator's cache implements it)."""
+    """What the model needs of a KV cache (the generator's cache implements it): it holds the tensors, the
+    block's attention module attends over them."""
 
     rope_offset: int | torch.Tensor  # position of the first new token: an int, or one per sequence ([B])
 
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Store k, v of the new tokens for `layer` and return attention of q over all cached tokens."""
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Store k, v `[B, T, Hkv, D]` of the new tokens for `layer`; return the keys and values to attend over
+        and their counts per sequence `[B]` (`Attention`'s decoding form), or `(k, v, None)` to attend causally
+        over the new tokens alone."""
         ...
 
 
 class OLMoBlock(nn.Module):
     def __init__(self, config: ModelConfig, layer_id: int, backend: str | None = None) -> None:
         super().__init__()
-        self.config, self.layer_id, self.backend = config, layer_id, backend
-        d = config.d_model
+        self.config, self.layer_id = config, layer_id
+        d, eps = config.d_model, config.layer_norm_eps
+        self.attn_norm = LayerNorm(eps=eps, backend=backend)
         self.att_proj = nn.Linear(d, config.qkv_size, bias=False)
+        self.rotary = QKVRope(config.n_heads, config.n_kv_heads, clip=config.clip_qkv, theta=config.rope_theta,
+                              backend=backend)
+        self.attention = Attention(causal=True, backend=backend)
         self.attn_out = nn.Linear(d, d, bias=False)
+        self.ff_norm = LayerNorm(eps=eps, backend=backend)
         self.ff_proj = nn.Linear(d, config.mlp_hidden_size, bias=False)
+        self.act = SwiGLU(backend=backend)
         self.ff_out = nn.Linear(config.intermediate_size, d, bias=False)
 
     def forward(self, x: torch.Tensor, delta: torch.Tensor | None, cache: KVCache | None = None,
                 positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns `(x, delta)`: the residual stream and this block's MLP output, not yet added to it."""
-        cfg, backend = self.config, self.backend
-        eps = cfg.layer_norm_eps
         if delta is None:
-            h = ops.layer_norm(x, eps=eps, backend=backend)
+            h = self.attn_norm(x)
         else:
-            h, x = ops.layer_norm(delta, eps=eps, residual=x, backend=backend)
-        B, T, _ = x.shape
-        q, k, v = ops.qkv_rope(self.att_proj(h), n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, clip=cfg.clip_qkv,
-                               positions=positions, offset=0 if cache is None else cache.rope_offset,
-                               theta=cfg.rope_theta, backend=backend)
-        if cache is None:
-            att = ops.attention(q, k, v, causal=True, backend=backend)
-        else:
-            att = cache.attend(self.layer_id, q, k, v)
-        h, x = ops.layer_norm(self.attn_out(att.reshape(B, T, cfg.d_model)), eps=eps, residual=x, backend=backend)
-        return x, self.ff_out(ops.swiglu(self.ff_proj(h), backend=backend))
+            h, x = self.attn_norm(delta, residual=x)
+        q, k, v = self.rotary(self.att_proj(h), positions=positions, offset=0 if cache is None else cache.rope_offset)
+        seqlens = None
+        if cache is not None:
+            k, v, seqlens = cache.update(self.layer_id, k, v)
+        att = self.attention(q, k, v, seqlens)
+        h, x = self.ff_norm(self.attn_out(att.flatten(2)), residual=x)
+        return x, self.ff_out(self.act(self.ff_proj(h)))
 
     def reset_parameters(self) -> None:
         """OLMo's "mitchell" init: truncated normal at ±3σ, output projections scaled down with depth."""
@@ -77,22 +83,20 @@ def _trunc_normal(weight: torch.Tensor, std: float) -> None:
 
 
 class OLMo(nn.Module):
-    """OLMo causal LM. `model(ids)` -> logits `[B, T, embedding_size]`; `model(ids, labels)` -> `(logits, loss)`.
-
-    `labels` are aligned with `input_ids` (as in HF): position t is scored against labels[t + 1], -100 ignored;
-    the loss is the mean over the scored tokens. (The trainer divides summed losses by all tokens, as OLMo.)
-    """
+    """OLMo causal LM; see `forward`. `backend` (None: the best available per op and device) is held by each of its
+    `olmo_fast.nn` modules; `set_backend` changes them all."""
 
     def __init__(self, config: ModelConfig, backend: str | None = None, init: bool = True) -> None:
         super().__init__()
-        self.config, self.backend = config, backend
+        self.config = config
         self.transformer = nn.ModuleDict({
             "wte": nn.Embedding(config.embedding_size, config.d_model),
             "blocks": nn.ModuleList(OLMoBlock(config, i, backend) for i in range(config.n_layers)),
+            "ln_f": LayerNorm(eps=config.layer_norm_eps, backend=backend),
         })
         if not config.weight_tying:
             self.transformer["ff_out"] = nn.Linear(config.d_model, config.embedding_size, bias=False)
-        self.validate_inputs = True  # generation turns this off after checking the prompt once
+        self.loss = CausalLMLoss(backend=backend)
         if init:
             self.reset_parameters()
 
@@ -105,52 +109,73 @@ class OLMo(nn.Module):
             block.reset_parameters()
 
     def set_backend(self, backend: str | None) -> "OLMo":
-        """Run every op of the model on `backend` (None: the best available per op and device)."""
-        self.backend = backend
-        for block in self.transformer["blocks"]:
-            block.backend = backend
-        return self
+        """Run every op of the model on `backend` (None: the best available per op and device), a KV cache's
+        decoding included (the cache holds tensors only)."""
+        return set_backend(self, backend)
 
     @property
     def head_weight(self) -> torch.Tensor:
         return (self.transformer["wte"] if self.config.weight_tying else self.transformer["ff_out"]).weight
 
-    def check_input_ids(self, input_ids: torch.Tensor, past_length: int = 0) -> None:
+    def check_inputs(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """ValueError unless `input_ids` is an integer `[batch, seq]` of vocabulary ids that fits the context and
+        `labels` (if given) has its shape with ids in the vocabulary or -100. One device sync."""
         cfg = self.config
         if input_ids.dim() != 2 or input_ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"input_ids must be an integer tensor [batch, seq], got {input_ids.dtype} "
                              f"{tuple(input_ids.shape)}")
-        if past_length + input_ids.shape[1] > cfg.max_sequence_length:
-            raise ValueError(f"sequence length {past_length + input_ids.shape[1]} exceeds the model's context "
+        if input_ids.shape[1] > cfg.max_sequence_length:
+            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds the model's context "
                              f"({cfg.max_sequence_length} tokens)")
-        if input_ids.numel():
-            low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one reduction, one device sync
-            if low < 0 or high >= cfg.embedding_size:
-                raise ValueError(f"token ids must lie in [0, {cfg.embedding_size}); got ids from {low} to {high}")
+        if labels is not None and (labels.shape != input_ids.shape or labels.dtype not in (torch.int32, torch.int64)):
+            raise ValueError(f"labels must be an integer tensor of input_ids' shape {tuple(input_ids.shape)}, got "
+                             f"{labels.dtype} {tuple(labels.shape)}")
+        if not input_ids.numel():
+            return
+        ranges = [*torch.aminmax(input_ids)]
+        if labels is not None:  # -100 (ignored) maps into the range; one stack, one sync for all four
+            scored = torch.where(labels == -100, 0, labels)
+            ranges += [*torch.aminmax(scored)]
+        bounds = torch.stack(ranges).tolist()
+        if bounds[0] < 0 or bounds[1] >= cfg.embedding_size:
+            raise ValueError(f"token ids must lie in [0, {cfg.embedding_size}); got ids from {bounds[0]} to "
+                             f"{bounds[1]}")
+        if labels is not None and (bounds[2] < 0 or bounds[3] >= cfg.embedding_size):
+            raise ValueError(f"labels must lie in [0, {cfg.embedding_size}) or be -100; got labels from {bounds[2]} "
+                             f"to {bounds[3]}")
 
     def hidden_states(self, input_ids: torch.Tensor, cache: KVCache | None = None,
                       positions: torch.Tensor | None = None) -> torch.Tensor:
-        """The final-normed hidden states `[B, T, d_model]` (the head's input)."""
+        """The final-normed hidden states `[B, T, d_model]` (the head's input). Inputs are not checked (see
+        `check_inputs`)."""
         x = self.transformer["wte"](input_ids)
         delta = None
         for block in self.transformer["blocks"]:
             x, delta = block(x, delta, cache, positions)
-        h, _ = ops.layer_norm(delta, eps=self.config.layer_norm_eps, residual=x, backend=self.backend)
+        h, _ = self.transformer["ln_f"](delta, residual=x)
         return h
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *,
-                cache: KVCache | None = None, positions: torch.Tensor | None = None):
-        if self.validate_inputs:
-            self.check_input_ids(input_ids)
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, reduction: str = "mean",
+                fused: bool = False, check_inputs: bool = True, cache: KVCache | None = None,
+                positions: torch.Tensor | None = None):
+        """`model(ids)` -> logits `[B, T, embedding_size]`; `model(ids, labels)` -> `(logits, loss)`.
+
+        `labels` are aligned with `input_ids` (as in HF): position t is scored against `labels[:, t + 1]`, -100
+        ignored; the loss is fp32, the mean over the scored tokens (`reduction="mean"`) or their sum ("sum"; the
+        trainer divides summed losses by all tokens, as OLMo). `fused`: the loss by `ops.linear_cross_entropy`
+        without materialising the logits, which come back as None: `(None, loss)`. Both go through
+        `olmo_fast.nn.causal_lm_loss`, as the patched transformers models do.
+
+        `check_inputs` (one device sync): ValueError for ids or labels out of the vocabulary, a wrong dtype or
+        shape, or a sequence longer than the context; callers that checked their data once (the trainer, the
+        generator) pass False. `cache` / `positions`: decoding with a KV cache, explicit RoPE positions.
+        """
+        if check_inputs:
+            self.check_inputs(input_ids, labels)
         h = self.hidden_states(input_ids, cache, positions)
-        logits = F.linear(h, self.head_weight)
         if labels is None:
-            return logits
-        if labels.shape != input_ids.shape:
-            raise ValueError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
-        shifted = labels[:, 1:].reshape(-1)
-        loss = ops.reference.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), shifted)
-        return logits, loss
+            return F.linear(h, self.head_weight)
+        return self.loss(h, self.head_weight, labels, reduction=reduction, fused=fused, check_labels=False)
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod

@@ -11,9 +11,10 @@ import warnings
 import pytest
 import torch
 
-from olmo_fast import ModelConfig, OLMo, generate
+from olmo_fast import ModelConfig, OLMo, generate, ops
 from olmo_fast.cli import main as cli_main
-from olmo_fast.generation import Decoder, benchmark_decode, sample
+from olmo_fast.benchmarks.decode_bench import benchmark_decode
+from olmo_fast.generation import Decoder, sample
 from conftest import require_kernel
 from tiny_hf import hf_olmo
 from tiny_tokenizer import byte_tokenizer
@@ -103,6 +104,38 @@ def test_kv_cache_logits_equal_full_recompute(backend):
                     seqs[b].append(int(tokens[b]))
             check(logits, [b for b in range(3) if active[b]])
     assert decoder.cache.lengths.tolist() == [len(s) for s in seqs]
+
+
+def test_set_backend_after_the_cache_exists_reaches_decoding(monkeypatch):
+    """The KV cache holds tensors only; the blocks' attention modules attend over them on their own backend. So a
+    backend set after the Decoder (and its cache) exist is the one its decode steps attend with, and the logits
+    still equal a full recompute of each sequence (torch backend, fp32, atol/rtol 1e-5)."""
+    require_kernel("decode_attention", "triton")
+    torch.manual_seed(0)
+    reference = OLMo(ModelConfig.preset("test", n_kv_heads=2), backend="torch").eval()
+    model = copy.deepcopy(reference)
+    decoder = Decoder(model, 2, 12)
+    seen = []
+    decode_attention = ops.decode_attention
+
+    def spy(*args, backend=None, **kwargs):
+        seen.append(backend)
+        return decode_attention(*args, backend=backend, **kwargs)
+
+    monkeypatch.setattr(ops, "decode_attention", spy)
+    seqs = [[7, 8, 9, 10, 11], [3, 4, 5]]
+    ones = torch.ones(2, dtype=torch.int32)
+    with torch.inference_mode():
+        decoder.prefill(torch.tensor([seqs[0], seqs[1] + [1, 1]]), torch.tensor([5, 3], dtype=torch.int32))
+        for backend in ("torch", "triton"):
+            model.set_backend(backend)
+            seen.clear()
+            tokens = torch.randint(2, 250, (2,))
+            logits = decoder.step(tokens, ones)
+            assert seen == [backend] * model.config.n_layers
+            for b in range(2):
+                seqs[b].append(int(tokens[b]))
+                torch.testing.assert_close(logits[b], reference(torch.tensor([seqs[b]]))[0, -1], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.gpu
@@ -245,7 +278,8 @@ def test_bad_arguments(model):
         generate(model, [[5, 300]])
     with pytest.raises(TypeError, match="prompt 0"):
         generate(model, [[1.5]])
-    assert model.validate_inputs  # restored after generation
+    with pytest.raises(ValueError, match="token ids must lie in"):  # the model's own check, untouched by decoding
+        model(torch.tensor([[5, 300]]))
 
 
 def test_benchmark_decode(model):

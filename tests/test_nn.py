@@ -151,11 +151,26 @@ def test_apply_rope_matches_transformers_llama():
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_qkv_rope_prologue(backend):
+    """OLMo's prologue: clamp the fused projection, split q | k | v, rotate q and k (NeoX halves)."""
+    _require(backend, "qkv_rope_fwd")
+    prologue = ofnn.QKVRope(n_heads=3, n_kv_heads=1, clip=0.8, theta=500.0, backend=backend)
+    positions = torch.tensor([[3, 4, 5, 6, 7], [0, 1, 2, 9, 11]])
+
+    def plain(qkv):
+        q, k, v = qkv.clamp(-0.8, 0.8).split((30, 10, 10), dim=-1)
+        q, k, v = q.unflatten(-1, (3, 10)), k.unflatten(-1, (1, 10)), v.unflatten(-1, (1, 10))
+        return _rope_complex(q, positions, 500.0, False, q.dtype), _rope_complex(k, positions, 500.0, False, k.dtype), v
+
+    _check(lambda qkv: prologue(qkv, positions), plain, torch.randn(2, 5, 50))
+
+
 def _attention(q, k, v, clip):
     q, k, v = (t.clamp(-clip, clip) for t in (q, k, v))
     k, v = (t.repeat_interleave(q.shape[2] // t.shape[2], dim=2) for t in (k, v))
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k) / math.sqrt(q.shape[-1])
-    mask = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool).tril()
+    mask = torch.ones(q.shape[1], k.shape[1], dtype=torch.bool).tril(k.shape[1] - q.shape[1])  # bottom-right
     return torch.einsum("bhqk,bkhd->bqhd", scores.masked_fill(~mask, float("-inf")).softmax(-1), v)
 
 
@@ -165,6 +180,33 @@ def test_attention_with_clip(backend):
     attention = ofnn.Attention(clip=1.5, backend=backend)
     q, k, v = torch.randn(1, 7, 4, 16) * 2, torch.randn(1, 7, 2, 16) * 2, torch.randn(1, 7, 2, 16) * 2
     _check(attention, lambda a, b, c: _attention(a, b, c, 1.5), q, k, v)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attention_decodes_over_a_cache(backend):
+    """`Attention()(q, k_cache, v_cache, seqlens)`: sequence b's new query i sees cache slots 0 .. seqlens[b] - Tq + i;
+    slots past seqlens[b] hold garbage (1e4) that must not be read. float64 attention of each sequence's valid keys."""
+    _require(backend, "decode_attention")
+    attention = ofnn.Attention(backend=backend)
+    q, k, v = torch.randn(2, 2, 4, 16), torch.full((2, 9, 2, 16), 1e4), torch.full((2, 9, 2, 16), 1e4)
+    seqlens = torch.tensor([5, 9], dtype=torch.int32)
+    for b, n in enumerate(seqlens.tolist()):
+        k[b, :n], v[b, :n] = torch.randn(n, 2, 16), torch.randn(n, 2, 16)
+    got = attention(q, k, v, seqlens)
+    for b, n in enumerate(seqlens.tolist()):
+        kb, vb = k[b:b + 1, :n], v[b:b + 1, :n]
+        same = _attention(q[b:b + 1], kb, vb, math.inf)
+        ref = _attention(*(t.double() for t in (q[b:b + 1], kb, vb)), math.inf)
+        assert_within_2x(f"sequence {b}", got[b:b + 1], same, ref)
+    with pytest.raises(ValueError, match="causal and unclipped"):
+        ofnn.Attention(clip=1.0, backend=backend)(q, k, v, seqlens)
+
+
+def test_set_backend_reaches_every_op_module():
+    model = torch.nn.Sequential(ofnn.LayerNorm(), torch.nn.Linear(4, 8),
+                                torch.nn.Sequential(ofnn.SwiGLU(backend="cpp"), ofnn.Attention(backend="triton")))
+    assert ofnn.set_backend(model, "torch") is model
+    assert [m.backend for m in model.modules() if isinstance(m, ofnn.OpModule)] == ["torch"] * 3
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

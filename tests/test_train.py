@@ -1,6 +1,7 @@
 """The training loop in one process: config parsing, schedules, optimizer groups, learning, exact resume,
 annealing from a checkpoint, fine-tuning from HF weights with label masks, fused-backend convergence; bad
 settings refused before any work, non-finite training stopped before a checkpoint, failed writes in one line."""
+import copy
 import errno
 import json
 import math
@@ -11,6 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import yaml
 from conftest import require_kernel
 
@@ -330,14 +332,52 @@ def test_fused_backends_follow_the_torch_loss_curve(tmp_path, monkeypatch, backe
                                err_msg=f"{backend} ({', '.join(fused_ops)})")
 
 
-def test_label_check_is_skipped_only_for_validated_token_files(tmp_path):
-    """The fused loss's label range check syncs the device each micro-batch: the trainer turns it off when every
-    token file it reads was scanned for out-of-vocabulary ids when loaded, and keeps it otherwise."""
+def test_batch_check_is_skipped_only_for_validated_token_files(tmp_path, monkeypatch):
+    """The model's input check (ids and labels in the vocabulary) syncs the device each micro-batch: the trainer
+    skips it when every token file it reads was scanned for out-of-vocabulary ids when loaded, and runs it
+    otherwise."""
     data = token_file(tmp_path / "ids.npy", 16 * 8)
+    check_inputs = OLMo.check_inputs
+    checked = []
+
+    def spy(self, *args):
+        checked.append(args[0].shape)
+        return check_inputs(self, *args)
+
+    monkeypatch.setattr(OLMo, "check_inputs", spy)
+    ids = torch.randint(0, 250, (8, 16))
     for overrides, check in (([], False), (["--data.validate=false"], True)):
         cfg = load_config([f"--save_folder={tmp_path / 'run'}", f"--data.paths=[{data}]",
                            "--model.max_sequence_length=16", *overrides], base=BASE)
-        assert Trainer(cfg, log=lambda _: None).model.forward.keywords["check_labels"] is check
+        trainer = Trainer(cfg, log=lambda _: None)
+        checked.clear()
+        trainer.train_step({"input_ids": ids, "labels": ids})
+        assert checked == ([(4, 16)] * 2 if check else [])  # once per micro-batch
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_trainer_loss_is_the_models_summed_loss_over_all_tokens(tmp_path, fused):
+    """A step's loss is `model(ids, labels, reduction="sum")` over its micro-batches / all tokens of the batch
+    (OLMo's normalisation: masked tokens count), against float64 cross-entropy of a float64 copy of the model."""
+    data = token_file(tmp_path / "ids.npy", 16 * 8)
+    cfg = load_config([f"--save_folder={tmp_path / 'run'}", f"--data.paths=[{data}]",
+                       "--model.max_sequence_length=16", "--global_train_batch_size=6",
+                       "--device_train_microbatch_size=3",  # two micro-batches
+                       f"--fused_loss={str(fused).lower()}"], base=BASE)
+    trainer = Trainer(cfg, log=lambda _: None)
+    assert trainer.fused_loss is fused
+    ids = torch.randint(0, 250, (6, 16))
+    labels = ids.clone()
+    labels[torch.rand(ids.shape) < 0.3] = -100
+    model = copy.deepcopy(trainer.model).double()
+    logits = model(ids)
+    expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="sum") / ids.numel()
+    with torch.no_grad():
+        _, summed = trainer.model(ids, labels, reduction="sum", fused=trainer.fused_loss)
+    loss, _ = trainer.train_step({"input_ids": ids, "labels": labels})
+    # fp32 logits (~1e-7 relative) summed over ~65 scored tokens of loss ~5.5
+    torch.testing.assert_close(summed.double() / ids.numel(), expected, rtol=1e-5, atol=0)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------- refused before any work

@@ -13,8 +13,9 @@ fused op does not apply (below), the function does what transformers does.
 - attention: RoPE by `ops.rope` from `position_ids` when `rope_parameters` is the default kind (no scaling);
   `ops.attention` when transformers built no mask (sdpa's causal skip: no padding, no packing), the window
   (if any) covers all keys and there is no dropout; otherwise the model's own attention implementation runs.
-- causal LM: with labels and `skip_logits` (default: in training), the loss is `ops.linear_cross_entropy` on
-  the final hidden states and the output's `logits` is None; otherwise transformers' own forward runs.
+- causal LM: with labels and `skip_logits` (default: in training), the loss is `nn.causal_lm_loss` (fused:
+  `ops.linear_cross_entropy`; the loss path of `OLMo.forward` and the trainer) on the final hidden states and
+  the output's `logits` is None; otherwise transformers' own forward runs.
 """
 from __future__ import annotations
 
@@ -23,9 +24,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from .. import ops
+from .loss import causal_lm_loss, next_token_labels
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,7 @@ def attention_forward(original: Callable, opts: Options) -> Callable:
 
 def causal_lm_forward(original: Callable, opts: Options) -> Callable:
     """`*ForCausalLM.forward` taking one more keyword, `skip_logits` (default: `self.training`): with labels
-    and `skip_logits`, the loss comes from `ops.linear_cross_entropy` and `logits` is None."""
+    and `skip_logits`, the loss comes from the fused `causal_lm_loss` and `logits` is None."""
     from transformers.modeling_outputs import CausalLMOutputWithPast
     from transformers.utils import can_return_tuple
 
@@ -131,15 +132,12 @@ def causal_lm_forward(original: Callable, opts: Options) -> Callable:
     def fused_loss(self, *args, labels: torch.Tensor | None, shift_labels: torch.Tensor | None = None,
                    logits_to_keep: int = 0, **kwargs) -> CausalLMOutputWithPast:
         outputs = self.model(*args, **kwargs)
-        hidden, weight = outputs.last_hidden_state, self.lm_head.weight
-        device = hidden.device.type  # the head's matmul in the dtype lm_head would use: autocast's, else W's
-        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else weight.dtype
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        hidden = outputs.last_hidden_state
         if shift_labels is None:  # position t predicts labels[t + 1]; the last position has no target
-            shift_labels = F.pad(labels, (0, 1), value=-100)[..., 1:]
+            shift_labels = next_token_labels(labels)
         num_items = kwargs.get("num_items_in_batch")
-        loss = ops.linear_cross_entropy(hidden, weight, shift_labels.to(hidden.device),
-                                        reduction="mean" if num_items is None else "sum", backend=opts.backend)
+        _, loss = causal_lm_loss(hidden, self.lm_head.weight, shift_labels.to(hidden.device),
+                                 reduction="mean" if num_items is None else "sum", backend=opts.backend)
         if num_items is not None:
             loss = loss / (num_items.to(loss.device) if torch.is_tensor(num_items) else num_items)
         return CausalLMOutputWithPast(loss=loss, logits=None, **{cache_field: getattr(outputs, cache_field)},

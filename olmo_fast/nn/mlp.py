@@ -6,27 +6,23 @@ import torch
 from torch import nn
 
 from .. import ops
+from .base import OpModule
 
 
-class SwiGLU(nn.Module):
+class SwiGLU(OpModule):
     """`[x | gate]` -> `silu(gate) * x` on the last dim (OLMo's fused `ff_proj` layout: first half is up)."""
-
-    def __init__(self, backend: str | None = None) -> None:
-        super().__init__()
-        self.backend = backend
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return ops.swiglu(h, backend=self.backend)
 
 
-class SwiGLUMLP(nn.Module):
+class SwiGLUMLP(OpModule):
     """Llama-style MLP: `down_proj(silu(gate_proj(x)) * up_proj(x))`, with transformers' parameter names
     (`gate_proj`, `up_proj`, `down_proj`), so a `LlamaMLP` state dict loads into it as it is."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False,
                  backend: str | None = None) -> None:
-        super().__init__()
-        self.backend = backend
+        super().__init__(backend)
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)

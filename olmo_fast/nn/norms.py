@@ -6,9 +6,10 @@ import torch
 from torch import nn
 
 from .. import ops
+from .base import OpModule
 
 
-class LayerNorm(nn.Module):
+class LayerNorm(OpModule):
     """LayerNorm over the last dim. Non-parametric by default (OLMo's: no weight, no bias, eps 1e-5);
     `LayerNorm(C, elementwise_affine=True)` holds a weight (ones) and, with `bias`, a bias (zeros) like
     `torch.nn.LayerNorm`.
@@ -16,10 +17,10 @@ class LayerNorm(nn.Module):
 
     def __init__(self, normalized_shape: int | None = None, eps: float = 1e-5, elementwise_affine: bool = False,
                  bias: bool = True, backend: str | None = None) -> None:
-        super().__init__()
+        super().__init__(backend)
         if elementwise_affine and normalized_shape is None:
             raise ValueError("LayerNorm(elementwise_affine=True) needs normalized_shape (the last dim's size)")
-        self.normalized_shape, self.eps, self.backend = normalized_shape, eps, backend
+        self.normalized_shape, self.eps = normalized_shape, eps
         self.weight = nn.Parameter(torch.ones(normalized_shape)) if elementwise_affine else None
         self.bias = nn.Parameter(torch.zeros(normalized_shape)) if elementwise_affine and bias else None
 
@@ -31,13 +32,13 @@ class LayerNorm(nn.Module):
         return f"{self.normalized_shape}, eps={self.eps}, affine={self.weight is not None}, backend={self.backend}"
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(OpModule):
     """RMSNorm over the last dim: `x * rsqrt(mean(x^2) + eps) * weight` (Llama's, OLMo2's), weight ones."""
 
     def __init__(self, hidden_size: int, eps: float = 1e-6, elementwise_affine: bool = True,
                  backend: str | None = None) -> None:
-        super().__init__()
-        self.hidden_size, self.eps, self.backend = hidden_size, eps, backend
+        super().__init__(backend)
+        self.hidden_size, self.eps = hidden_size, eps
         self.weight = nn.Parameter(torch.ones(hidden_size)) if elementwise_affine else None
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):

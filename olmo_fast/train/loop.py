@@ -30,10 +30,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .. import ops
 from ..checkpoint import CheckpointError, check_state, load_state
 from ..config import ConfigError, ModelConfig
 from ..model import OLMo
@@ -62,22 +60,6 @@ class Interrupted(TrainingError):
     def __init__(self, signum: int, message: str) -> None:
         super().__init__(message)
         self.exit_code = 128 + signum
-
-
-def summed_loss(model: OLMo, input_ids: torch.Tensor, labels: torch.Tensor, fused: bool,
-                dtype: torch.dtype, check_labels: bool = True) -> torch.Tensor:
-    """Sum over positions t of CE(prediction at t, labels[t + 1]), labels -100 skipped; fp32.
-
-    `fused`: `ops.linear_cross_entropy` on the hidden states in `dtype`, never holding the logits.
-    `check_labels=False` skips its label range check, a host sync per call (for token files checked up front).
-    """
-    h = model.hidden_states(input_ids)[:, :-1]
-    targets = labels[:, 1:]
-    if fused:
-        return ops.linear_cross_entropy(h.to(dtype), model.head_weight.to(dtype), targets, reduction="sum",
-                                        check_labels=check_labels, backend=model.backend)
-    logits = F.linear(h, model.head_weight)
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
 
 
 def device_peak_flops(device: torch.device) -> float | None:
@@ -120,7 +102,6 @@ class Trainer:
         torch.manual_seed(config.seed)  # the same initial weights on every rank
         with torch.device(self.device):
             self.model = OLMo(self.model_config, backend=config.backend, init=load_from is None)
-        self.model.validate_inputs = False  # the data was checked up front; the check would sync the device
         weights_only = load_from is not None and not state.is_checkpoint(load_from)
         self._prepare_model()
         if weights_only:  # read by rank 0 only, then scattered to the shards
@@ -235,12 +216,8 @@ class Trainer:
 
     def _prepare_model(self) -> None:
         cfg, blocks = self.cfg, self.model.transformer["blocks"]
-        dtype = torch.bfloat16 if self.precision == "amp_bf16" else torch.float32
         # Token files scanned for out-of-vocabulary ids at load time need no per-micro-batch check (a host sync).
-        checked = cfg.data.validate and all(ev.data.validate for ev, _ in self.evaluators)
-        # The model's forward becomes the summed loss: FSDP's hooks run around it as around any forward.
-        self.model.forward = functools.partial(summed_loss, self.model, fused=self.fused_loss, dtype=dtype,
-                                               check_labels=not checked)
+        self.check_batches = not (cfg.data.validate and all(ev.data.validate for ev, _ in self.evaluators))
         if cfg.activation_checkpointing:
             every = 1 if cfg.activation_checkpointing is True else CHECKPOINT_EVERY[cfg.activation_checkpointing]
             for block in list(blocks)[::every]:
@@ -286,8 +263,12 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _loss_sum(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Sum over positions t of CE(prediction at t, labels[t + 1]), -100 skipped; fp32. `OLMo.forward`'s loss:
+        fused, the logits are never held."""
         with self._autocast():
-            return self.model(input_ids, labels)  # summed_loss (set in _prepare_model)
+            _, loss = self.model(input_ids, labels, reduction="sum", fused=self.fused_loss,
+                                 check_inputs=self.check_batches)
+        return loss
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """One optimizer step on this rank's part of a global batch; returns (loss, grad norm) on the device."""
