@@ -159,7 +159,7 @@ class OLMo(nn.Module):
         """Load an HF OLMo directory or an original OLMo checkpoint directory (see `checkpoint.py`)."""
         from .checkpoint import load_model
 
-        return load_model(path, dtype=dtype, device=device, backend=backend)
+        return load_model(cls, path, dtype=dtype, device=device, backend=backend)
 
     def save_pretrained(self, path: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
         """Write the HF layout (`config.json` + safetensors), loadable by `OlmoForCausalLM.from_pretrained`."""
