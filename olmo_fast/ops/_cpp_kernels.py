@@ -1,7 +1,7 @@
 """Registers the compiled extension `olmo_fast._C` (ops `torch.ops.olmo_fast_C.*`) as the "cpp" backend.
 
 The extension holds C++ loops for the CPU and, when built against a CUDA or ROCm torch, CUDA/HIP kernels for
-the GPU (csrc/). Those ops have the kernel-level signatures of COMMON.md and are registered as the kernels
+the GPU (csrc/). Those ops have the kernel-level signatures that `ops/<op>.py` calls and are registered as the kernels
 themselves; fake (meta) implementations let torch.compile trace through them. If the extension is absent,
 importing this module raises ImportError saying why (from the build record olmo_fast/_build_info.json), and
 dispatch marks "cpp" unavailable with that reason.

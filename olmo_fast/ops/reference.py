@@ -1,6 +1,6 @@
 """The "torch" backend: plain PyTorch implementations of every op, and the numerical reference for tests.
 
-They follow OLMo's semantics exactly (see shared REFERENCE.md): LayerNorm statistics in fp32, RoPE angles and
+They follow OLMo's semantics exactly (allenai/OLMo's `olmo.model`): LayerNorm statistics in fp32, RoPE angles and
 rotation in fp32 with the rotate-half layout, clamp before the split and before RoPE, SwiGLU on `[x | gate]`.
 """
 from __future__ import annotations
