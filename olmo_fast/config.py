@@ -12,7 +12,6 @@ from typing import Any
 from . import hf_names
 from .errors import ConfigError
 
-
 # The fields of allenai/OLMo's `olmo.config.ModelConfig` (ai2-olmo), the keys a `model:` block may hold; embedded
 # so that olmo-fast does not import ai2-olmo at runtime (tests/test_model_config.py checks it against the package).
 OLMO_MODEL_KEYS = frozenset({
@@ -88,12 +87,14 @@ class ModelConfig:
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token: 6 x (every matmul weight: blocks and head) + 12·L·d·T for attention."""
         T = seq_len or self.max_sequence_length
-        matmul_params = self.num_params(include_embedding=False) + self.weight_tying * self.embedding_size * self.d_model
+        matmul_params = (self.num_params(include_embedding=False)
+                         + self.weight_tying * self.embedding_size * self.d_model)
         return 6 * matmul_params + 12 * self.n_layers * self.d_model * T
 
     def validate(self) -> None:
         checks = [
-            (self.d_model > 0 and self.n_heads > 0 and self.n_layers > 0, "d_model, n_heads and n_layers must be positive"),
+            (self.d_model > 0 and self.n_heads > 0 and self.n_layers > 0,
+             "d_model, n_heads and n_layers must be positive"),
             (self.d_model % self.n_heads == 0, f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}"),
             (self.head_dim % 2 == 0, f"head_dim {self.head_dim} must be even for RoPE"),
             (self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads == 0,
@@ -111,7 +112,7 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ presets and conversion
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+    def preset(cls, name: str, **overrides: Any) -> ModelConfig:
         if name not in PRESETS:
             raise ConfigError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
         return dataclasses.replace(PRESETS[name], **overrides)
@@ -120,12 +121,12 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
         _reject_unknown(values, {f.name for f in dataclasses.fields(cls)}, "model config key")
         return cls(**values)
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
+    def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
         """From the dict of an HF `OlmoConfig` (`config.json`); a setting olmo-fast would ignore is an error."""
         _require_supported(hf, hf_names.SUPPORTED_CONFIG, "HF config")
         _warn_dropout(hf, ("attention_dropout",))
@@ -136,7 +137,7 @@ class ModelConfig:
         return hf_names.config_json(self)
 
     @classmethod
-    def from_olmo(cls, cfg: dict[str, Any]) -> "ModelConfig":
+    def from_olmo(cls, cfg: dict[str, Any]) -> ModelConfig:
         """From the `model:` section of an original OLMo `config.yaml`."""
         model = cfg.get("model", cfg)
         if not isinstance(model, dict):
@@ -184,7 +185,7 @@ class ModelConfig:
         }
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "ModelConfig":
+    def from_file(cls, path: str | Path) -> ModelConfig:
         """From an HF `config.json`, an OLMo `config.yaml`, or a directory holding either."""
         path = Path(path)
         if not path.exists():

@@ -100,7 +100,7 @@ def collect() -> dict:
         "torch_cuda": torch.version.cuda,
         "torch_hip": getattr(torch.version, "hip", None),
         "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] or ["cpu"],
-        "capability": "%d.%d" % torch.cuda.get_device_capability() if torch.cuda.is_available() else None,
+        "capability": ".".join(map(str, torch.cuda.get_device_capability())) if torch.cuda.is_available() else None,
         "install": install_layout(),
     }
     try:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import importlib
 import types
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 
@@ -117,7 +118,7 @@ def patch(target: Any, *, rope: bool = True, swiglu: bool = True, norm: bool = T
                   for path, module in target.named_modules() for cls, _, factory in rows if type(module) is cls]
     else:
         owners = [(cls.__qualname__, cls, cls, factory) for cls, _, factory in rows]
-    for path, owner, cls, factory in owners:
+    for path, owner, cls, _ in owners:
         # accelerate's hooks keep the real forward in `_old_forward`: patch that, keep the hook
         attr = "_old_forward" if "_old_forward" in vars(owner) else "forward"
         if any(o is owner and a == attr for r in {*_ACTIVE, *_holder(target)} for o, a, _ in r.undo):
