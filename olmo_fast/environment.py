@@ -7,22 +7,13 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import json
 import os
 import platform
 
 import torch
 
+from .build_info import build_info
 from .ops import dispatch
-
-
-def build_info() -> dict:
-    """What `pip install` built of the compiled extension olmo_fast._C, and why not (olmo_fast/_build_info.json)."""
-    try:
-        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "_build_info.json")) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {"built": False, "reason": "no build record: install with `pip install --no-build-isolation -e .`"}
 
 
 def install_layout() -> dict:

@@ -1,6 +1,6 @@
 """`olmo-fast prepare-data INPUT... -o FOLDER`: tokenize text / JSONL into OLMo's token files (and label masks).
-The work is `olmo_fast.train.prepare_data`'s (its docstring is the help text); this module checks the arguments
-before any work, reports and picks the exit status (2: bad input or tokenizer; 1: a failed write).
+The work is `olmo_fast.train.prepare_data`'s (its module docstring is the `--help` text); this module checks the
+arguments before any work, reports, and picks the exit status (2: bad input or tokenizer; 1: a failed write).
 """
 from __future__ import annotations
 

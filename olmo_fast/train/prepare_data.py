@@ -1,5 +1,4 @@
-"""Tokenize text / JSONL into OLMo's token files (and label masks): the library behind `olmo-fast prepare-data`
-(whose command line is `olmo_fast/cli/prepare_data.py`; this docstring is its help text).
+"""Tokenize text / JSONL into OLMo's token files (and label masks).
 
 Inputs (read by `documents.py`): `.txt` files (each file one document), `.jsonl` / `.jsonl.gz` files with a
 `text` field per line, or with `prompt` and `completion` fields (fine-tuning data: only the completion is
