@@ -42,10 +42,10 @@ setup(
         # ai2-olmo pins numpy<2; pyarrow 22+ needs numpy 2, hence its bound.
         "olmo": ["ai2-olmo==0.6.0", "datasets>=2.18,<4", "pyarrow>=15,<22"],
         "hf": ["transformers>=4.40,<6"],
-        # pytest-benchmark: the microbenchmarks' pytest front end (pytest benchmarks/ --benchmark-only).
-        "test": ["pytest>=7,<10", "pytest-benchmark>=4,<6"],
+        # pytest-benchmark: the microbenchmarks' pytest front end (pytest benchmarks/ --benchmark-only); ruff: .ci/lint.sh.
+        "test": ["pytest>=7,<10", "pytest-benchmark>=4,<6", "ruff>=0.6,<1"],
         "all": ["triton>=3.6,<4", "ai2-olmo==0.6.0", "datasets>=2.18,<4", "pyarrow>=15,<22", "transformers>=4.40,<6",
-                "pytest>=7,<10", "pytest-benchmark>=4,<6"],
+                "pytest>=7,<10", "pytest-benchmark>=4,<6", "ruff>=0.6,<1"],
     },
     entry_points={"console_scripts": ["olmo-fast=olmo_fast.cli:main"]},
     **_extension_kwargs(),

@@ -1,7 +1,7 @@
 """Benchmark cases: the ops, their inputs, and the shape sets (OLMo presets, a size sweep, tiny CPU shapes).
 
 Every op's canonical inputs are the arguments of `olmo_fast.ops.<op>`; providers that want another layout
-convert them outside the timed region (see `providers.py`). OLMo-7B targets (shared REFERENCE.md and issues
+convert them outside the timed region (see `providers.py`). OLMo-7B targets (the `olmo-7b` preset and issues
 3-4): 16k tokens x 4096 for LayerNorm, RoPE as `[B, T, 32, 128]`, x 11008 for SwiGLU; attention with B*T = 16k
 tokens, 32 heads of 128, causal, T 512..8192 (and OLMo 1.7's clip 8 at T 4096); decoding at batch 1 and 16
 over a 4096-token cache.

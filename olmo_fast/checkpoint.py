@@ -3,77 +3,24 @@
 HF:       config.json + model.safetensors | model-0000i-of-0000n.safetensors + model.safetensors.index.json
           (| pytorch_model.bin, read with weights_only=True); names `model.layers.{i}.self_attn.q_proj` ...
 Original: config.yaml + model.safetensors | model.pt; names `transformer.blocks.{i}.att_proj` ... (our own).
-Nothing is unpickled beyond tensors: safetensors, or `torch.load(weights_only=True)`.
+Nothing is unpickled beyond tensors: safetensors, or `torch.load(weights_only=True)`. HF's names are mapped
+to ours in `hf_names.py`. This module works on state dicts; it builds a model only through the class passed to
+`load_model` (so it never imports `model.py`, which calls into it).
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 
-from .config import ConfigError, ModelConfig
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that is missing tensors, has mis-shaped ones, or cannot be read."""
-
-
-# ---------------------------------------------------------------------------------------------- name maps
-def hf_to_olmo(hf: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """HF tensors -> our (= original OLMo) names; q/k/v and gate/up are fused as OLMo fuses them.
-
-    Every tensor must be used: one the config does not account for (more layers than `num_hidden_layers`,
-    attention biases, a head beside tied embeddings) means the config does not describe these weights.
-    """
-    used: set[str] = set()
-
-    def take(name: str) -> torch.Tensor:
-        if name not in hf:
-            raise CheckpointError(f"checkpoint is missing tensor {name!r}")
-        used.add(name)
-        return hf[name]
-
-    out = {"transformer.wte.weight": take("model.embed_tokens.weight")}
-    for i in range(config.n_layers):
-        p, o = f"model.layers.{i}.", f"transformer.blocks.{i}."
-        out[o + "att_proj.weight"] = torch.cat([take(p + f"self_attn.{n}_proj.weight") for n in "qkv"], dim=0)
-        out[o + "attn_out.weight"] = take(p + "self_attn.o_proj.weight")
-        # OLMo's ff_proj output is [up | gate]: the first half is multiplied by silu(second half).
-        out[o + "ff_proj.weight"] = torch.cat([take(p + "mlp.up_proj.weight"), take(p + "mlp.gate_proj.weight")], 0)
-        out[o + "ff_out.weight"] = take(p + "mlp.down_proj.weight")
-    if not config.weight_tying:
-        out["transformer.ff_out.weight"] = take("lm_head.weight")
-    elif "lm_head.weight" in hf and torch.equal(hf["lm_head.weight"], out["transformer.wte.weight"]):
-        used.add("lm_head.weight")  # a tied head written out as a copy of the embedding
-    extra = sorted(name for name in set(hf) - used if "rotary_emb" not in name)  # RoPE buffers: recomputed
-    if extra:
-        raise CheckpointError(
-            f"the weights hold {len(extra)} tensor(s) the config does not account for, e.g. {extra[0]!r} (config: "
-            f"num_hidden_layers={config.n_layers}, tie_word_embeddings={config.weight_tying}, no biases)")
-    return out
-
-
-def olmo_to_hf(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
-    """Our names -> HF names (the inverse of `hf_to_olmo`)."""
-    d, kv = config.d_model, config.n_kv_heads * config.head_dim
-    out = {"model.embed_tokens.weight": state["transformer.wte.weight"]}
-    for i in range(config.n_layers):
-        p, o = f"model.layers.{i}.", f"transformer.blocks.{i}."
-        q, k, v = state[o + "att_proj.weight"].split((d, kv, kv), dim=0)
-        up, gate = state[o + "ff_proj.weight"].chunk(2, dim=0)
-        out.update({
-            p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k, p + "self_attn.v_proj.weight": v,
-            p + "self_attn.o_proj.weight": state[o + "attn_out.weight"],
-            p + "mlp.up_proj.weight": up, p + "mlp.gate_proj.weight": gate,
-            p + "mlp.down_proj.weight": state[o + "ff_out.weight"],
-        })
-    if not config.weight_tying:
-        out["lm_head.weight"] = state["transformer.ff_out.weight"]
-    return {name: t.contiguous() for name, t in out.items()}
+from .config import ModelConfig
+from .errors import CheckpointError, ConfigError
+from .hf_names import hf_to_olmo, olmo_to_hf
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -131,13 +78,14 @@ def load_state(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     return config, state
 
 
-def load_model(path: str | Path, dtype: torch.dtype | None = None, device: Any = None,
-               backend: str | None = None):
-    from .model import OLMo
-
+def load_model(model_class: Callable[..., torch.nn.Module], path: str | Path, dtype: torch.dtype | None = None,
+               device: Any = None, backend: str | None = None) -> torch.nn.Module:
+    """`model_class(config, backend=backend, init=False)` (built on the meta device) holding the weights of the
+    checkpoint directory `path`, moved to `device` and `dtype`. The model class is passed in (`OLMo.from_pretrained`
+    passes itself): this module reads and writes state dicts and does not import the model."""
     config, state = load_state(path)
     with torch.device("meta"):
-        model = OLMo(config, backend=backend, init=False)
+        model = model_class(config, backend=backend, init=False)
     check_state(model, state)
     model.load_state_dict(state, assign=True)
     return model.to(device=device, dtype=dtype)
@@ -200,7 +148,7 @@ def _write_safetensors(tensors: dict[str, torch.Tensor], folder: Path, max_shard
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
 
 
-def save_hf(model, path: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
+def save_hf(model: torch.nn.Module, path: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
     """HF layout: config.json + (sharded) model.safetensors, readable by transformers and by us."""
     config: ModelConfig = model.config
     tensors = olmo_to_hf(model.state_dict(), config)
@@ -214,7 +162,7 @@ def save_hf(model, path: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
     _atomic_dir_write(Path(path), write)
 
 
-def save_olmo(model, path: str | Path) -> None:
+def save_olmo(model: torch.nn.Module, path: str | Path) -> None:
     """Original OLMo layout: config.yaml (`model:` section) + model.safetensors with OLMo's names."""
     import yaml
 

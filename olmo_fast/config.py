@@ -9,10 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot describe an OLMo model."""
-
+from . import hf_names
+from .errors import ConfigError
 
 # The fields of allenai/OLMo's `olmo.config.ModelConfig` (ai2-olmo), the keys a `model:` block may hold; embedded
 # so that olmo-fast does not import ai2-olmo at runtime (tests/test_model_config.py checks it against the package).
@@ -34,8 +32,6 @@ _OLMO_SUPPORTED = {
     "multi_query_attention": (False, None), "embedding_layer_norm": (False, None), "scale_logits": (False, None),
     "norm_after": (False, None),
 }
-# The same for the keys of transformers' `OlmoConfig` (config.json) that olmo-fast does not map onto ModelConfig.
-_HF_SUPPORTED = {"model_type": ("olmo",), "hidden_act": ("silu",), "attention_bias": (False, None)}
 
 
 @dataclass
@@ -91,12 +87,14 @@ class ModelConfig:
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token: 6 x (every matmul weight: blocks and head) + 12·L·d·T for attention."""
         T = seq_len or self.max_sequence_length
-        matmul_params = self.num_params(include_embedding=False) + self.weight_tying * self.embedding_size * self.d_model
+        matmul_params = (self.num_params(include_embedding=False)
+                         + self.weight_tying * self.embedding_size * self.d_model)
         return 6 * matmul_params + 12 * self.n_layers * self.d_model * T
 
     def validate(self) -> None:
         checks = [
-            (self.d_model > 0 and self.n_heads > 0 and self.n_layers > 0, "d_model, n_heads and n_layers must be positive"),
+            (self.d_model > 0 and self.n_heads > 0 and self.n_layers > 0,
+             "d_model, n_heads and n_layers must be positive"),
             (self.d_model % self.n_heads == 0, f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}"),
             (self.head_dim % 2 == 0, f"head_dim {self.head_dim} must be even for RoPE"),
             (self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads == 0,
@@ -114,7 +112,7 @@ class ModelConfig:
 
     # ------------------------------------------------------------------ presets and conversion
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "ModelConfig":
+    def preset(cls, name: str, **overrides: Any) -> ModelConfig:
         if name not in PRESETS:
             raise ConfigError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
         return dataclasses.replace(PRESETS[name], **overrides)
@@ -123,69 +121,23 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, values: dict[str, Any]) -> ModelConfig:
         _reject_unknown(values, {f.name for f in dataclasses.fields(cls)}, "model config key")
         return cls(**values)
 
     @classmethod
-    def from_hf(cls, hf: dict[str, Any]) -> "ModelConfig":
+    def from_hf(cls, hf: dict[str, Any]) -> ModelConfig:
         """From the dict of an HF `OlmoConfig` (`config.json`); a setting olmo-fast would ignore is an error."""
-        _require_supported(hf, _HF_SUPPORTED, "HF config")
+        _require_supported(hf, hf_names.SUPPORTED_CONFIG, "HF config")
         _warn_dropout(hf, ("attention_dropout",))
-        try:
-            rope = hf.get("rope_parameters") or {}
-            theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-            rope_type = rope.get("rope_type", (hf.get("rope_scaling") or {}).get("rope_type", "default"))
-            if rope_type != "default":
-                raise ConfigError(f"RoPE type {rope_type!r} is not supported (only the default)")
-            vocab = int(hf["vocab_size"])
-            return cls(
-                d_model=int(hf["hidden_size"]),
-                n_heads=int(hf["num_attention_heads"]),
-                n_kv_heads=int(hf.get("num_key_value_heads") or hf["num_attention_heads"]),
-                n_layers=int(hf["num_hidden_layers"]),
-                mlp_hidden_size=2 * int(hf["intermediate_size"]),
-                max_sequence_length=int(hf.get("max_position_embeddings", 2048)),
-                rope_theta=float(theta),
-                clip_qkv=None if hf.get("clip_qkv") is None else float(hf["clip_qkv"]),
-                vocab_size=vocab,
-                embedding_size=vocab,
-                weight_tying=bool(hf.get("tie_word_embeddings", False)),
-                eos_token_id=_first_id(hf.get("eos_token_id"), 50279),
-                pad_token_id=_first_id(hf.get("pad_token_id"), 1),
-                init_std=float(hf.get("initializer_range", 0.02)),
-            )
-        except KeyError as missing:
-            raise ConfigError(f"HF config lacks the key {missing}") from None
+        return cls(**hf_names.config_fields(hf))
 
     def to_hf(self) -> dict[str, Any]:
         """The `config.json` of an HF `OlmoForCausalLM` with the same weights (vocab = padded embedding)."""
-        return {
-            "architectures": ["OlmoForCausalLM"],
-            "model_type": "olmo",
-            "hidden_size": self.d_model,
-            "num_attention_heads": self.n_heads,
-            "num_key_value_heads": self.n_kv_heads,
-            "num_hidden_layers": self.n_layers,
-            "intermediate_size": self.intermediate_size,
-            "max_position_embeddings": self.max_sequence_length,
-            "rope_theta": self.rope_theta,
-            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
-            "clip_qkv": self.clip_qkv,
-            "vocab_size": self.embedding_size,
-            "tie_word_embeddings": self.weight_tying,
-            "eos_token_id": self.eos_token_id,
-            "pad_token_id": self.pad_token_id,
-            "bos_token_id": None,
-            "hidden_act": "silu",
-            "attention_bias": False,
-            "attention_dropout": 0.0,
-            "initializer_range": self.init_std,
-            "use_cache": True,
-        }
+        return hf_names.config_json(self)
 
     @classmethod
-    def from_olmo(cls, cfg: dict[str, Any]) -> "ModelConfig":
+    def from_olmo(cls, cfg: dict[str, Any]) -> ModelConfig:
         """From the `model:` section of an original OLMo `config.yaml`."""
         model = cfg.get("model", cfg)
         if not isinstance(model, dict):
@@ -233,7 +185,7 @@ class ModelConfig:
         }
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "ModelConfig":
+    def from_file(cls, path: str | Path) -> ModelConfig:
         """From an HF `config.json`, an OLMo `config.yaml`, or a directory holding either."""
         path = Path(path)
         if not path.exists():
@@ -279,14 +231,6 @@ def _warn_dropout(values: dict[str, Any], keys: tuple[str, ...]) -> None:
     nonzero = [f"{key}={values[key]}" for key in keys if values.get(key)]
     if nonzero:
         warnings.warn(f"olmo-fast trains without dropout; ignoring {', '.join(nonzero)}", stacklevel=3)
-
-
-def _first_id(value: Any, default: int) -> int:
-    if value is None:
-        return default
-    if isinstance(value, (list, tuple)):
-        return int(value[0])
-    return int(value)
 
 
 PRESETS: dict[str, ModelConfig] = {

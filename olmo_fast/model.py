@@ -2,7 +2,7 @@
 holding its backend), so every backend runs it.
 
 Parameter names follow allenai/OLMo (`transformer.blocks.{i}.att_proj` ...), so an original checkpoint's state
-dict loads as it is; `checkpoint.py` converts to and from HF's names. The nn modules hold no parameters.
+dict loads as it is; `hf_names.py` maps them to and from HF's names. The nn modules hold no parameters.
 
 Block (OLMo's sequential block, pre-norm, no biases):
     h = attn_norm(x);  q, k, v = rotary(att_proj(h))  (clamp, split, RoPE);  x = x + attn_out(attention(q, k, v))
@@ -184,7 +184,7 @@ class OLMo(nn.Module):
         """Load an HF OLMo directory or an original OLMo checkpoint directory (see `checkpoint.py`)."""
         from .checkpoint import load_model
 
-        return load_model(path, dtype=dtype, device=device, backend=backend)
+        return load_model(cls, path, dtype=dtype, device=device, backend=backend)
 
     def save_pretrained(self, path: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
         """Write the HF layout (`config.json` + safetensors), loadable by `OlmoForCausalLM.from_pretrained`."""

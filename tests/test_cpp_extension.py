@@ -50,7 +50,7 @@ SHAPES = [(1, 7), (5, 33), (17, 129), (3, 1000)]
 
 def test_loads_and_registers(cpp):
     from olmo_fast import _C  # noqa: F401
-    from olmo_fast.info import build_info
+    from olmo_fast.build_info import build_info
     from olmo_fast.ops import dispatch
     from olmo_fast.ops import _cpp_kernels
 

@@ -364,7 +364,7 @@ def test_cli_errors_found_while_generating(checkpoint, capsys):
     (["--model", "test", "--stop", "", "hi"], "--stop strings must be non-empty"),
 ])
 def test_cli_bad_input_fails_before_loading_anything(args, message, capsys, monkeypatch):
-    from olmo_fast import generate_cli
+    from olmo_fast.cli import generate as generate_cli
 
     def forbidden(*a, **k):
         raise AssertionError("loaded before the input was checked")
@@ -377,7 +377,7 @@ def test_cli_bad_input_fails_before_loading_anything(args, message, capsys, monk
 
 
 def test_cli_backend_must_run_on_the_device(capsys, monkeypatch):
-    from olmo_fast import generate_cli
+    from olmo_fast.cli import generate as generate_cli
     from olmo_fast.ops import dispatch
 
     monkeypatch.setattr(generate_cli, "load", lambda *a, **k: pytest.fail("loaded before the backend was checked"))

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from olmo_fast import info
+from olmo_fast import environment
 from olmo_fast.benchmarks import check_page, providers, report, suite
 from olmo_fast.ops import dispatch
 
@@ -145,7 +145,7 @@ def _info(**changes) -> dict:
 
 
 def test_info_problems_name_what_did_not_load():
-    assert info.problems(_info()) == []
+    assert environment.problems(_info()) == []
     cases = {
         "CPU-only although torch has CUDA": _info(extension={"built": True, "gpu": "none",
                                                             "gpu_error": "cuda build failed: no libcudart_static.a"},
@@ -162,10 +162,10 @@ def test_info_problems_name_what_did_not_load():
         "sees no GPU": _info(devices=["cpu"], capability=None),
     }
     for expected, record in cases.items():
-        found = info.problems(record)
+        found = environment.problems(record)
         assert any(expected in line for line in found), (expected, found)
     # 8.0+PTX is JIT-compiled for a 9.0 card: not a problem.
-    assert info.problems(_info(extension={"built": True, "gpu": "cuda", "archs": "8.0+PTX"})) == []
+    assert environment.problems(_info(extension={"built": True, "gpu": "cuda", "archs": "8.0+PTX"})) == []
 
 
 def test_dispatch_records_a_provider_that_fails_part_way(monkeypatch, tmp_path):
@@ -184,7 +184,7 @@ def test_dispatch_records_a_provider_that_fails_part_way(monkeypatch, tmp_path):
     with pytest.raises(dispatch.BackendError, match="kernel module two failed"):
         dispatch.kernel("other_op", "triton", "cuda")
     assert dispatch.resolve("other_op", None, torch.device("cpu")) == "torch"  # still falls back
-    found = info.problems(_info(backends={"triton": status, "cpp": _info()["backends"]["cpp"]}))
+    found = environment.problems(_info(backends={"triton": status, "cpp": _info()["backends"]["cpp"]}))
     assert found == ["some Triton kernels did not load (their ops fall back): " + status["load_error"]]
 
 

@@ -288,7 +288,7 @@ def test_accelerate_style_hooks_are_kept():
         torch.testing.assert_close(model(ids).logits, before, rtol=1e-5, atol=1e-6)
         assert "LlamaRMSNorm" in calls and "LlamaAttention" in calls  # the hooks still run
         assert all(m.forward is wrappers[name] for name, m in model.named_modules())
-        assert model.model.norm._old_forward.__func__.__module__ == "olmo_fast.nn.hf"
+        assert model.model.norm._old_forward.__func__.__module__ == "olmo_fast.patch.forwards"
         olmo_fast.unpatch(record)
         assert model.model.norm._old_forward.__func__.__module__.startswith("transformers.")
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from ..info import build_info
+from ..build_info import build_info
 from .dispatch import register_kernel
 
 try:

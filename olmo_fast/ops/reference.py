@@ -1,7 +1,8 @@
 """The "torch" backend: plain PyTorch implementations of every op, and the numerical reference for tests.
 
-They follow OLMo's semantics exactly (allenai's OLMo, transformers' Olmo): LayerNorm statistics in fp32, RoPE angles and
-rotation in fp32 with the rotate-half layout, clamp before the split and before RoPE, SwiGLU on `[x | gate]`.
+They follow OLMo's semantics exactly (allenai/OLMo's `olmo.model`, transformers' Olmo): LayerNorm statistics in
+fp32, RoPE angles and rotation in fp32 with the rotate-half layout, clamp before the split and before RoPE, SwiGLU
+on `[x | gate]`.
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""`olmo_fast.patch` / `olmo_fast.unpatch`: olmo_fast's fused ops inside transformers' OLMo, OLMo2, Llama,
-Mistral and Qwen2 models.
+"""`patch` / `unpatch`: olmo_fast's fused ops inside transformers' OLMo, OLMo2, Llama, Mistral and Qwen2
+models.
 
-`TABLE` says, per model family, which transformers class gets which replacement forward (`nn/hf.py`) under
+`TABLE` says, per model family, which transformers class gets which replacement forward (`forwards.py`) under
 which switch. A patch never swaps modules or parameters: it sets `forward` on the matching module instances
 (a loaded model: only those inside it) or on the classes themselves (a class or transformers module: every
 model built afterwards), keeping what was there so that `unpatch` puts exactly that back.
@@ -11,12 +11,13 @@ from __future__ import annotations
 import importlib
 import types
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 
-from .nn import hf
+from . import forwards
 
 
 def _family(name: str, prefix: str, norm: str, norm_forward: Callable) -> tuple[str, tuple]:
@@ -24,19 +25,19 @@ def _family(name: str, prefix: str, norm: str, norm_forward: Callable) -> tuple[
     in `transformers.models.<name>.modeling_<name>`."""
     return (f"transformers.models.{name}.modeling_{name}", (
         (prefix + norm, ("norm",), norm_forward),
-        (prefix + "MLP", ("swiglu",), hf.swiglu_mlp_forward),
-        (prefix + "Attention", ("rope", "attention"), hf.attention_forward),
-        (prefix + "ForCausalLM", ("cross_entropy",), hf.causal_lm_forward),
+        (prefix + "MLP", ("swiglu",), forwards.swiglu_mlp_forward),
+        (prefix + "Attention", ("rope", "attention"), forwards.attention_forward),
+        (prefix + "ForCausalLM", ("cross_entropy",), forwards.causal_lm_forward),
     ))
 
 
 # family -> (transformers modeling module, ((class name, switches that enable it, forward factory), ...))
 TABLE: dict[str, tuple[str, tuple[tuple[str, tuple[str, ...], Callable], ...]]] = {
-    "olmo": _family("olmo", "Olmo", "LayerNorm", hf.layer_norm_forward),
-    "olmo2": _family("olmo2", "Olmo2", "RMSNorm", hf.rms_norm_forward),
-    "llama": _family("llama", "Llama", "RMSNorm", hf.rms_norm_forward),
-    "mistral": _family("mistral", "Mistral", "RMSNorm", hf.rms_norm_forward),
-    "qwen2": _family("qwen2", "Qwen2", "RMSNorm", hf.rms_norm_forward),
+    "olmo": _family("olmo", "Olmo", "LayerNorm", forwards.layer_norm_forward),
+    "olmo2": _family("olmo2", "Olmo2", "RMSNorm", forwards.rms_norm_forward),
+    "llama": _family("llama", "Llama", "RMSNorm", forwards.rms_norm_forward),
+    "mistral": _family("mistral", "Mistral", "RMSNorm", forwards.rms_norm_forward),
+    "qwen2": _family("qwen2", "Qwen2", "RMSNorm", forwards.rms_norm_forward),
 }
 SUPPORTED = "transformers' OLMo (olmo), OLMo2 (olmo2), Llama (llama), Mistral (mistral) and Qwen2 (qwen2) models"
 _MISSING = object()
@@ -48,7 +49,7 @@ class PatchRecord:
     class itself (classes). `unpatch(record)` (or `unpatch(target)`) restores it."""
 
     target: Any
-    options: hf.Options
+    options: forwards.Options
     replaced: dict[str, list[str]] = field(default_factory=dict)
     undo: list[tuple[Any, str, Any]] = field(default_factory=list, repr=False)  # (owner, attribute, old value)
 
@@ -107,8 +108,8 @@ def patch(target: Any, *, rope: bool = True, swiglu: bool = True, norm: bool = T
     built afterwards, `from_pretrained` included, uses the fused ops until `unpatch`). The switches pick
     the parts; `backend` pins one backend for all ops (default: the best per op and device).
     """
-    opts = hf.Options(rope=rope, swiglu=swiglu, norm=norm, attention=attention, cross_entropy=cross_entropy,
-                      backend=backend)
+    opts = forwards.Options(rope=rope, swiglu=swiglu, norm=norm, attention=attention,
+                            cross_entropy=cross_entropy, backend=backend)
     record = PatchRecord(target, opts)
     rows = [row for family in _families_of(target) for row in _family_classes(family)
             if any(getattr(opts, switch) for switch in row[1])]
@@ -117,7 +118,7 @@ def patch(target: Any, *, rope: bool = True, swiglu: bool = True, norm: bool = T
                   for path, module in target.named_modules() for cls, _, factory in rows if type(module) is cls]
     else:
         owners = [(cls.__qualname__, cls, cls, factory) for cls, _, factory in rows]
-    for path, owner, cls, factory in owners:
+    for path, owner, cls, _ in owners:
         # accelerate's hooks keep the real forward in `_old_forward`: patch that, keep the hook
         attr = "_old_forward" if "_old_forward" in vars(owner) else "forward"
         if any(o is owner and a == attr for r in {*_ACTIVE, *_holder(target)} for o, a, _ in r.undo):

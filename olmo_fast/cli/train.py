@@ -41,9 +41,9 @@ QUICK_RUN = {
 
 
 def run(args: argparse.Namespace) -> int:
-    from . import config as train_config
-    from .data import DataError
-    from .loop import Interrupted, Trainer, TrainingError
+    from ..train import config as train_config
+    from ..train.data import DataError
+    from ..train.loop import Interrupted, Trainer, TrainingError
 
     if any(a in ("-h", "--help") for a in args.args):
         print(__doc__)

@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from .. import ops
-from .loss import causal_lm_loss, next_token_labels
+from ..nn.loss import causal_lm_loss, next_token_labels
 
 
 @dataclass(frozen=True)
@@ -85,7 +85,7 @@ def attention_forward(original: Callable, opts: Options) -> Callable:
         q, k, v = self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)
         clip = getattr(config, "clip_qkv", None)  # OLMo 1.7: clamp the projections before RoPE
         if clip is not None:
-            q, k, v = (t.clamp(-clip, clip) for t in (q, k, v))
+            q, k, v = (ops.clip_qkv(t, clip) for t in (q, k, v))
         if hasattr(self, "q_norm"):  # OLMo2: RMSNorm over all heads' q and k
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.view(heads_shape) for t in (q, k, v))  # [B, T, H, D]

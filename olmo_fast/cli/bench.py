@@ -19,7 +19,7 @@ def _list(text: str) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from .benchmarks import report, suite
+    from ..benchmarks import report, suite
 
     if args.compare:
         try:

@@ -1,4 +1,5 @@
-"""`olmo-fast`: one entry point, one module per subcommand (each exposes `add_parser(subparsers)`)."""
+"""`olmo-fast`: one entry point, one module of this package per subcommand (each exposes
+`add_parser(subparsers)`). The CLI sits on top of the library: no library module imports `olmo_fast.cli`."""
 from __future__ import annotations
 
 import argparse
@@ -7,11 +8,11 @@ import sys
 
 # subcommand -> module that defines `add_parser(subparsers)`; the parser's `run` default does the work.
 SUBCOMMANDS = {
-    "info": "olmo_fast.info",
-    "train": "olmo_fast.train.cli",
-    "prepare-data": "olmo_fast.train.prepare_data",
-    "bench": "olmo_fast.bench_cli",
-    "generate": "olmo_fast.generate_cli",
+    "info": "olmo_fast.cli.info",
+    "train": "olmo_fast.cli.train",
+    "prepare-data": "olmo_fast.cli.prepare_data",
+    "bench": "olmo_fast.cli.bench",
+    "generate": "olmo_fast.cli.generate",
 }
 
 
@@ -32,7 +33,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

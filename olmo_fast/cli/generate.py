@@ -19,7 +19,7 @@ class UsageError(ValueError):
 
 def check_model_name(model: str) -> None:
     """Raise UsageError unless `model` is a checkpoint directory or a preset name."""
-    from .config import PRESETS
+    from ..config import PRESETS
 
     if Path(model).is_dir() or model in PRESETS:
         return
@@ -30,8 +30,8 @@ def check_model_name(model: str) -> None:
 
 def load(model: str, device: str, dtype: torch.dtype, backend: str | None):
     """An HF / original OLMo checkpoint directory, or a preset name (random "mitchell" weights)."""
-    from .config import ModelConfig
-    from .model import OLMo
+    from ..config import ModelConfig
+    from ..model import OLMo
 
     check_model_name(model)
     if Path(model).is_dir():
@@ -44,7 +44,7 @@ def load(model: str, device: str, dtype: torch.dtype, backend: str | None):
 
 
 def _tokenizer(args: argparse.Namespace):
-    from .tokenizer import TokenizerError, load_tokenizer
+    from ..tokenizer import TokenizerError, load_tokenizer
 
     if args.tokenizer:
         return load_tokenizer(args.tokenizer)
@@ -110,7 +110,7 @@ def _check_backend(backend: str | None, device: str) -> None:
     """An explicit --backend must run on the device's type (ops it lacks still fail when first called)."""
     if backend in (None, "torch"):
         return
-    from .ops import dispatch
+    from ..ops import dispatch
 
     entry = dispatch.status()[backend]
     if "unavailable" in entry:
@@ -131,10 +131,10 @@ def _checked_inputs(args: argparse.Namespace) -> tuple[list[str] | list[list[int
 
 
 def run(args: argparse.Namespace) -> int:
-    from .checkpoint import CheckpointError
-    from .generation import generate
-    from .ops import BackendError
-    from .tokenizer import TokenizerError
+    from ..checkpoint import CheckpointError
+    from ..generation import generate
+    from ..ops import BackendError
+    from ..tokenizer import TokenizerError
 
     mid_line = False  # stdout holds a partial line (a streamed prompt) that an error must end first
     try:
