@@ -19,8 +19,8 @@ Work, with P = B * H * Tq * Tk * D (halved under a causal mask when Tq = Tk):
 Bytes (e = element size): forward reads Q, K, V and writes O, LSE: e*B*D*(2*H*Tq + 2*Hkv*Tk) + 4*B*H*Tq from HBM
 (K/V tiles are re-read once per query block, mostly from L2). Backward reads Q, K, V, O, dO, LSE and writes dQ,
 dK, dV plus the fp32 delta: e*B*D*(5*H*Tq + 4*Hkv*Tk) + 12*B*H*Tq.
-Kernel contract (KERNELS; `olmo_fast/ops/softmax_attention.py` validates the shapes and wraps them in custom ops
-with autograd):
+Kernel contract (registered by variant name through kernels/attention_variants.py, which adds the `variant`
+argument; `olmo_fast/ops/softmax_attention.py` validates the shapes and wraps them in custom ops with autograd):
   "attention_fwd"(q, k, v, causal: bool, clip: float | None, scale: float) -> (out [B, Tq, H, D] q.dtype, lse)
   "attention_bwd"(dout, q, k, v, out, lse, causal, clip, scale) -> (dq, dk, dv) in the inputs' shapes and dtype
   lse [B, H, Tq] fp32 only travels from a backend's forward to its own backward (here: base 2, scaled scores).
@@ -419,6 +419,3 @@ def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     _attn_bwd_dq[lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]) * B * H,)](
         q, k, v, dout, lse, delta, dq, *strides, *dq.stride()[:3], scale=scale, **args)
     return dq, dk, dv
-
-
-KERNELS = {"attention_fwd": attention_fwd, "attention_bwd": attention_bwd}
