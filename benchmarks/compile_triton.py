@@ -161,7 +161,7 @@ def _resources(compiled, ptxas_log: str) -> dict:
 
 def _counts(asm: dict) -> dict[str, int]:
     """Counts of the INSTRUCTIONS whose assembly the compiled kernel has (PTX for NVIDIA, amdgcn for AMD)."""
-    return {name: len(re.findall(rf"^\s*{pattern}", asm[kind], flags=re.M))
+    return {name: len(re.findall(rf"^\s*(?:@!?%\w+\s+)?{pattern}", asm[kind], flags=re.M))
             for name, (kind, pattern) in INSTRUCTIONS.items() if kind in asm}
 
 

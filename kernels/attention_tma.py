@@ -16,7 +16,8 @@ scaled scores), so `attention.attention_bwd` differentiates its output. What dif
     stale max. Exact: l and acc always refer to the same m, and out = acc / l, LSE = m + log2(l) at the end.
   - Scheduling: axis 0 enumerates the query blocks longest first across every (batch, head), so the longest
     causal blocks start first on the whole GPU and the short ones fill the tail.
-  - Optional warp specialization of the key loop (`tl.range(..., warp_specialize=True)`, a config knob).
+Not here: warp specialization. `tl.range(..., warp_specialize=True)` compiles to the same PTX on sm_90 with
+triton 3.9 (no setmaxnreg, no producer partition: OSS Triton specializes warps on Blackwell only), so it is no knob.
 Work: 4 P FLOPs as the "fa2" forward (P = B * H * Tq * Tk * D, halved when causal with Tq = Tk). Bytes: the same,
 e*B*D*(2*H*Tq + 2*Hkv*Tk) + 4*B*H*Tq from HBM (K/V re-read per query block, mostly from L2).
 Descriptors need 16-byte aligned slab bases and row strides (the host checks, else "fa2"), and, on a GPU, a
@@ -31,12 +32,12 @@ import triton.language as tl
 
 from . import _tuning
 from ._clamp import clamp
-from .attention import INTERPRET, _common, _fwd_footprint, attention_fwd, configs, key_limit, kv_range
+from .attention import _common, _fwd_footprint, attention_fwd, configs, key_limit, kv_range
 
 RESCALE_LOG2 = tl.constexpr(8.0)  # lazy rescaling threshold: log2(256)
 
 # (BLOCK_M, BLOCK_N, warps, stages): sm_90 only (other targets never launch this kernel); pruned by `_tuning` as
-# the other kernels (fp32 inputs keep the small ones). Warp specialization is a separate knob (WARP_SPECIALIZE).
+# the other kernels (fp32 inputs keep the small ones).
 _CONFIGS = configs([(128, 128, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
                     (64, 32, 4, 3)], hip=[], interpret=(32, 16))
 _KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_CLIP", "DOT_PRECISION"]
@@ -44,11 +45,10 @@ _KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_CLIP", "DOT_PRECISION
 
 @triton.jit
 def _attend(acc, m_i, l_i, q, k_desc, v_desc, offs_n0, limit, lo, hi, clip, qk_scale,
-            HAS_CLIP: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr,
-            WARP_SPECIALIZE: tl.constexpr):
+            HAS_CLIP: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Online softmax over key blocks [lo, hi) with one-FMA exponent and lazy rescaling (module docstring); with
     MASK, row r keeps keys < limit[r]. A row that has seen no key keeps m_i = -inf, l_i = 0."""
-    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPECIALIZE):
+    for start_n in range(lo, hi, BLOCK_N):
         k = clamp(k_desc.load([start_n, 0]), clip, HAS_CLIP)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if MASK:
@@ -73,8 +73,7 @@ def _attn_fwd_tma(Q, K, V, O, LSE,
                   sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
                   BH, H, GROUP, Tq, Tk, Q_BUCKET, K_BUCKET, qk_scale, clip,
                   HAS_CLIP: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr, WARP_SPECIALIZE: tl.constexpr, BLOCK_M: tl.constexpr,
-                  BLOCK_N: tl.constexpr):
+                  DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     bh = (pid % BH).to(tl.int64)
     start_m = (tl.cdiv(Tq, BLOCK_M) - 1 - pid // BH) * BLOCK_M  # longest causal blocks first, over all heads
@@ -96,9 +95,9 @@ def _attn_fwd_tma(Q, K, V, O, LSE,
     limit = key_limit(offs_m, Tq, Tk, CAUSAL)
     n_full, n_end = kv_range(start_m, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_desc, v_desc, offs_n0, limit, 0, n_full, clip, qk_scale,
-                            HAS_CLIP, False, BLOCK_N, DOT_PRECISION, WARP_SPECIALIZE)
+                            HAS_CLIP, False, BLOCK_N, DOT_PRECISION)
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_desc, v_desc, offs_n0, limit, n_full, n_end, clip, qk_scale,
-                            HAS_CLIP, True, BLOCK_N, DOT_PRECISION, False)
+                            HAS_CLIP, True, BLOCK_N, DOT_PRECISION)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -152,5 +151,5 @@ def attention_fwd_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
     args = _common(q, k, causal, clip, scale)
     grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]) * B * H,)  # noqa: E731
     _attn_fwd_tma[grid](q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-                        BH=B * H, WARP_SPECIALIZE=False and not INTERPRET, **args)
+                        BH=B * H, **args)
     return out, lse
