@@ -108,6 +108,7 @@ def _cases(dtype) -> dict[str, Callable[[], object]]:
         "attention_fwd": lambda: attention.attention_fwd(q, q, q, True, 8.0, scale),
         "attention_fwd_tma": lambda: attention_tma.attention_fwd_tma(q, q, q, True, 8.0, scale),  # "fa2" pre-sm_90
         "attention_bwd": lambda: attention.attention_bwd(q, q, q, q, q, lse, True, 8.0, scale),
+        "attention_bwd_atomic": lambda: attention.attention_bwd(q, q, q, q, q, lse, True, 8.0, scale, atomic_dq=True),
         "decode_attention": lambda: decode_attention.decode_attention(
             r(1, 1, heads, head_dim), kv, kv, torch.tensor([cache]), num_splits=4),
         "cross_entropy_chunk": lambda: linear_cross_entropy.cross_entropy_chunk(

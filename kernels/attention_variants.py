@@ -8,10 +8,14 @@ kernels/attention.py plus the variant's name:
   "tma": kernels/attention_tma.py's forward (tensor descriptors / TMA on sm_90, one-FMA softmax step, lazy
          rescaling, longest-first schedule; "fa2"'s forward where TMA is missing) and "fa2"'s backward, which
          takes any forward's (out, lse).
+  "tma-atomic": "tma"'s forward and FlashAttention-2's backward: dQ summed in fp32 by the dK/dV pass with
+         atomics (5 products per tile pair instead of 7), then scaled, clamp-gradded and cast by a small pass;
+         not bitwise deterministic ("fa2" and "tma" are the deterministic mode).
 No memory traffic of its own.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -22,6 +26,7 @@ from .attention_tma import attention_fwd_tma
 VARIANTS: dict[str, tuple[Callable, Callable]] = {
     "fa2": (attention_fwd, attention_bwd),
     "tma": (attention_fwd_tma, attention_bwd),
+    "tma-atomic": (attention_fwd_tma, functools.partial(attention_bwd, atomic_dq=True)),
 }
 
 

@@ -21,7 +21,7 @@ import torch
 from . import dispatch, reference
 from ._library import kernel
 
-ATTENTION_VARIANTS = ("fa2", "tma")
+ATTENTION_VARIANTS = ("fa2", "tma", "tma-atomic")
 DEFAULT_VARIANT = "fa2"  # on every target until a GPU run shows another one faster (benchmarks/results/)
 VARIANT_ENV = "OLMO_FAST_ATTENTION"
 
