@@ -160,10 +160,12 @@ def attend_blocks(acc, m_i, l_i, q, K, V, stride_kt, stride_vt, offs_d, limit, l
 # ---------------------------------------------------------------------------------------------- forward
 # Configs (BLOCK_M, BLOCK_N, warps, stages). NVIDIA's are pruned per target by `_tuning` (sm_80: 128x128 needs
 # more shared memory than its 163 KB, and the tiles that spill there go); the last, small one is for fp32 inputs,
-# whose tiles take twice the bytes (the others spill 1-2 KB or exceed shared memory there). AMD's are those that compile with at most
-# ~60 B spilled on gfx90a (triton 3.6, bf16, head dim 128; its 4-stage pipelines fail and 128x128 spills 2 KB).
+# whose tiles take twice the bytes (the others spill 1-2 KB or exceed shared memory there). AMD's are those that
+# compile with at most ~60 B spilled on gfx90a (triton 3.6, bf16, head dim 128; its 4-stage pipelines fail and
+# 128x128 spills 2 KB).
 _FWD_CONFIGS = configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (64, 32, 4, 4),
-                        (128, 32, 4, 3), (32, 32, 4, 2)], hip=[(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)], interpret=(32, 16))
+                        (128, 32, 4, 3), (32, 32, 4, 2)], hip=[(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
+                       interpret=(32, 16))
 _KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_CLIP", "DOT_PRECISION"]
 
 

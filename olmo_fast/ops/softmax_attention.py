@@ -31,7 +31,8 @@ def attention_variant(variant: str | None = None) -> str:
     name = variant or os.environ.get(VARIANT_ENV) or DEFAULT_VARIANT
     if name not in ATTENTION_VARIANTS:
         source = "variant" if variant else VARIANT_ENV
-        raise ValueError(f"{source}={name!r} is not an attention variant; choose one of {', '.join(ATTENTION_VARIANTS)}")
+        raise ValueError(f"{source}={name!r} is not an attention variant; choose one of "
+                         f"{', '.join(ATTENTION_VARIANTS)}")
     return name
 
 
