@@ -208,6 +208,16 @@ def test_variant_from_environment(monkeypatch):
         ops.attention(q, q, q, backend="triton")
 
 
+def test_bench_has_a_row_per_variant():
+    """`olmo-fast bench --ops attention` A/B-tests the variants: `ours-triton` (the default variant) and
+    `ours-triton[<variant>]` for each other one, each calling ops.attention with that variant."""
+    from olmo_fast.benchmarks import providers
+
+    names = [p.name for p in providers.registry()["attention"]]
+    others = [v for v in VARIANTS if v != ops.softmax_attention.DEFAULT_VARIANT]
+    assert others and names[:1 + len(others)] == ["ours-triton"] + [f"ours-triton[{v}]" for v in others]
+
+
 def test_olmo_with_triton_attention_matches_torch(monkeypatch):
     """The test OLMo with clip_qkv small enough to clip ~30% of q/k/v, attention on the triton backend and every
     other op on torch: logits and every parameter gradient within 2x the fp32 torch model's error vs float64, plus
