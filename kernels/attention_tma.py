@@ -21,7 +21,7 @@ triton 3.9 (no setmaxnreg, no producer partition: OSS Triton specializes warps o
 Work: 4 P FLOPs as the "fa2" forward (P = B * H * Tq * Tk * D, halved when causal with Tq = Tk). Bytes: the same,
 e*B*D*(2*H*Tq + 2*Hkv*Tk) + 4*B*H*Tq from HBM (K/V re-read per query block, mostly from L2).
 Descriptors need 16-byte aligned slab bases and row strides (the host checks, else "fa2"), and, on a GPU, a
-global-memory allocator for the device-side descriptors (`triton.set_allocator`, installed on first use).
+global-memory allocator for the device-side descriptors (`triton.set_allocator`, set before each launch).
 TMA exists on sm_90+ only: on other targets (sm_80, AMD) the host runs the "fa2" kernel.
 """
 from __future__ import annotations
@@ -115,14 +115,11 @@ def _device_allocator(size: int, alignment: int, stream) -> torch.Tensor:
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
-_allocator_set: list[bool] = []
-
-
 def _ensure_allocator(device: torch.device) -> None:
-    """Install `_device_allocator` once, before the first GPU launch (triton asks for it per launch)."""
-    if device.type == "cuda" and not _allocator_set:
+    """Install `_device_allocator` before a GPU launch. Per launch, not once: Triton keeps the allocator in a
+    ContextVar, so each thread (autograd's device threads run recomputed forwards) needs its own."""
+    if device.type == "cuda":
         triton.set_allocator(_device_allocator)
-        _allocator_set.append(True)
 
 
 def tma_usable(*tensors: torch.Tensor) -> bool:
