@@ -77,8 +77,8 @@ def _cases(dtype) -> dict[str, Callable[[], object]]:
     """Name -> a call of a KERNELS function on representative CPU tensors (OLMo-7B widths, clip 8 as OLMo 1.7)."""
     import torch
 
-    from olmo_fast.kernels import (_launch, attention, decode_attention, layer_norm, linear_cross_entropy, qkv_rope,
-                                   rope, swiglu)
+    from olmo_fast.kernels import (_launch, attention, attention_tma, decode_attention, layer_norm,
+                                   linear_cross_entropy, qkv_rope, rope, swiglu)
 
     d, heads, head_dim, hidden, vocab, rows, seq, cache = 4096, 32, 128, 11008, 50304, 4, 256, 4096
 
@@ -106,7 +106,9 @@ def _cases(dtype) -> dict[str, Callable[[], object]]:
         "qkv_rope_fwd": lambda: qkv_rope.qkv_rope_fwd(qkv, heads, heads, 8.0, None, 0, 10000.0),
         "qkv_rope_bwd": lambda: qkv_rope.qkv_rope_bwd(q, q, q, qkv, 8.0, None, 0, 10000.0),
         "attention_fwd": lambda: attention.attention_fwd(q, q, q, True, 8.0, scale),
+        "attention_fwd_tma": lambda: attention_tma.attention_fwd_tma(q, q, q, True, 8.0, scale),  # "fa2" pre-sm_90
         "attention_bwd": lambda: attention.attention_bwd(q, q, q, q, q, lse, True, 8.0, scale),
+        "attention_bwd_atomic": lambda: attention.attention_bwd(q, q, q, q, q, lse, True, 8.0, scale, atomic_dq=True),
         "decode_attention": lambda: decode_attention.decode_attention(
             r(1, 1, heads, head_dim), kv, kv, torch.tensor([cache]), num_splits=4),
         "cross_entropy_chunk": lambda: linear_cross_entropy.cross_entropy_chunk(
@@ -160,7 +162,7 @@ def _resources(compiled, ptxas_log: str) -> dict:
 
 def _counts(asm: dict) -> dict[str, int]:
     """Counts of the INSTRUCTIONS whose assembly the compiled kernel has (PTX for NVIDIA, amdgcn for AMD)."""
-    return {name: len(re.findall(rf"^\s*{pattern}", asm[kind], flags=re.M))
+    return {name: len(re.findall(rf"^\s*(?:@!?%\w+\s+)?{pattern}", asm[kind], flags=re.M))
             for name, (kind, pattern) in INSTRUCTIONS.items() if kind in asm}
 
 

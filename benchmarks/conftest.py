@@ -89,7 +89,7 @@ def _marks(config: pytest.Config, provider: str, named: set[str] | None) -> list
         return [] if provider in named else [pytest.mark.skip(reason="not selected (--bench-providers)")]
     if bench_device(config).type != "cpu":
         return []
-    if provider == "ours-triton":
+    if provider.split("[")[0] == "ours-triton":  # and its attention variants, ours-triton[<variant>]
         skip = [] if config.getoption("bench_interpreted") else [pytest.mark.skip(
             reason=f"{report.INTERPRETED} (--bench-interpreted runs it)")]
         return [pytest.mark.interpreted, *skip]

@@ -63,8 +63,9 @@ def clamp(t: torch.Tensor, clip: float | None) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- our public ops, one adapter per op
-def op_fn(case: Case, backend: str) -> Callable[..., Any]:
-    """`olmo_fast.ops.<op>` on the canonical inputs with this case's parameters and `backend`."""
+def op_fn(case: Case, backend: str, variant: str | None = None) -> Callable[..., Any]:
+    """`olmo_fast.ops.<op>` on the canonical inputs with this case's parameters and `backend` (and attention's
+    kernel `variant`: None for the op's default)."""
     p = case.params
     if case.op == "layer_norm":
         return lambda x, residual=None: ops.layer_norm(x, eps=EPS, residual=residual, backend=backend)
@@ -76,17 +77,28 @@ def op_fn(case: Case, backend: str) -> Callable[..., Any]:
         return lambda qkv: ops.qkv_rope(qkv, n_heads=p["hq"], n_kv_heads=p["hk"], clip=p["clip"], theta=THETA,
                                         backend=backend)
     if case.op == "attention":
-        return lambda q, k, v: ops.attention(q, k, v, causal=p["causal"], clip=p["clip"], backend=backend)
+        return lambda q, k, v: ops.attention(q, k, v, causal=p["causal"], clip=p["clip"], backend=backend,
+                                             variant=variant)
     if case.op == "decode_attention":
         return lambda q, kc, vc, seqlens: ops.decode_attention(q, kc, vc, seqlens, backend=backend)
     raise ValueError(case.op)
 
 
-def _ours(backend: str) -> Callable[[Case, torch.device], Impl]:
+def _ours(backend: str, variant: str | None = None) -> Callable[[Case, torch.device], Impl]:
     def build(case: Case, device: torch.device) -> Impl:  # BackendError (no kernel) surfaces at the first call
-        note = report.INTERPRETED if backend == "triton" and device.type == "cpu" else ""
-        return Impl(op_fn(case, backend), note=note)
+        notes = [report.INTERPRETED] if backend == "triton" and device.type == "cpu" else []
+        if case.op == "attention" and backend == "triton":
+            notes.append(f"variant {ops.softmax_attention.attention_variant(variant)}")
+        return Impl(op_fn(case, backend, variant), note="; ".join(notes))
     return build
+
+
+def attention_variants() -> list[Provider]:
+    """`ours-triton[<variant>]` for each Triton attention variant other than the default (which `ours-triton`
+    runs, or $OLMO_FAST_ATTENTION's): the A/B rows of `olmo-fast bench --ops attention`."""
+    attn = ops.softmax_attention
+    return [Provider(f"ours-triton[{v}]", _ours("triton", v)) for v in attn.ATTENTION_VARIANTS
+            if v != attn.DEFAULT_VARIANT]
 
 
 def _eager(case: Case, device: torch.device) -> Impl:
@@ -250,7 +262,7 @@ def registry() -> dict[str, list[Provider]]:
                               Provider("apex", _apex_layer_norm)],
         "rope": ours + [Provider("liger", _liger_rope)],
         "qkv_rope": list(ours),
-        "attention": ours + sdpa + [Provider("flash-attn", _flash_attn)],
+        "attention": ours[:1] + attention_variants() + ours[1:] + sdpa + [Provider("flash-attn", _flash_attn)],
         "decode_attention": ours + sdpa + [Provider("flash-attn", _flash_attn)],
     }
 

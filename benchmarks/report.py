@@ -263,8 +263,8 @@ OURS = ("ours-triton", "ours-cpp")
 
 
 def failed_rows(rows: list[dict]) -> list[dict]:
-    """Rows of ours (`OURS`) that computed another function than eager (check MISMATCH) or raised."""
-    return [r for r in rows if r["provider"] in OURS and
+    """Rows of ours (`OURS`, attention variants `ours-triton[<variant>]` too) that computed another function than eager (check MISMATCH) or raised."""
+    return [r for r in rows if r["provider"].split("[")[0] in OURS and
             (r["status"] == "error" or str(r.get("check", "")).startswith("MISMATCH"))]
 
 
@@ -290,8 +290,8 @@ def summary(raw: dict) -> str:
             if r["status"] == "ok" and r.get("check") == "ok":
                 groups[(r["op"], r["shape"], r["mode"])].append(r)
         for (op, shape, mode), rows in groups.items():
-            ours = min((r for r in rows if r["provider"] in OURS), key=lambda r: r["median_ms"], default=None)
-            other = min((r for r in rows if r["provider"] not in OURS), key=lambda r: r["median_ms"], default=None)
+            ours = min((r for r in rows if r["provider"].split("[")[0] in OURS), key=lambda r: r["median_ms"], default=None)
+            other = min((r for r in rows if r["provider"].split("[")[0] not in OURS), key=lambda r: r["median_ms"], default=None)
             if ours is None:
                 continue
             flop = ours.get("tflops") is not None

@@ -11,16 +11,19 @@ LSE (base 2, of the scaled scores; [B, H, Tq] fp32; +inf for rows that see no ke
 Backward: `_attn_bwd_delta` (delta = rowsum(dO * O)), `_attn_bwd_dkdv` (one program per key block of a kv head,
 looping over the query blocks of every query head of its group, so GQA needs no atomics), `_attn_bwd_dq`
 (one program per query block). dQ, dK, dV are multiplied by the clamp's gradient, 1 where -clip <= x <= clip
-(inclusive, as torch.clamp) and 0 elsewhere, recomputed from the raw inputs.
+(inclusive, as torch.clamp) and 0 elsewhere, recomputed from the raw inputs. With `atomic_dq` (FlashAttention-2's
+scheme) the dK/dV pass also adds dS K into an fp32 dQ buffer with atomics and `_attn_bwd_dq_finish` scales,
+clamp-grads and casts it: no dQ pass.
 
 Work, with P = B * H * Tq * Tk * D (halved under a causal mask when Tq = Tk):
   forward  4 P FLOPs (QK^T, PV).  Backward 14 P FLOPs executed (the nominal 10 P = 2.5x forward, plus QK^T and
-  dO V^T recomputed by the separate dQ pass).
+  dO V^T recomputed by the separate dQ pass); with `atomic_dq` the nominal 10 P.
 Bytes (e = element size): forward reads Q, K, V and writes O, LSE: e*B*D*(2*H*Tq + 2*Hkv*Tk) + 4*B*H*Tq from HBM
 (K/V tiles are re-read once per query block, mostly from L2). Backward reads Q, K, V, O, dO, LSE and writes dQ,
-dK, dV plus the fp32 delta: e*B*D*(5*H*Tq + 4*Hkv*Tk) + 12*B*H*Tq.
-Kernel contract (KERNELS; `olmo_fast/ops/softmax_attention.py` validates the shapes and wraps them in custom ops
-with autograd):
+dK, dV plus the fp32 delta: e*B*D*(5*H*Tq + 4*Hkv*Tk) + 12*B*H*Tq; `atomic_dq` adds the fp32 dQ buffer's zeroing,
+atomic adds (Tk / BLOCK_N times per element, mostly in L2) and final read: 4*B*H*Tq*D*3 bytes more from HBM.
+Kernel contract (registered by variant name through kernels/attention_variants.py, which adds the `variant`
+argument; `olmo_fast/ops/softmax_attention.py` validates the shapes and wraps them in custom ops with autograd):
   "attention_fwd"(q, k, v, causal: bool, clip: float | None, scale: float) -> (out [B, Tq, H, D] q.dtype, lse)
   "attention_bwd"(dout, q, k, v, out, lse, causal, clip, scale) -> (dq, dk, dv) in the inputs' shapes and dtype
   lse [B, H, Tq] fp32 only travels from a backend's forward to its own backward (here: base 2, scaled scores).
@@ -70,10 +73,11 @@ def _fwd_footprint(config: triton.Config, args: dict, target: _tuning.Target) ->
 
 
 def _dkdv_footprint(config: triton.Config, args: dict, target: _tuning.Target) -> tuple[int, float]:
-    """dK/dV tiles: dk, dv [N, D] and P^T, dP^T [N, M] fp32; k, v [N, D] resident; q, dO [M, D] streamed."""
+    """dK/dV tiles: dk, dv [N, D] and P^T, dP^T [N, M] fp32 (and dQ's [M, D] with ATOMIC_DQ); k, v [N, D]
+    resident; q, dO [M, D] streamed."""
     m, n, d = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], args["BLOCK_D"]
-    return _tuning.tile_footprint(config, target, args["Q"].element_size(), 2 * n * d + 2 * n * m, 2 * n * d,
-                                  2 * m * d)
+    fp32 = 2 * n * d + 2 * n * m + (m * d if args.get("ATOMIC_DQ") else 0)
+    return _tuning.tile_footprint(config, target, args["Q"].element_size(), fp32, 2 * n * d, 2 * m * d)
 
 
 def _dq_footprint(config: triton.Config, args: dict, target: _tuning.Target) -> tuple[int, float]:
@@ -156,10 +160,12 @@ def attend_blocks(acc, m_i, l_i, q, K, V, stride_kt, stride_vt, offs_d, limit, l
 # ---------------------------------------------------------------------------------------------- forward
 # Configs (BLOCK_M, BLOCK_N, warps, stages). NVIDIA's are pruned per target by `_tuning` (sm_80: 128x128 needs
 # more shared memory than its 163 KB, and the tiles that spill there go); the last, small one is for fp32 inputs,
-# whose tiles take twice the bytes (the others spill 1-2 KB or exceed shared memory there). AMD's are those that compile with at most
-# ~60 B spilled on gfx90a (triton 3.6, bf16, head dim 128; its 4-stage pipelines fail and 128x128 spills 2 KB).
+# whose tiles take twice the bytes (the others spill 1-2 KB or exceed shared memory there). AMD's are those that
+# compile with at most ~60 B spilled on gfx90a (triton 3.6, bf16, head dim 128; its 4-stage pipelines fail and
+# 128x128 spills 2 KB).
 _FWD_CONFIGS = configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (64, 32, 4, 4),
-                        (128, 32, 4, 3), (32, 32, 4, 2)], hip=[(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)], interpret=(32, 16))
+                        (128, 32, 4, 3), (32, 32, 4, 2)], hip=[(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
+                       interpret=(32, 16))
 _KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_CLIP", "DOT_PRECISION"]
 
 
@@ -212,10 +218,28 @@ def _attn_bwd_delta(O, DO, DELTA, sob, sot, soh, sdb, sdt, sdh, H, Tq,
 
 
 @triton.jit
-def _dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, sqt, sdt, offs_n, offs_d, lo, hi, Tq, Tk, clip, qk_scale,
-                 HAS_CLIP: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """Accumulate one query head's query blocks [lo, hi) into dk (unscaled) and dv of one key block.
+def _attn_bwd_dq_finish(DQACC, Q, DQ, sab, sat, sah, sqb, sqt, sqh, sdqb, sdqt, sdqh, H, Tq, scale, clip,
+                        HAS_CLIP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """dQ = c'(Q) * scale * (the fp32 dS K that the atomic dK/dV pass summed), in dQ's dtype."""
+    bh, start_m = _query_block(Tq, BLOCK_M)
+    b, h = bh // H, bh % H
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    dq = load_tile(DQACC + b * sab + h * sah, offs_m, offs_d, sat, Tq, HEAD_DIM) * scale
+    if HAS_CLIP:
+        dq = clamp_grad(dq, load_tile(Q + b * sqb + h * sqh, offs_m, offs_d, sqt, Tq, HEAD_DIM), clip, HAS_CLIP)
+    mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM)
+    tl.store(DQ + b * sdqb + h * sdqh + row_offsets(offs_m, sdqt) + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def _dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, DQ, sqt, sdt, sdqt, offs_n, offs_d, lo, hi, Tq, Tk, clip,
+                 qk_scale, HAS_CLIP: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+    """Accumulate one query head's query blocks [lo, hi) into dk (unscaled) and dv of one key block; with
+    ATOMIC_DQ also add dS K (unscaled) of each query block into the fp32 rows of DQ (atomics: every key block of
+    the head adds into them).
 
     Computed transposed (P^T = exp2(K Q^T - lse), [BLOCK_N, BLOCK_M]) so that every product has the key block's
     BLOCK_N rows as M and takes P^T, dS^T straight from registers (as the A operand) on Hopper's wgmma.
@@ -234,22 +258,27 @@ def _dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, sqt, sdt, offs_n, offs_d, lo, 
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         dsT = pT * (dpT - delta[None, :])
         dk += tl.dot(dsT.to(q.dtype), q, input_precision=DOT_PRECISION)
+        if ATOMIC_DQ:
+            dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=DOT_PRECISION)
+            mask = (offs_m[:, None] < Tq) & (offs_d[None, :] < HEAD_DIM)
+            tl.atomic_add(DQ + row_offsets(offs_m, sdqt) + offs_d[None, :], dq, mask=mask, sem="relaxed")
     return dk, dv
 
 
-# AMD: the two that stay under ~100 B spilled on gfx90a (the others spill 0.4-3.5 KB there).
-_DKDV_CONFIGS = configs([(16, 64, 8, 3), (32, 64, 8, 2), (32, 64, 8, 3), (64, 64, 8, 3), (16, 128, 8, 2),
-                         (16, 32, 4, 2)],
+# NVIDIA: none spills on sm_90 (64x64 on 8 warps spilled 120 B there, 176 B with the atomic dQ: dropped; 16x128
+# is pruned there). AMD: the two that stay under ~100 B spilled on gfx90a (the others spill 0.4-3.5 KB there).
+_DKDV_CONFIGS = configs([(16, 64, 8, 3), (32, 64, 8, 2), (32, 64, 8, 3), (16, 128, 8, 2), (16, 32, 4, 2)],
                         hip=[(16, 64, 8, 3), (16, 128, 8, 2)], interpret=(16, 32))
 
 
-@_tuning.autotune(_DKDV_CONFIGS, _KEY, _dkdv_footprint)
+@_tuning.autotune(_DKDV_CONFIGS, _KEY + ["ATOMIC_DQ"], _dkdv_footprint)
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ,
                    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh, sdkb, sdkt, sdkh, sdvb, sdvt, sdvh,
-                   H, GROUP, Tq, Tk, Q_BUCKET, K_BUCKET, scale, qk_scale, clip,
+                   sdqb, sdqt, sdqh, H, GROUP, Tq, Tk, Q_BUCKET, K_BUCKET, scale, qk_scale, clip,
                    HAS_CLIP: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                   DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr):
     blocks = tl.cdiv(Tk, BLOCK_N)
     pid = tl.program_id(0)
     bkh, start_n = (pid // blocks).to(tl.int64), pid % blocks * BLOCK_N
@@ -276,11 +305,14 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV,
         h = kh * GROUP + g
         Qh = Q + b * sqb + h * sqh
         DOh = DO + b * sdb + h * sdh
+        DQh = DQ + b * sdqb + h * sdqh
         row = (b * H + h) * Tq
-        dk, dv = _dkdv_blocks(dk, dv, k, v, Qh, DOh, LSE + row, DELTA + row, sqt, sdt, offs_n, offs_d, m_lo, m_full,
-                              Tq, Tk, clip, qk_scale, HAS_CLIP, CAUSAL, True, HEAD_DIM, BLOCK_M, DOT_PRECISION)
-        dk, dv = _dkdv_blocks(dk, dv, k, v, Qh, DOh, LSE + row, DELTA + row, sqt, sdt, offs_n, offs_d, m_full, Tq,
-                              Tq, Tk, clip, qk_scale, HAS_CLIP, CAUSAL, False, HEAD_DIM, BLOCK_M, DOT_PRECISION)
+        dk, dv = _dkdv_blocks(dk, dv, k, v, Qh, DOh, LSE + row, DELTA + row, DQh, sqt, sdt, sdqt, offs_n, offs_d,
+                              m_lo, m_full, Tq, Tk, clip, qk_scale, HAS_CLIP, CAUSAL, True, HEAD_DIM, BLOCK_M,
+                              DOT_PRECISION, ATOMIC_DQ)
+        dk, dv = _dkdv_blocks(dk, dv, k, v, Qh, DOh, LSE + row, DELTA + row, DQh, sqt, sdt, sdqt, offs_n, offs_d,
+                              m_full, Tq, Tq, Tk, clip, qk_scale, HAS_CLIP, CAUSAL, False, HEAD_DIM, BLOCK_M,
+                              DOT_PRECISION, ATOMIC_DQ)
 
     # The raw k, v are loaded again for the clamp's gradient rather than kept in registers across the loop.
     if HAS_CLIP:
@@ -395,9 +427,11 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
 
 
 def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                  lse: torch.Tensor, causal: bool, clip: float | None, scale: float
+                  lse: torch.Tensor, causal: bool, clip: float | None, scale: float, atomic_dq: bool = False
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (dq, dk, dv), contiguous, in the inputs' dtype; the clamp's gradient included."""
+    """-> (dq, dk, dv), contiguous, in the inputs' dtype; the clamp's gradient included. dQ from its own pass
+    (deterministic), or with `atomic_dq` summed in fp32 by the dK/dV pass (FlashAttention-2's 5 products per
+    tile pair instead of 7; fp32 atomics: the summation order, so dQ's last bits, vary from run to run)."""
     _check_dtype(q)
     q, k, v, out, dout = (last_dim_contiguous(t) for t in (q, k, v, out, dout))
     B, Tq, H, D = q.shape
@@ -414,11 +448,15 @@ def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
         out, dout, delta, *out.stride()[:3], *dout.stride()[:3], H, Tq,
         HEAD_DIM=D, BLOCK_D=args["BLOCK_D"], BLOCK_M=block_m)
     strides = (*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *dout.stride()[:3])
+    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if atomic_dq else dq
     _attn_bwd_dkdv[lambda meta: (triton.cdiv(Tk, meta["BLOCK_N"]) * B * Hkv,)](
-        q, k, v, dout, lse, delta, dk, dv, *strides, *dk.stride()[:3], *dv.stride()[:3], scale=scale, **args)
-    _attn_bwd_dq[lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]) * B * H,)](
-        q, k, v, dout, lse, delta, dq, *strides, *dq.stride()[:3], scale=scale, **args)
+        q, k, v, dout, lse, delta, dk, dv, dq_acc, *strides, *dk.stride()[:3], *dv.stride()[:3],
+        *dq_acc.stride()[:3], scale=scale, ATOMIC_DQ=atomic_dq, **args)
+    if atomic_dq:
+        _attn_bwd_dq_finish[(triton.cdiv(Tq, block_m) * B * H,)](
+            dq_acc, q, dq, *dq_acc.stride()[:3], *q.stride()[:3], *dq.stride()[:3], H, Tq, scale, args["clip"],
+            HAS_CLIP=args["HAS_CLIP"], HEAD_DIM=D, BLOCK_D=args["BLOCK_D"], BLOCK_M=block_m)
+    else:
+        _attn_bwd_dq[lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]) * B * H,)](
+            q, k, v, dout, lse, delta, dq, *strides, *dq.stride()[:3], scale=scale, **args)
     return dq, dk, dv
-
-
-KERNELS = {"attention_fwd": attention_fwd, "attention_bwd": attention_bwd}

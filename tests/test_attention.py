@@ -54,18 +54,18 @@ def make_qkv(B, Tq, Tk, H, Hkv, D, dtype, clip):
     return out
 
 
-def run(q, k, v, dout, causal, clip, backend, scale=None):
+def run(q, k, v, dout, causal, clip, backend, scale=None, variant=None):
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    out = ops.attention(q, k, v, causal=causal, clip=clip, scale=scale, backend=backend)
+    out = ops.attention(q, k, v, causal=causal, clip=clip, scale=scale, backend=backend, variant=variant)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     return (out, *grads)
 
 
-def check_against_f64(q, k, v, causal, clip, scale=None):
-    """Forward and backward of the triton kernel vs float64, within 2x the same-dtype torch error."""
+def check_against_f64(q, k, v, causal, clip, scale=None, variant="fa2"):
+    """Forward and backward of the triton kernel `variant` vs float64, within 2x the same-dtype torch error."""
     dout = torch.randn(q.shape, device=DEVICE).to(q.dtype)
     with poisoned_allocations():
-        got = run(q, k, v, dout, causal, clip, "triton", scale)
+        got = run(q, k, v, dout, causal, clip, "triton", scale, variant)
     same = run(q, k, v, dout, causal, clip, "torch", scale)
     ref = run(q.double(), k.double(), v.double(), dout.double(), causal, clip, "torch", scale)
     Tq, Tk = q.shape[1], k.shape[1]
@@ -106,44 +106,54 @@ CASES = [
 ]
 
 
+VARIANTS = ops.softmax_attention.ATTENTION_VARIANTS  # every test below that runs a kernel runs each of them
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("case", CASES,
                          ids=lambda c: "B{}-Tq{}-Tk{}-H{}-Hkv{}-D{}-{}".format(*c[:6], "causal" if c[6] else "full"))
-def test_attention_matches_f64(case, dtype):
+def test_attention_matches_f64(case, dtype, variant):
     B, Tq, Tk, H, Hkv, D, causal = case
-    check_against_f64(*make_qkv(B, Tq, Tk, H, Hkv, D, dtype, CLIP), causal, CLIP)
+    check_against_f64(*make_qkv(B, Tq, Tk, H, Hkv, D, dtype, CLIP), causal, CLIP, variant=variant)
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("causal", [True, False])
-def test_attention_without_clip_and_custom_scale(causal):
+def test_attention_without_clip_and_custom_scale(causal, variant):
+    """Large scores (3x inputs): the running max jumps by more than the "tma" forward's lazy-rescale threshold
+    (2^8) between key blocks, so both its rescaling branches run."""
     q, k, v = make_qkv(2, 19, 23, 4, 2, 64, torch.float16, None)
-    check_against_f64(3 * q, 3 * k, v, causal, None, scale=0.3)
+    check_against_f64(3 * q, 3 * k, v, causal, None, scale=0.3, variant=variant)
 
 
-def test_fully_masked_rows_are_zero():
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fully_masked_rows_are_zero(variant):
     """Tq > Tk with a causal mask: the first Tq - Tk queries see no key -> output 0, no gradient, no NaN."""
     q, k, v = make_qkv(1, 21, 5, 2, 1, 64, torch.float32, CLIP)
-    out, dq, dk, dv = check_against_f64(q, k, v, True, CLIP)
+    out, dq, dk, dv = check_against_f64(q, k, v, True, CLIP, variant=variant)
     assert (out[:, :16] == 0).all() and (dq[:, :16] == 0).all()
     assert out[:, 16:].abs().sum() > 0
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("blocks", [(16, 16), (16, 32), (32, 16), (64, 32)], ids=str)
-def test_block_shapes(blocks):
+def test_block_shapes(blocks, variant):
     """The range logic (unmasked/masked block split, bottom-right diagonal) for other BLOCK_M/BLOCK_N pairs than
     the interpreter's default ones: every kernel is forced onto the given config."""
     import triton
 
     from olmo_fast.kernels import attention as kern
+    from olmo_fast.kernels import attention_tma
 
-    tuners = (kern._attn_fwd, kern._attn_bwd_dkdv, kern._attn_bwd_dq)
+    tuners = (kern._attn_fwd, attention_tma._attn_fwd_tma, kern._attn_bwd_dkdv, kern._attn_bwd_dq)
     saved = [(t.configs, dict(t.cache)) for t in tuners]
     try:
         for t in tuners:
             t.configs = [triton.Config({"BLOCK_M": blocks[0], "BLOCK_N": blocks[1]}, num_warps=4, num_stages=1)]
             t.cache.clear()
         for Tq, Tk in ((37, 50), (50, 37)):
-            check_against_f64(*make_qkv(1, Tq, Tk, 4, 2, 64, torch.float32, CLIP), True, CLIP)
+            check_against_f64(*make_qkv(1, Tq, Tk, 4, 2, 64, torch.float32, CLIP), True, CLIP, variant=variant)
     finally:
         for t, (configs, cache) in zip(tuners, saved):
             t.configs, t.cache = configs, cache
@@ -159,7 +169,7 @@ def test_gradient_through_expanded_dout_and_opcheck():
     for got, want in ((q.grad, qd.grad), (k.grad, kd.grad), (v.grad, vd.grad)):
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
 
-    args = (q.detach(), k.detach(), v.detach(), True, CLIP, 0.125, "triton")
+    args = (q.detach(), k.detach(), v.detach(), True, CLIP, 0.125, "triton", "fa2")
     torch.library.opcheck(torch.ops.olmo_fast.attention_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
@@ -171,6 +181,41 @@ def test_bad_inputs_raise():
         ops.attention(q, k, k, backend="triton")
     with pytest.raises(ValueError, match="dtype"):
         ops.attention(q, q.half(), q.half(), backend="triton")
+    with pytest.raises(ValueError, match="not an attention variant"):
+        ops.attention(q, q, q, backend="triton", variant="fa9")
+
+
+def test_variant_from_environment(monkeypatch):
+    """OLMO_FAST_ATTENTION picks the kernels when no `variant` is passed (forward and backward of that variant),
+    an explicit `variant` wins over it, and an unknown name in it fails with one clear error."""
+    from olmo_fast.kernels import attention_variants
+
+    calls = []
+
+    def spy(name, fn):
+        return lambda *args: calls.append(name) or fn(*args)
+
+    fwd, bwd = attention_variants.VARIANTS["tma"]
+    monkeypatch.setitem(attention_variants.VARIANTS, "tma", (spy("tma_fwd", fwd), spy("tma_bwd", bwd)))
+    monkeypatch.setenv("OLMO_FAST_ATTENTION", "tma")
+    q = torch.randn(1, 5, 2, 16, device=DEVICE, requires_grad=True)
+    ops.attention(q, q, q, backend="triton").sum().backward()
+    assert calls == ["tma_fwd", "tma_bwd"]
+    ops.attention(q, q, q, backend="triton", variant="fa2")
+    assert calls == ["tma_fwd", "tma_bwd"]
+    monkeypatch.setenv("OLMO_FAST_ATTENTION", "flash9")
+    with pytest.raises(ValueError, match="OLMO_FAST_ATTENTION='flash9' is not an attention variant"):
+        ops.attention(q, q, q, backend="triton")
+
+
+def test_bench_has_a_row_per_variant():
+    """`olmo-fast bench --ops attention` A/B-tests the variants: `ours-triton` (the default variant) and
+    `ours-triton[<variant>]` for each other one, each calling ops.attention with that variant."""
+    from olmo_fast.benchmarks import providers
+
+    names = [p.name for p in providers.registry()["attention"]]
+    others = [v for v in VARIANTS if v != ops.softmax_attention.DEFAULT_VARIANT]
+    assert others and names[:1 + len(others)] == ["ours-triton"] + [f"ours-triton[{v}]" for v in others]
 
 
 def test_olmo_with_triton_attention_matches_torch(monkeypatch):
@@ -201,12 +246,13 @@ SLACK eps times the tensor's largest magnitude."""
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 tl.dot needs a GPU (the interpreter's is wrong)")
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", [(2, 257, 257, 8, 2, 128, True), (1, 1000, 1000, 4, 4, 64, False),
                                   (2, 100, 300, 4, 1, 96, True), (1, 300, 100, 8, 8, 128, True)], ids=str)
-def test_attention_gpu(case, dtype):
+def test_attention_gpu(case, dtype, variant):
     B, Tq, Tk, H, Hkv, D, causal = case
-    check_against_f64(*make_qkv(B, Tq, Tk, H, Hkv, D, dtype, CLIP), causal, CLIP)
+    check_against_f64(*make_qkv(B, Tq, Tk, H, Hkv, D, dtype, CLIP), causal, CLIP, variant=variant)
 
 
 

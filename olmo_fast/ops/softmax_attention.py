@@ -6,31 +6,52 @@ clip mask: the kernels re-clamp on load and recompute the clamp's gradient) with
 calls `olmo_fast::attention_bwd`. Both look up the kernels "attention_fwd" / "attention_bwd" of the chosen
 backend (kernel contract in kernels/attention.py). Fake implementations make them traceable by torch.compile.
 `decode_attention` has no gradient: it calls the "decode_attention" kernel (kernels/decode_attention.py) itself.
+
+Kernel variants (A/B): `attention(variant=...)`, else the environment variable OLMO_FAST_ATTENTION (read per call),
+else DEFAULT_VARIANT, names one of ATTENTION_VARIANTS (kernels/attention_variants.py says what each runs). The
+"torch" backend has one implementation and ignores the name after validating it.
 """
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
 from . import dispatch, reference
 from ._library import kernel
 
+ATTENTION_VARIANTS = ("fa2", "tma", "tma-atomic")
+DEFAULT_VARIANT = "fa2"  # on every target until a GPU run shows another one faster (benchmarks/results/)
+VARIANT_ENV = "OLMO_FAST_ATTENTION"
+
+
+def attention_variant(variant: str | None = None) -> str:
+    """`variant`, else $OLMO_FAST_ATTENTION, else DEFAULT_VARIANT; ValueError for an unknown name."""
+    name = variant or os.environ.get(VARIANT_ENV) or DEFAULT_VARIANT
+    if name not in ATTENTION_VARIANTS:
+        source = "variant" if variant else VARIANT_ENV
+        raise ValueError(f"{source}={name!r} is not an attention variant; choose one of "
+                         f"{', '.join(ATTENTION_VARIANTS)}")
+    return name
+
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
-              clip: float | None = None, scale: float | None = None, backend: str | None = None) -> torch.Tensor:
+              clip: float | None = None, scale: float | None = None, backend: str | None = None,
+              variant: str | None = None) -> torch.Tensor:
     """Softmax attention on `[B, T, H, D]` (flash-attn layout; k/v may have fewer heads), q/k/v clamped to
     `[-clip, clip]` first when `clip` is set (`reference.clip_qkv`). Causal masks align bottom-right when Tq < Tk
-    (KV cache)."""
+    (KV cache). `variant` picks the kernel variant (module docstring)."""
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"attention wants q [B,Tq,H,D], k and v [B,Tk,Hkv,D]; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     _check_heads_and_dtypes(q, k, v)
+    name = attention_variant(variant)
     chosen = dispatch.resolve("attention_fwd", backend, q.device)
     if chosen == "torch":
         return reference.attention(q, k, v, causal, clip, scale)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, _ = attention_fwd(q, k, v, bool(causal), None if clip is None else float(clip), scale, chosen)
+    out, _ = attention_fwd(q, k, v, bool(causal), None if clip is None else float(clip), scale, chosen, name)
     return out
 
 
@@ -61,40 +82,40 @@ def _check_heads_and_dtypes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
 
 @torch.library.custom_op("olmo_fast::attention_fwd", mutates_args=())
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, clip: float | None, scale: float,
-                  backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return kernel("attention_fwd", backend, q)(q, k, v, causal, clip, scale)
+                  backend: str, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return kernel("attention_fwd", backend, q)(q, k, v, causal, clip, scale, variant)
 
 
 @attention_fwd.register_fake
-def _attention_fwd_fake(q, k, v, causal, clip, scale, backend):
+def _attention_fwd_fake(q, k, v, causal, clip, scale, backend, variant):
     B, Tq, H, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((B, H, Tq), dtype=torch.float32)
 
 
 @torch.library.custom_op("olmo_fast::attention_bwd", mutates_args=())
 def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                  lse: torch.Tensor, causal: bool, clip: float | None, scale: float, backend: str
+                  lse: torch.Tensor, causal: bool, clip: float | None, scale: float, backend: str, variant: str
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return kernel("attention_bwd", backend, q)(dout, q, k, v, out, lse, causal, clip, scale)
+    return kernel("attention_bwd", backend, q)(dout, q, k, v, out, lse, causal, clip, scale, variant)
 
 
 @attention_bwd.register_fake
-def _attention_bwd_fake(dout, q, k, v, out, lse, causal, clip, scale, backend):
+def _attention_bwd_fake(dout, q, k, v, out, lse, causal, clip, scale, backend, variant):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, causal, clip, scale, backend = inputs
+    q, k, v, causal, clip, scale, backend, variant = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
-    ctx.causal, ctx.clip, ctx.scale, ctx.backend = causal, clip, scale, backend
+    ctx.causal, ctx.clip, ctx.scale, ctx.backend, ctx.variant = causal, clip, scale, backend, variant
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, ctx.causal, ctx.clip, ctx.scale, ctx.backend)
-    return dq, dk, dv, None, None, None, None
+    dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, ctx.causal, ctx.clip, ctx.scale, ctx.backend, ctx.variant)
+    return dq, dk, dv, None, None, None, None, None
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)
