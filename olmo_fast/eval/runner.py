@@ -64,6 +64,10 @@ def evaluate_task(model, task: Task, tokenizer, *, limit: int | None = None, bat
                   shared: bool = True, compare_naive: bool = False, max_length: int | None = None,
                   progress: bool = False) -> TaskResult:
     requests = tokenize_choices(task.choices(limit), tokenizer, max_length or model.config.max_sequence_length)
+    top = max((max(r.context + r.continuation) for r in requests), default=0)
+    if top >= model.config.embedding_size:
+        raise ValueError(f"{task.name}: the tokenizer gives token id {top}, outside the model's vocabulary "
+                         f"({model.config.embedding_size}): pass the tokenizer the model was trained with")
     bar = _progress_bar(task.name, len(requests)) if progress else None
     try:
         lls, seconds = _score(model, requests, batch_tokens, shared, bar.update if bar is not None else None)

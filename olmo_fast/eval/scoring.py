@@ -6,7 +6,8 @@
   `PrefixCache`); its last position scores every continuation's first token (a one-token continuation, e.g.
   MMLU's " A", needs nothing more), then the distinct continuations' remaining tokens run as one more batch
   attending to their context's cached keys. Work per document: ~1 context + its continuations, not
-  n_choices x (context + continuation).
+  n_choices x (context + continuation); and the LM head (d x vocab per position: most of a small model's
+  work) runs only at the scored positions (`model.hidden_states`, then `model.head_weight`).
 Batches hold at most `batch_tokens` padded tokens (rows x longest row; a longer single row runs alone).
 Log-probabilities are taken in float32 of the logits at the scored positions only.
 """
@@ -46,6 +47,11 @@ def _batches(widths: Sequence[int], batch_tokens: int) -> Iterable[list[int]]:
         widest = max(widest, width)
     if batch:
         yield batch
+
+
+def _head(model: torch.nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The LM head on the scored positions' final hidden states only, `[M, d]` -> logits `[M, V]`."""
+    return F.linear(hidden, model.head_weight)
 
 
 def _device(model: torch.nn.Module) -> torch.device:
@@ -92,8 +98,8 @@ def shared_loglikelihoods(model: torch.nn.Module, requests: Sequence[Request], b
         cache = PrefixCache(getattr(model, "backend", None))
         batch_contexts = [contexts[j] for j in batch]
         lengths = torch.tensor([len(c) for c in batch_contexts], device=device)
-        logits = model(_pad(batch_contexts, device), cache=cache)
-        last = logits[torch.arange(len(batch), device=device), lengths - 1]
+        hidden = model.hidden_states(_pad(batch_contexts, device), cache=cache)
+        last = _head(model, hidden[torch.arange(len(batch), device=device), lengths - 1])
         members = [(b, i) for b, c in enumerate(batch_contexts) for i in groups[c]]
         logp = _token_logprobs(last[[b for b, _ in members]], [requests[i].continuation[0] for _, i in members])
         first[[i for _, i in members]] = logp.cpu()
@@ -118,14 +124,14 @@ def _score_continuations(model: torch.nn.Module, cache: PrefixCache, lengths: to
         rows = [keys[j] for j in chunk]
         inputs = _pad([c[:-1] for _, c in rows], device)
         cache.continue_from(torch.tensor([b for b, _ in rows], device=device), lengths, inputs.shape[1])
-        logits = model(inputs, cache=cache)
+        hidden = model.hidden_states(inputs, cache=cache)
         flat_rows, positions, targets, owner = [], [], [], []
         for n, (_, c) in enumerate(rows):
             flat_rows += [n] * (len(c) - 1)
             positions += range(len(c) - 1)
             targets += c[1:]
             owner += [n] * (len(c) - 1)
-        logp = _token_logprobs(logits[flat_rows, positions], targets).cpu()
+        logp = _token_logprobs(_head(model, hidden[flat_rows, positions]), targets).cpu()
         sums = torch.zeros(len(rows), dtype=torch.float32).index_add_(0, torch.tensor(owner), logp)
         for n, key in enumerate(rows):
             out[distinct[key]] = sums[n]
