@@ -46,6 +46,15 @@ def _checked(args: argparse.Namespace):
     return [t.name for t in tasks], device
 
 
+def load_model(model: str, device: str, dtype: torch.dtype, backend: str | None):
+    """A model folder (training checkpoint, HF or OLMo layout), else a preset with random weights."""
+    from .loading import load_checkpoint
+
+    if Path(model).is_dir():
+        return load_checkpoint(model, dtype=dtype, device=device, backend=backend)
+    return load(model, device, dtype, backend)
+
+
 def write_json_atomic(path: Path, payload: dict) -> None:
     """Write `payload` to `path` through a temporary file in the same folder and a rename."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -76,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
         dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
         tokenizer_dir = args.tokenizer or (args.model if (Path(args.model) / "tokenizer.json").is_file() else None)
         tokenizer = load_tokenizer(tokenizer_dir)
-        model = load(args.model, device, dtype, args.backend).eval()
+        model = load_model(args.model, device, dtype, args.backend).eval()
         start = time.perf_counter()
         results = evaluate(model, tasks, tokenizer=tokenizer, limit=args.limit, batch_tokens=args.batch_tokens,
                            compare_naive=args.compare_naive, progress=not args.no_progress, on_result=on_result)
@@ -106,8 +115,8 @@ def add_parser(sub) -> None:
                                    "label_to_task_map: arc_easy_rc_5shot, hellaswag_mc_5shot, copa_rc_0shot, "
                                    "mmlu_stem_mc_5shot ...; a bare name (arc_easy) is its rc_5shot variant; mmlu = "
                                    "the four 5-shot multiple-choice categories.")
-    p.add_argument("--model", required=True,
-                   help="HF or original OLMo checkpoint directory, or a preset name with random weights")
+    p.add_argument("--model", required=True, help="HF or original OLMo model directory, a training checkpoint "
+                                                   "(stepN/), or a preset name with random weights")
     p.add_argument("--tasks", required=True, help="comma-separated task names")
     p.add_argument("--limit", type=int, default=None, help="score the first N documents of each task")
     p.add_argument("--out", default=None, help="results JSON, rewritten after every task")
