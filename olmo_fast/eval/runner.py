@@ -124,15 +124,14 @@ def _progress_bar(name: str, total: int):
 
 
 def downstream_metrics(model, task_names: list[str], tokenizer=None, limit: int | None = None,
-                       batch_tokens: int = 2048) -> dict[str, float]:
-    """For a trainer's log: {"eval/downstream/<task>_<metric>": value} with the primary metric and both
-    `acc` and `len_norm`, as OLMo's in-loop downstream evaluators log them."""
-    out = {}
-    for name, r in evaluate(model, task_names, tokenizer=tokenizer, limit=limit, batch_tokens=batch_tokens).items():
-        out[f"eval/downstream/{name}_{r.metric}"] = r.score
-        for metric in ("acc", "len_norm"):
-            out.setdefault(f"eval/downstream/{name}_{metric}", getattr(r, metric))
-    return out
+                       batch_tokens: int = 2048, shared: bool = True) -> dict[str, float]:
+    """For a trainer's log, keyed as OLMo's in-loop downstream evaluators log them:
+    {"eval/downstream/<label>_<metric>": value}, `metric` the task's primary one (`mmlu` gives its four
+    categories). Every process of a sharded (FSDP) model must call it with the same arguments and
+    `shared=False` (the shared path calls `model.hidden_states`, which skips the root module's hooks)."""
+    labels = {get_task(name).name: name for name in expand_task_names(task_names)}
+    results = evaluate(model, list(labels), tokenizer=tokenizer, limit=limit, batch_tokens=batch_tokens, shared=shared)
+    return {f"eval/downstream/{labels[name]}_{r.metric}": r.score for name, r in results.items()}
 
 
 def results_table(results: dict[str, TaskResult]) -> str:
