@@ -101,9 +101,9 @@ def run(args: argparse.Namespace) -> int:
     summary = f"[{len(results)} tasks in {time.perf_counter() - start:.1f} s; scoring {tokens / max(seconds, 1e-9):,.0f} tokens/s"
     if args.compare_naive:
         naive = sum(r.naive_seconds for r in results.values())
-        worst = max(r.max_abs_diff for r in results.values())
+        worst = max(r.max_rel_diff for r in results.values())
         summary += (f"; one forward per choice (OLMo's scheme) {tokens / max(naive, 1e-9):,.0f} tokens/s: "
-                    f"{naive / max(seconds, 1e-9):.2f}x faster shared, largest log-likelihood difference {worst:.2e}")
+                    f"{naive / max(seconds, 1e-9):.2f}x faster shared, largest relative log-likelihood difference {worst:.1e}")
     print(summary + "]", file=sys.stderr)
     return 0
 

@@ -25,7 +25,7 @@ class TaskResult:
     tokens: int  # tokens of the requests as OLMo feeds them (context + continuation[:-1] each)
     seconds: float
     naive_seconds: float | None = None  # with compare_naive: OLMo's scheme on the same requests
-    max_abs_diff: float | None = None  # with compare_naive: largest |shared - naive| log-likelihood
+    max_rel_diff: float | None = None  # with compare_naive: largest |shared - naive| / |naive| log-likelihood
     loglikelihoods: list[float] = field(default_factory=list, repr=False)  # per choice, summed log-probability
     choices: list[tuple[int, int]] = field(default_factory=list, repr=False)  # (doc_id, choice) of each
 
@@ -81,7 +81,7 @@ def evaluate_task(model, task: Task, tokenizer, *, limit: int | None = None, bat
                         loglikelihoods=lls.tolist(), choices=[(r.doc_id, r.cont_id) for r in requests])
     if compare_naive:
         naive, result.naive_seconds = _score(model, requests, batch_tokens, False, None)
-        result.max_abs_diff = float((naive - lls).abs().max()) if len(requests) else 0.0
+        result.max_rel_diff = float(((naive - lls).abs() / naive.abs()).max()) if len(requests) else 0.0
     return result
 
 
