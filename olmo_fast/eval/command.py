@@ -98,12 +98,14 @@ def run(args: argparse.Namespace) -> int:
     print(results_table(results))
     tokens = sum(r.tokens for r in results.values())
     seconds = sum(r.seconds for r in results.values())
-    summary = f"[{len(results)} tasks in {time.perf_counter() - start:.1f} s; scoring {tokens / max(seconds, 1e-9):,.0f} tokens/s"
+    summary = (f"[{len(results)} tasks in {time.perf_counter() - start:.1f} s; "
+               f"scoring {tokens / max(seconds, 1e-9):,.0f} tokens/s")
     if args.compare_naive:
         naive = sum(r.naive_seconds for r in results.values())
         worst = max(r.max_rel_diff for r in results.values())
         summary += (f"; one forward per choice (OLMo's scheme) {tokens / max(naive, 1e-9):,.0f} tokens/s: "
-                    f"{naive / max(seconds, 1e-9):.2f}x faster shared, largest relative log-likelihood difference {worst:.1e}")
+                    f"{naive / max(seconds, 1e-9):.2f}x faster shared, largest relative log-likelihood difference "
+                    f"{worst:.1e}")
     print(summary + "]", file=sys.stderr)
     return 0
 

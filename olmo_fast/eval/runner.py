@@ -52,7 +52,7 @@ def default_tokenizer():
     return load_tokenizer()
 
 
-def _score(model, requests: list[Request], batch_tokens: int, shared: bool,
+def _score(model: torch.nn.Module, requests: list[Request], batch_tokens: int, shared: bool,
            progress: Callable[[int], None] | None) -> tuple[torch.Tensor, float]:
     score = shared_loglikelihoods if shared else naive_loglikelihoods
     start = time.perf_counter()
@@ -60,9 +60,9 @@ def _score(model, requests: list[Request], batch_tokens: int, shared: bool,
     return lls, time.perf_counter() - start
 
 
-def evaluate_task(model, task: Task, tokenizer, *, limit: int | None = None, batch_tokens: int = 2048,
-                  shared: bool = True, compare_naive: bool = False, max_length: int | None = None,
-                  progress: bool = False) -> TaskResult:
+def evaluate_task(model: torch.nn.Module, task: Task, tokenizer, *, limit: int | None = None,
+                  batch_tokens: int = 2048, shared: bool = True, compare_naive: bool = False,
+                  max_length: int | None = None, progress: bool = False) -> TaskResult:
     requests = tokenize_choices(task.choices(limit), tokenizer, max_length or model.config.max_sequence_length)
     top = max((max(r.context + r.continuation) for r in requests), default=0)
     if top >= model.config.embedding_size:
@@ -86,11 +86,11 @@ def evaluate_task(model, task: Task, tokenizer, *, limit: int | None = None, bat
 
 
 @torch.no_grad()
-def evaluate(model, tasks: list[str], *, tokenizer=None, limit: int | None = None, batch_tokens: int = 2048,
-             shared: bool = True, compare_naive: bool = False, max_length: int | None = None,
+def evaluate(model: torch.nn.Module, tasks: list[str], *, tokenizer=None, limit: int | None = None,
+             batch_tokens: int = 2048, shared: bool = True, compare_naive: bool = False, max_length: int | None = None,
              progress: bool = False, on_result: Callable[[TaskResult], None] | None = None) -> dict[str, TaskResult]:
-    """Score `model` (an `olmo_fast.OLMo`, or any module with `.config.max_sequence_length` whose
-    `model(input_ids)` gives logits) on OLMo's downstream `tasks` (names as in OLMo's label_to_task_map;
+    """Score `model` (an `olmo_fast.OLMo`: the shared path uses its `hidden_states(ids, cache=)` and
+    `head_weight`; `shared=False` only `model(input_ids)` -> logits and `.config`) on OLMo's downstream `tasks` (names as in OLMo's label_to_task_map;
     `mmlu` = its four 5-shot categories). `limit`: the first N documents per task. `tokenizer`: a
     `tokenizers.Tokenizer` (default OLMo's dolma-v1_5). `shared=False` scores as OLMo does, one sequence per
     choice; `compare_naive` also times that scheme and records the largest difference. `max_length`: cut
@@ -123,7 +123,7 @@ def _progress_bar(name: str, total: int):
     return tqdm(desc=name, total=total, unit="choice", leave=False, dynamic_ncols=True)
 
 
-def downstream_metrics(model, task_names: list[str], tokenizer=None, limit: int | None = None,
+def downstream_metrics(model: torch.nn.Module, task_names: list[str], tokenizer=None, limit: int | None = None,
                        batch_tokens: int = 2048, shared: bool = True) -> dict[str, float]:
     """For a trainer's log, keyed as OLMo's in-loop downstream evaluators log them:
     {"eval/downstream/<label>_<metric>": value}, `metric` the task's primary one (`mmlu` gives its four

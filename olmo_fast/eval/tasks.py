@@ -144,9 +144,9 @@ def get_task(name: str) -> Task:
 def _oe_eval_choices(task: str, variant: str) -> Iterator[Choice]:
     path = _data_dir() / "oe_eval_tasks" / task / variant
     file = path / "requests.jsonl.gz"
-    opener = gzip.open if file.is_file() else open
     if not file.is_file():
         file = path / "requests.jsonl"
+    opener = gzip.open if file.suffix == ".gz" else open
     with opener(file, "rt", encoding="utf-8") as lines:
         for line in lines:
             request = json.loads(line)
@@ -185,7 +185,8 @@ def _mmlu_choices(category: str, split: str, shots: int, mc_labels: bool) -> Ite
     for subject in mmlu_subjects(category):
         prefix = ""
         if shots:
-            prefix = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}:\n\n"
+            topic = subject.replace("_", " ")
+            prefix = f"The following are multiple choice questions (with answers) about {topic}:\n\n"
             for shot in list(_mmlu_split(subject, "dev"))[:shots]:
                 answer = _MMLU_KEYS[shot["answer"]] if mc_labels else shot["choices"][shot["answer"]]
                 prefix += _mmlu_question(shot, mc_labels) + " " + answer + "\n\n"
