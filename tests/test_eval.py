@@ -121,8 +121,10 @@ def test_matches_olmo_scoring(checkpoints, label, layout, max_length):
     assert result.metric == primary and result.score == getattr(result, primary)
 
 
-def test_shared_context_matches_one_forward_per_choice(checkpoints):
-    """Small batches (several context batches and continuation chunks), cut contexts and one-token choices."""
+@pytest.mark.parametrize("batch_tokens", [64, 400])
+def test_shared_context_matches_one_forward_per_choice(checkpoints, batch_tokens):
+    """Cut contexts and one-token choices; 64 tokens: a context per batch, continuations in several chunks;
+    400: several contexts per batch (ragged)."""
     from olmo_fast.eval.requests import tokenize_choices
     from olmo_fast.eval.scoring import naive_loglikelihoods, shared_loglikelihoods
     from olmo_fast.eval.tasks import get_task
@@ -132,9 +134,9 @@ def test_shared_context_matches_one_forward_per_choice(checkpoints):
     model = OLMo.from_pretrained(checkpoints["hf"], dtype=torch.float32).eval()
     tokenizer = load_tokenizer()
     requests = [r for name in ("hellaswag_rc_5shot", "arc_easy_mc_5shot")
-                for r in tokenize_choices(get_task(name).choices(5), tokenizer, 150)]
-    naive = naive_loglikelihoods(model, requests, batch_tokens=400)
-    shared = shared_loglikelihoods(model, requests, batch_tokens=400)
+                for r in tokenize_choices(get_task(name).choices(4), tokenizer, 150)]
+    naive = naive_loglikelihoods(model, requests, batch_tokens=batch_tokens)
+    shared = shared_loglikelihoods(model, requests, batch_tokens=batch_tokens)
     torch.testing.assert_close(shared, naive, rtol=1e-5, atol=0)
 
 

@@ -8,7 +8,8 @@
   attending to their context's cached keys. Work per document: ~1 context + its continuations, not
   n_choices x (context + continuation); and the LM head (d x vocab per position: most of a small model's
   work) runs only at the scored positions (`model.hidden_states`, then `model.head_weight`).
-Batches hold at most `batch_tokens` padded tokens (rows x longest row; a longer single row runs alone).
+Batches hold at most `batch_tokens` padded tokens (rows x longest row; a longer single row runs alone); a
+continuation batch also gathers its rows' cached contexts, at most (choices per document) x its context batch.
 Log-probabilities are taken in float32 of the logits at the scored positions only.
 """
 from __future__ import annotations
@@ -119,8 +120,7 @@ def _score_continuations(model: torch.nn.Module, cache: PrefixCache, lengths: to
         if len(requests[i].continuation) > 1:
             distinct.setdefault((b, requests[i].continuation), []).append(i)
     keys = sorted(distinct, key=lambda key: len(key[1]))
-    slots = cache.k[0].shape[1] if cache.k else 0
-    for chunk in _batches([slots + len(c) - 1 for _, c in keys], batch_tokens):
+    for chunk in _batches([len(c) - 1 for _, c in keys], batch_tokens):
         rows = [keys[j] for j in chunk]
         inputs = _pad([c[:-1] for _, c in rows], device)
         cache.continue_from(torch.tensor([b for b, _ in rows], device=device), lengths, inputs.shape[1])
