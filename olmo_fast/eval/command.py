@@ -89,12 +89,15 @@ def run(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         results = evaluate(model, tasks, tokenizer=tokenizer, limit=args.limit, batch_tokens=args.batch_tokens,
                            compare_naive=args.compare_naive, progress=not args.no_progress, on_result=on_result)
+        payload["complete"] = True
+        if args.out:
+            write_json_atomic(Path(args.out), payload)
     except (ValueError, CheckpointError, TokenizerError, BackendError) as err:  # UsageError, TaskError included
         print(f"error: {err}", file=sys.stderr)
         return 2
-    payload["complete"] = True
-    if args.out:
-        write_json_atomic(Path(args.out), payload)
+    except OSError as err:  # reading the model or the task data, writing --out
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     print(results_table(results))
     tokens = sum(r.tokens for r in results.values())
     seconds = sum(r.seconds for r in results.values())
