@@ -7,7 +7,7 @@ float32, as OLMo stores them.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Callable
 
 import torch
 
@@ -87,15 +87,17 @@ def evaluate_task(model: torch.nn.Module, task: Task, tokenizer, *, limit: int |
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, tasks: list[str], *, tokenizer=None, limit: int | None = None,
-             batch_tokens: int = 2048, shared: bool = True, compare_naive: bool = False, max_length: int | None = None,
-             progress: bool = False, on_result: Callable[[TaskResult], None] | None = None) -> dict[str, TaskResult]:
-    """Score `model` (an `olmo_fast.OLMo`: the shared path uses its `hidden_states(ids, cache=)` and
-    `head_weight`; `shared=False` only `model(input_ids)` -> logits and `.config`) on OLMo's downstream `tasks` (names as in OLMo's label_to_task_map;
-    `mmlu` = its four 5-shot categories). `limit`: the first N documents per task. `tokenizer`: a
-    `tokenizers.Tokenizer` (default OLMo's dolma-v1_5). `shared=False` scores as OLMo does, one sequence per
-    choice; `compare_naive` also times that scheme and records the largest difference. `max_length`: cut
-    requests from the left to this many tokens (default: the model's context, as OLMo's `model_ctx_len`).
-    `on_result` is called after each task (e.g. to write results as they come)."""
+             batch_tokens: int = 2048, shared: bool = True, compare_naive: bool = False,
+             max_length: int | None = None, progress: bool = False,
+             on_result: Callable[[TaskResult], None] | None = None) -> dict[str, TaskResult]:
+    """Score `model` on OLMo's downstream `tasks` (names as in OLMo's label_to_task_map; `mmlu` = its four
+    5-shot categories). `model`: an `olmo_fast.OLMo` (the shared path uses its `hidden_states(ids, cache=)`
+    and `head_weight`; `shared=False` only `model(input_ids)` -> logits and `.config`).
+    `limit`: the first N documents per task. `tokenizer`: a `tokenizers.Tokenizer` (default OLMo's
+    dolma-v1_5). `shared=False` scores as OLMo does, one sequence per choice; `compare_naive` also times that
+    scheme and records the largest difference. `max_length`: cut requests from the left to this many tokens
+    (default: the model's context, as OLMo's `model_ctx_len`). `on_result` is called after each task (e.g. to
+    write results as they come)."""
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     if max_length is not None and not 1 < max_length <= model.config.max_sequence_length:
@@ -146,5 +148,8 @@ def results_table(results: dict[str, TaskResult]) -> str:
     if all(not row[-1] for row in rows):
         header, rows = header[:-1], [row[:-1] for row in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    def line(cells) -> str:  # names left-aligned, numbers right-aligned
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(row) for row in rows])

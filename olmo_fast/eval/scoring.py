@@ -14,7 +14,7 @@ Log-probabilities are taken in float32 of the logits at the scored positions onl
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F

