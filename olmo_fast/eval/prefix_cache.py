@@ -1,0 +1,60 @@
+"""A KV cache for scoring many continuations of a few shared contexts (implements `olmo_fast.model.KVCache`).
+
+Two kinds of forward per batch of contexts:
+1. prefill: the contexts, right-padded `[B, L]`; each layer's k/v are kept and attention is plain causal
+   (a real token never sees the padding after it).
+2. continuations `[N, T]` (right-padded), row n continuing context `rows[n]` of `lengths[rows[n]]` tokens:
+   RoPE starts at that length; per layer the row's keys are laid out as
+       slots 0 .. len-1: its context's k/v;   slots len .. len+T-1: the new tokens' k/v
+   (`[N, L + T, Hkv, D]`, gathered and written per forward, transient) and decode attention over
+   `seqlens = len + T` keys lets new token t see the context and new tokens 0..t. A padded row's extra new
+   tokens only produce outputs nobody reads. The context is never recomputed.
+`update` is the cache's one job; `attend` runs the model's attention on what it returns.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import ops
+
+
+class PrefixCache:
+    def __init__(self, backend: str | None = None) -> None:
+        self.backend = backend
+        self.k: list[torch.Tensor] = []  # per layer, the contexts' keys [B, L, Hkv, D]
+        self.v: list[torch.Tensor] = []
+        self.rows: torch.Tensor | None = None  # [N] context row of each continuation (None: prefill)
+        self.lengths: torch.Tensor | None = None  # [B] real tokens per context
+        self._slots: torch.Tensor | None = None  # [N, T] where each row's new tokens go
+        self._seqlens: torch.Tensor | None = None  # [N] keys each row attends over
+
+    @property
+    def rope_offset(self) -> int | torch.Tensor:
+        return 0 if self.rows is None else self.lengths[self.rows]
+
+    def continue_from(self, rows: torch.Tensor, lengths: torch.Tensor, new_tokens: int) -> None:
+        """End the prefill: the next forward holds `new_tokens` continuation tokens per row of `rows`."""
+        self.rows, self.lengths = rows, lengths
+        start = lengths[rows].view(-1, 1)
+        self._slots = start + torch.arange(new_tokens, device=rows.device)
+        self._seqlens = (start.view(-1) + new_tokens).to(torch.int32)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Keys, values and key counts to attend over (None: causal over the new tokens alone)."""
+        if self.rows is None:
+            self.k.append(k)
+            self.v.append(v)
+            return k, v, None
+        n = torch.arange(len(self.rows), device=k.device).view(-1, 1)
+        keys, values = (torch.cat([cached[layer][self.rows], torch.zeros_like(new)], dim=1)
+                        for cached, new in ((self.k, k), (self.v, v)))
+        keys[n, self._slots] = k
+        values[n, self._slots] = v
+        return keys, values, self._seqlens
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k, v, seqlens = self.update(layer, k, v)
+        if seqlens is None:
+            return ops.attention(q, k, v, causal=True, backend=self.backend)
+        return ops.decode_attention(q, k, v, seqlens, backend=self.backend)
