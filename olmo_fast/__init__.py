@@ -6,7 +6,8 @@ from .config import ConfigError, ModelConfig
 from .model import OLMo
 from .patch import patch, unpatch
 from .generation import Completion, generate
+from .eval import evaluate
 
 __version__ = "0.1.0"
-__all__ = ["ModelConfig", "ConfigError", "OLMo", "ops", "generate", "Completion",
+__all__ = ["ModelConfig", "ConfigError", "OLMo", "ops", "generate", "Completion", "evaluate",
            "patch", "unpatch", "__version__"]

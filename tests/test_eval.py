@@ -156,7 +156,7 @@ def test_bad_task_and_limit():
 def _cli(*argv: str) -> int:
     import argparse
 
-    from olmo_fast.eval.command import add_parser
+    from olmo_fast.cli.eval import add_parser
 
     parser = argparse.ArgumentParser(prog="olmo-fast")
     add_parser(parser.add_subparsers(dest="command", required=True))

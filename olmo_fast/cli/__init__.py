@@ -13,6 +13,7 @@ SUBCOMMANDS = {
     "prepare-data": "olmo_fast.cli.prepare_data",
     "bench": "olmo_fast.cli.bench",
     "generate": "olmo_fast.cli.generate",
+    "eval": "olmo_fast.cli.eval",
 }
 
 

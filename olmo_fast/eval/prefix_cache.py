@@ -9,18 +9,15 @@ Two kinds of forward per batch of contexts:
    (`[N, L + T, Hkv, D]`, gathered and written per forward, transient) and decode attention over
    `seqlens = len + T` keys lets new token t see the context and new tokens 0..t. A padded row's extra new
    tokens only produce outputs nobody reads. The context is never recomputed.
-`update` is the cache's one job; `attend` runs the model's attention on what it returns.
+The cache holds tensors only: the block's attention module attends over what `update` returns.
 """
 from __future__ import annotations
 
 import torch
 
-from .. import ops
-
 
 class PrefixCache:
-    def __init__(self, backend: str | None = None) -> None:
-        self.backend = backend
+    def __init__(self) -> None:
         self.k: list[torch.Tensor] = []  # per layer, the contexts' keys [B, L, Hkv, D]
         self.v: list[torch.Tensor] = []
         self.rows: torch.Tensor | None = None  # [N] context row of each continuation (None: prefill)
@@ -52,9 +49,3 @@ class PrefixCache:
         keys[n, self._slots] = k
         values[n, self._slots] = v
         return keys, values, self._seqlens
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        k, v, seqlens = self.update(layer, k, v)
-        if seqlens is None:
-            return ops.attention(q, k, v, causal=True, backend=self.backend)
-        return ops.decode_attention(q, k, v, seqlens, backend=self.backend)

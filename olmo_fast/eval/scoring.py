@@ -96,7 +96,7 @@ def shared_loglikelihoods(model: torch.nn.Module, requests: Sequence[Request], b
     first = torch.empty(len(requests), dtype=torch.float32)
     rest = torch.zeros(len(requests), dtype=torch.float32)
     for batch in _batches([len(c) for c in contexts], batch_tokens):
-        cache = PrefixCache(getattr(model, "backend", None))
+        cache = PrefixCache()
         batch_contexts = [contexts[j] for j in batch]
         lengths = torch.tensor([len(c) for c in batch_contexts], device=device)
         hidden = model.hidden_states(_pad(batch_contexts, device), cache=cache)

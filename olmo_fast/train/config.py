@@ -86,9 +86,9 @@ class SchedulerConfig:
 @dataclass
 class EvaluatorConfig:
     label: str = "eval"
-    type: str = "lm"  # OLMo's downstream (in-context task) evaluators are skipped with a warning
+    type: str = "lm"  # lm: loss on token files; downstream: `label` names an `olmo-fast eval` task
     data: DataConfig = field(default_factory=DataConfig)
-    subset_num_batches: int | None = None  # None: the whole eval set
+    subset_num_batches: int | None = None  # None: the whole eval set (downstream: the first N documents)
 
 
 @dataclass

@@ -34,6 +34,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import CheckpointError, check_state, load_state
 from ..config import ConfigError, ModelConfig
+from ..eval import TaskError, downstream_metrics, get_task
 from ..model import OLMo
 from ..ops import dispatch
 from . import corpus, dist, state
@@ -94,6 +95,7 @@ class Trainer:
         self.seq_len = self.model_config.max_sequence_length
 
         self.train_data, self.evaluators = self._data()
+        self.downstream = self._downstream_tasks()
         self.order = BatchOrder(len(self.train_data), config.global_train_batch_size,
                                 config.data.seed if config.data.seed is not None else config.seed,
                                 self.dist.rank, self.dist.world)
@@ -189,9 +191,10 @@ class Trainer:
     def _data(self) -> tuple[TokenDataset, list[tuple[EvaluatorConfig, TokenDataset]]]:
         cfg = self.cfg
         evaluators = list(cfg.evaluators)
-        for ev in [e for e in evaluators if e.type != "lm" or not e.data.all_paths()]:
+        for ev in [e for e in evaluators if e.type not in ("lm", "downstream") or e.type == "lm"
+                   and not e.data.all_paths()]:
             warnings.warn(f"skipping evaluator {ev.label!r}: only language-model loss on token files (type lm, "
-                          f"data.paths or data.datasets) is implemented", stacklevel=2)
+                          f"data.paths or data.datasets) and downstream tasks are implemented", stacklevel=2)
         evaluators = [e for e in evaluators if e.type == "lm" and e.data.all_paths()]
         if not cfg.data.all_paths():  # the built-in corpus, tokenized once by rank 0
             if self.dist.main:
@@ -204,6 +207,16 @@ class Trainer:
                                               subset_num_batches=4)]
             self.log(f"data: the built-in corpus ({train.stat().st_size // 2:,} tokens of OLMo eval-task text)")
         return self._dataset(cfg.data), [(e, self._eval_dataset(e)) for e in evaluators]
+
+    def _downstream_tasks(self) -> list[EvaluatorConfig]:
+        """The `type: downstream` evaluators, their tasks checked now (a ConfigError before any work)."""
+        tasks = [ev for ev in self.cfg.evaluators if ev.type == "downstream"]
+        for ev in tasks:
+            try:
+                get_task(ev.label)
+            except TaskError as err:
+                raise ConfigError(f"evaluator {ev.label!r}: {err}") from None
+        return tasks
 
     def _eval_dataset(self, ev: EvaluatorConfig) -> TokenDataset:
         """An evaluator's data, checked to hold at least one eval batch now rather than at the first eval."""
@@ -311,6 +324,10 @@ class Trainer:
                 total[1] += (labels[:, 1:] != -100).sum()
             total = self.dist.sum(total)
             out[f"eval/{ev.label}/loss"] = (total[0] / total[1].clamp(min=1)).item()
+        for ev in self.downstream:  # every process scores the same documents (FSDP: through the root module)
+            with self._autocast():
+                out.update(downstream_metrics(self.model, [ev.label], limit=ev.subset_num_batches,
+                                              shared=self.dist.world == 1))
         self.model.train()
         return out
 
@@ -404,7 +421,7 @@ class Trainer:
                                     f"{self.save_folder / f'step{self.step}'}; continue with --resume")
         if stop == "time":
             self.log(f"time_limit of {cfg.time_limit}s reached at step {self.step}")
-        if self.evaluators and not self._eval_due():
+        if (self.evaluators or self.downstream) and not self._eval_due():
             last.update(self._log_eval())
         if cfg.export_hf:
             path = self.export_hf()
@@ -416,7 +433,8 @@ class Trainer:
         return last
 
     def _eval_due(self) -> bool:
-        return bool(self.cfg.eval_interval and self.evaluators and self.step % self.cfg.eval_interval == 0)
+        return bool(self.cfg.eval_interval and (self.evaluators or self.downstream)
+                    and self.step % self.cfg.eval_interval == 0)
 
     def _loop(self, stop_at: int, start: float, bar, signals: "_StopSignals") -> tuple[dict[str, Any], Any]:
         """Steps until `stop_at` or a stop; returns (the last metrics, why it stopped early: a signal, "time" or

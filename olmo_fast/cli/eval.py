@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ..generate_cli import DTYPES, UsageError, _check_backend, _device, check_model_name, load
+from .generate import DTYPES, UsageError, _check_backend, _device, check_model_name, load
 
 
 def _tasks(spec: str) -> list[str]:
@@ -27,7 +27,7 @@ def _tasks(spec: str) -> list[str]:
 
 def _checked(args: argparse.Namespace):
     """(tasks, device) after every check that needs no model (else UsageError / TaskError)."""
-    from .runner import resolve_tasks
+    from ..eval.runner import resolve_tasks
 
     tasks = resolve_tasks(_tasks(args.tasks))
     if args.limit is not None and args.limit < 1:
@@ -48,7 +48,7 @@ def _checked(args: argparse.Namespace):
 
 def load_model(model: str, device: str, dtype: torch.dtype, backend: str | None):
     """A model folder (training checkpoint, HF or OLMo layout), else a preset with random weights."""
-    from .loading import load_checkpoint
+    from ..eval.loading import load_checkpoint
 
     if Path(model).is_dir():
         return load_checkpoint(model, dtype=dtype, device=device, backend=backend)
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint import CheckpointError
     from ..ops import BackendError
     from ..tokenizer import TokenizerError, load_tokenizer
-    from .runner import TaskResult, evaluate, results_table
+    from ..eval.runner import TaskResult, evaluate, results_table
 
     payload: dict = {"model": args.model, "limit": args.limit, "complete": False, "tasks": {}}
 
