@@ -198,8 +198,8 @@ def test_loss_falls_well_below_unigram_entropy(tmp_path):
     tokens.tofile(tmp_path / "ids.npy")
     markov_tokens(64 * 16, sample=1)[0].tofile(tmp_path / "heldout.npy")  # the same chain, another text
     evaluators = (f"[{{label: heldout, data: {{datasets: {{m: [{tmp_path / 'heldout.npy'}]}}}}}},"
-                  f" {{label: arc_easy, type: downstream}}]")
-    with pytest.warns(UserWarning, match="skipping evaluator 'arc_easy'"):
+                  f" {{label: no-data}}]")  # an lm evaluator without token files: skipped, with a warning
+    with pytest.warns(UserWarning, match="skipping evaluator 'no-data'"):
         train(tmp_path / "run", tmp_path / "ids.npy", "--max_duration=40", "--scheduler.t_warmup=4",
               "--optimizer.learning_rate=2e-2", f"--evaluators={evaluators}", "--eval_interval=20")
     losses = step_losses(tmp_path / "run")
@@ -553,4 +553,8 @@ def test_unknown_downstream_task_is_one_line_before_any_work(tmp_path, capsys, m
     code, err = cli_train(tmp_path, capsys, monkeypatch, f"--save_folder={tmp_path / 'run'}", f"--data.paths=[{data}]",
                           '--evaluators=[{"label": "arc_hard", "type": "downstream"}]')
     assert code == 2 and len(err) == 1 and err[0].startswith("error: evaluator 'arc_hard': "), err
+    assert not (tmp_path / "run").exists()
+    code, err = cli_train(tmp_path, capsys, monkeypatch, f"--save_folder={tmp_path / 'run'}", f"--data.paths=[{data}]",
+                          '--evaluators=[{"label": "copa", "type": "downstream"}]')  # the test preset: 256 ids
+    assert code == 2 and len(err) == 1 and "OLMo's tokenizer has 50280 ids, more than the model's 256" in err[0], err
     assert not (tmp_path / "run").exists()

@@ -37,6 +37,7 @@ from ..config import ConfigError, ModelConfig
 from ..eval import TaskError, downstream_metrics, get_task
 from ..model import OLMo
 from ..ops import dispatch
+from ..tokenizer import load_tokenizer
 from . import corpus, dist, state
 from .config import CHECKPOINT_EVERY, DataConfig, EvaluatorConfig, TrainConfig, save_config
 from .data import BatchOrder, DataError, TokenDataset, eval_batches, eval_steps
@@ -211,11 +212,18 @@ class Trainer:
     def _downstream_tasks(self) -> list[EvaluatorConfig]:
         """The `type: downstream` evaluators, their tasks checked now (a ConfigError before any work)."""
         tasks = [ev for ev in self.cfg.evaluators if ev.type == "downstream"]
+        self.eval_tokenizer = None
         for ev in tasks:
             try:
                 get_task(ev.label)
             except TaskError as err:
                 raise ConfigError(f"evaluator {ev.label!r}: {err}") from None
+        if tasks:  # the tasks are tokenized with OLMo's tokenizer: its ids must be the model's
+            self.eval_tokenizer = load_tokenizer()
+            ids, rows = self.eval_tokenizer.get_vocab_size(), self.model_config.embedding_size
+            if ids > rows:
+                raise ConfigError(f"evaluator {tasks[0].label!r}: OLMo's tokenizer has {ids} ids, more than the "
+                                  f"model's {rows} embedding rows (downstream tasks need a model of OLMo's vocabulary)")
         return tasks
 
     def _eval_dataset(self, ev: EvaluatorConfig) -> TokenDataset:
@@ -326,8 +334,8 @@ class Trainer:
             out[f"eval/{ev.label}/loss"] = (total[0] / total[1].clamp(min=1)).item()
         for ev in self.downstream:  # every process scores the same documents (FSDP: through the root module)
             with self._autocast():
-                out.update(downstream_metrics(self.model, [ev.label], limit=ev.subset_num_batches,
-                                              shared=self.dist.world == 1))
+                out.update(downstream_metrics(self.model, [ev.label], self.eval_tokenizer,
+                                              limit=ev.subset_num_batches, shared=self.dist.world == 1))
         self.model.train()
         return out
 
