@@ -114,6 +114,61 @@ typedef struct {
   int interleaved;
 } olmo_fast_rope_args;
 
+/* The attention prologue (OLMo's): qkv [batch, seq, (q_heads + 2 kv_heads) * head_dim] (last dim contiguous, token
+ * rows strided) -> clamp to [-clip, clip] (has_clip != 0; `clip` is the bound rounded to the storage dtype, as
+ * torch.clamp compares; NaN stays NaN) -> split Q | K | V -> NeoX RoPE (olmo_fast_rope_args' angles and
+ * positions) on q and k -> contiguous q [batch, seq, q_heads, head_dim], k, v [batch, seq, kv_heads, head_dim].
+ * A "row" of the CPU loop is one token. */
+typedef struct {
+  olmo_fast_dtype dtype;
+  int64_t batch, seq, q_heads, kv_heads, head_dim;
+  const void* qkv;
+  int64_t qkv_strides[2]; /* batch, token */
+  void* q;
+  void* k;
+  void* v;
+  const int64_t* positions;
+  int64_t positions_batch_stride;
+  int64_t offset;
+  float theta;
+  float clip;
+  int has_clip;
+} olmo_fast_qkv_rope_fwd_args;
+
+/* Its backward: dq, dk, dv (any strides [batch, seq, head, dim]) rotated back (dv as is) into a contiguous
+ * dqkv [batch, seq, (q_heads + 2 kv_heads) * head_dim], zeroed where the forward's clamp blocked the gradient
+ * (has_clip: qkv outside [-clip, clip], or NaN; `qkv` is the forward's input, read only then). */
+typedef struct {
+  olmo_fast_dtype dtype;
+  int64_t batch, seq, q_heads, kv_heads, head_dim;
+  const void* grads[3]; /* dq, dk, dv */
+  int64_t grad_strides[3][4];
+  const void* qkv; /* NULL without clip */
+  int64_t qkv_strides[2];
+  void* dqkv;
+  const int64_t* positions;
+  int64_t positions_batch_stride;
+  int64_t offset;
+  float theta;
+  float clip;
+  int has_clip;
+} olmo_fast_qkv_rope_bwd_args;
+
+/* The cross-entropy chunk of the fused linear cross-entropy: for each row i of logits [rows, vocab] (row stride
+ * `logits_stride`, last dim contiguous) with label y_i: loss[i] = logsumexp(z_i) - z_i[y_i] (fp32), 0 where
+ * y_i == ignore_index, NaN for a label outside [0, vocab). With compute_grad the row is overwritten in place by
+ * softmax(z_i) - onehot(y_i) (0 for an ignored row). */
+typedef struct {
+  olmo_fast_dtype dtype;
+  int64_t rows, vocab;
+  void* logits;
+  int64_t logits_stride;
+  const int64_t* labels; /* [rows] */
+  float* loss;           /* [rows] */
+  int64_t ignore_index;
+  int compute_grad;
+} olmo_fast_cross_entropy_chunk_args;
+
 int olmo_fast_norm_fwd_gpu(const olmo_fast_norm_fwd_args* args, void* stream);
 int olmo_fast_norm_bwd_gpu(const olmo_fast_norm_bwd_args* args, void* stream); /* grid: `partials` blocks */
 int olmo_fast_silu_mul_fwd_gpu(const olmo_fast_silu_mul_fwd_args* args, void* stream);
@@ -127,6 +182,10 @@ void olmo_fast_norm_bwd_cpu(const olmo_fast_norm_bwd_args* args, int64_t row_beg
 void olmo_fast_silu_mul_fwd_cpu(const olmo_fast_silu_mul_fwd_args* args, int64_t row_begin, int64_t row_end);
 void olmo_fast_silu_mul_bwd_cpu(const olmo_fast_silu_mul_bwd_args* args, int64_t row_begin, int64_t row_end);
 void olmo_fast_rope_cpu(const olmo_fast_rope_args* args, int64_t token_begin, int64_t token_end);
+void olmo_fast_qkv_rope_fwd_cpu(const olmo_fast_qkv_rope_fwd_args* args, int64_t token_begin, int64_t token_end);
+void olmo_fast_qkv_rope_bwd_cpu(const olmo_fast_qkv_rope_bwd_args* args, int64_t token_begin, int64_t token_end);
+void olmo_fast_cross_entropy_chunk_cpu(const olmo_fast_cross_entropy_chunk_args* args, int64_t row_begin,
+                                       int64_t row_end);
 
 #ifdef __cplusplus
 }
