@@ -16,6 +16,7 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <cmath>
 #include <limits>
 #include <optional>
 #include <string>
@@ -474,6 +475,49 @@ Tensor cross_entropy_chunk(Tensor& logits, const Tensor& labels_in, int64_t igno
   return loss;
 }
 
+Tensor decode_attention(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const Tensor& seqlens_in,
+                        std::optional<double> scale) {
+  const char* op = "decode_attention";
+  TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4, "olmo_fast_C::", op,
+              ": q must be [B, Tq, H, D] and the caches [B, S, Hkv, D], got shapes ", q_in.sizes(), ", ",
+              k_in.sizes());
+  const Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
+  const int64_t batch = q.size(0), q_len = q.size(1), heads = q.size(2), head_dim = q.size(3);
+  const int64_t slots = k.size(1), kv_heads = k.size(2);
+  check_like(k, q, {batch, slots, kv_heads, head_dim}, op, "k_cache", "q");
+  check_like(v, k, k.sizes(), op, "v_cache", "k_cache");
+  TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, "olmo_fast_C::", op, ": ", heads,
+              " query heads are not a multiple of ", kv_heads, " key/value heads");
+  TORCH_CHECK(seqlens_in.dim() == 1 && seqlens_in.size(0) == batch && !seqlens_in.is_floating_point() &&
+                  seqlens_in.device() == q.device(),
+              "olmo_fast_C::", op, ": seqlens must be integers [", batch, "] on ", q.device(), ", got ",
+              seqlens_in.scalar_type(), " ", seqlens_in.sizes(), " on ", seqlens_in.device());
+  const Tensor seqlens = seqlens_in.to(at::kLong).contiguous();
+  Tensor out = output({batch, q_len, heads, head_dim}, q.options());
+  if (out.numel() == 0) return out;
+  olmo_fast_decode_attention_args args{};
+  args.dtype = kernel_dtype(q, op, "q");
+  args.batch = batch;
+  args.q_len = q_len;
+  args.heads = heads;
+  args.kv_heads = kv_heads;
+  args.head_dim = head_dim;
+  args.slots = slots;
+  const Tensor* operands[3] = {&q, &k, &v};
+  const void** ptrs[3] = {&args.q, &args.k, &args.v};
+  int64_t* strides[3] = {args.q_strides, args.k_strides, args.v_strides};
+  for (int i = 0; i < 3; ++i) {
+    *ptrs[i] = operands[i]->data_ptr();
+    for (int d = 0; d < 3; ++d) strides[i][d] = operands[i]->stride(d);
+  }
+  args.seqlens = seqlens.data_ptr<int64_t>();
+  args.out = out.data_ptr();
+  args.scale = float(scale.has_value() ? *scale : 1.0 / std::sqrt(double(head_dim)));
+  // a (sequence, kv head) pair reads its whole cache: one pair per task
+  run_cpu(args, batch * kv_heads, int64_t(1) << 15, olmo_fast_decode_attention_cpu);
+  return out;
+}
+
 std::string gpu_runtime() {
 #if defined(OLMO_FAST_WITH_HIP)
   return "hip";
@@ -504,6 +548,7 @@ TORCH_LIBRARY(olmo_fast_C, m) {
   m.def("qkv_rope_bwd(Tensor dq, Tensor dk, Tensor dv, Tensor? qkv, float? clip, Tensor? positions, int offset, "
         "float theta) -> Tensor");
   m.def("cross_entropy_chunk(Tensor(a!) logits, Tensor labels, int ignore_index, bool compute_grad) -> Tensor");
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens, float? scale) -> Tensor");
   m.def("gpu_runtime() -> str", &gpu_runtime);
   m.def("poison_outputs(bool on) -> ()", &poison_outputs);
 }
@@ -521,10 +566,11 @@ TORCH_LIBRARY(olmo_fast_C, m) {
   m.impl("rope_interleaved", &rope_interleaved)
 
 // Kernels with CPU loops only (no CUDA/HIP kernel yet).
-#define OLMO_FAST_CPU_ONLY_IMPLS(m)                \
-  m.impl("qkv_rope_fwd", &qkv_rope_fwd);          \
-  m.impl("qkv_rope_bwd", &qkv_rope_bwd);          \
-  m.impl("cross_entropy_chunk", &cross_entropy_chunk)
+#define OLMO_FAST_CPU_ONLY_IMPLS(m)                      \
+  m.impl("qkv_rope_fwd", &qkv_rope_fwd);               \
+  m.impl("qkv_rope_bwd", &qkv_rope_bwd);               \
+  m.impl("cross_entropy_chunk", &cross_entropy_chunk); \
+  m.impl("decode_attention", &decode_attention)
 
 TORCH_LIBRARY_IMPL(olmo_fast_C, CPU, m) {
   OLMO_FAST_IMPLS(m);

@@ -28,7 +28,8 @@ KERNELS = {name: getattr(_ops, name) for name in (
     "layer_norm_fwd", "layer_norm_bwd", "norm_fwd", "norm_bwd", "swiglu_fwd", "swiglu_bwd", "silu_mul_fwd",
     "silu_mul_bwd", "rope", "rope_interleaved")}
 # Kernels with CPU loops only (no CUDA/HIP kernel yet): registered for the CPU whatever the build.
-CPU_KERNELS = {name: getattr(_ops, name) for name in ("qkv_rope_fwd", "qkv_rope_bwd", "cross_entropy_chunk")}
+CPU_KERNELS = {name: getattr(_ops, name) for name in (
+    "qkv_rope_fwd", "qkv_rope_bwd", "cross_entropy_chunk", "decode_attention")}
 for _name, _fn in KERNELS.items():
     register_kernel(_name, "cpp", _fn, DEVICES)
 for _name, _fn in CPU_KERNELS.items():
@@ -110,3 +111,8 @@ def _(dq, dk, dv, qkv, clip, positions, offset, theta):
 @torch.library.register_fake("olmo_fast_C::cross_entropy_chunk")
 def _(logits, labels, ignore_index, compute_grad):
     return logits.new_empty((logits.shape[0],), dtype=torch.float32)
+
+
+@torch.library.register_fake("olmo_fast_C::decode_attention")
+def _(q, k_cache, v_cache, seqlens, scale):
+    return q.new_empty(q.shape)

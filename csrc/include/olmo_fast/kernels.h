@@ -169,6 +169,25 @@ typedef struct {
   int compute_grad;
 } olmo_fast_cross_entropy_chunk_args;
 
+/* Decoding attention: q [batch, q_len, heads, head_dim] over caches k, v [batch, slots, kv_heads, head_dim] (strides
+ * of the first three dims given, head_dim contiguous) where sequence b holds seqlens[b] valid keys, the q_len new
+ * ones last: query i of b sees keys 0 .. seqlens[b] - q_len + i (slots past seqlens[b] are never read; a query
+ * that sees no key gets 0). Query head h reads kv head h / (heads / kv_heads). Out [batch, q_len, heads,
+ * head_dim] contiguous, softmax(scale q k^T) v in fp32. A "row" of the CPU loop is one (b, kv head) pair. */
+typedef struct {
+  olmo_fast_dtype dtype;
+  int64_t batch, q_len, heads, kv_heads, head_dim, slots;
+  const void* q;
+  int64_t q_strides[3];
+  const void* k;
+  int64_t k_strides[3];
+  const void* v;
+  int64_t v_strides[3];
+  const int64_t* seqlens; /* [batch] */
+  void* out;
+  float scale;
+} olmo_fast_decode_attention_args;
+
 int olmo_fast_norm_fwd_gpu(const olmo_fast_norm_fwd_args* args, void* stream);
 int olmo_fast_norm_bwd_gpu(const olmo_fast_norm_bwd_args* args, void* stream); /* grid: `partials` blocks */
 int olmo_fast_silu_mul_fwd_gpu(const olmo_fast_silu_mul_fwd_args* args, void* stream);
@@ -184,6 +203,8 @@ void olmo_fast_silu_mul_bwd_cpu(const olmo_fast_silu_mul_bwd_args* args, int64_t
 void olmo_fast_rope_cpu(const olmo_fast_rope_args* args, int64_t token_begin, int64_t token_end);
 void olmo_fast_qkv_rope_fwd_cpu(const olmo_fast_qkv_rope_fwd_args* args, int64_t token_begin, int64_t token_end);
 void olmo_fast_qkv_rope_bwd_cpu(const olmo_fast_qkv_rope_bwd_args* args, int64_t token_begin, int64_t token_end);
+void olmo_fast_decode_attention_cpu(const olmo_fast_decode_attention_args* args, int64_t pair_begin,
+                                    int64_t pair_end);
 void olmo_fast_cross_entropy_chunk_cpu(const olmo_fast_cross_entropy_chunk_args* args, int64_t row_begin,
                                        int64_t row_end);
 
