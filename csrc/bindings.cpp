@@ -475,6 +475,98 @@ Tensor cross_entropy_chunk(Tensor& logits, const Tensor& labels_in, int64_t igno
   return loss;
 }
 
+// q [B, Tq, H, D], k and v [B, Tk, Hkv, D] of one dtype and device, H a multiple of Hkv.
+void check_attention_inputs(const char* op, const Tensor& q, const Tensor& k, const Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4, "olmo_fast_C::", op, ": q must be [B, Tq, H, D] and k, v [B, Tk, Hkv, D], ",
+              "got shapes ", q.sizes(), ", ", k.sizes());
+  check_like(k, q, {q.size(0), k.size(1), k.size(2), q.size(3)}, op, "k", "q");
+  check_like(v, k, k.sizes(), op, "v", "k");
+  TORCH_CHECK(k.size(2) > 0 && q.size(2) % k.size(2) == 0, "olmo_fast_C::", op, ": ", q.size(2),
+              " query heads are not a multiple of ", k.size(2), " key/value heads");
+}
+
+// The shape, strides (first three dims), scale and clip fields that both attention arg structs share.
+template <class Args>
+void fill_attention_args(Args& args, const char* op, const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
+                         std::optional<double> clip, double scale) {
+  args.dtype = kernel_dtype(q, op, "q");
+  args.batch = q.size(0);
+  args.q_len = q.size(1);
+  args.kv_len = k.size(1);
+  args.heads = q.size(2);
+  args.kv_heads = k.size(2);
+  args.head_dim = q.size(3);
+  args.q = q.data_ptr();
+  args.k = k.data_ptr();
+  args.v = v.data_ptr();
+  for (int d = 0; d < 3; ++d) {
+    args.q_strides[d] = q.stride(d);
+    args.k_strides[d] = k.stride(d);
+    args.v_strides[d] = v.stride(d);
+  }
+  args.scale = float(scale);
+  args.has_clip = clip.has_value() ? 1 : 0;
+  args.clip = clip.has_value() ? clip_bound(*clip, q.scalar_type()) : 0.0f;
+  args.causal = causal ? 1 : 0;
+}
+
+std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, bool causal,
+                                         std::optional<double> clip, double scale) {
+  const char* op = "attention_fwd";
+  const Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
+  check_attention_inputs(op, q, k, v);
+  olmo_fast_attention_fwd_args args{};
+  fill_attention_args(args, op, q, k, v, causal, clip, scale);
+  Tensor out = output(q.sizes(), q.options());
+  Tensor lse = output({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
+  args.out = out.data_ptr();
+  args.lse = lse.data_ptr<float>();
+  if (out.numel() == 0) {  // nothing to attend (D = 0 included): the backward returns zeros
+    lse.fill_(std::numeric_limits<double>::infinity());
+    return {out, lse};
+  }
+  const int64_t blocks = (args.q_len + OLMO_FAST_ATTENTION_CPU_QUERIES - 1) / OLMO_FAST_ATTENTION_CPU_QUERIES;
+  run_cpu(args, args.batch * args.heads * blocks, int64_t(1) << 15, olmo_fast_attention_fwd_cpu);
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& dout_in, const Tensor& q_in, const Tensor& k_in,
+                                                 const Tensor& v_in, const Tensor& out_in, const Tensor& lse_in,
+                                                 bool causal, std::optional<double> clip, double scale) {
+  const char* op = "attention_bwd";
+  const Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
+  check_attention_inputs(op, q, k, v);
+  const Tensor dout = unit_last_stride(dout_in), out = unit_last_stride(out_in);
+  check_like(dout, q, q.sizes(), op, "dout", "q");
+  check_like(out, q, q.sizes(), op, "out", "q");
+  TORCH_CHECK(lse_in.scalar_type() == at::kFloat && lse_in.device() == q.device() &&
+                  lse_in.sizes() == at::IntArrayRef({q.size(0), q.size(2), q.size(1)}),
+              "olmo_fast_C::", op, ": lse must be float32 [B, H, Tq] on ", q.device(), ", got ", lse_in.scalar_type(),
+              " ", lse_in.sizes());
+  const Tensor lse = lse_in.contiguous();
+  olmo_fast_attention_bwd_args args{};
+  fill_attention_args(args, op, q, k, v, causal, clip, scale);
+  args.dout = dout.data_ptr();
+  args.out = out.data_ptr();
+  for (int d = 0; d < 3; ++d) {
+    args.dout_strides[d] = dout.stride(d);
+    args.out_strides[d] = out.stride(d);
+  }
+  args.lse = lse.data_ptr<float>();
+  Tensor dq = output(q.sizes(), q.options()), dk = output(k.sizes(), k.options()), dv = output(v.sizes(), v.options());
+  if (q.numel() == 0 || k.numel() == 0) {  // no query or no key (or D = 0): every gradient is 0
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv};
+  }
+  args.dq = dq.data_ptr();
+  args.dk = dk.data_ptr();
+  args.dv = dv.data_ptr();
+  run_cpu(args, args.batch * args.kv_heads, int64_t(1) << 15, olmo_fast_attention_bwd_cpu);
+  return {dq, dk, dv};
+}
+
 Tensor decode_attention(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const Tensor& seqlens_in,
                         std::optional<double> scale) {
   const char* op = "decode_attention";
@@ -548,6 +640,9 @@ TORCH_LIBRARY(olmo_fast_C, m) {
   m.def("qkv_rope_bwd(Tensor dq, Tensor dk, Tensor dv, Tensor? qkv, float? clip, Tensor? positions, int offset, "
         "float theta) -> Tensor");
   m.def("cross_entropy_chunk(Tensor(a!) logits, Tensor labels, int ignore_index, bool compute_grad) -> Tensor");
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float? clip, float scale) -> (Tensor, Tensor)");
+  m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, float? clip, "
+        "float scale) -> (Tensor, Tensor, Tensor)");
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens, float? scale) -> Tensor");
   m.def("gpu_runtime() -> str", &gpu_runtime);
   m.def("poison_outputs(bool on) -> ()", &poison_outputs);
@@ -570,7 +665,9 @@ TORCH_LIBRARY(olmo_fast_C, m) {
   m.impl("qkv_rope_fwd", &qkv_rope_fwd);               \
   m.impl("qkv_rope_bwd", &qkv_rope_bwd);               \
   m.impl("cross_entropy_chunk", &cross_entropy_chunk); \
-  m.impl("decode_attention", &decode_attention)
+  m.impl("decode_attention", &decode_attention);       \
+  m.impl("attention_fwd", &attention_fwd);             \
+  m.impl("attention_bwd", &attention_bwd)
 
 TORCH_LIBRARY_IMPL(olmo_fast_C, CPU, m) {
   OLMO_FAST_IMPLS(m);

@@ -1,4 +1,4 @@
-// Helpers shared by the CPU loops: dtype dispatch and vectorisable fp32 sums and maxima.
+// Helpers shared by the CPU loops: dtype dispatch, vectorisable fp32 sums and maxima, torch.clamp.
 #pragma once
 
 #include <math.h>
@@ -35,6 +35,16 @@
 
 namespace olmo_fast {
 namespace cpu {
+
+// torch.clamp(x, -c, c) on an fp32 value that c (the bound rounded to the storage dtype) compares exactly with;
+// NaN fails both tests and stays NaN; c = +inf leaves x as it is.
+struct Clamp {
+  float c;
+  float operator()(float x) const { return x < -c ? -c : (x > c ? c : x); }
+};
+
+// torch.clamp's gradient mask: passes where -c <= x <= c (inclusive), not at NaN.
+OLMO_FAST_INLINE bool clamp_passes(float x, float c) { return x >= -c && x <= c; }
 
 // f(T{}) with T the storage type of `dtype`.
 template <class F>

@@ -11,13 +11,6 @@ namespace olmo_fast {
 namespace cpu {
 namespace {
 
-// torch.clamp(x, -c, c) on an fp32 value that c (the bound rounded to the storage dtype) compares exactly with;
-// NaN fails both tests and stays NaN.
-struct Clamp {
-  float c;
-  float operator()(float x) const { return x < -c ? -c : (x > c ? c : x); }
-};
-
 template <class T, class Pre>
 OLMO_FAST_CPU_CLONES void qkv_rope_fwd_tokens(const olmo_fast_qkv_rope_fwd_args& a, Pre pre, int64_t token_begin,
                                               int64_t token_end) {
@@ -78,8 +71,7 @@ OLMO_FAST_CPU_CLONES void qkv_rope_bwd_tokens(const olmo_fast_qkv_rope_bwd_args&
       const float c = a.clip;
       OLMO_FAST_IVDEP
       for (int64_t i = 0; i < width; ++i) {
-        const float xi = to_float(x[i]);
-        dst[i] = xi >= -c && xi <= c ? dst[i] : from_float<T>(0.0f);
+          dst[i] = clamp_passes(to_float(x[i]), c) ? dst[i] : from_float<T>(0.0f);
       }
     }
   }

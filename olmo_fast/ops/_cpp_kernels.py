@@ -29,7 +29,7 @@ KERNELS = {name: getattr(_ops, name) for name in (
     "silu_mul_bwd", "rope", "rope_interleaved")}
 # Kernels with CPU loops only (no CUDA/HIP kernel yet): registered for the CPU whatever the build.
 CPU_KERNELS = {name: getattr(_ops, name) for name in (
-    "qkv_rope_fwd", "qkv_rope_bwd", "cross_entropy_chunk", "decode_attention")}
+    "qkv_rope_fwd", "qkv_rope_bwd", "cross_entropy_chunk", "decode_attention", "attention_fwd", "attention_bwd")}
 for _name, _fn in KERNELS.items():
     register_kernel(_name, "cpp", _fn, DEVICES)
 for _name, _fn in CPU_KERNELS.items():
@@ -116,3 +116,14 @@ def _(logits, labels, ignore_index, compute_grad):
 @torch.library.register_fake("olmo_fast_C::decode_attention")
 def _(q, k_cache, v_cache, seqlens, scale):
     return q.new_empty(q.shape)
+
+
+@torch.library.register_fake("olmo_fast_C::attention_fwd")
+def _(q, k, v, causal, clip, scale):
+    B, Tq, H, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((B, H, Tq), dtype=torch.float32)
+
+
+@torch.library.register_fake("olmo_fast_C::attention_bwd")
+def _(dout, q, k, v, out, lse, causal, clip, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
