@@ -5,6 +5,7 @@
 #pragma once
 
 #include <math.h>
+#include <string.h>
 
 #include <algorithm>
 #include <vector>
@@ -31,15 +32,74 @@ OLMO_FAST_INLINE void load_keys(const T* src, int64_t stride, int64_t nk, int64_
   }
 }
 
-// s[n] = q . key n for a whole block (kKeys lanes, a constant trip count that vectorises; lanes past the block's
-// keys hold stale finite values that callers ignore).
+// 16 fp32 lanes (GCC/Clang vector extension: one AVX-512 register, two AVX2 or four SSE ones); loads and stores
+// through memcpy (no alignment assumed).
+typedef float f32x16 __attribute__((vector_size(64)));
+
+OLMO_FAST_INLINE f32x16 load16(const float* p) {
+  f32x16 v;
+  memcpy(&v, p, sizeof v);
+  return v;
+}
+
+OLMO_FAST_INLINE void store16(float* p, f32x16 v) { memcpy(p, &v, sizeof v); }
+
+// s[n] = q . key n for a whole block (kKeys = 64 lanes: 4 vectors, with even and odd head dims in separate
+// accumulators: 8 independent multiply-add chains). Lanes past the block's keys hold stale finite values that
+// callers ignore.
 OLMO_FAST_INLINE void block_scores(const float* q, const float* cols, int64_t D, float* s) {
-  for (int64_t n = 0; n < kKeys; ++n) s[n] = 0.0f;
-  for (int64_t d = 0; d < D; ++d) {
-    const float qd = q[d];
-    const float* kd = cols + d * kKeys;
-    OLMO_FAST_IVDEP
-    for (int64_t n = 0; n < kKeys; ++n) s[n] += qd * kd[n];
+  static_assert(kKeys == 64, "block_scores holds a key block in 4 x 16 lanes");
+  f32x16 a[8] = {};
+  int64_t d = 0;
+  for (; d + 2 <= D; d += 2) {
+    const float* k0 = cols + d * kKeys;
+    const float* k1 = k0 + kKeys;
+    for (int j = 0; j < 4; ++j) {
+      a[j] += q[d] * load16(k0 + 16 * j);
+      a[4 + j] += q[d + 1] * load16(k1 + 16 * j);
+    }
+  }
+  if (d < D) {
+    for (int j = 0; j < 4; ++j) a[j] += q[d] * load16(cols + d * kKeys + 16 * j);
+  }
+  for (int j = 0; j < 4; ++j) store16(s + 16 * j, a[j] + a[4 + j]);
+}
+
+// out[d] += sum_{i < count} w[i] * rows[i * stride + d] for d < D: the output held in registers across the sum
+// (64 lanes at a time, even and odd i in separate accumulators), each row loaded once per 64 lanes.
+OLMO_FAST_INLINE void add_weighted_rows(float* out, const float* w, int64_t count, const float* rows, int64_t stride,
+                                        int64_t D) {
+  int64_t d0 = 0;
+  for (; d0 + 64 <= D; d0 += 64) {
+    f32x16 a[8] = {};
+    int64_t i = 0;
+    for (; i + 2 <= count; i += 2) {
+      const float* r0 = rows + i * stride + d0;
+      const float* r1 = r0 + stride;
+      for (int j = 0; j < 4; ++j) {
+        a[j] += w[i] * load16(r0 + 16 * j);
+        a[4 + j] += w[i + 1] * load16(r1 + 16 * j);
+      }
+    }
+    if (i < count) {
+      for (int j = 0; j < 4; ++j) a[j] += w[i] * load16(rows + i * stride + d0 + 16 * j);
+    }
+    for (int j = 0; j < 4; ++j) store16(out + d0 + 16 * j, load16(out + d0 + 16 * j) + a[j] + a[4 + j]);
+  }
+  for (; d0 + 16 <= D; d0 += 16) {
+    f32x16 a0 = {}, a1 = {};
+    int64_t i = 0;
+    for (; i + 2 <= count; i += 2) {
+      a0 += w[i] * load16(rows + i * stride + d0);
+      a1 += w[i + 1] * load16(rows + (i + 1) * stride + d0);
+    }
+    if (i < count) a0 += w[i] * load16(rows + i * stride + d0);
+    store16(out + d0, load16(out + d0) + a0 + a1);
+  }
+  for (; d0 < D; ++d0) {
+    float acc = 0.0f;
+    for (int64_t i = 0; i < count; ++i) acc += w[i] * rows[i * stride + d0];
+    out[d0] += acc;
   }
 }
 
@@ -88,12 +148,7 @@ OLMO_FAST_INLINE void attend_rows(const float* q, int64_t n_rows, const int64_t*
       float* ar = w.acc + r * D;
       OLMO_FAST_IVDEP
       for (int64_t d = 0; d < D; ++d) ar[d] *= alpha;
-      for (int64_t n = 0; n < seen; ++n) {
-        const float p = s[n];
-        const float* vr = w.vb + n * D;
-        OLMO_FAST_IVDEP
-        for (int64_t d = 0; d < D; ++d) ar[d] += p * vr[d];
-      }
+      add_weighted_rows(ar, s, seen, w.vb, D, D);
     }
   }
 }

@@ -9,7 +9,8 @@
 // V^T in fp32; for each query row r of the group that sees the block, with q_r clamped and scaled and
 // delta_r = dO_r . O_r:
 //   p = exp(q_r K^T - lse_r),  dp = dO_r V^T,  ds = p (dp - delta_r)
-//   dV += p^T dO_r,  dK += ds^T q_r,  dQ_r += ds K        (all fp32, vectorised over the block or over D)
+//   dQ_r += ds K,  and over a chunk of 64 rows (P, dS kept transposed):  dV += P^T dO,  dK += dS^T Q
+// (fp32; every product accumulates in registers along its sum: attend.h's block_scores / add_weighted_rows);
 // then dK, dV of the block are written, and dQ (times scale) once all blocks are done; each through the clamp's
 // gradient mask of its raw input. Work 10 P FLOPs (scores recomputed once). Memory per task: fp32 copies of the
 // group's q, dO and the dQ accumulator (3 x group x Tq x D floats) and the key block.
@@ -79,20 +80,21 @@ OLMO_FAST_CPU_CLONES void attention_bwd_pairs(const olmo_fast_attention_bwd_args
   const int64_t D = a.head_dim, Tq = a.q_len, Tk = a.kv_len, group = a.heads / a.kv_heads, rows = group * Tq;
   const bool has_clip = a.has_clip != 0;
   const Clamp clamp{has_clip ? a.clip : INFINITY};
-  std::vector<float> buffers(3 * rows * D + 2 * rows + 5 * kKeys * D + 3 * kKeys, 0.0f);
+  std::vector<float> buffers(3 * rows * D + 2 * rows + 5 * kKeys * D + 2 * kKeys + 2 * kKeys * kQueries, 0.0f);
   float* qs = buffers.data();  // [rows][D]: row r = g * Tq + i, query i of head kh * group + g
   float* dout = qs + rows * D;
   float* dq = dout + rows * D;
   float* lse = dq + rows * D;
   float* delta = lse + rows;
-  float* kb = delta + rows;   // K block by rows
+  float* kb = delta + rows;    // K block by rows
   float* kt = kb + kKeys * D;  // K block transposed
   float* vt = kt + kKeys * D;  // V block transposed
   float* dk = vt + kKeys * D;
   float* dv = dk + kKeys * D;
   float* p = dv + kKeys * D;
-  float* dp = p + kKeys;
-  float* ds = dp + kKeys;
+  float* ds = p + kKeys;
+  float* pt = ds + kKeys;          // [kKeys][kQueries]: P of a chunk of rows, transposed
+  float* dst = pt + kKeys * kQueries;  // dS likewise
   for (int64_t pair = pair_begin; pair < pair_end; ++pair) {
     const int64_t b = pair / a.kv_heads, kh = pair - b * a.kv_heads;
     const auto row_ptr = [&](const void* base, const int64_t* s, int64_t r) {  // (b, i, h) of row r
@@ -119,32 +121,34 @@ OLMO_FAST_CPU_CLONES void attention_bwd_pairs(const olmo_fast_attention_bwd_args
       load_keys(k + n0 * a.k_strides[1], a.k_strides[1], nk, D, clamp, kb, kt);
       load_keys(v + n0 * a.v_strides[1], a.v_strides[1], nk, D, clamp, nullptr, vt);
       for (int64_t i = 0; i < nk * D; ++i) dk[i] = dv[i] = 0.0f;
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t i = r % Tq;
-        const int64_t seen = std::min(nk, key_limit(i, Tq, Tk, a.causal != 0) - n0);
-        if (seen <= 0) continue;
-        const float* qr = qs + r * D;
-        const float* dor = dout + r * D;
-        block_scores(qr, kt, D, p);
-        block_scores(dor, vt, D, dp);
-        const float lse_r = lse[r], delta_r = delta[r];
-        OLMO_FAST_IVDEP
-        for (int64_t n = 0; n < seen; ++n) {
-          p[n] = exp_f32(p[n] - lse_r);
-          ds[n] = p[n] * (dp[n] - delta_r);
-        }
-        float* dqr = dq + r * D;
-        for (int64_t n = 0; n < seen; ++n) {
-          const float pn = p[n], dsn = ds[n];
-          float* dvn = dv + n * D;
-          float* dkn = dk + n * D;
-          const float* kn = kb + n * D;
-          OLMO_FAST_IVDEP
-          for (int64_t d = 0; d < D; ++d) {
-            dvn[d] += pn * dor[d];
-            dkn[d] += dsn * qr[d];
-            dqr[d] += dsn * kn[d];
+      for (int64_t r0 = 0; r0 < rows; r0 += kQueries) {  // a chunk of rows: P and dS kept, transposed
+        const int64_t nr = std::min(kQueries, rows - r0);
+        bool any = false;
+        for (int64_t c = 0; c < nr; ++c) {
+          const int64_t r = r0 + c;
+          const int64_t seen = std::max<int64_t>(std::min(nk, key_limit(r % Tq, Tq, Tk, a.causal != 0) - n0), 0);
+          if (seen > 0) {
+            any = true;
+            const float* qr = qs + r * D;
+            block_scores(qr, kt, D, p);
+            block_scores(dout + r * D, vt, D, ds);  // dp
+            const float lse_r = lse[r], delta_r = delta[r];
+            OLMO_FAST_IVDEP
+            for (int64_t n = 0; n < seen; ++n) {
+              p[n] = exp_f32(p[n] - lse_r);
+              ds[n] = p[n] * (ds[n] - delta_r);
+            }
+            add_weighted_rows(dq + r * D, ds, seen, kb, D, D);
           }
+          for (int64_t n = 0; n < nk; ++n) {
+            pt[n * kQueries + c] = n < seen ? p[n] : 0.0f;
+            dst[n * kQueries + c] = n < seen ? ds[n] : 0.0f;
+          }
+        }
+        if (!any) continue;
+        for (int64_t n = 0; n < nk; ++n) {
+          add_weighted_rows(dv + n * D, pt + n * kQueries, nr, dout + r0 * D, D, D);
+          add_weighted_rows(dk + n * D, dst + n * kQueries, nr, qs + r0 * D, D, D);
         }
       }
       for (int64_t n = 0; n < nk; ++n) {
@@ -156,8 +160,8 @@ OLMO_FAST_CPU_CLONES void attention_bwd_pairs(const olmo_fast_attention_bwd_args
     }
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t g = r / Tq, i = r - g * Tq;
-      T* dst = static_cast<T*>(a.dq) + ((b * Tq + i) * a.heads + kh * group + g) * D;
-      write_grad(dq + r * D, a.scale, row_ptr(a.q, a.q_strides, r), has_clip, a.clip, D, dst);
+      T* out = static_cast<T*>(a.dq) + ((b * Tq + i) * a.heads + kh * group + g) * D;
+      write_grad(dq + r * D, a.scale, row_ptr(a.q, a.q_strides, r), has_clip, a.clip, D, out);
     }
   }
 }
