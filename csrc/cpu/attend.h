@@ -5,7 +5,6 @@
 #pragma once
 
 #include <math.h>
-#include <string.h>
 
 #include <algorithm>
 #include <vector>
@@ -32,94 +31,117 @@ OLMO_FAST_INLINE void load_keys(const T* src, int64_t stride, int64_t nk, int64_
   }
 }
 
-// 16 fp32 lanes (GCC/Clang vector extension: one AVX-512 register, two AVX2 or four SSE ones); loads and stores
-// through memcpy (no alignment assumed).
-typedef float f32x16 __attribute__((vector_size(64)));
+// 16 fp32 lanes (GCC/Clang vector extension: one AVX-512 register, two AVX2 or four SSE ones), unaligned and
+// allowed to alias floats. Memory is reached through references (`lanes`), never by passing a vector by value,
+// whose ABI would depend on AVX-512 (GCC's -Wpsabi).
+typedef float f32x16 __attribute__((vector_size(64), aligned(4), may_alias));
 
-OLMO_FAST_INLINE f32x16 load16(const float* p) {
-  f32x16 v;
-  memcpy(&v, p, sizeof v);
-  return v;
-}
+OLMO_FAST_INLINE f32x16& lanes(float* p) { return *reinterpret_cast<f32x16*>(p); }
+OLMO_FAST_INLINE const f32x16& lanes(const float* p) { return *reinterpret_cast<const f32x16*>(p); }
 
-OLMO_FAST_INLINE void store16(float* p, f32x16 v) { memcpy(p, &v, sizeof v); }
-
-// s[n] = q . key n for a whole block (kKeys = 64 lanes: 4 vectors, with even and odd head dims in separate
-// accumulators: 8 independent multiply-add chains). Lanes past the block's keys hold stale finite values that
-// callers ignore.
-OLMO_FAST_INLINE void block_scores(const float* q, const float* cols, int64_t D, float* s) {
+// s[r][n] = q[r] . key n for R rows and a whole block (kKeys = 64 lanes: 4 vectors per row; each key vector
+// loaded once for the R rows, 4 R independent multiply-add chains). Lanes past the block's keys hold stale finite
+// values that callers ignore.
+template <int R>
+OLMO_FAST_INLINE void block_scores(const float* const* q, const float* cols, int64_t D, float* const* s) {
   static_assert(kKeys == 64, "block_scores holds a key block in 4 x 16 lanes");
-  f32x16 a[8] = {};
-  int64_t d = 0;
-  for (; d + 2 <= D; d += 2) {
-    const float* k0 = cols + d * kKeys;
-    const float* k1 = k0 + kKeys;
+  f32x16 a[R][4] = {};
+  for (int64_t d = 0; d < D; ++d) {
     for (int j = 0; j < 4; ++j) {
-      a[j] += q[d] * load16(k0 + 16 * j);
-      a[4 + j] += q[d + 1] * load16(k1 + 16 * j);
+      const f32x16 k = lanes(cols + d * kKeys + 16 * j);
+      for (int r = 0; r < R; ++r) a[r][j] += q[r][d] * k;
     }
   }
-  if (d < D) {
-    for (int j = 0; j < 4; ++j) a[j] += q[d] * load16(cols + d * kKeys + 16 * j);
+  for (int r = 0; r < R; ++r) {
+    for (int j = 0; j < 4; ++j) lanes(s[r] + 16 * j) = a[r][j];
   }
-  for (int j = 0; j < 4; ++j) store16(s + 16 * j, a[j] + a[4 + j]);
 }
 
-// out[d] += sum_{i < count} w[i] * rows[i * stride + d] for d < D: the output held in registers across the sum
-// (64 lanes at a time, even and odd i in separate accumulators), each row loaded once per 64 lanes.
-OLMO_FAST_INLINE void add_weighted_rows(float* out, const float* w, int64_t count, const float* rows, int64_t stride,
-                                        int64_t D) {
+// out[r][d] += sum_{i < count} w[r][i] * rows[i * stride + d] for R outputs and d < D: the outputs held in
+// registers across the sum (64 lanes at a time), each row loaded once for the R outputs.
+template <int R>
+OLMO_FAST_INLINE void add_weighted_rows(float* const* out, const float* const* w, int64_t count, const float* rows,
+                                        int64_t stride, int64_t D) {
   int64_t d0 = 0;
   for (; d0 + 64 <= D; d0 += 64) {
-    f32x16 a[8] = {};
-    int64_t i = 0;
-    for (; i + 2 <= count; i += 2) {
-      const float* r0 = rows + i * stride + d0;
-      const float* r1 = r0 + stride;
+    f32x16 a[R][4] = {};
+    for (int64_t i = 0; i < count; ++i) {
       for (int j = 0; j < 4; ++j) {
-        a[j] += w[i] * load16(r0 + 16 * j);
-        a[4 + j] += w[i + 1] * load16(r1 + 16 * j);
+        const f32x16 x = lanes(rows + i * stride + d0 + 16 * j);
+        for (int r = 0; r < R; ++r) a[r][j] += w[r][i] * x;
       }
     }
-    if (i < count) {
-      for (int j = 0; j < 4; ++j) a[j] += w[i] * load16(rows + i * stride + d0 + 16 * j);
+    for (int r = 0; r < R; ++r) {
+      for (int j = 0; j < 4; ++j) lanes(out[r] + d0 + 16 * j) += a[r][j];
     }
-    for (int j = 0; j < 4; ++j) store16(out + d0 + 16 * j, load16(out + d0 + 16 * j) + a[j] + a[4 + j]);
   }
   for (; d0 + 16 <= D; d0 += 16) {
-    f32x16 a0 = {}, a1 = {};
-    int64_t i = 0;
-    for (; i + 2 <= count; i += 2) {
-      a0 += w[i] * load16(rows + i * stride + d0);
-      a1 += w[i + 1] * load16(rows + (i + 1) * stride + d0);
+    f32x16 a[R] = {};
+    for (int64_t i = 0; i < count; ++i) {
+      const f32x16 x = lanes(rows + i * stride + d0);
+      for (int r = 0; r < R; ++r) a[r] += w[r][i] * x;
     }
-    if (i < count) a0 += w[i] * load16(rows + i * stride + d0);
-    store16(out + d0, load16(out + d0) + a0 + a1);
+    for (int r = 0; r < R; ++r) lanes(out[r] + d0) += a[r];
   }
   for (; d0 < D; ++d0) {
-    float acc = 0.0f;
-    for (int64_t i = 0; i < count; ++i) acc += w[i] * rows[i * stride + d0];
-    out[d0] += acc;
+    for (int r = 0; r < R; ++r) {
+      float acc = 0.0f;
+      for (int64_t i = 0; i < count; ++i) acc += w[r][i] * rows[i * stride + d0];
+      out[r][d0] += acc;
+    }
   }
+}
+
+// One output row: add_weighted_rows<1>.
+OLMO_FAST_INLINE void add_weighted_row(float* out, const float* w, int64_t count, const float* rows, int64_t stride,
+                                       int64_t D) {
+  add_weighted_rows<1>(&out, &w, count, rows, stride, D);
 }
 
 // Workspace of `attend_rows` for up to `rows` rows of head dim D (zeroed: stale lanes stay finite).
 struct AttendBuffers {
-  AttendBuffers(int64_t rows, int64_t D) : data(2 * kKeys * D + kKeys + rows * (D + 2), 0.0f) {
+  AttendBuffers(int64_t rows, int64_t D) : data(2 * kKeys * D + 2 * kKeys + rows * (D + 2), 0.0f) {
     kt = data.data();
     vb = kt + kKeys * D;
     scores = vb + kKeys * D;
-    acc = scores + kKeys;
+    acc = scores + 2 * kKeys;
     m = acc + rows * D;
     l = m + rows;
   }
   std::vector<float> data;
-  float *kt, *vb, *scores, *acc, *m, *l;
+  float *kt, *vb, *scores, *acc, *m, *l;  // scores: two rows of kKeys
 };
+
+// The online-softmax step of rows `r` (R of them; row r[x] sees `seen[x]` keys of the block, scores s[x]) over
+// a block: s[x] becomes p = exp(s - m_new) (0 past seen[x], up to `count` lanes), m, l, acc updated.
+template <int R>
+OLMO_FAST_INLINE void softmax_block(const int64_t* r, const int64_t* seen, int64_t count, float* const* s,
+                                    const float* vb, int64_t D, AttendBuffers& w) {
+  float* acc[R];
+  for (int x = 0; x < R; ++x) {
+    float* sx = s[x];
+    acc[x] = w.acc + r[x] * D;
+    const int64_t n_seen = std::max<int64_t>(seen[x], 0);
+    if (n_seen > 0) {
+      const float m_old = w.m[r[x]];
+      const float m_new = std::max(m_old, lane_max(n_seen, [&](int64_t n) { return sx[n]; }));
+      const float alpha = exp_f32(m_old - m_new);  // 0 on the row's first block (m_old = -inf)
+      OLMO_FAST_IVDEP
+      for (int64_t n = 0; n < n_seen; ++n) sx[n] = exp_f32(sx[n] - m_new);
+      w.l[r[x]] = w.l[r[x]] * alpha + lane_sum(n_seen, [&](int64_t n) { return sx[n]; });
+      w.m[r[x]] = m_new;
+      float* ax = acc[x];
+      OLMO_FAST_IVDEP
+      for (int64_t d = 0; d < D; ++d) ax[d] *= alpha;
+    }
+    for (int64_t n = n_seen; n < count; ++n) sx[n] = 0.0f;
+  }
+  add_weighted_rows<R>(acc, s, count, vb, D, D);
+}
 
 // Rows r < n_rows of q (fp32 [n_rows][D], clamped and pre-scaled) against keys [0, limit[r]) of k, v (rows
 // k_stride / v_stride apart; limit[r] <= n_keys): running max w.m[r], sum w.l[r] and unnormalised output
-// w.acc[r] (fp32). A row without keys keeps l = 0.
+// w.acc[r] (fp32). Rows go in pairs (each key vector loaded once for both). A row without keys keeps l = 0.
 template <class T>
 OLMO_FAST_INLINE void attend_rows(const float* q, int64_t n_rows, const int64_t* limit, int64_t n_keys, const T* k,
                                   int64_t k_stride, const T* v, int64_t v_stride, int64_t D, Clamp clamp,
@@ -129,26 +151,27 @@ OLMO_FAST_INLINE void attend_rows(const float* q, int64_t n_rows, const int64_t*
     w.l[r] = 0.0f;
   }
   for (int64_t i = 0; i < n_rows * D; ++i) w.acc[i] = 0.0f;
-  float* s = w.scores;
+  float* const s[2] = {w.scores, w.scores + kKeys};
   for (int64_t n0 = 0; n0 < n_keys; n0 += kKeys) {
     const int64_t nk = std::min(kKeys, n_keys - n0);
     load_keys(k + n0 * k_stride, k_stride, nk, D, clamp, nullptr, w.kt);
     load_keys(v + n0 * v_stride, v_stride, nk, D, clamp, w.vb, nullptr);
-    for (int64_t r = 0; r < n_rows; ++r) {
-      const int64_t seen = std::min(nk, limit[r] - n0);  // keys of this block the row sees
+    int64_t r = 0;
+    for (; r + 2 <= n_rows; r += 2) {
+      const int64_t rows[2] = {r, r + 1};
+      const int64_t seen[2] = {std::min(nk, limit[r] - n0), std::min(nk, limit[r + 1] - n0)};
+      const int64_t count = std::max(seen[0], seen[1]);
+      if (count <= 0) continue;
+      const float* const qs[2] = {q + r * D, q + (r + 1) * D};
+      block_scores<2>(qs, w.kt, D, s);
+      softmax_block<2>(rows, seen, count, s, w.vb, D, w);
+    }
+    for (; r < n_rows; ++r) {
+      const int64_t seen = std::min(nk, limit[r] - n0);
       if (seen <= 0) continue;
-      block_scores(q + r * D, w.kt, D, s);
-      const float m_old = w.m[r];
-      const float m_new = std::max(m_old, lane_max(seen, [&](int64_t n) { return s[n]; }));
-      const float alpha = exp_f32(m_old - m_new);  // 0 on the row's first block (m_old = -inf)
-      OLMO_FAST_IVDEP
-      for (int64_t n = 0; n < seen; ++n) s[n] = exp_f32(s[n] - m_new);
-      w.l[r] = w.l[r] * alpha + lane_sum(seen, [&](int64_t n) { return s[n]; });
-      w.m[r] = m_new;
-      float* ar = w.acc + r * D;
-      OLMO_FAST_IVDEP
-      for (int64_t d = 0; d < D; ++d) ar[d] *= alpha;
-      add_weighted_rows(ar, s, seen, w.vb, D, D);
+      const float* const qs = q + r * D;
+      block_scores<1>(&qs, w.kt, D, s);
+      softmax_block<1>(&r, &seen, seen, s, w.vb, D, w);
     }
   }
 }

@@ -129,16 +129,17 @@ OLMO_FAST_CPU_CLONES void attention_bwd_pairs(const olmo_fast_attention_bwd_args
           const int64_t seen = std::max<int64_t>(std::min(nk, key_limit(r % Tq, Tq, Tk, a.causal != 0) - n0), 0);
           if (seen > 0) {
             any = true;
-            const float* qr = qs + r * D;
-            block_scores(qr, kt, D, p);
-            block_scores(dout + r * D, vt, D, ds);  // dp
+            const float* const qr = qs + r * D;
+            const float* const dor = dout + r * D;
+            block_scores<1>(&qr, kt, D, &p);
+            block_scores<1>(&dor, vt, D, &ds);  // dp
             const float lse_r = lse[r], delta_r = delta[r];
             OLMO_FAST_IVDEP
             for (int64_t n = 0; n < seen; ++n) {
               p[n] = exp_f32(p[n] - lse_r);
               ds[n] = p[n] * (ds[n] - delta_r);
             }
-            add_weighted_rows(dq + r * D, ds, seen, kb, D, D);
+            add_weighted_row(dq + r * D, ds, seen, kb, D, D);
           }
           for (int64_t n = 0; n < nk; ++n) {
             pt[n * kQueries + c] = n < seen ? p[n] : 0.0f;
@@ -146,9 +147,18 @@ OLMO_FAST_CPU_CLONES void attention_bwd_pairs(const olmo_fast_attention_bwd_args
           }
         }
         if (!any) continue;
-        for (int64_t n = 0; n < nk; ++n) {
-          add_weighted_rows(dv + n * D, pt + n * kQueries, nr, dout + r0 * D, D, D);
-          add_weighted_rows(dk + n * D, dst + n * kQueries, nr, qs + r0 * D, D, D);
+        int64_t n = 0;
+        for (; n + 2 <= nk; n += 2) {  // two keys at a time: each row of dO / Q loaded once for both
+          float* const dvs[2] = {dv + n * D, dv + (n + 1) * D};
+          float* const dks[2] = {dk + n * D, dk + (n + 1) * D};
+          const float* const ps[2] = {pt + n * kQueries, pt + (n + 1) * kQueries};
+          const float* const dss[2] = {dst + n * kQueries, dst + (n + 1) * kQueries};
+          add_weighted_rows<2>(dvs, ps, nr, dout + r0 * D, D, D);
+          add_weighted_rows<2>(dks, dss, nr, qs + r0 * D, D, D);
+        }
+        if (n < nk) {
+          add_weighted_row(dv + n * D, pt + n * kQueries, nr, dout + r0 * D, D, D);
+          add_weighted_row(dk + n * D, dst + n * kQueries, nr, qs + r0 * D, D, D);
         }
       }
       for (int64_t n = 0; n < nk; ++n) {
