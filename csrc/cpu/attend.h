@@ -1,7 +1,9 @@
 // The online-softmax core shared by the CPU attention loops (attention.cpp's forward, decode_attention.cpp), and
-// the key-block loading and scoring that attention's backward reuses.
+// the key-block loading and products that attention's backward reuses.
 // Keys go in blocks of kKeys, converted to fp32 once per block (clamped to +-clip as loaded; clip = +inf: none):
 // K transposed ([D][kKeys]) so that a row's scores are D vectorised multiply-adds over the block, V by rows.
+// Products keep their outputs in vector registers along the sum (block_scores, add_weighted_rows), a few rows at
+// a time so that each loaded vector feeds several multiply-add chains.
 #pragma once
 
 #include <math.h>
@@ -166,9 +168,8 @@ OLMO_FAST_INLINE void attend_rows(const float* q, int64_t n_rows, const int64_t*
       block_scores<2>(qs, w.kt, D, s);
       softmax_block<2>(rows, seen, count, s, w.vb, D, w);
     }
-    for (; r < n_rows; ++r) {
-      const int64_t seen = std::min(nk, limit[r] - n0);
-      if (seen <= 0) continue;
+    const int64_t seen = r < n_rows ? std::min(nk, limit[r] - n0) : 0;  // the odd row left
+    if (seen > 0) {
       const float* const qs = q + r * D;
       block_scores<1>(&qs, w.kt, D, s);
       softmax_block<1>(&r, &seen, seen, s, w.vb, D, w);
