@@ -9,12 +9,14 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/zeros.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
 #include <torch/library.h>
 
 #include <atomic>
+#include <cmath>
 #include <limits>
 #include <optional>
 #include <string>
@@ -63,15 +65,21 @@ Tensor output(at::IntArrayRef sizes, const at::TensorOptions& options) {
 
 void poison_outputs(bool on) { poison.store(on); }
 
-// Runs `args` on the device of `like`: CPU loops over [0, rows) in chunks of about 32K elements, or the GPU
-// launcher on the current stream.
+// The CPU loop `cpu` over [0, rows), split between threads in chunks of about 32K elements.
+template <class Args>
+void run_cpu(const Args& args, int64_t rows, int64_t row_elements, void (*cpu)(const Args*, int64_t, int64_t)) {
+  if (rows == 0) return;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, row_elements));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { cpu(&args, begin, end); });
+}
+
+// Runs `args` on the device of `like`: the CPU loops (run_cpu), or the GPU launcher on the current stream.
 template <class Args>
 void run(const char* op, const Tensor& like, const Args& args, int64_t rows, int64_t row_elements,
          void (*cpu)(const Args*, int64_t, int64_t), int (*gpu)(const Args*, void*)) {
   if (rows == 0) return;
   if (like.is_cpu()) {
-    const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 15) / std::max<int64_t>(1, row_elements));
-    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { cpu(&args, begin, end); });
+    run_cpu(args, rows, row_elements, cpu);
     return;
   }
 #ifdef OLMO_FAST_WITH_GPU
@@ -288,6 +296,31 @@ Tensor swiglu_bwd(const Tensor& dout_in, const Tensor& h_in) {
   return dh;
 }
 
+// RoPE positions `[T]` or `[B or 1, T]` (int64) as a contiguous table and its batch stride (0: one
+// row shared by all sequences); no table (data NULL) without positions.
+struct RopePositions {
+  Tensor table;
+  const int64_t* data = nullptr;
+  int64_t batch_stride = 0;
+};
+
+RopePositions rope_positions(const char* op, const std::optional<Tensor>& positions_in, const Tensor& x, int64_t batch,
+                             int64_t seq) {
+  RopePositions out;
+  if (!positions_in.has_value()) return out;
+  const Tensor& p = *positions_in;
+  TORCH_CHECK(p.scalar_type() == at::kLong, "olmo_fast_C::", op, ": positions must be int64, got ", p.scalar_type());
+  TORCH_CHECK(p.device() == x.device(), "olmo_fast_C::", op, ": positions are on ", p.device(), " but x is on ",
+              x.device());
+  const bool per_sequence = p.dim() == 2 && p.size(1) == seq && (p.size(0) == batch || p.size(0) == 1);
+  TORCH_CHECK((p.dim() == 1 && p.size(0) == seq) || per_sequence, "olmo_fast_C::", op,
+              ": positions must be [T] or [B, T] = [", batch, ", ", seq, "], got shape ", p.sizes());
+  out.table = p.contiguous();
+  out.data = out.table.data_ptr<int64_t>();
+  out.batch_stride = per_sequence && p.size(0) == batch ? seq : 0;
+  return out;
+}
+
 Tensor rotate(const char* op, const Tensor& x, const std::optional<Tensor>& positions_in, int64_t offset, double theta,
               bool inverse, bool interleaved) {
   TORCH_CHECK(x.dim() == 4, "olmo_fast_C::", op, ": x must be [B, T, H, D], got shape ", x.sizes());
@@ -305,20 +338,9 @@ Tensor rotate(const char* op, const Tensor& x, const std::optional<Tensor>& posi
   args.theta = float(theta);
   args.inverse = inverse ? 1 : 0;
   args.interleaved = interleaved ? 1 : 0;
-  Tensor positions;
-  if (positions_in.has_value()) {
-    const Tensor& p = *positions_in;
-    TORCH_CHECK(p.scalar_type() == at::kLong, "olmo_fast_C::", op, ": positions must be int64, got ",
-                p.scalar_type());
-    TORCH_CHECK(p.device() == x.device(), "olmo_fast_C::", op, ": positions are on ", p.device(), " but x is on ",
-                x.device());
-    const bool per_sequence = p.dim() == 2 && p.size(1) == seq && (p.size(0) == batch || p.size(0) == 1);
-    TORCH_CHECK((p.dim() == 1 && p.size(0) == seq) || per_sequence, "olmo_fast_C::", op,
-                ": positions must be [T] or [B, T] = [", batch, ", ", seq, "], got shape ", p.sizes());
-    positions = p.contiguous();
-    args.positions = positions.data_ptr<int64_t>();
-    args.positions_batch_stride = per_sequence && p.size(0) == batch ? seq : 0;
-  }
+  const RopePositions positions = rope_positions(op, positions_in, x, batch, seq);
+  args.positions = positions.data;
+  args.positions_batch_stride = positions.batch_stride;
   Tensor out = output({batch, seq, heads, head_dim}, x.options());
   args.out = out.data_ptr();
   run(op, x, args, batch * seq, heads * head_dim, olmo_fast_rope_cpu, olmo_fast_rope_gpu);
@@ -332,6 +354,260 @@ Tensor rope(const Tensor& x, const std::optional<Tensor>& positions, int64_t off
 Tensor rope_interleaved(const Tensor& x, const std::optional<Tensor>& positions, int64_t offset, double theta,
                         bool inverse) {
   return rotate("rope_interleaved", x, positions, offset, theta, inverse, true);
+}
+
+// The clip value rounded to `dtype`, what torch.clamp compares against (kernels/_clamp.py's clip_bound).
+float clip_bound(double clip, at::ScalarType dtype) {
+  return float(at::scalar_tensor(clip, at::TensorOptions().dtype(dtype)).item<double>());
+}
+
+// `t` with a unit last stride (copied only when it has none).
+Tensor unit_last_stride(const Tensor& t) { return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous(); }
+
+std::tuple<Tensor, Tensor, Tensor> qkv_rope_fwd(const Tensor& qkv_in, int64_t n_heads, int64_t n_kv_heads,
+                                                std::optional<double> clip, const std::optional<Tensor>& positions_in,
+                                                int64_t offset, double theta) {
+  const char* op = "qkv_rope_fwd";
+  TORCH_CHECK(qkv_in.dim() == 3, "olmo_fast_C::", op, ": qkv must be [B, T, (Hq + 2 Hkv) * D], got shape ",
+              qkv_in.sizes());
+  const int64_t heads = n_heads + 2 * n_kv_heads;
+  TORCH_CHECK(n_heads > 0 && n_kv_heads > 0 && qkv_in.size(2) % heads == 0 && (qkv_in.size(2) / heads) % 2 == 0,
+              "olmo_fast_C::", op, ": qkv's last dim ", qkv_in.size(2), " is not (", n_heads, " + 2 x ", n_kv_heads,
+              ") heads of an even dim");
+  const Tensor qkv = unit_last_stride(qkv_in);
+  const int64_t batch = qkv.size(0), seq = qkv.size(1), head_dim = qkv.size(2) / heads;
+  olmo_fast_qkv_rope_fwd_args args{};
+  args.dtype = kernel_dtype(qkv, op, "qkv");
+  args.batch = batch;
+  args.seq = seq;
+  args.q_heads = n_heads;
+  args.kv_heads = n_kv_heads;
+  args.head_dim = head_dim;
+  args.qkv = qkv.data_ptr();
+  args.qkv_strides[0] = qkv.stride(0);
+  args.qkv_strides[1] = qkv.stride(1);
+  const RopePositions positions = rope_positions(op, positions_in, qkv, batch, seq);
+  args.positions = positions.data;
+  args.positions_batch_stride = positions.batch_stride;
+  args.offset = offset;
+  args.theta = float(theta);
+  args.has_clip = clip.has_value() ? 1 : 0;
+  args.clip = clip.has_value() ? clip_bound(*clip, qkv.scalar_type()) : 0.0f;
+  Tensor q = output({batch, seq, n_heads, head_dim}, qkv.options());
+  Tensor k = output({batch, seq, n_kv_heads, head_dim}, qkv.options());
+  Tensor v = output({batch, seq, n_kv_heads, head_dim}, qkv.options());
+  args.q = q.data_ptr();
+  args.k = k.data_ptr();
+  args.v = v.data_ptr();
+  run_cpu(args, batch * seq, heads * head_dim, olmo_fast_qkv_rope_fwd_cpu);
+  return {q, k, v};
+}
+
+Tensor qkv_rope_bwd(const Tensor& dq, const Tensor& dk, const Tensor& dv, const std::optional<Tensor>& qkv_in,
+                    std::optional<double> clip, const std::optional<Tensor>& positions_in, int64_t offset,
+                    double theta) {
+  const char* op = "qkv_rope_bwd";
+  TORCH_CHECK(dq.dim() == 4 && dk.dim() == 4, "olmo_fast_C::", op, ": dq, dk, dv must be [B, T, H, D], got shapes ",
+              dq.sizes(), ", ", dk.sizes());
+  const int64_t batch = dq.size(0), seq = dq.size(1), n_heads = dq.size(2), n_kv_heads = dk.size(2);
+  const int64_t head_dim = dq.size(3);
+  TORCH_CHECK(head_dim % 2 == 0, "olmo_fast_C::", op, ": the head dim must be even, got ", head_dim);
+  check_like(dk, dq, {batch, seq, n_kv_heads, head_dim}, op, "dk", "dq");
+  check_like(dv, dq, dk.sizes(), op, "dv", "dk");
+  const int64_t width = (n_heads + 2 * n_kv_heads) * head_dim;
+  olmo_fast_qkv_rope_bwd_args args{};
+  args.dtype = kernel_dtype(dq, op, "dq");
+  args.batch = batch;
+  args.seq = seq;
+  args.q_heads = n_heads;
+  args.kv_heads = n_kv_heads;
+  args.head_dim = head_dim;
+  const Tensor* grads[3] = {&dq, &dk, &dv};
+  for (int part = 0; part < 3; ++part) {
+    args.grads[part] = grads[part]->data_ptr();
+    for (int d = 0; d < 4; ++d) args.grad_strides[part][d] = grads[part]->stride(d);
+  }
+  Tensor qkv;
+  if (clip.has_value()) {
+    TORCH_CHECK(qkv_in.has_value(), "olmo_fast_C::", op, ": the clip's gradient needs the forward's qkv input");
+    qkv = unit_last_stride(*qkv_in);
+    check_like(qkv, dq, {batch, seq, width}, op, "qkv", "dq");
+    args.qkv = qkv.data_ptr();
+    args.qkv_strides[0] = qkv.stride(0);
+    args.qkv_strides[1] = qkv.stride(1);
+    args.has_clip = 1;
+    args.clip = clip_bound(*clip, qkv.scalar_type());
+  }
+  const RopePositions positions = rope_positions(op, positions_in, dq, batch, seq);
+  args.positions = positions.data;
+  args.positions_batch_stride = positions.batch_stride;
+  args.offset = offset;
+  args.theta = float(theta);
+  Tensor dqkv = output({batch, seq, width}, dq.options());
+  args.dqkv = dqkv.data_ptr();
+  run_cpu(args, batch * seq, 2 * width, olmo_fast_qkv_rope_bwd_cpu);
+  return dqkv;
+}
+
+Tensor cross_entropy_chunk(Tensor& logits, const Tensor& labels_in, int64_t ignore_index, bool compute_grad) {
+  const char* op = "cross_entropy_chunk";
+  TORCH_CHECK(logits.dim() == 2 && (logits.size(1) <= 1 || logits.stride(1) == 1), "olmo_fast_C::", op,
+              ": logits must be 2-D [N, V] with a unit last stride (written in place), got shape ", logits.sizes(),
+              " strides ", logits.strides());
+  const int64_t rows = logits.size(0), vocab = logits.size(1);
+  TORCH_CHECK(labels_in.dim() == 1 && labels_in.size(0) == rows && !labels_in.is_floating_point() &&
+                  labels_in.device() == logits.device(),
+              "olmo_fast_C::", op, ": labels must be integers [", rows, "] on ", logits.device(), ", got ",
+              labels_in.scalar_type(), " ", labels_in.sizes(), " on ", labels_in.device());
+  const Tensor labels = labels_in.to(at::kLong).contiguous();
+  Tensor loss = output({rows}, logits.options().dtype(at::kFloat));
+  olmo_fast_cross_entropy_chunk_args args{};
+  args.dtype = kernel_dtype(logits, op, "logits");
+  args.rows = rows;
+  args.vocab = vocab;
+  args.logits = logits.data_ptr();
+  args.logits_stride = logits.stride(0);
+  args.labels = labels.data_ptr<int64_t>();
+  args.loss = loss.data_ptr<float>();
+  args.ignore_index = ignore_index;
+  args.compute_grad = compute_grad ? 1 : 0;
+  run_cpu(args, rows, 3 * vocab, olmo_fast_cross_entropy_chunk_cpu);
+  return loss;
+}
+
+// q [B, Tq, H, D], k and v [B, Tk, Hkv, D] of one dtype and device, H a multiple of Hkv.
+void check_attention_inputs(const char* op, const Tensor& q, const Tensor& k, const Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4, "olmo_fast_C::", op, ": q must be [B, Tq, H, D] and k, v [B, Tk, Hkv, D], ",
+              "got shapes ", q.sizes(), ", ", k.sizes());
+  check_like(k, q, {q.size(0), k.size(1), k.size(2), q.size(3)}, op, "k", "q");
+  check_like(v, k, k.sizes(), op, "v", "k");
+  TORCH_CHECK(k.size(2) > 0 && q.size(2) % k.size(2) == 0, "olmo_fast_C::", op, ": ", q.size(2),
+              " query heads are not a multiple of ", k.size(2), " key/value heads");
+}
+
+// The shape, strides (first three dims), scale and clip fields that both attention arg structs share.
+template <class Args>
+void fill_attention_args(Args& args, const char* op, const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
+                         std::optional<double> clip, double scale) {
+  args.dtype = kernel_dtype(q, op, "q");
+  args.batch = q.size(0);
+  args.q_len = q.size(1);
+  args.kv_len = k.size(1);
+  args.heads = q.size(2);
+  args.kv_heads = k.size(2);
+  args.head_dim = q.size(3);
+  args.q = q.data_ptr();
+  args.k = k.data_ptr();
+  args.v = v.data_ptr();
+  for (int d = 0; d < 3; ++d) {
+    args.q_strides[d] = q.stride(d);
+    args.k_strides[d] = k.stride(d);
+    args.v_strides[d] = v.stride(d);
+  }
+  args.scale = float(scale);
+  args.has_clip = clip.has_value() ? 1 : 0;
+  args.clip = clip.has_value() ? clip_bound(*clip, q.scalar_type()) : 0.0f;
+  args.causal = causal ? 1 : 0;
+}
+
+std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, bool causal,
+                                         std::optional<double> clip, double scale) {
+  const char* op = "attention_fwd";
+  const Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
+  check_attention_inputs(op, q, k, v);
+  olmo_fast_attention_fwd_args args{};
+  fill_attention_args(args, op, q, k, v, causal, clip, scale);
+  Tensor out = output(q.sizes(), q.options());
+  Tensor lse = output({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
+  args.out = out.data_ptr();
+  args.lse = lse.data_ptr<float>();
+  if (out.numel() == 0) {  // nothing to attend (D = 0 included): the backward returns zeros
+    lse.fill_(std::numeric_limits<double>::infinity());
+    return {out, lse};
+  }
+  const int64_t blocks = (args.q_len + OLMO_FAST_ATTENTION_CPU_QUERIES - 1) / OLMO_FAST_ATTENTION_CPU_QUERIES;
+  run_cpu(args, args.batch * args.heads * blocks, int64_t(1) << 15, olmo_fast_attention_fwd_cpu);
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& dout_in, const Tensor& q_in, const Tensor& k_in,
+                                                 const Tensor& v_in, const Tensor& out_in, const Tensor& lse_in,
+                                                 bool causal, std::optional<double> clip, double scale) {
+  const char* op = "attention_bwd";
+  const Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
+  check_attention_inputs(op, q, k, v);
+  const Tensor dout = unit_last_stride(dout_in), out = unit_last_stride(out_in);
+  check_like(dout, q, q.sizes(), op, "dout", "q");
+  check_like(out, q, q.sizes(), op, "out", "q");
+  TORCH_CHECK(lse_in.scalar_type() == at::kFloat && lse_in.device() == q.device() &&
+                  lse_in.sizes() == at::IntArrayRef({q.size(0), q.size(2), q.size(1)}),
+              "olmo_fast_C::", op, ": lse must be float32 [B, H, Tq] on ", q.device(), ", got ", lse_in.scalar_type(),
+              " ", lse_in.sizes());
+  const Tensor lse = lse_in.contiguous();
+  olmo_fast_attention_bwd_args args{};
+  fill_attention_args(args, op, q, k, v, causal, clip, scale);
+  args.dout = dout.data_ptr();
+  args.out = out.data_ptr();
+  for (int d = 0; d < 3; ++d) {
+    args.dout_strides[d] = dout.stride(d);
+    args.out_strides[d] = out.stride(d);
+  }
+  args.lse = lse.data_ptr<float>();
+  Tensor dq = output(q.sizes(), q.options()), dk = output(k.sizes(), k.options()), dv = output(v.sizes(), v.options());
+  if (q.numel() == 0 || k.numel() == 0) {  // no query or no key (or D = 0): every gradient is 0
+    dq.zero_();
+    dk.zero_();
+    dv.zero_();
+    return {dq, dk, dv};
+  }
+  args.dq = dq.data_ptr();
+  args.dk = dk.data_ptr();
+  args.dv = dv.data_ptr();
+  run_cpu(args, args.batch * args.kv_heads, int64_t(1) << 15, olmo_fast_attention_bwd_cpu);
+  return {dq, dk, dv};
+}
+
+Tensor decode_attention(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const Tensor& seqlens_in,
+                        std::optional<double> scale) {
+  const char* op = "decode_attention";
+  TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4, "olmo_fast_C::", op,
+              ": q must be [B, Tq, H, D] and the caches [B, S, Hkv, D], got shapes ", q_in.sizes(), ", ",
+              k_in.sizes());
+  const Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
+  const int64_t batch = q.size(0), q_len = q.size(1), heads = q.size(2), head_dim = q.size(3);
+  const int64_t slots = k.size(1), kv_heads = k.size(2);
+  check_like(k, q, {batch, slots, kv_heads, head_dim}, op, "k_cache", "q");
+  check_like(v, k, k.sizes(), op, "v_cache", "k_cache");
+  TORCH_CHECK(kv_heads > 0 && heads % kv_heads == 0, "olmo_fast_C::", op, ": ", heads,
+              " query heads are not a multiple of ", kv_heads, " key/value heads");
+  TORCH_CHECK(seqlens_in.dim() == 1 && seqlens_in.size(0) == batch && !seqlens_in.is_floating_point() &&
+                  seqlens_in.device() == q.device(),
+              "olmo_fast_C::", op, ": seqlens must be integers [", batch, "] on ", q.device(), ", got ",
+              seqlens_in.scalar_type(), " ", seqlens_in.sizes(), " on ", seqlens_in.device());
+  const Tensor seqlens = seqlens_in.to(at::kLong).contiguous();
+  Tensor out = output({batch, q_len, heads, head_dim}, q.options());
+  if (out.numel() == 0) return out;
+  olmo_fast_decode_attention_args args{};
+  args.dtype = kernel_dtype(q, op, "q");
+  args.batch = batch;
+  args.q_len = q_len;
+  args.heads = heads;
+  args.kv_heads = kv_heads;
+  args.head_dim = head_dim;
+  args.slots = slots;
+  const Tensor* operands[3] = {&q, &k, &v};
+  const void** ptrs[3] = {&args.q, &args.k, &args.v};
+  int64_t* strides[3] = {args.q_strides, args.k_strides, args.v_strides};
+  for (int i = 0; i < 3; ++i) {
+    *ptrs[i] = operands[i]->data_ptr();
+    for (int d = 0; d < 3; ++d) strides[i][d] = operands[i]->stride(d);
+  }
+  args.seqlens = seqlens.data_ptr<int64_t>();
+  args.out = out.data_ptr();
+  args.scale = float(scale.has_value() ? *scale : 1.0 / std::sqrt(double(head_dim)));
+  // a (sequence, kv head) pair reads its whole cache: one pair per task
+  run_cpu(args, batch * kv_heads, int64_t(1) << 15, olmo_fast_decode_attention_cpu);
+  return out;
 }
 
 std::string gpu_runtime() {
@@ -359,6 +635,15 @@ TORCH_LIBRARY(olmo_fast_C, m) {
   m.def("silu_mul_bwd(Tensor dout, Tensor gate, Tensor up) -> (Tensor, Tensor)");
   m.def("rope(Tensor x, Tensor? positions, int offset, float theta, bool inverse) -> Tensor");
   m.def("rope_interleaved(Tensor x, Tensor? positions, int offset, float theta, bool inverse) -> Tensor");
+  m.def("qkv_rope_fwd(Tensor qkv, int n_heads, int n_kv_heads, float? clip, Tensor? positions, int offset, "
+        "float theta) -> (Tensor, Tensor, Tensor)");
+  m.def("qkv_rope_bwd(Tensor dq, Tensor dk, Tensor dv, Tensor? qkv, float? clip, Tensor? positions, int offset, "
+        "float theta) -> Tensor");
+  m.def("cross_entropy_chunk(Tensor(a!) logits, Tensor labels, int ignore_index, bool compute_grad) -> Tensor");
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float? clip, float scale) -> (Tensor, Tensor)");
+  m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, float? clip, "
+        "float scale) -> (Tensor, Tensor, Tensor)");
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens, float? scale) -> Tensor");
   m.def("gpu_runtime() -> str", &gpu_runtime);
   m.def("poison_outputs(bool on) -> ()", &poison_outputs);
 }
@@ -375,7 +660,19 @@ TORCH_LIBRARY(olmo_fast_C, m) {
   m.impl("rope", &rope);                      \
   m.impl("rope_interleaved", &rope_interleaved)
 
-TORCH_LIBRARY_IMPL(olmo_fast_C, CPU, m) { OLMO_FAST_IMPLS(m); }
+// Kernels with CPU loops only (no CUDA/HIP kernel yet).
+#define OLMO_FAST_CPU_ONLY_IMPLS(m)                      \
+  m.impl("qkv_rope_fwd", &qkv_rope_fwd);               \
+  m.impl("qkv_rope_bwd", &qkv_rope_bwd);               \
+  m.impl("cross_entropy_chunk", &cross_entropy_chunk); \
+  m.impl("decode_attention", &decode_attention);       \
+  m.impl("attention_fwd", &attention_fwd);             \
+  m.impl("attention_bwd", &attention_bwd)
+
+TORCH_LIBRARY_IMPL(olmo_fast_C, CPU, m) {
+  OLMO_FAST_IMPLS(m);
+  OLMO_FAST_CPU_ONLY_IMPLS(m);
+}
 
 #ifdef OLMO_FAST_WITH_GPU
 TORCH_LIBRARY_IMPL(olmo_fast_C, CUDA, m) { OLMO_FAST_IMPLS(m); }

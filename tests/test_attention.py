@@ -1,4 +1,5 @@
-"""Triton clipped-QKV flash attention (forward + backward) against float64 PyTorch (`ops.reference` in float64).
+"""Clipped-QKV flash attention (forward + backward) of the "triton" kernel variants and the "cpp" backend against
+float64 PyTorch (`ops.reference` in float64).
 
 Rule (flash-attention's, with a slack that scales): for out, dq, dk, dv, element by element,
 |kernel - f64| <= 2 * max |torch same dtype - f64| + SLACK * eps * scale (eps: the dtype's, tf32's 2^-10 for fp32
@@ -6,15 +7,17 @@ on NVIDIA GPUs, where the kernels multiply in tf32), where "torch same dtype" is
 "torch" backend (clamp + SDPA) run in the kernel's dtype and `scale` is the element's terms summed in absolute value
 (`conftest.attention_error_scales`, float64), so the bound holds on any CPU, also where an exact gradient is ~0.
 Never NaN, fully masked rows exactly 0.
-On the CPU (TRITON_INTERPRET=1) only fp16 and fp32 run: the interpreter's bf16 tl.dot is wrong; bf16 is covered by
-the `gpu`-marked tests on a GPU. Kernel outputs are poisoned (NaN-filled allocations) so unwritten elements fail.
+On the CPU (TRITON_INTERPRET=1) Triton runs fp16 and fp32 only: the interpreter's bf16 tl.dot is wrong; its bf16
+is covered by the `gpu`-marked tests on a GPU (cpp's CPU loops run bf16 here too). Kernel outputs are poisoned
+(NaN-filled allocations) so unwritten elements fail.
 """
 from __future__ import annotations
 
 import pytest
 import torch
 
-from conftest import DEVICE, attention_error_scales, dot_eps, poisoned_allocations, require_kernel
+from conftest import (DEVICE, attention_error_scales, dot_eps, poisoned_allocations, require_kernel,
+                      require_kernel_where_registered)
 from olmo_fast import ModelConfig, OLMo, ops
 from olmo_fast.ops import reference
 
@@ -33,10 +36,19 @@ CLIP = 0.75  # exactly representable in fp16/bf16; inputs are N(0, 1): ~45% of v
 SLACK = 8.0
 
 
-@pytest.fixture(autouse=True)
-def _need_kernels():
-    require_kernel("attention_fwd", "triton")
-    require_kernel("attention_bwd", "triton")
+BACKENDS = ["triton", "cpp"]
+VARIANTS = ops.softmax_attention.ATTENTION_VARIANTS
+# Every kernel set: each Triton variant, and the cpp backend (one attention, whatever the variant).
+IMPLEMENTATIONS = [("triton", variant) for variant in VARIANTS] + [("cpp", "fa2")]
+
+
+def implementations(test):
+    return pytest.mark.parametrize("backend,variant", IMPLEMENTATIONS, ids=lambda x: x)(test)
+
+
+def need(backend):
+    require_kernel_where_registered("attention_fwd", backend)
+    require_kernel_where_registered("attention_bwd", backend)
 
 
 def make_qkv(B, Tq, Tk, H, Hkv, D, dtype, clip):
@@ -61,11 +73,12 @@ def run(q, k, v, dout, causal, clip, backend, scale=None, variant=None):
     return (out, *grads)
 
 
-def check_against_f64(q, k, v, causal, clip, scale=None, variant="fa2"):
-    """Forward and backward of the triton kernel `variant` vs float64, within 2x the same-dtype torch error."""
+def check_against_f64(q, k, v, causal, clip, scale=None, backend="triton", variant="fa2"):
+    """Forward and backward of the backend's kernels (triton: the kernel `variant`) vs float64, within 2x the
+    same-dtype torch error."""
     dout = torch.randn(q.shape, device=DEVICE).to(q.dtype)
     with poisoned_allocations():
-        got = run(q, k, v, dout, causal, clip, "triton", scale, variant)
+        got = run(q, k, v, dout, causal, clip, backend, scale, variant)
     same = run(q, k, v, dout, causal, clip, "torch", scale)
     ref = run(q.double(), k.double(), v.double(), dout.double(), causal, clip, "torch", scale)
     Tq, Tk = q.shape[1], k.shape[1]
@@ -106,32 +119,71 @@ CASES = [
 ]
 
 
-VARIANTS = ops.softmax_attention.ATTENTION_VARIANTS  # every test below that runs a kernel runs each of them
-
-
-@pytest.mark.parametrize("variant", VARIANTS)
+@implementations
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
 @pytest.mark.parametrize("case", CASES,
                          ids=lambda c: "B{}-Tq{}-Tk{}-H{}-Hkv{}-D{}-{}".format(*c[:6], "causal" if c[6] else "full"))
-def test_attention_matches_f64(case, dtype, variant):
+def test_attention_matches_f64(case, dtype, backend, variant):
+    need(backend)
     B, Tq, Tk, H, Hkv, D, causal = case
-    check_against_f64(*make_qkv(B, Tq, Tk, H, Hkv, D, dtype, CLIP), causal, CLIP, variant=variant)
+    check_against_f64(*make_qkv(B, Tq, Tk, H, Hkv, D, dtype, CLIP), causal, CLIP, backend=backend, variant=variant)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("case", [(2, 70, 131, 6, 2, 40, True), (1, 131, 70, 4, 4, 24, False),
+                                  (1, 129, 129, 2, 1, 64, True)], ids=str)
+def test_cpp_bf16_and_block_edges(case):
+    """cpp's CPU loops in bf16 (no interpreter limit there), an odd head dim, and lengths past the 64-query and
+    64-key blocks (ragged last blocks, a causal diagonal crossing block edges, GQA groups of 3 and 2)."""
+    need("cpp")
+    B, Tq, Tk, H, Hkv, D, causal = case
+    check_against_f64(*make_qkv(B, Tq, Tk, H, Hkv, D, torch.bfloat16, CLIP), causal, CLIP, backend="cpp")
+
+
+@pytest.mark.parametrize("shape", [(0, 3, 3, 2, 1, 8), (1, 0, 5, 2, 1, 8), (1, 4, 0, 2, 1, 8)], ids=str)
+def test_cpp_empty_shapes(shape):
+    """No batch, no query, no key: outputs of the inputs' shapes, no NaN (no key: 0)."""
+    need("cpp")
+    B, Tq, Tk, H, Hkv, D = shape
+    q, k, v = make_qkv(B, Tq, Tk, H, Hkv, D, torch.float32, CLIP)
+    with poisoned_allocations():
+        got = run(q, k, v, torch.randn(q.shape, device=DEVICE), False, CLIP, "cpp")
+    for g, x in zip(got, (q, q, k, v)):
+        assert g.shape == x.shape and not g.isnan().any()
+    assert (got[0] == 0).all()
+
+
+def test_cpp_nan_input():
+    """A NaN in key 2 stays NaN through the clamp (torch.clamp's rule): causal queries that see it give NaN, the
+    others (queries 0, 1) are torch's on a clean cache, and the NaN entry gets no gradient (the clamp's NaN rule).
+    (Torch's masked SDPA spreads the NaN to every row; flash attention never reads a key a row does not see.)"""
+    need("cpp")
+    q, k, v = make_qkv(1, 4, 4, 2, 1, 8, torch.float32, CLIP)
+    k = k.clone()
+    k[0, 2, 0, 3] = float("nan")
+    dout = torch.randn(q.shape, device=DEVICE)
+    got = run(q, k, v, dout, True, CLIP, "cpp")
+    want = run(q[:, :2], k[:, :2], v[:, :2], dout[:, :2], True, CLIP, "torch")
+    assert got[0][:, 2:].isnan().all()
+    torch.testing.assert_close(got[0][:, :2], want[0])
+    assert got[2][0, 2, 0, 3] == 0
+
+
+@implementations
 @pytest.mark.parametrize("causal", [True, False])
-def test_attention_without_clip_and_custom_scale(causal, variant):
+def test_attention_without_clip_and_custom_scale(causal, backend, variant):
     """Large scores (3x inputs): the running max jumps by more than the "tma" forward's lazy-rescale threshold
     (2^8) between key blocks, so both its rescaling branches run."""
+    need(backend)
     q, k, v = make_qkv(2, 19, 23, 4, 2, 64, torch.float16, None)
-    check_against_f64(3 * q, 3 * k, v, causal, None, scale=0.3, variant=variant)
+    check_against_f64(3 * q, 3 * k, v, causal, None, scale=0.3, backend=backend, variant=variant)
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_fully_masked_rows_are_zero(variant):
+@implementations
+def test_fully_masked_rows_are_zero(backend, variant):
     """Tq > Tk with a causal mask: the first Tq - Tk queries see no key -> output 0, no gradient, no NaN."""
+    need(backend)
     q, k, v = make_qkv(1, 21, 5, 2, 1, 64, torch.float32, CLIP)
-    out, dq, dk, dv = check_against_f64(q, k, v, True, CLIP, variant=variant)
+    out, dq, dk, dv = check_against_f64(q, k, v, True, CLIP, backend=backend, variant=variant)
     assert (out[:, :16] == 0).all() and (dq[:, :16] == 0).all()
     assert out[:, 16:].abs().sum() > 0
 
@@ -141,6 +193,7 @@ def test_fully_masked_rows_are_zero(variant):
 def test_block_shapes(blocks, variant):
     """The range logic (unmasked/masked block split, bottom-right diagonal) for other BLOCK_M/BLOCK_N pairs than
     the interpreter's default ones: every kernel is forced onto the given config."""
+    need("triton")
     import triton
 
     from olmo_fast.kernels import attention as kern
@@ -159,30 +212,34 @@ def test_block_shapes(blocks, variant):
             t.configs, t.cache = configs, cache
 
 
-def test_gradient_through_expanded_dout_and_opcheck():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_through_expanded_dout_and_opcheck(backend):
     """`out.sum().backward()` hands the backward an all-stride-0 gradient; and the custom ops pass opcheck
     (schema, fake tensors, autograd registration)."""
+    need(backend)
     q, k, v = (t.requires_grad_() for t in make_qkv(1, 9, 9, 2, 1, 64, torch.float32, CLIP))
-    ops.attention(q, k, v, clip=CLIP, backend="triton").sum().backward()
+    ops.attention(q, k, v, clip=CLIP, backend=backend).sum().backward()
     qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
     reference.attention(qd, kd, vd, True, CLIP).sum().backward()
     for got, want in ((q.grad, qd.grad), (k.grad, kd.grad), (v.grad, vd.grad)):
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
 
-    args = (q.detach(), k.detach(), v.detach(), True, CLIP, 0.125, "triton", "fa2")
+    args = (q.detach(), k.detach(), v.detach(), True, CLIP, 0.125, backend, "fa2")
     torch.library.opcheck(torch.ops.olmo_fast.attention_fwd.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
-def test_bad_inputs_raise():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_inputs_raise(backend):
+    need(backend)
     q = torch.randn(1, 4, 3, 64, device=DEVICE)
     k = torch.randn(1, 4, 2, 64, device=DEVICE)
     with pytest.raises(ValueError, match="multiple"):
-        ops.attention(q, k, k, backend="triton")
+        ops.attention(q, k, k, backend=backend)
     with pytest.raises(ValueError, match="dtype"):
-        ops.attention(q, q.half(), q.half(), backend="triton")
+        ops.attention(q, q.half(), q.half(), backend=backend)
     with pytest.raises(ValueError, match="not an attention variant"):
-        ops.attention(q, q, q, backend="triton", variant="fa9")
+        ops.attention(q, q, q, backend=backend, variant="fa9")
 
 
 def test_variant_from_environment(monkeypatch):
@@ -244,6 +301,44 @@ SLACK eps times the tensor's largest magnitude."""
         assert err <= 2 * base + slack, f"tensor {i}: triton error {err:.3g} vs torch fp32 error {base:.3g}"
 
 
+def test_bench_has_a_row_per_variant():
+    """`olmo-fast bench --ops attention` A/B-tests the variants: `ours-triton` (the default variant) and
+    `ours-triton[<variant>]` for each other one, each calling ops.attention with that variant."""
+    from olmo_fast.benchmarks import providers
+
+    names = [p.name for p in providers.registry()["attention"]]
+    others = [v for v in VARIANTS if v != ops.softmax_attention.DEFAULT_VARIANT]
+    assert others and names[:1 + len(others)] == ["ours-triton"] + [f"ours-triton[{v}]" for v in others]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_olmo_with_attention_backend_matches_torch(monkeypatch, backend):
+    """The test OLMo with clip_qkv small enough to clip ~30% of q/k/v, attention on the backend and every
+    other op on torch: logits and every parameter gradient within 2x the fp32 torch model's error vs float64, plus
+SLACK eps times the tensor's largest magnitude."""
+    cfg = ModelConfig.preset("test", clip_qkv=0.5, n_kv_heads=2)
+    model = OLMo(cfg, backend="torch").to(DEVICE)
+    model64 = OLMo(cfg, backend="torch").to(DEVICE).double()
+    model64.load_state_dict(model.state_dict())
+    ids = torch.randint(0, cfg.vocab_size, (2, 23), device=DEVICE)
+
+    def logits_and_grads(m):
+        m.zero_grad()
+        logits, loss = m(ids, labels=ids)
+        loss.backward()
+        return [logits] + [p.grad for p in m.parameters()]
+
+    want, same = logits_and_grads(model64), logits_and_grads(model)
+    attention = ops.attention
+    need(backend)
+    monkeypatch.setattr(ops, "attention", lambda *a, **kw: attention(*a, **{**kw, "backend": backend}))
+    got = logits_and_grads(model)
+    for i, (g, s, w) in enumerate(zip(got, same, want)):
+        err, base = (g.double() - w).abs().max().item(), (s.double() - w).abs().max().item()
+        slack = SLACK * dot_eps(torch.float32) * w.abs().max().item()
+        assert err <= 2 * base + slack, f"tensor {i}: {backend} error {err:.3g} vs torch fp32 error {base:.3g}"
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 tl.dot needs a GPU (the interpreter's is wrong)")
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -251,16 +346,15 @@ SLACK eps times the tensor's largest magnitude."""
 @pytest.mark.parametrize("case", [(2, 257, 257, 8, 2, 128, True), (1, 1000, 1000, 4, 4, 64, False),
                                   (2, 100, 300, 4, 1, 96, True), (1, 300, 100, 8, 8, 128, True)], ids=str)
 def test_attention_gpu(case, dtype, variant):
+    need("triton")
     B, Tq, Tk, H, Hkv, D, causal = case
     check_against_f64(*make_qkv(B, Tq, Tk, H, Hkv, D, dtype, CLIP), causal, CLIP, variant=variant)
-
-
-
 
 
 def test_row_offsets_are_int64():
     """Row offsets t * stride_t past 2^31 (a fused-qkv view of a long sequence: stride 3 * 4096, T ~ 175K) come out
     exact, not wrapped in int32: the kernels' `row_offsets` helper, run on the interpreter's int32 arguments."""
+    need("triton")
     start, stride, block = 174_760, 3 * 4096, 16
     out = torch.full((block, 1), -1, dtype=torch.int64, device=DEVICE)
     _store_row_offsets[(1,)](out, start, stride, BLOCK=block)

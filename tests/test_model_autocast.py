@@ -22,7 +22,7 @@ def test_autocast_bf16_matches_torch_backend(backend, monkeypatch):
     ids = torch.randint(0, 250, (2, 19), device=DEVICE)
     losses, grads = {}, {}
     for name in ("torch", backend):
-        # The C++ kernels cover norms, SwiGLU and RoPE, not attention: prefer them, falling back per op.
+        # Prefer the backend's kernels, falling back per op where it has none (cpp on a GPU: no attention).
         model.set_backend("torch" if name == "torch" else None).zero_grad()
         preference = contextlib.nullcontext() if name == "torch" else ops.prefer(backend)
         with preference, torch.autocast(device_type=DEVICE, dtype=torch.bfloat16):

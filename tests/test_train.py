@@ -409,7 +409,6 @@ BAD_SETTINGS = [
     ("--device_train_microbatch_size=16", "device_train_microbatch_size 16 does not divide the 8 instances"),
     (f"--device=cuda:{torch.cuda.device_count()}", "was asked for, but torch sees"),
     ("--device=gpu", "device 'gpu' is not a torch device name"),
-    ("--backend=cpp", "backend 'cpp' cannot train on cpu"),  # it has no attention kernel (or is not built)
     ("--backend=tpu", "backend 'tpu' must be torch, triton or cpp"),
     ("--evaluators=[{data: {paths: [x]}", "cannot parse the value of '--evaluators="),
 ]
@@ -422,6 +421,21 @@ def test_bad_settings_fail_before_any_work_in_one_line(tmp_path, capsys, monkeyp
                           setting)
     assert code == 2 and len(err) == 1 and err[0].startswith("error: ") and message in err[0], err
     assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_backend_without_a_step_kernel_fails_before_any_work(tmp_path, capsys, monkeypatch):
+    """An explicit backend must have every kernel of the step: "cpp" with its attention kernel hidden from the
+    registry (it has them all on the CPU now) fails in one line before any work."""
+    from olmo_fast.ops import dispatch
+
+    dispatch.status()  # load every provider first: the registry patched below is then final
+    monkeypatch.setattr(dispatch, "_KERNELS", {key: fn for key, fn in dispatch._KERNELS.items()
+                                                if key[:2] != ("attention_fwd", "cpp")})
+    data = token_file(tmp_path / "ids.npy", 64 * 16)
+    code, err = cli_train(tmp_path, capsys, monkeypatch, f"--save_folder={tmp_path / 'run'}", f"--data.paths=[{data}]",
+                          "--backend=cpp")
+    assert code == 2 and len(err) == 1 and "backend 'cpp' cannot train on cpu" in err[0], err
+    assert not (tmp_path / "run").exists()
 
 
 def test_warmup_longer_than_the_run_is_a_warning(tmp_path):

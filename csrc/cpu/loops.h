@@ -1,5 +1,7 @@
-// Helpers shared by the CPU loops: dtype dispatch and a vectorisable fp32 sum.
+// Helpers shared by the CPU loops: dtype dispatch, vectorisable fp32 sums and maxima, torch.clamp.
 #pragma once
+
+#include <math.h>
 
 #include "olmo_fast/kernels.h"
 #include "olmo_fast/numerics.h"
@@ -23,8 +25,26 @@
 #define OLMO_FAST_IVDEP
 #endif
 
+// On helpers called from the cloned loops: inlined into each clone, so compiled for its instruction set (left to
+// itself, GCC keeps lane_sum out of line, compiled once for the baseline).
+#if defined(__GNUC__) || defined(__clang__)
+#define OLMO_FAST_INLINE inline __attribute__((always_inline))
+#else
+#define OLMO_FAST_INLINE inline
+#endif
+
 namespace olmo_fast {
 namespace cpu {
+
+// torch.clamp(x, -c, c) on an fp32 value that c (the bound rounded to the storage dtype) compares exactly with;
+// NaN fails both tests and stays NaN; c = +inf leaves x as it is.
+struct Clamp {
+  float c;
+  float operator()(float x) const { return x < -c ? -c : (x > c ? c : x); }
+};
+
+// torch.clamp's gradient mask: passes where -c <= x <= c (inclusive), not at NaN.
+OLMO_FAST_INLINE bool clamp_passes(float x, float c) { return x >= -c && x <= c; }
 
 // f(T{}) with T the storage type of `dtype`.
 template <class F>
@@ -39,7 +59,7 @@ void dispatch_dtype(olmo_fast_dtype dtype, F&& f) {
 // sum_{i < n} term(i) in fp32 over 16 independent lanes (which the compiler maps to SIMD registers: a plain
 // float reduction would stay scalar without -ffast-math), then a pairwise fold; the n % 16 tail is scalar.
 template <class F>
-float lane_sum(int64_t n, F term) {
+OLMO_FAST_INLINE float lane_sum(int64_t n, F term) {
   constexpr int kLanes = 16;
   float acc[kLanes] = {};
   int64_t i = 0;
@@ -52,6 +72,30 @@ float lane_sum(int64_t n, F term) {
     for (int j = 0; j < width; ++j) acc[j] += acc[j + width];
   }
   return acc[0] + tail;
+}
+
+// max_{i < n} term(i) (-inf for n = 0), over 16 lanes as lane_sum; a NaN term may be dropped (callers that must
+// see NaN get it from a later sum).
+template <class F>
+OLMO_FAST_INLINE float lane_max(int64_t n, F term) {
+  constexpr int kLanes = 16;
+  float acc[kLanes];
+  for (int j = 0; j < kLanes; ++j) acc[j] = -INFINITY;
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const float v = term(i + j);
+      acc[j] = acc[j] > v ? acc[j] : v;
+    }
+  }
+  for (; i < n; ++i) {
+    const float v = term(i);
+    acc[0] = acc[0] > v ? acc[0] : v;
+  }
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int j = 0; j < width; ++j) acc[j] = acc[j] > acc[j + width] ? acc[j] : acc[j + width];
+  }
+  return acc[0];
 }
 
 }  // namespace cpu

@@ -117,6 +117,130 @@ void check(olmo_fast_dtype dtype, const char* name, double tol) {
   }
   std::snprintf(label, sizeof label, "%s rope", name);
   expect_close(label, rotated, want, tol + 2e-4);  // + fp32 angles at position ~1000 (as the reference)
+
+  // The qkv prologue: [q | k | v] of one head each, clamped to +-1, q and k rotated as above, v only clamped
+  const auto qkv = random_rows<T>(seq * 3 * dim, 1.5f, 0.0f, 5);
+  std::vector<T> pq(seq * dim), pk(seq * dim), pv(seq * dim);
+  olmo_fast_qkv_rope_fwd_args pro{};
+  pro.dtype = dtype;
+  pro.batch = 1;
+  pro.seq = seq;
+  pro.q_heads = pro.kv_heads = 1;
+  pro.head_dim = dim;
+  pro.qkv = qkv.data();
+  pro.qkv_strides[0] = seq * 3 * dim;
+  pro.qkv_strides[1] = 3 * dim;
+  pro.q = pq.data();
+  pro.k = pk.data();
+  pro.v = pv.data();
+  pro.offset = offset;
+  pro.theta = 10000.0f;
+  pro.clip = 1.0f;
+  pro.has_clip = 1;
+  olmo_fast_qkv_rope_fwd_cpu(&pro, 0, seq);
+  const auto clipped = [&](int64_t t, int64_t part, int64_t d) {
+    return std::fmin(1.0, std::fmax(-1.0, double(to_float(qkv[t * 3 * dim + part * dim + d]))));
+  };
+  std::vector<double> want_q(seq * dim), want_k(seq * dim), want_v(seq * dim);
+  for (int64_t t = 0; t < seq; ++t) {
+    for (int64_t i = 0; i < half; ++i) {
+      const double angle = double(offset + t) * std::pow(10000.0, -2.0 * double(i) / double(dim));
+      for (int64_t part = 0; part < 2; ++part) {
+        std::vector<double>& w = part == 0 ? want_q : want_k;
+        const double x1 = clipped(t, part, i), x2 = clipped(t, part, half + i);
+        w[t * dim + i] = x1 * std::cos(angle) - x2 * std::sin(angle);
+        w[t * dim + half + i] = x2 * std::cos(angle) + x1 * std::sin(angle);
+      }
+    }
+    for (int64_t d = 0; d < dim; ++d) want_v[t * dim + d] = clipped(t, 2, d);
+  }
+  std::snprintf(label, sizeof label, "%s qkv_rope_fwd q", name);
+  expect_close(label, pq, want_q, tol + 2e-4);
+  std::snprintf(label, sizeof label, "%s qkv_rope_fwd k", name);
+  expect_close(label, pk, want_k, tol + 2e-4);
+  std::snprintf(label, sizeof label, "%s qkv_rope_fwd v", name);
+  expect_close(label, pv, want_v, 0.0);  // exact: a clamp
+
+  // The cross-entropy chunk: losses (fp32) and the gradient softmax - onehot written over the logits
+  const int64_t vocab = 101;
+  auto logits = random_rows<T>(rows * vocab, 3.0f, 0.0f, 6);
+  const auto original = logits;
+  std::vector<int64_t> labels(rows);
+  for (int64_t i = 0; i < rows; ++i) labels[i] = (i * 37) % vocab;
+  labels[1] = -100;
+  std::vector<float> losses(rows);
+  const olmo_fast_cross_entropy_chunk_args ce{dtype, rows, vocab, logits.data(), vocab, labels.data(), losses.data(),
+                                              -100, 1};
+  olmo_fast_cross_entropy_chunk_cpu(&ce, 0, rows);
+  std::vector<double> want_loss(rows), got_loss(losses.begin(), losses.end());
+  want.assign(rows * vocab, 0);
+  for (int64_t i = 0; i < rows; ++i) {
+    if (labels[i] == -100) continue;
+    double top = -INFINITY, sum = 0;
+    for (int64_t j = 0; j < vocab; ++j) top = std::fmax(top, to_float(original[i * vocab + j]));
+    for (int64_t j = 0; j < vocab; ++j) sum += std::exp(to_float(original[i * vocab + j]) - top);
+    const double lse = top + std::log(sum);
+    want_loss[i] = lse - to_float(original[i * vocab + labels[i]]);
+    for (int64_t j = 0; j < vocab; ++j) {
+      want[i * vocab + j] = std::exp(to_float(original[i * vocab + j]) - lse) - (j == labels[i] ? 1.0 : 0.0);
+    }
+  }
+  std::snprintf(label, sizeof label, "%s cross_entropy loss", name);
+  expect_close(label, got_loss, want_loss, 1e-5);  // fp32 math on the same stored logits
+  std::snprintf(label, sizeof label, "%s cross_entropy grad", name);
+  expect_close(label, logits, want, tol);
+
+  // Attention forward: 2 query heads sharing 1 kv head, 5 queries over 7 keys, causal (bottom-right), clip 1
+  const int64_t tq = 5, tk = 7, heads = 2, hd = 6;
+  const auto aq = random_rows<T>(tq * heads * hd, 1.5f, 0.0f, 7), ak = random_rows<T>(tk * hd, 1.5f, 0.0f, 8);
+  const auto av = random_rows<T>(tk * hd, 1.5f, 0.0f, 9);
+  std::vector<T> aout(tq * heads * hd);
+  std::vector<float> lse(heads * tq);
+  olmo_fast_attention_fwd_args at{};
+  at.dtype = dtype;
+  at.batch = 1;
+  at.q_len = tq;
+  at.kv_len = tk;
+  at.heads = heads;
+  at.kv_heads = 1;
+  at.head_dim = hd;
+  at.q = aq.data();
+  at.q_strides[0] = tq * heads * hd;
+  at.q_strides[1] = heads * hd;
+  at.q_strides[2] = hd;
+  at.k = ak.data();
+  at.v = av.data();
+  at.k_strides[0] = at.v_strides[0] = tk * hd;
+  at.k_strides[1] = at.v_strides[1] = hd;
+  at.k_strides[2] = at.v_strides[2] = hd;
+  at.out = aout.data();
+  at.lse = lse.data();
+  at.scale = 0.4f;
+  at.clip = 1.0f;
+  at.has_clip = 1;
+  at.causal = 1;
+  olmo_fast_attention_fwd_cpu(&at, 0, heads);  // one block of queries per head
+  const auto clip1 = [](const T& x) { return std::fmin(1.0, std::fmax(-1.0, double(to_float(x)))); };
+  want.assign(tq * heads * hd, 0);
+  for (int64_t i = 0; i < tq; ++i) {
+    for (int64_t h = 0; h < heads; ++h) {
+      const int64_t keys = i + tk - tq + 1;
+      std::vector<double> p(keys);
+      double top = -INFINITY, sum = 0;
+      for (int64_t j = 0; j < keys; ++j) {
+        double s = 0;
+        for (int64_t d = 0; d < hd; ++d) s += clip1(aq[(i * heads + h) * hd + d]) * clip1(ak[j * hd + d]);
+        p[j] = 0.4 * s;
+        top = std::fmax(top, p[j]);
+      }
+      for (int64_t j = 0; j < keys; ++j) sum += p[j] = std::exp(p[j] - top);
+      for (int64_t j = 0; j < keys; ++j) {
+        for (int64_t d = 0; d < hd; ++d) want[(i * heads + h) * hd + d] += p[j] / sum * clip1(av[j * hd + d]);
+      }
+    }
+  }
+  std::snprintf(label, sizeof label, "%s attention_fwd", name);
+  expect_close(label, aout, want, tol);
 }
 
 }  // namespace

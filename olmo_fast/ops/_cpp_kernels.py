@@ -27,8 +27,26 @@ DEVICES = ("cpu", "cuda") if GPU_RUNTIME != "none" else ("cpu",)
 KERNELS = {name: getattr(_ops, name) for name in (
     "layer_norm_fwd", "layer_norm_bwd", "norm_fwd", "norm_bwd", "swiglu_fwd", "swiglu_bwd", "silu_mul_fwd",
     "silu_mul_bwd", "rope", "rope_interleaved")}
+# Kernels with CPU loops only (no CUDA/HIP kernel yet): registered for the CPU whatever the build.
+CPU_KERNELS = {name: getattr(_ops, name) for name in (
+    "qkv_rope_fwd", "qkv_rope_bwd", "cross_entropy_chunk", "decode_attention")}
+
+
+# The attention variants (ops/softmax_attention.py) name Triton kernel sets: the C++ backend has one attention,
+# whatever the variant asked for.
+def _attention_fwd(q, k, v, causal, clip, scale, variant):
+    return _ops.attention_fwd(q, k, v, causal, clip, scale)
+
+
+def _attention_bwd(dout, q, k, v, out, lse, causal, clip, scale, variant):
+    return _ops.attention_bwd(dout, q, k, v, out, lse, causal, clip, scale)
+
+
+CPU_KERNELS.update(attention_fwd=_attention_fwd, attention_bwd=_attention_bwd)
 for _name, _fn in KERNELS.items():
     register_kernel(_name, "cpp", _fn, DEVICES)
+for _name, _fn in CPU_KERNELS.items():
+    register_kernel(_name, "cpp", _fn, ("cpu",))
 
 
 # Fake implementations: output shapes/dtypes for torch.compile and meta tensors.
@@ -88,3 +106,37 @@ def _(x, positions, offset, theta, inverse):
 @torch.library.register_fake("olmo_fast_C::rope_interleaved")
 def _(x, positions, offset, theta, inverse):
     return x.new_empty(x.shape)
+
+
+@torch.library.register_fake("olmo_fast_C::qkv_rope_fwd")
+def _(qkv, n_heads, n_kv_heads, clip, positions, offset, theta):
+    B, T, width = qkv.shape
+    D = width // (n_heads + 2 * n_kv_heads)
+    return qkv.new_empty((B, T, n_heads, D)), qkv.new_empty((B, T, n_kv_heads, D)), qkv.new_empty((B, T, n_kv_heads, D))
+
+
+@torch.library.register_fake("olmo_fast_C::qkv_rope_bwd")
+def _(dq, dk, dv, qkv, clip, positions, offset, theta):
+    B, T, n_heads, D = dq.shape
+    return dq.new_empty((B, T, (n_heads + 2 * dk.shape[2]) * D))
+
+
+@torch.library.register_fake("olmo_fast_C::cross_entropy_chunk")
+def _(logits, labels, ignore_index, compute_grad):
+    return logits.new_empty((logits.shape[0],), dtype=torch.float32)
+
+
+@torch.library.register_fake("olmo_fast_C::decode_attention")
+def _(q, k_cache, v_cache, seqlens, scale):
+    return q.new_empty(q.shape)
+
+
+@torch.library.register_fake("olmo_fast_C::attention_fwd")
+def _(q, k, v, causal, clip, scale):
+    B, Tq, H, _ = q.shape
+    return q.new_empty(q.shape), q.new_empty((B, H, Tq), dtype=torch.float32)
+
+
+@torch.library.register_fake("olmo_fast_C::attention_bwd")
+def _(dout, q, k, v, out, lse, causal, clip, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)

@@ -112,8 +112,8 @@ _preferred: list[str] = []  # stack of `prefer(...)` contexts, innermost last
 @contextlib.contextmanager
 def prefer(backend: str) -> Iterator[None]:
     """Within the block, `backend=None` tries `backend` first for every op (falling back per op where it has
-    no kernel), as OLMO_FAST_BACKEND does for the whole process. E.g. the model on the C++ kernels, which
-    cover the norms, SwiGLU and RoPE but not attention: `with ops.prefer("cpp"): model(ids)`."""
+    no kernel), as OLMO_FAST_BACKEND does for the whole process. E.g. the model on the C++ kernels, which on a
+    GPU cover the norms, SwiGLU and RoPE but not attention: `with ops.prefer("cpp"): model(ids)`."""
     if backend not in BACKENDS:
         raise BackendError(f"prefer() takes one of {BACKENDS}, got {backend!r}")
     _preferred.append(backend)

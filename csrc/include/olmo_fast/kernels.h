@@ -114,6 +114,134 @@ typedef struct {
   int interleaved;
 } olmo_fast_rope_args;
 
+/* The attention prologue (OLMo's): qkv [batch, seq, (q_heads + 2 kv_heads) * head_dim] (last dim contiguous, token
+ * rows strided) -> clamp to [-clip, clip] (has_clip != 0; `clip` is the bound rounded to the storage dtype, as
+ * torch.clamp compares; NaN stays NaN) -> split Q | K | V -> NeoX RoPE (olmo_fast_rope_args' angles and
+ * positions) on q and k -> contiguous q [batch, seq, q_heads, head_dim], k, v [batch, seq, kv_heads, head_dim].
+ * A "row" of the CPU loop is one token. */
+typedef struct {
+  olmo_fast_dtype dtype;
+  int64_t batch, seq, q_heads, kv_heads, head_dim;
+  const void* qkv;
+  int64_t qkv_strides[2]; /* batch, token */
+  void* q;
+  void* k;
+  void* v;
+  const int64_t* positions;
+  int64_t positions_batch_stride;
+  int64_t offset;
+  float theta;
+  float clip;
+  int has_clip;
+} olmo_fast_qkv_rope_fwd_args;
+
+/* Its backward: dq, dk, dv (any strides [batch, seq, head, dim]) rotated back (dv as is) into a contiguous
+ * dqkv [batch, seq, (q_heads + 2 kv_heads) * head_dim], zeroed where the forward's clamp blocked the gradient
+ * (has_clip: qkv outside [-clip, clip], or NaN; `qkv` is the forward's input, read only then). */
+typedef struct {
+  olmo_fast_dtype dtype;
+  int64_t batch, seq, q_heads, kv_heads, head_dim;
+  const void* grads[3]; /* dq, dk, dv */
+  int64_t grad_strides[3][4];
+  const void* qkv; /* NULL without clip */
+  int64_t qkv_strides[2];
+  void* dqkv;
+  const int64_t* positions;
+  int64_t positions_batch_stride;
+  int64_t offset;
+  float theta;
+  float clip;
+  int has_clip;
+} olmo_fast_qkv_rope_bwd_args;
+
+/* The cross-entropy chunk of the fused linear cross-entropy: for each row i of logits [rows, vocab] (row stride
+ * `logits_stride`, last dim contiguous) with label y_i: loss[i] = logsumexp(z_i) - z_i[y_i] (fp32), 0 where
+ * y_i == ignore_index, NaN for a label outside [0, vocab). With compute_grad the row is overwritten in place by
+ * softmax(z_i) - onehot(y_i) (0 for an ignored row). */
+typedef struct {
+  olmo_fast_dtype dtype;
+  int64_t rows, vocab;
+  void* logits;
+  int64_t logits_stride;
+  const int64_t* labels; /* [rows] */
+  float* loss;           /* [rows] */
+  int64_t ignore_index;
+  int compute_grad;
+} olmo_fast_cross_entropy_chunk_args;
+
+/* Decoding attention: q [batch, q_len, heads, head_dim] over caches k, v [batch, slots, kv_heads, head_dim] (strides
+ * of the first three dims given, head_dim contiguous) where sequence b holds seqlens[b] valid keys, the q_len new
+ * ones last: query i of b sees keys 0 .. seqlens[b] - q_len + i (slots past seqlens[b] are never read; a query
+ * that sees no key gets 0). Query head h reads kv head h / (heads / kv_heads). Out [batch, q_len, heads,
+ * head_dim] contiguous, softmax(scale q k^T) v in fp32. A "row" of the CPU loop is one (b, kv head) pair. */
+typedef struct {
+  olmo_fast_dtype dtype;
+  int64_t batch, q_len, heads, kv_heads, head_dim, slots;
+  const void* q;
+  int64_t q_strides[3];
+  const void* k;
+  int64_t k_strides[3];
+  const void* v;
+  int64_t v_strides[3];
+  const int64_t* seqlens; /* [batch] */
+  void* out;
+  float scale;
+} olmo_fast_decode_attention_args;
+
+/* Training attention (flash style), per batch b and query head h (kv head h / (heads / kv_heads), never
+ * repeated): O = softmax(scale c(Q) c(K)^T + mask) c(V), c = clamp to [-clip, clip] when has_clip (the bound rounded
+ * to the storage dtype; applied as tiles are loaded). q [batch, q_len, heads, head_dim], k, v [batch, kv_len,
+ * kv_heads, head_dim]: strides of the first three dims given, head_dim contiguous. Causal masks align bottom-right
+ * (query i sees keys j <= i + kv_len - q_len); a query that sees no key gets 0. fp32 softmax and accumulation.
+ * Forward writes out (contiguous, q's shape) and lse [batch, heads, q_len] fp32: the natural log-sum-exp of the
+ * scaled scores, +inf for a row without keys; it only travels to this backend's backward. A "row" of the forward's
+ * CPU loop is a block of OLMO_FAST_ATTENTION_CPU_QUERIES queries of one (b, h):
+ * row = (b * heads + h) * ceil(q_len / OLMO_FAST_ATTENTION_CPU_QUERIES) + block. */
+#define OLMO_FAST_ATTENTION_CPU_QUERIES 64
+typedef struct {
+  olmo_fast_dtype dtype;
+  int64_t batch, q_len, kv_len, heads, kv_heads, head_dim;
+  const void* q;
+  int64_t q_strides[3];
+  const void* k;
+  int64_t k_strides[3];
+  const void* v;
+  int64_t v_strides[3];
+  void* out;
+  float* lse;
+  float scale;
+  float clip;
+  int has_clip;
+  int causal;
+} olmo_fast_attention_fwd_args;
+
+/* Backward: dq, dk, dv (contiguous, the inputs' shapes) from dout and the forward's out and lse, the clamp's
+ * gradient applied (0 where the raw input lies outside [-clip, clip] or is NaN). A "row" of the CPU loop is one
+ * (b, kv head) pair: it owns dk, dv of that head and dq of its group of query heads (no atomics), holding fp32
+ * copies of its group's q, dout and dq ([heads / kv_heads * q_len, head_dim] each). */
+typedef struct {
+  olmo_fast_dtype dtype;
+  int64_t batch, q_len, kv_len, heads, kv_heads, head_dim;
+  const void* dout;
+  int64_t dout_strides[3];
+  const void* q;
+  int64_t q_strides[3];
+  const void* k;
+  int64_t k_strides[3];
+  const void* v;
+  int64_t v_strides[3];
+  const void* out;
+  int64_t out_strides[3];
+  const float* lse;
+  void* dq;
+  void* dk;
+  void* dv;
+  float scale;
+  float clip;
+  int has_clip;
+  int causal;
+} olmo_fast_attention_bwd_args;
+
 int olmo_fast_norm_fwd_gpu(const olmo_fast_norm_fwd_args* args, void* stream);
 int olmo_fast_norm_bwd_gpu(const olmo_fast_norm_bwd_args* args, void* stream); /* grid: `partials` blocks */
 int olmo_fast_silu_mul_fwd_gpu(const olmo_fast_silu_mul_fwd_args* args, void* stream);
@@ -127,6 +255,14 @@ void olmo_fast_norm_bwd_cpu(const olmo_fast_norm_bwd_args* args, int64_t row_beg
 void olmo_fast_silu_mul_fwd_cpu(const olmo_fast_silu_mul_fwd_args* args, int64_t row_begin, int64_t row_end);
 void olmo_fast_silu_mul_bwd_cpu(const olmo_fast_silu_mul_bwd_args* args, int64_t row_begin, int64_t row_end);
 void olmo_fast_rope_cpu(const olmo_fast_rope_args* args, int64_t token_begin, int64_t token_end);
+void olmo_fast_qkv_rope_fwd_cpu(const olmo_fast_qkv_rope_fwd_args* args, int64_t token_begin, int64_t token_end);
+void olmo_fast_qkv_rope_bwd_cpu(const olmo_fast_qkv_rope_bwd_args* args, int64_t token_begin, int64_t token_end);
+void olmo_fast_attention_fwd_cpu(const olmo_fast_attention_fwd_args* args, int64_t row_begin, int64_t row_end);
+void olmo_fast_attention_bwd_cpu(const olmo_fast_attention_bwd_args* args, int64_t pair_begin, int64_t pair_end);
+void olmo_fast_decode_attention_cpu(const olmo_fast_decode_attention_args* args, int64_t pair_begin,
+                                    int64_t pair_end);
+void olmo_fast_cross_entropy_chunk_cpu(const olmo_fast_cross_entropy_chunk_args* args, int64_t row_begin,
+                                       int64_t row_end);
 
 #ifdef __cplusplus
 }

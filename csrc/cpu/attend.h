@@ -1,0 +1,181 @@
+// The online-softmax core shared by the CPU attention loops (attention.cpp's forward, decode_attention.cpp), and
+// the key-block loading and products that attention's backward reuses.
+// Keys go in blocks of kKeys, converted to fp32 once per block (clamped to +-clip as loaded; clip = +inf: none):
+// K transposed ([D][kKeys]) so that a row's scores are D vectorised multiply-adds over the block, V by rows.
+// Products keep their outputs in vector registers along the sum (block_scores, add_weighted_rows), a few rows at
+// a time so that each loaded vector feeds several multiply-add chains.
+#pragma once
+
+#include <math.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "loops.h"
+
+namespace olmo_fast {
+namespace cpu {
+
+constexpr int64_t kKeys = 64;  // keys per block: a 64 x D fp32 block of K^T and one of V stay in L1/L2
+
+// nk rows (n < nk <= kKeys) of a [T, D] operand whose rows lie `stride` apart, clamped, as fp32: by rows
+// ([nk][D]) into `rows` and/or transposed ([D][kKeys]) into `cols` (either may be NULL).
+template <class T>
+OLMO_FAST_INLINE void load_keys(const T* src, int64_t stride, int64_t nk, int64_t D, Clamp clamp, float* rows,
+                                float* cols) {
+  for (int64_t n = 0; n < nk; ++n) {
+    const T* x = src + n * stride;
+    for (int64_t d = 0; d < D; ++d) {
+      const float v = clamp(to_float(x[d]));
+      if (rows != nullptr) rows[n * D + d] = v;
+      if (cols != nullptr) cols[d * kKeys + n] = v;
+    }
+  }
+}
+
+// 16 fp32 lanes (GCC/Clang vector extension: one AVX-512 register, two AVX2 or four SSE ones), unaligned and
+// allowed to alias floats. Memory is reached through references (`lanes`), never by passing a vector by value,
+// whose ABI would depend on AVX-512 (GCC's -Wpsabi).
+typedef float f32x16 __attribute__((vector_size(64), aligned(4), may_alias));
+
+OLMO_FAST_INLINE f32x16& lanes(float* p) { return *reinterpret_cast<f32x16*>(p); }
+OLMO_FAST_INLINE const f32x16& lanes(const float* p) { return *reinterpret_cast<const f32x16*>(p); }
+
+// s[r][n] = q[r] . key n for R rows and a whole block (kKeys = 64 lanes: 4 vectors per row; each key vector
+// loaded once for the R rows, 4 R independent multiply-add chains). Lanes past the block's keys hold stale finite
+// values that callers ignore.
+template <int R>
+OLMO_FAST_INLINE void block_scores(const float* const* q, const float* cols, int64_t D, float* const* s) {
+  static_assert(kKeys == 64, "block_scores holds a key block in 4 x 16 lanes");
+  f32x16 a[R][4] = {};
+  for (int64_t d = 0; d < D; ++d) {
+    for (int j = 0; j < 4; ++j) {
+      const f32x16 k = lanes(cols + d * kKeys + 16 * j);
+      for (int r = 0; r < R; ++r) a[r][j] += q[r][d] * k;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int j = 0; j < 4; ++j) lanes(s[r] + 16 * j) = a[r][j];
+  }
+}
+
+// out[r][d] += sum_{i < count} w[r][i] * rows[i * stride + d] for R outputs and d < D: the outputs held in
+// registers across the sum (64 lanes at a time), each row loaded once for the R outputs.
+template <int R>
+OLMO_FAST_INLINE void add_weighted_rows(float* const* out, const float* const* w, int64_t count, const float* rows,
+                                        int64_t stride, int64_t D) {
+  int64_t d0 = 0;
+  for (; d0 + 64 <= D; d0 += 64) {
+    f32x16 a[R][4] = {};
+    for (int64_t i = 0; i < count; ++i) {
+      for (int j = 0; j < 4; ++j) {
+        const f32x16 x = lanes(rows + i * stride + d0 + 16 * j);
+        for (int r = 0; r < R; ++r) a[r][j] += w[r][i] * x;
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      for (int j = 0; j < 4; ++j) lanes(out[r] + d0 + 16 * j) += a[r][j];
+    }
+  }
+  for (; d0 + 16 <= D; d0 += 16) {
+    f32x16 a[R] = {};
+    for (int64_t i = 0; i < count; ++i) {
+      const f32x16 x = lanes(rows + i * stride + d0);
+      for (int r = 0; r < R; ++r) a[r] += w[r][i] * x;
+    }
+    for (int r = 0; r < R; ++r) lanes(out[r] + d0) += a[r];
+  }
+  for (; d0 < D; ++d0) {
+    for (int r = 0; r < R; ++r) {
+      float acc = 0.0f;
+      for (int64_t i = 0; i < count; ++i) acc += w[r][i] * rows[i * stride + d0];
+      out[r][d0] += acc;
+    }
+  }
+}
+
+// One output row: add_weighted_rows<1>.
+OLMO_FAST_INLINE void add_weighted_row(float* out, const float* w, int64_t count, const float* rows, int64_t stride,
+                                       int64_t D) {
+  add_weighted_rows<1>(&out, &w, count, rows, stride, D);
+}
+
+// Workspace of `attend_rows` for up to `rows` rows of head dim D (zeroed: stale lanes stay finite).
+struct AttendBuffers {
+  AttendBuffers(int64_t rows, int64_t D) : data(2 * kKeys * D + 2 * kKeys + rows * (D + 2), 0.0f) {
+    kt = data.data();
+    vb = kt + kKeys * D;
+    scores = vb + kKeys * D;
+    acc = scores + 2 * kKeys;
+    m = acc + rows * D;
+    l = m + rows;
+  }
+  std::vector<float> data;
+  float *kt, *vb, *scores, *acc, *m, *l;  // scores: two rows of kKeys
+};
+
+// The online-softmax step of rows `r` (R of them; row r[x] sees `seen[x]` keys of the block, scores s[x]) over
+// a block: s[x] becomes p = exp(s - m_new) (0 past seen[x], up to `count` lanes), m, l, acc updated.
+template <int R>
+OLMO_FAST_INLINE void softmax_block(const int64_t* r, const int64_t* seen, int64_t count, float* const* s,
+                                    const float* vb, int64_t D, AttendBuffers& w) {
+  float* acc[R];
+  for (int x = 0; x < R; ++x) {
+    float* sx = s[x];
+    acc[x] = w.acc + r[x] * D;
+    const int64_t n_seen = std::max<int64_t>(seen[x], 0);
+    if (n_seen > 0) {
+      const float m_old = w.m[r[x]];
+      const float m_new = std::max(m_old, lane_max(n_seen, [&](int64_t n) { return sx[n]; }));
+      const float alpha = exp_f32(m_old - m_new);  // 0 on the row's first block (m_old = -inf)
+      OLMO_FAST_IVDEP
+      for (int64_t n = 0; n < n_seen; ++n) sx[n] = exp_f32(sx[n] - m_new);
+      w.l[r[x]] = w.l[r[x]] * alpha + lane_sum(n_seen, [&](int64_t n) { return sx[n]; });
+      w.m[r[x]] = m_new;
+      float* ax = acc[x];
+      OLMO_FAST_IVDEP
+      for (int64_t d = 0; d < D; ++d) ax[d] *= alpha;
+    }
+    for (int64_t n = n_seen; n < count; ++n) sx[n] = 0.0f;
+  }
+  add_weighted_rows<R>(acc, s, count, vb, D, D);
+}
+
+// Rows r < n_rows of q (fp32 [n_rows][D], clamped and pre-scaled) against keys [0, limit[r]) of k, v (rows
+// k_stride / v_stride apart; limit[r] <= n_keys): running max w.m[r], sum w.l[r] and unnormalised output
+// w.acc[r] (fp32). Rows go in pairs (each key vector loaded once for both). A row without keys keeps l = 0.
+template <class T>
+OLMO_FAST_INLINE void attend_rows(const float* q, int64_t n_rows, const int64_t* limit, int64_t n_keys, const T* k,
+                                  int64_t k_stride, const T* v, int64_t v_stride, int64_t D, Clamp clamp,
+                                  AttendBuffers& w) {
+  for (int64_t r = 0; r < n_rows; ++r) {
+    w.m[r] = -INFINITY;
+    w.l[r] = 0.0f;
+  }
+  for (int64_t i = 0; i < n_rows * D; ++i) w.acc[i] = 0.0f;
+  float* const s[2] = {w.scores, w.scores + kKeys};
+  for (int64_t n0 = 0; n0 < n_keys; n0 += kKeys) {
+    const int64_t nk = std::min(kKeys, n_keys - n0);
+    load_keys(k + n0 * k_stride, k_stride, nk, D, clamp, nullptr, w.kt);
+    load_keys(v + n0 * v_stride, v_stride, nk, D, clamp, w.vb, nullptr);
+    int64_t r = 0;
+    for (; r + 2 <= n_rows; r += 2) {
+      const int64_t rows[2] = {r, r + 1};
+      const int64_t seen[2] = {std::min(nk, limit[r] - n0), std::min(nk, limit[r + 1] - n0)};
+      const int64_t count = std::max(seen[0], seen[1]);
+      if (count <= 0) continue;
+      const float* const qs[2] = {q + r * D, q + (r + 1) * D};
+      block_scores<2>(qs, w.kt, D, s);
+      softmax_block<2>(rows, seen, count, s, w.vb, D, w);
+    }
+    const int64_t seen = r < n_rows ? std::min(nk, limit[r] - n0) : 0;  // the odd row left
+    if (seen > 0) {
+      const float* const qs = q + r * D;
+      block_scores<1>(&qs, w.kt, D, s);
+      softmax_block<1>(&r, &seen, seen, s, w.vb, D, w);
+    }
+  }
+}
+
+}  // namespace cpu
+}  // namespace olmo_fast

@@ -1,0 +1,195 @@
+// Clipped-QKV flash attention for training on the CPU, forward and backward (contract: kernels.h).
+//
+// Forward: a task per block of 64 queries of one (b, h): its rows, clamped and pre-scaled to fp32, run attend.h's
+// online softmax over key blocks of 64 (each converted to fp32 once per task, clamped as loaded), then
+// out = acc / l and lse = m + log(l). Work 4 P FLOPs, P = B H Tq Tk D (halved by a causal mask at Tq = Tk).
+//
+// Backward (FlashAttention-2's math, one pass): a task per (b, kv head) owns dK, dV of that head and dQ of its
+// group of query heads, so no two tasks write the same gradient. Per key block: K (by rows and transposed) and
+// V^T in fp32; for each query row r of the group that sees the block, with q_r clamped and scaled and
+// delta_r = dO_r . O_r:
+//   p = exp(q_r K^T - lse_r),  dp = dO_r V^T,  ds = p (dp - delta_r)
+//   dQ_r += ds K,  and over a chunk of 64 rows (P, dS kept transposed):  dV += P^T dO,  dK += dS^T Q
+// (fp32; every product accumulates in registers along its sum: attend.h's block_scores / add_weighted_rows);
+// then dK, dV of the block are written, and dQ (times scale) once all blocks are done; each through the clamp's
+// gradient mask of its raw input. Work 10 P FLOPs (scores recomputed once). Memory per task: fp32 copies of the
+// group's q, dO and the dQ accumulator (3 x group x Tq x D floats) and the key block.
+#include "attend.h"
+
+namespace olmo_fast {
+namespace cpu {
+namespace {
+
+constexpr int64_t kQueries = OLMO_FAST_ATTENTION_CPU_QUERIES;
+
+// Keys [0, key_limit) that query i sees.
+OLMO_FAST_INLINE int64_t key_limit(int64_t i, int64_t q_len, int64_t kv_len, bool causal) {
+  return causal ? std::min(std::max<int64_t>(i + kv_len - q_len + 1, 0), kv_len) : kv_len;
+}
+
+template <class T>
+OLMO_FAST_CPU_CLONES void attention_fwd_rows(const olmo_fast_attention_fwd_args& a, int64_t row_begin,
+                                             int64_t row_end) {
+  const int64_t D = a.head_dim, Tq = a.q_len, group = a.heads / a.kv_heads;
+  const int64_t blocks = (Tq + kQueries - 1) / kQueries;
+  const Clamp clamp{a.has_clip ? a.clip : INFINITY};
+  AttendBuffers w(kQueries, D);
+  std::vector<float> q(kQueries * D);
+  int64_t limit[kQueries];
+  for (int64_t row = row_begin; row < row_end; ++row) {
+    const int64_t bh = row / blocks, b = bh / a.heads, h = bh - b * a.heads;
+    const int64_t i0 = (row - bh * blocks) * kQueries, n_rows = std::min(kQueries, Tq - i0);
+    int64_t n_keys = 0;
+    for (int64_t r = 0; r < n_rows; ++r) {
+      const T* qr = static_cast<const T*>(a.q) + b * a.q_strides[0] + (i0 + r) * a.q_strides[1] + h * a.q_strides[2];
+      for (int64_t d = 0; d < D; ++d) q[r * D + d] = a.scale * clamp(to_float(qr[d]));
+      limit[r] = key_limit(i0 + r, Tq, a.kv_len, a.causal != 0);
+      n_keys = std::max(n_keys, limit[r]);
+    }
+    const int64_t kh = h / group;
+    const T* k = static_cast<const T*>(a.k) + b * a.k_strides[0] + kh * a.k_strides[2];
+    const T* v = static_cast<const T*>(a.v) + b * a.v_strides[0] + kh * a.v_strides[2];
+    attend_rows(q.data(), n_rows, limit, n_keys, k, a.k_strides[1], v, a.v_strides[1], D, clamp, w);
+    for (int64_t r = 0; r < n_rows; ++r) {
+      const int64_t i = i0 + r;
+      T* o = static_cast<T*>(a.out) + ((b * Tq + i) * a.heads + h) * D;
+      const bool empty = w.l[r] == 0.0f;
+      const float inv = empty ? 0.0f : 1.0f / w.l[r];
+      for (int64_t d = 0; d < D; ++d) o[d] = from_float<T>(w.acc[r * D + d] * inv);
+      a.lse[bh * Tq + i] = empty ? INFINITY : w.m[r] + logf(w.l[r]);
+    }
+  }
+}
+
+// dst[d] = scale * src[d] where the raw input x[d] passes the clamp's gradient (always without a clip), else 0.
+template <class T>
+OLMO_FAST_INLINE void write_grad(const float* src, float scale, const T* x, bool has_clip, float clip, int64_t D,
+                                 T* dst) {
+  if (has_clip) {
+    OLMO_FAST_IVDEP
+    for (int64_t d = 0; d < D; ++d) dst[d] = from_float<T>(clamp_passes(to_float(x[d]), clip) ? scale * src[d] : 0.0f);
+  } else {
+    OLMO_FAST_IVDEP
+    for (int64_t d = 0; d < D; ++d) dst[d] = from_float<T>(scale * src[d]);
+  }
+}
+
+template <class T>
+OLMO_FAST_CPU_CLONES void attention_bwd_pairs(const olmo_fast_attention_bwd_args& a, int64_t pair_begin,
+                                              int64_t pair_end) {
+  const int64_t D = a.head_dim, Tq = a.q_len, Tk = a.kv_len, group = a.heads / a.kv_heads, rows = group * Tq;
+  const bool has_clip = a.has_clip != 0;
+  const Clamp clamp{has_clip ? a.clip : INFINITY};
+  std::vector<float> buffers(3 * rows * D + 2 * rows + 5 * kKeys * D + 2 * kKeys + 2 * kKeys * kQueries, 0.0f);
+  float* qs = buffers.data();  // [rows][D]: row r = g * Tq + i, query i of head kh * group + g
+  float* dout = qs + rows * D;
+  float* dq = dout + rows * D;
+  float* lse = dq + rows * D;
+  float* delta = lse + rows;
+  float* kb = delta + rows;    // K block by rows
+  float* kt = kb + kKeys * D;  // K block transposed
+  float* vt = kt + kKeys * D;  // V block transposed
+  float* dk = vt + kKeys * D;
+  float* dv = dk + kKeys * D;
+  float* p = dv + kKeys * D;
+  float* ds = p + kKeys;
+  float* pt = ds + kKeys;          // [kKeys][kQueries]: P of a chunk of rows, transposed
+  float* dst = pt + kKeys * kQueries;  // dS likewise
+  for (int64_t pair = pair_begin; pair < pair_end; ++pair) {
+    const int64_t b = pair / a.kv_heads, kh = pair - b * a.kv_heads;
+    const auto row_ptr = [&](const void* base, const int64_t* s, int64_t r) {  // (b, i, h) of row r
+      const int64_t g = r / Tq, i = r - g * Tq;
+      return static_cast<const T*>(base) + b * s[0] + i * s[1] + (kh * group + g) * s[2];
+    };
+    for (int64_t r = 0; r < rows; ++r) {
+      const T* qr = row_ptr(a.q, a.q_strides, r);
+      const T* dor = row_ptr(a.dout, a.dout_strides, r);
+      const T* orow = row_ptr(a.out, a.out_strides, r);
+      for (int64_t d = 0; d < D; ++d) {
+        qs[r * D + d] = a.scale * clamp(to_float(qr[d]));
+        dout[r * D + d] = to_float(dor[d]);
+        dq[r * D + d] = 0.0f;
+      }
+      delta[r] = lane_sum(D, [&](int64_t d) { return dout[r * D + d] * to_float(orow[d]); });
+      const int64_t g = r / Tq, i = r - g * Tq;
+      lse[r] = a.lse[(b * a.heads + kh * group + g) * Tq + i];
+    }
+    const T* k = static_cast<const T*>(a.k) + b * a.k_strides[0] + kh * a.k_strides[2];
+    const T* v = static_cast<const T*>(a.v) + b * a.v_strides[0] + kh * a.v_strides[2];
+    for (int64_t n0 = 0; n0 < Tk; n0 += kKeys) {
+      const int64_t nk = std::min(kKeys, Tk - n0);
+      load_keys(k + n0 * a.k_strides[1], a.k_strides[1], nk, D, clamp, kb, kt);
+      load_keys(v + n0 * a.v_strides[1], a.v_strides[1], nk, D, clamp, nullptr, vt);
+      for (int64_t i = 0; i < nk * D; ++i) dk[i] = dv[i] = 0.0f;
+      for (int64_t r0 = 0; r0 < rows; r0 += kQueries) {  // a chunk of rows: P and dS kept, transposed
+        const int64_t nr = std::min(kQueries, rows - r0);
+        bool any = false;
+        for (int64_t c = 0; c < nr; ++c) {
+          const int64_t r = r0 + c;
+          const int64_t seen = std::max<int64_t>(std::min(nk, key_limit(r % Tq, Tq, Tk, a.causal != 0) - n0), 0);
+          if (seen > 0) {
+            any = true;
+            const float* const qr = qs + r * D;
+            const float* const dor = dout + r * D;
+            block_scores<1>(&qr, kt, D, &p);
+            block_scores<1>(&dor, vt, D, &ds);  // dp
+            const float lse_r = lse[r], delta_r = delta[r];
+            OLMO_FAST_IVDEP
+            for (int64_t n = 0; n < seen; ++n) {
+              p[n] = exp_f32(p[n] - lse_r);
+              ds[n] = p[n] * (ds[n] - delta_r);
+            }
+            add_weighted_row(dq + r * D, ds, seen, kb, D, D);
+          }
+          for (int64_t n = 0; n < nk; ++n) {
+            pt[n * kQueries + c] = n < seen ? p[n] : 0.0f;
+            dst[n * kQueries + c] = n < seen ? ds[n] : 0.0f;
+          }
+        }
+        if (!any) continue;
+        int64_t n = 0;
+        for (; n + 2 <= nk; n += 2) {  // two keys at a time: each row of dO / Q loaded once for both
+          float* const dvs[2] = {dv + n * D, dv + (n + 1) * D};
+          float* const dks[2] = {dk + n * D, dk + (n + 1) * D};
+          const float* const ps[2] = {pt + n * kQueries, pt + (n + 1) * kQueries};
+          const float* const dss[2] = {dst + n * kQueries, dst + (n + 1) * kQueries};
+          add_weighted_rows<2>(dvs, ps, nr, dout + r0 * D, D, D);
+          add_weighted_rows<2>(dks, dss, nr, qs + r0 * D, D, D);
+        }
+        if (n < nk) {
+          add_weighted_row(dv + n * D, pt + n * kQueries, nr, dout + r0 * D, D, D);
+          add_weighted_row(dk + n * D, dst + n * kQueries, nr, qs + r0 * D, D, D);
+        }
+      }
+      for (int64_t n = 0; n < nk; ++n) {
+        const int64_t j = n0 + n;
+        const int64_t at = ((b * Tk + j) * a.kv_heads + kh) * D;
+        write_grad(dk + n * D, 1.0f, k + j * a.k_strides[1], has_clip, a.clip, D, static_cast<T*>(a.dk) + at);
+        write_grad(dv + n * D, 1.0f, v + j * a.v_strides[1], has_clip, a.clip, D, static_cast<T*>(a.dv) + at);
+      }
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t g = r / Tq, i = r - g * Tq;
+      T* out = static_cast<T*>(a.dq) + ((b * Tq + i) * a.heads + kh * group + g) * D;
+      write_grad(dq + r * D, a.scale, row_ptr(a.q, a.q_strides, r), has_clip, a.clip, D, out);
+    }
+  }
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace olmo_fast
+
+using namespace olmo_fast;
+
+extern "C" void olmo_fast_attention_fwd_cpu(const olmo_fast_attention_fwd_args* args, int64_t row_begin,
+                                            int64_t row_end) {
+  cpu::dispatch_dtype(args->dtype,
+                      [&](auto tag) { cpu::attention_fwd_rows<decltype(tag)>(*args, row_begin, row_end); });
+}
+
+extern "C" void olmo_fast_attention_bwd_cpu(const olmo_fast_attention_bwd_args* args, int64_t pair_begin,
+                                            int64_t pair_end) {
+  cpu::dispatch_dtype(args->dtype,
+                      [&](auto tag) { cpu::attention_bwd_pairs<decltype(tag)>(*args, pair_begin, pair_end); });
+}
