@@ -42,12 +42,14 @@ setup(
         # ai2-olmo pins numpy<2; pyarrow 22+ needs numpy 2, hence its bound.
         "olmo": ["ai2-olmo==0.6.0", "datasets>=2.18,<4", "pyarrow>=15,<22"],
         "hf": ["transformers>=4.40,<6"],
-        # pytest-benchmark: the microbenchmarks' pytest front end (pytest benchmarks/ --benchmark-only); ruff: .ci/lint.sh;
+        # pytest-benchmark: the microbenchmarks' pytest front end (pytest benchmarks/ --benchmark-only);
+        # ruff: .ci/lint.sh;
         # torchmetrics, scikit-learn: what ai2-olmo's olmo.eval (the eval parity tests' reference) imports.
         "test": ["pytest>=7,<10", "pytest-benchmark>=4,<6", "ruff>=0.6,<1", "torchmetrics>=1.0,<2",
                  "scikit-learn>=1.3,<2"],
         "all": ["triton>=3.6,<4", "ai2-olmo==0.6.0", "datasets>=2.18,<4", "pyarrow>=15,<22", "transformers>=4.40,<6",
-                "pytest>=7,<10", "pytest-benchmark>=4,<6", "ruff>=0.6,<1", "torchmetrics>=1.0,<2", "scikit-learn>=1.3,<2"],
+                "pytest>=7,<10", "pytest-benchmark>=4,<6", "ruff>=0.6,<1", "torchmetrics>=1.0,<2",
+                "scikit-learn>=1.3,<2"],
     },
     entry_points={"console_scripts": ["olmo-fast=olmo_fast.cli:main"]},
     **_extension_kwargs(),

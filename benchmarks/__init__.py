@@ -6,6 +6,7 @@ the same run), `suite` (the loop), `report` (table, CSV, JSON, plots, compare, M
 benches `train_throughput` and `decode_throughput` (on random-weight `models`, ours beside HF transformers').
 `conftest` and `test_ops` are the pytest-benchmark front end to the same cases and providers (`pytest
 benchmarks/ --benchmark-only`). `gpu_check.sh` runs all of it in one short GPU slot (`check_page` builds its
-results page; `interrupt` makes every bench stop on SIGINT/SIGTERM with what it measured written). `compile_triton` compiles every Triton kernel
-for sm_90 / gfx90a offline (no GPU) and reports registers and spills per variant.
+results page; `interrupt` makes every bench stop on SIGINT/SIGTERM with what it measured written).
+`compile_triton` compiles every Triton kernel for sm_80 / sm_90 / gfx90a offline (no GPU) and reports registers,
+spills, shared memory and tensor-core/TMA instruction counts per variant.
 """

@@ -77,8 +77,17 @@ def _cases(dtype) -> dict[str, Callable[[], object]]:
     """Name -> a call of a KERNELS function on representative CPU tensors (OLMo-7B widths, clip 8 as OLMo 1.7)."""
     import torch
 
-    from olmo_fast.kernels import (_launch, attention, attention_tma, decode_attention, layer_norm,
-                                   linear_cross_entropy, qkv_rope, rope, swiglu)
+    from olmo_fast.kernels import (
+        _launch,
+        attention,
+        attention_tma,
+        decode_attention,
+        layer_norm,
+        linear_cross_entropy,
+        qkv_rope,
+        rope,
+        swiglu,
+    )
 
     d, heads, head_dim, hidden, vocab, rows, seq, cache = 4096, 32, 128, 11008, 50304, 4, 256, 4096
 

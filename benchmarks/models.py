@@ -8,7 +8,7 @@ import sys
 
 import torch
 
-from olmo_fast import OLMo, ModelConfig
+from olmo_fast import ModelConfig, OLMo
 
 
 def olmo(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, backend: str | None = None) -> OLMo:

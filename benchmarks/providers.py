@@ -10,8 +10,9 @@ Where a library computes a nearby function (Liger's affine LayerNorm), the note 
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F

@@ -13,10 +13,14 @@ from pathlib import Path
 
 # The note on our Triton rows on a CPU (TRITON_INTERPRET=1): the table, the CSV and the JSON carry it.
 INTERPRETED = "Triton interpreter: a plumbing check, not a speed"
-COLUMNS = ("op", "shape", "size", "variant", "mode", "dtype", "provider", "status", "median_ms", "p20_ms", "p80_ms", "n",
-           "bytes", "flops", "gbps", "tflops", "pct_copy_bw", "pct_matmul", "peak_mem_mb", "check", "check_err",
+COLUMNS = ("op", "shape", "size", "variant", "mode", "dtype", "provider", "status", "median_ms", "p20_ms", "p80_ms",
+           "n", "bytes", "flops", "gbps", "tflops", "pct_copy_bw", "pct_matmul", "peak_mem_mb", "check", "check_err",
            "reason", "note")
 
+
+
+def _median(row: dict) -> float:
+    return row["median_ms"]
 
 def _num(value, fmt: str) -> str:
     return "" if value is None or (isinstance(value, float) and math.isnan(value)) else format(value, fmt)
@@ -97,7 +101,8 @@ def plot(results: dict, out_dir: str | Path) -> tuple[list[Path], str]:
             lines: dict[str, list] = defaultdict(list)
             for r in rows:
                 if r["mode"] == mode:
-                    lines[" ".join(filter(None, (r["provider"], r.get("variant"))))].append((r["size"], r["gbps"] if r.get("gbps") is not None else r["tflops"]))
+                    rate = r["gbps"] if r.get("gbps") is not None else r["tflops"]
+                    lines[" ".join(filter(None, (r["provider"], r.get("variant"))))].append((r["size"], rate))
             for provider, points in sorted(lines.items()):
                 points.sort()
                 ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=provider)
@@ -263,7 +268,8 @@ OURS = ("ours-triton", "ours-cpp")
 
 
 def failed_rows(rows: list[dict]) -> list[dict]:
-    """Rows of ours (`OURS`, attention variants `ours-triton[<variant>]` too) that computed another function than eager (check MISMATCH) or raised."""
+    """Rows of ours (`OURS`, attention variants `ours-triton[<variant>]` too) that computed another function than
+    eager (check MISMATCH) or raised."""
     return [r for r in rows if r["provider"].split("[")[0] in OURS and
             (r["status"] == "error" or str(r.get("check", "")).startswith("MISMATCH"))]
 
@@ -290,8 +296,8 @@ def summary(raw: dict) -> str:
             if r["status"] == "ok" and r.get("check") == "ok":
                 groups[(r["op"], r["shape"], r["mode"])].append(r)
         for (op, shape, mode), rows in groups.items():
-            ours = min((r for r in rows if r["provider"].split("[")[0] in OURS), key=lambda r: r["median_ms"], default=None)
-            other = min((r for r in rows if r["provider"].split("[")[0] not in OURS), key=lambda r: r["median_ms"], default=None)
+            ours = min((r for r in rows if r["provider"].split("[")[0] in OURS), key=_median, default=None)
+            other = min((r for r in rows if r["provider"].split("[")[0] not in OURS), key=_median, default=None)
             if ours is None:
                 continue
             flop = ours.get("tflops") is not None

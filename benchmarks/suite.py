@@ -9,14 +9,16 @@ files holding every row measured; `state` says whether the run was complete, int
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -121,7 +123,7 @@ def runner(impl: Impl, case: Case, sets: list[tuple], mode: str) -> Callable[[in
                 return fn(*staged[i][0])
         return run
     grads, graphs = [], []
-    for args, leaves in staged:
+    for args, _leaves in staged:
         outs = _flat(fn(*args), n_out)
         grads.append([torch.randn_like(o) for o in outs])
         graphs.append(outs if mode == "bwd" else None)
@@ -258,10 +260,8 @@ class Suite:
             return
         grad_err = None
         if grads is not None:
-            try:
+            with contextlib.suppress(Exception):  # the backward's own failure is recorded by its timed rows
                 grad_err = grad_error(impl, case, sets[0], grads)
-            except Exception:  # noqa: BLE001 - the backward's own failure is recorded by its timed rows
-                pass
         tol = CHECK_TOL[self.dtype]
         for mode in case_modes:
             worst = err if mode == "fwd" or grad_err is None else max(err, grad_err)

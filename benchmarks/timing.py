@@ -7,8 +7,8 @@ small case does not find its data in cache from the previous call. On a GPU the 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -2,7 +2,8 @@
 beside HF transformers' OlmoForCausalLM, with the same step in the same run.
 
 The step is the trainer's (`olmo_fast/train/loop.py`: `OLMo.forward`'s summed loss): bf16 autocast over fp32 master
-weights, summed fp32 cross-entropy over all tokens (ours: fused with the head on a GPU, as the trainer does), global-norm clipping at 1.0, torch AdamW (fused on CUDA) with OLMo's settings;
+weights, summed fp32 cross-entropy over all tokens (ours: fused with the head on a GPU, as the trainer does),
+global-norm clipping at 1.0, torch AdamW (fused on CUDA) with OLMo's settings;
 only the model differs. MFU = tokens/s x `ModelConfig.flops_per_token(T)` over the card's data-sheet bf16 peak,
 and over the bf16 matmul FLOP/s measured in this run.
 

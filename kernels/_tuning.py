@@ -82,7 +82,7 @@ def current() -> Target:
     return _device_target(torch.cuda.current_device())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device_target(index: int) -> Target:
     from triton.runtime import driver
 

@@ -18,6 +18,7 @@ import triton.language as tl
 
 from ._launch import next_pow2, num_warps, to_dtype
 
+
 @triton.jit
 def _cross_entropy_chunk_kernel(logits_ptr, row_stride, labels_ptr, loss_ptr, V, ignore_index,
                                 COMPUTE_GRAD: tl.constexpr, BLOCK: tl.constexpr):

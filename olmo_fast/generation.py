@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -103,7 +104,8 @@ class Decoder:
                 self._logits = self._run()
             self._graph = graph
         except Exception as err:  # e.g. an op that synchronizes: not capturable; the eager step still works
-            warnings.warn(f"CUDA graph capture of the decode step failed ({err}); decoding without a graph")
+            warnings.warn(f"CUDA graph capture of the decode step failed ({err}); decoding without a graph",
+                          stacklevel=2)
             torch.cuda.synchronize(self.device)
             self.use_graph = False
 
@@ -259,7 +261,7 @@ def generate(model: torch.nn.Module, prompts: Prompt | Sequence[Prompt], *, toke
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
     config = model.config
     ids, tokenizer = _token_prompts(prompts, tokenizer)
-    stop = [stop] if isinstance(stop, str) else [s for s in stop]
+    stop = [stop] if isinstance(stop, str) else list(stop)
     if any(not s for s in stop):
         raise ValueError("stop strings must be non-empty")
     if stop and tokenizer is None:
@@ -307,7 +309,8 @@ class _Progress:
             if budget == 0:
                 self.reasons[b] = "length" if max_new_tokens == 0 else "context"
                 if max_new_tokens:
-                    warnings.warn(f"prompt {b} fills the model's context ({context} tokens): nothing to generate")
+                    warnings.warn(f"prompt {b} fills the model's context ({context} tokens): nothing to generate",
+                                  stacklevel=2)
 
     def done(self) -> bool:
         return all(self.reasons)
@@ -337,7 +340,7 @@ class _Progress:
                 self.reasons[b] = "length" if self.budgets[b] == self.max_new_tokens else "context"
                 if self.reasons[b] == "context":
                     warnings.warn(f"sequence {b} filled the model's context ({self.context} tokens) "
-                                  f"after {len(self.new[b])} new tokens")
+                                  f"after {len(self.new[b])} new tokens", stacklevel=2)
             done = self.reasons[b] is not None
             if self.stream is not None:
                 if done and state is not None:

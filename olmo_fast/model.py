@@ -108,7 +108,7 @@ class OLMo(nn.Module):
         for block in self.transformer["blocks"]:
             block.reset_parameters()
 
-    def set_backend(self, backend: str | None) -> "OLMo":
+    def set_backend(self, backend: str | None) -> OLMo:
         """Run every op of the model on `backend` (None: the best available per op and device), a KV cache's
         decoding included (the cache holds tensors only)."""
         return set_backend(self, backend)
@@ -180,7 +180,7 @@ class OLMo(nn.Module):
     # ------------------------------------------------------------------ checkpoints
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None, device: Any = None,
-                        backend: str | None = None) -> "OLMo":
+                        backend: str | None = None) -> OLMo:
         """Load an HF OLMo directory or an original OLMo checkpoint directory (see `checkpoint.py`)."""
         from .checkpoint import load_model
 

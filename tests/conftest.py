@@ -72,11 +72,13 @@ def assert_within_2x(name: str, got: torch.Tensor, same: torch.Tensor, ref: torc
     float64 reference, `same` plain PyTorch run in `got`'s dtype, and atol = rounding_atol(dtype), at least 4
     fp32 epsilons (fp32 results differ from PyTorch's in the last bits: summation order, fused multiply-adds),
     scaled by ref's largest magnitude when above 1 (sums over rows, e.g. weight gradients, are not O(1))."""
-    assert got.shape == same.shape and got.dtype == same.dtype, f"{name}: {got.shape}/{got.dtype} vs {same.shape}/{same.dtype}"
+    assert got.shape == same.shape and got.dtype == same.dtype, \
+        f"{name}: {got.shape}/{got.dtype} vs {same.shape}/{same.dtype}"
     assert not got.isnan().any(), f"{name} has NaN"
     err, base = (got.double() - ref).abs().max().item(), (same.double() - ref).abs().max().item()
     atol = max(rounding_atol(got.dtype), 4 * torch.finfo(torch.float32).eps) * max(1.0, ref.abs().max().item())
-    assert err <= 2 * base + atol, f"{name}: kernel error {err:.3g} > 2 x torch {got.dtype} error {base:.3g} + {atol:.2g}"
+    assert err <= 2 * base + atol, \
+        f"{name}: kernel error {err:.3g} > 2 x torch {got.dtype} error {base:.3g} + {atol:.2g}"
 
 
 def attention_error_scales(q, k, v, dout, visible, scale, clip=None):

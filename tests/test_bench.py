@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import require_kernel
+
 from olmo_fast.benchmarks import cases, report, roofline, suite, timing
 from olmo_fast.cli import main
 
@@ -29,7 +29,8 @@ def test_memory_bound_bytes_hand_computed():
     assert roofline.qkv_rope_bytes(4, 4096, 32, 32, 128, 2, "fwd") == 805_306_368
     assert roofline.qkv_rope_bytes(4, 4096, 32, 32, 128, 2, "bwd", clip=True) == 1_207_959_552
     assert roofline.decode_attention_bytes(1, 1, 4096, 32, 32, 128, 2) == 67_125_248
-    assert roofline.decode_attention_bytes(16, 1, 4096, 32, 8, 128, 2) == 16 * (2 * 4096 * 8 * 128 * 2) + 16 * 2 * 32 * 128 * 2
+    want = 16 * (2 * 4096 * 8 * 128 * 2) + 16 * 2 * 32 * 128 * 2
+    assert roofline.decode_attention_bytes(16, 1, 4096, 32, 8, 128, 2) == want
     assert roofline.copy_bytes(2**30) == 2**31
 
 

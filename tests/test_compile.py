@@ -19,8 +19,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import DEVICE, require_kernel_where_registered
+
 from olmo_fast import ModelConfig
 from olmo_fast.model import OLMoBlock
 

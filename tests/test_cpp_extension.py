@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import DEVICE, assert_within_2x, require_kernel
+
 from olmo_fast.ops import reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -51,8 +51,7 @@ SHAPES = [(1, 7), (5, 33), (17, 129), (3, 1000)]
 def test_loads_and_registers(cpp):
     from olmo_fast import _C  # noqa: F401
     from olmo_fast.build_info import build_info
-    from olmo_fast.ops import dispatch
-    from olmo_fast.ops import _cpp_kernels
+    from olmo_fast.ops import _cpp_kernels, dispatch
 
     for op in OPS:
         assert hasattr(cpp, op), op

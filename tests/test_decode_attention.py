@@ -1,4 +1,5 @@
-"""Decoding attention of the "triton" (split-K flash-decoding) and "cpp" backends against float64 PyTorch (`ops.reference.decode_attention`).
+"""Decoding attention of the "triton" (split-K flash-decoding) and "cpp" backends against float64 PyTorch
+(`ops.reference.decode_attention`).
 
 Rule (test_attention.py's): element by element, |kernel - f64| <= 2 * max |torch same dtype - f64|
 + SLACK * eps * scale, `scale` the element's terms summed in absolute value (`conftest.attention_error_scales`),
@@ -11,9 +12,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import (
+    DEVICE,
+    attention_error_scales,
+    dot_eps,
+    poisoned_allocations,
+    require_kernel,
+    require_kernel_where_registered,
+)
 
-from conftest import (DEVICE, attention_error_scales, dot_eps, poisoned_allocations, require_kernel,
-                      require_kernel_where_registered)
 from olmo_fast import ops
 from olmo_fast.ops import dispatch, reference
 

@@ -8,8 +8,8 @@ import contextlib
 
 import pytest
 import torch
-
 from conftest import DEVICE, require_kernel_where_registered
+
 from olmo_fast import ops
 from olmo_fast.ops import dispatch
 

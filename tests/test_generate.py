@@ -10,14 +10,14 @@ import warnings
 
 import pytest
 import torch
-
-from olmo_fast import ModelConfig, OLMo, generate, ops
-from olmo_fast.cli import main as cli_main
-from olmo_fast.benchmarks.decode_bench import benchmark_decode
-from olmo_fast.generation import Decoder, sample
 from conftest import require_kernel
 from tiny_hf import hf_olmo
 from tiny_tokenizer import byte_tokenizer
+
+from olmo_fast import ModelConfig, OLMo, generate, ops
+from olmo_fast.benchmarks.decode_bench import benchmark_decode
+from olmo_fast.cli import main as cli_main
+from olmo_fast.generation import Decoder, sample
 
 HF_CONFIGS = {  # untied MHA, and a tied GQA head with a clip_qkv that bites (as in test_model_parity)
     "untied-mha": dict(num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False, clip_qkv=None),

@@ -235,7 +235,7 @@ def _page(folder: Path, parts: list[str], verify: bool = True) -> tuple[int, str
 
 
 def test_page_has_every_section_and_verify_passes(tmp_path, capsys):
-    folder, parts = _run_folder(tmp_path, {k: "ok" for k in check_page.SECTIONS})
+    folder, parts = _run_folder(tmp_path, dict.fromkeys(check_page.SECTIONS, "ok"))
     code, text, raw = _page(folder, parts)
     assert code == 0, capsys.readouterr().err
     for heading in ("Summary", "Install", "What did not load", "Kernels", "Training throughput",
@@ -252,7 +252,7 @@ def test_page_has_every_section_and_verify_passes(tmp_path, capsys):
 
 
 def test_verify_names_what_is_missing(tmp_path, capsys):
-    folder, parts = _run_folder(tmp_path, {**{k: "ok" for k in check_page.SECTIONS}, "decode": "running",
+    folder, parts = _run_folder(tmp_path, {**dict.fromkeys(check_page.SECTIONS, "ok"), "decode": "running",
                                            "tests": "skipped"})
     parts = [p for p in parts if not p.startswith(("train=", "tests="))]
     code, text, raw = _page(folder, parts)

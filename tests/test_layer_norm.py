@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import DEVICE, assert_within_2x, poisoned_allocations, require_kernel_where_registered
+
 from olmo_fast import ops
 
 BACKENDS = ["triton", "cpp"]

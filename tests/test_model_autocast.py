@@ -4,9 +4,9 @@ import contextlib
 
 import pytest
 import torch
+from conftest import DEVICE, require_kernel
 
 from olmo_fast import ModelConfig, OLMo, ops
-from conftest import DEVICE, require_kernel
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpp"])

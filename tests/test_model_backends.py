@@ -15,8 +15,8 @@ import copy
 
 import pytest
 import torch
-
 from conftest import DEVICE, assert_within_2x, require_kernel_where_registered
+
 from olmo_fast import ModelConfig, OLMo
 
 BACKENDS = ["triton", "cpp"]

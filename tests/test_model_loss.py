@@ -9,8 +9,8 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import require_kernel
+
 from olmo_fast import ModelConfig, OLMo
 
 

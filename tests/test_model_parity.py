@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_hf import hf_olmo, require_transformers
 
 from olmo_fast import ModelConfig, OLMo
 from olmo_fast.checkpoint import hf_to_olmo, olmo_to_hf, save_olmo
-from tiny_hf import hf_olmo, require_transformers
 
 # (name, kwargs for transformers.OlmoConfig): tied and untied heads, GQA, and clip_qkv small enough to bite.
 HF_CONFIGS = {

@@ -4,8 +4,8 @@ the patched model's logits, loss and gradients match the unpatched one's, traini
 
 Tolerances (fp32; the fused ops differ from transformers' code in summation order only, logits are O(1)):
 patched vs unpatched logits and gradients rtol 1e-4 / atol 1e-5, loss rtol 1e-5 / atol 1e-6 (a wrong rotation,
-norm or mask is off by 1e-2 or more); loss curves over 15 AdamW steps rtol 1e-4 (fp32), 3e-2 (bf16). (A float64 copy of the
-transformers model is no float64 reference: its norms and loss upcast to fp32 only.)
+norm or mask is off by 1e-2 or more); loss curves over 15 AdamW steps rtol 1e-4 (fp32), 3e-2 (bf16). (A float64
+copy of the transformers model is no float64 reference: its norms and loss upcast to fp32 only.)
 """
 import collections
 import contextlib
@@ -59,11 +59,15 @@ def tiny_model(family: str, **overrides) -> nn.Module:
 def op_calls(monkeypatch):
     """Counts calls of the ops the patched forwards use."""
     calls = collections.Counter()
+
+    def counted(name, fn):
+        def spy(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+        return spy
+
     for name in KERNELS:
-        def spy(*args, _fn=getattr(ops, name), _name=name, **kwargs):
-            calls[_name] += 1
-            return _fn(*args, **kwargs)
-        monkeypatch.setattr(ops, name, spy)
+        monkeypatch.setattr(ops, name, counted(name, getattr(ops, name)))
     return calls
 
 

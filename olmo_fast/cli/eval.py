@@ -69,9 +69,9 @@ def write_json_atomic(path: Path, payload: dict) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..checkpoint import CheckpointError
+    from ..eval.runner import TaskResult, evaluate, results_table
     from ..ops import BackendError
     from ..tokenizer import TokenizerError, load_tokenizer
-    from ..eval.runner import TaskResult, evaluate, results_table
 
     payload: dict = {"model": args.model, "limit": args.limit, "complete": False, "tasks": {}}
 

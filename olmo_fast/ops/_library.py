@@ -6,7 +6,7 @@ their kernel up with `kernel()`. Kernels see 2-D row views (`as_rows`) with unit
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -24,7 +24,7 @@ import contextlib
 import importlib
 import os
 import traceback
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 

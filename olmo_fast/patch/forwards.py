@@ -20,8 +20,8 @@ fused op does not apply (below), the function does what transformers does.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import gzip
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 VERSION = "corpus-v1"
 VAL_EVERY = 50  # every 50th document is held out for evaluation

@@ -12,8 +12,8 @@ import gzip
 import io
 import json
 import zlib
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 BLOCK_BYTES = 1 << 16  # bytes read at a time from a .txt file
 JSON_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz")

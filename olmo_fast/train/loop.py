@@ -25,9 +25,10 @@ import signal
 import threading
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -444,7 +445,7 @@ class Trainer:
         return bool(self.cfg.eval_interval and (self.evaluators or self.downstream)
                     and self.step % self.cfg.eval_interval == 0)
 
-    def _loop(self, stop_at: int, start: float, bar, signals: "_StopSignals") -> tuple[dict[str, Any], Any]:
+    def _loop(self, stop_at: int, start: float, bar, signals: _StopSignals) -> tuple[dict[str, Any], Any]:
         """Steps until `stop_at` or a stop; returns (the last metrics, why it stopped early: a signal, "time" or
         None). Every checkpoint step is also a logging step, so its losses are checked before it is written."""
         cfg = self.cfg
@@ -564,7 +565,7 @@ class _StopSignals:
         self.received: signal.Signals | None = None
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "_StopSignals":
+    def __enter__(self) -> _StopSignals:
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 if signal.getsignal(sig) is not signal.SIG_IGN:
