@@ -97,7 +97,7 @@ class Trainer:
         self.seq_len = self.model_config.max_sequence_length
 
         self.train_data, self.evaluators = self._data()
-        self.downstream = self._downstream_tasks()
+        self.downstream, self.eval_tokenizer = self._downstream_tasks()
         self.order = BatchOrder(len(self.train_data), config.global_train_batch_size,
                                 config.data.seed if config.data.seed is not None else config.seed,
                                 self.dist.rank, self.dist.world)
@@ -193,8 +193,7 @@ class Trainer:
     def _data(self) -> tuple[TokenDataset, list[tuple[EvaluatorConfig, TokenDataset]]]:
         cfg = self.cfg
         evaluators = list(cfg.evaluators)
-        for ev in [e for e in evaluators if e.type not in ("lm", "downstream") or e.type == "lm"
-                   and not e.data.all_paths()]:
+        for ev in [e for e in evaluators if e.type != "downstream" and not (e.type == "lm" and e.data.all_paths())]:
             warnings.warn(f"skipping evaluator {ev.label!r}: only language-model loss on token files (type lm, "
                           f"data.paths or data.datasets) and downstream tasks are implemented", stacklevel=2)
         evaluators = [e for e in evaluators if e.type == "lm" and e.data.all_paths()]
@@ -210,22 +209,23 @@ class Trainer:
             self.log(f"data: the built-in corpus ({train.stat().st_size // 2:,} tokens of OLMo eval-task text)")
         return self._dataset(cfg.data), [(e, self._eval_dataset(e)) for e in evaluators]
 
-    def _downstream_tasks(self) -> list[EvaluatorConfig]:
-        """The `type: downstream` evaluators, their tasks checked now (a ConfigError before any work)."""
+    def _downstream_tasks(self) -> tuple[list[EvaluatorConfig], Any]:
+        """The `type: downstream` evaluators, their tasks checked now (a ConfigError before any work), and the
+        tokenizer that scores them (None without such evaluators)."""
         tasks = [ev for ev in self.cfg.evaluators if ev.type == "downstream"]
-        self.eval_tokenizer = None
         for ev in tasks:
             try:
                 get_task(ev.label)
             except TaskError as err:
                 raise ConfigError(f"evaluator {ev.label!r}: {err}") from None
-        if tasks:  # the tasks are tokenized with OLMo's tokenizer: its ids must be the model's
-            self.eval_tokenizer = load_tokenizer()
-            ids, rows = self.eval_tokenizer.get_vocab_size(), self.model_config.embedding_size
-            if ids > rows:
-                raise ConfigError(f"evaluator {tasks[0].label!r}: OLMo's tokenizer has {ids} ids, more than the "
-                                  f"model's {rows} embedding rows (downstream tasks need a model of OLMo's vocabulary)")
-        return tasks
+        if not tasks:
+            return tasks, None
+        tokenizer = load_tokenizer()  # the tasks are tokenized with OLMo's tokenizer: its ids must be the model's
+        ids, rows = tokenizer.get_vocab_size(), self.model_config.embedding_size
+        if ids > rows:
+            raise ConfigError(f"evaluator {tasks[0].label!r}: OLMo's tokenizer has {ids} ids, more than the "
+                              f"model's {rows} embedding rows (downstream tasks need a model of OLMo's vocabulary)")
+        return tasks, tokenizer
 
     def _eval_dataset(self, ev: EvaluatorConfig) -> TokenDataset:
         """An evaluator's data, checked to hold at least one eval batch now rather than at the first eval."""
