@@ -485,6 +485,12 @@ void check_attention_inputs(const char* op, const Tensor& q, const Tensor& k, co
               " query heads are not a multiple of ", k.size(2), " key/value heads");
 }
 
+// A [B, T, H, D] operand of the attention kernels: its data and the strides of its first three dims (D unit-strided).
+void set_operand(const Tensor& t, const void*& data, int64_t (&strides)[3]) {
+  data = t.data_ptr();
+  for (int d = 0; d < 3; ++d) strides[d] = t.stride(d);
+}
+
 // The shape, strides (first three dims), scale and clip fields that both attention arg structs share.
 template <class Args>
 void fill_attention_args(Args& args, const char* op, const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
@@ -496,14 +502,9 @@ void fill_attention_args(Args& args, const char* op, const Tensor& q, const Tens
   args.heads = q.size(2);
   args.kv_heads = k.size(2);
   args.head_dim = q.size(3);
-  args.q = q.data_ptr();
-  args.k = k.data_ptr();
-  args.v = v.data_ptr();
-  for (int d = 0; d < 3; ++d) {
-    args.q_strides[d] = q.stride(d);
-    args.k_strides[d] = k.stride(d);
-    args.v_strides[d] = v.stride(d);
-  }
+  set_operand(q, args.q, args.q_strides);
+  set_operand(k, args.k, args.k_strides);
+  set_operand(v, args.v, args.v_strides);
   args.scale = float(scale);
   args.has_clip = clip.has_value() ? 1 : 0;
   args.clip = clip.has_value() ? clip_bound(*clip, q.scalar_type()) : 0.0f;
@@ -546,12 +547,8 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& dout_in, const Te
   const Tensor lse = lse_in.contiguous();
   olmo_fast_attention_bwd_args args{};
   fill_attention_args(args, op, q, k, v, causal, clip, scale);
-  args.dout = dout.data_ptr();
-  args.out = out.data_ptr();
-  for (int d = 0; d < 3; ++d) {
-    args.dout_strides[d] = dout.stride(d);
-    args.out_strides[d] = out.stride(d);
-  }
+  set_operand(dout, args.dout, args.dout_strides);
+  set_operand(out, args.out, args.out_strides);
   args.lse = lse.data_ptr<float>();
   Tensor dq = output(q.sizes(), q.options()), dk = output(k.sizes(), k.options()), dv = output(v.sizes(), v.options());
   if (q.numel() == 0 || k.numel() == 0) {  // no query or no key (or D = 0): every gradient is 0
@@ -595,13 +592,9 @@ Tensor decode_attention(const Tensor& q_in, const Tensor& k_in, const Tensor& v_
   args.kv_heads = kv_heads;
   args.head_dim = head_dim;
   args.slots = slots;
-  const Tensor* operands[3] = {&q, &k, &v};
-  const void** ptrs[3] = {&args.q, &args.k, &args.v};
-  int64_t* strides[3] = {args.q_strides, args.k_strides, args.v_strides};
-  for (int i = 0; i < 3; ++i) {
-    *ptrs[i] = operands[i]->data_ptr();
-    for (int d = 0; d < 3; ++d) strides[i][d] = operands[i]->stride(d);
-  }
+  set_operand(q, args.q, args.q_strides);
+  set_operand(k, args.k, args.k_strides);
+  set_operand(v, args.v, args.v_strides);
   args.seqlens = seqlens.data_ptr<int64_t>();
   args.out = out.data_ptr();
   args.scale = float(scale.has_value() ? *scale : 1.0 / std::sqrt(double(head_dim)));
