@@ -30,7 +30,7 @@ SECTIONS = {"install": ("Install", None), "install-fallback": ("Install", None),
             "train": ("Training throughput", "train"), "decode": ("Generation throughput", "decode"),
             "tests": ("GPU tests", "tests"), "kernel-tests": ("Kernel tests", "kernel_tests"),
             "trainer": ("Trainer", "trainer")}
-PARTS = {"info", "bench", "train", "decode", "tests", "kernel-tests", "trainer"}
+PARTS = {stage for stage, (_, key) in SECTIONS.items() if key}  # stages whose results are in the JSON
 MAX_LISTED = 25  # failing tests listed on the page
 
 
@@ -112,8 +112,7 @@ def problems(stages: list[dict], data: dict) -> list[str]:
     found += [f"did not load: {p}" for p in info.get("problems", [])]
     bench = data.get("bench") or {}
     for r in report.failed_rows(bench.get("rows", [])):
-        found.append(f"bench: {r['provider']} {r['op']} {r['shape']} {r['mode']}: "
-                     + (r["check"] if r["status"] == "ok" else f"{r['status']}: {r['reason']}"))
+        found.append(f"bench: {r['provider']} {r['op']} {r['shape']} {r['mode']}: {report.failure_text(r)}")
     for key in ("train", "decode"):
         for rec in (data.get(key) or {}).get("records", []):
             if "error" in rec:

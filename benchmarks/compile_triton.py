@@ -326,20 +326,18 @@ def main(argv: list[str] | None = None) -> int:
 def _write_json(path: str, targets: list[str], dtype: str, results: list[Result]) -> None:
     """The report as JSON, replaced atomically (a reader never sees half a file)."""
     import dataclasses
-    import json
 
     import triton
 
     from olmo_fast.kernels._tuning import SPILL_BUDGET_BYTES
 
+    from .report import save_json
+
     doc = {"targets": targets, "dtype": dtype, "triton": triton.__version__,
            "spill_budget_bytes": SPILL_BUDGET_BYTES, "failed": sum(r.error is not None for r in results),
            "over_budget": sum(r.over_budget for r in results),
            "variants": [dataclasses.asdict(r) for r in results]}
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-    os.replace(tmp, path)
+    save_json(doc, path)
 
 
 if __name__ == "__main__":

@@ -267,11 +267,20 @@ def markdown(results: list[dict]) -> str:
 OURS = ("ours-triton", "ours-cpp")
 
 
+def is_ours(provider: str) -> bool:
+    """One of `OURS`, or an attention variant of one (`ours-triton[<variant>]`)."""
+    return provider.split("[")[0] in OURS
+
+
 def failed_rows(rows: list[dict]) -> list[dict]:
-    """Rows of ours (`OURS`, attention variants `ours-triton[<variant>]` too) that computed another function than
-    eager (check MISMATCH) or raised."""
-    return [r for r in rows if r["provider"].split("[")[0] in OURS and
+    """Rows of ours (`is_ours`) that computed another function than eager (check MISMATCH) or raised."""
+    return [r for r in rows if is_ours(r["provider"]) and
             (r["status"] == "error" or str(r.get("check", "")).startswith("MISMATCH"))]
+
+
+def failure_text(row: dict) -> str:
+    """What went wrong in a row of `failed_rows`: its MISMATCH check, or its status and reason."""
+    return row["check"] if row["status"] == "ok" else f"{row['status']}: {row['reason']}"
 
 
 def summary(raw: dict) -> str:
@@ -296,8 +305,8 @@ def summary(raw: dict) -> str:
             if r["status"] == "ok" and r.get("check") == "ok":
                 groups[(r["op"], r["shape"], r["mode"])].append(r)
         for (op, shape, mode), rows in groups.items():
-            ours = min((r for r in rows if r["provider"].split("[")[0] in OURS), key=_median, default=None)
-            other = min((r for r in rows if r["provider"].split("[")[0] not in OURS), key=_median, default=None)
+            ours = min((r for r in rows if is_ours(r["provider"])), key=_median, default=None)
+            other = min((r for r in rows if not is_ours(r["provider"])), key=_median, default=None)
             if ours is None:
                 continue
             flop = ours.get("tflops") is not None

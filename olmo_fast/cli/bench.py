@@ -55,9 +55,8 @@ def run(args: argparse.Namespace) -> int:
     print(report.table(results))
     failed = report.failed_rows(results["rows"])
     for row in failed:
-        what = row["check"] if row["status"] == "ok" else f"{row['status']}: {row['reason']}"
-        print(f"olmo-fast bench: FAILED {row['provider']} {row['op']} {row['shape']} {row['mode']}: {what}",
-              file=sys.stderr)
+        print(f"olmo-fast bench: FAILED {row['provider']} {row['op']} {row['shape']} {row['mode']}: "
+              f"{report.failure_text(row)}", file=sys.stderr)
     return 1 if failed else 0
 
 
