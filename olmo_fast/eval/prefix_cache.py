@@ -21,20 +21,24 @@ class PrefixCache:
         self.k: list[torch.Tensor] = []  # per layer, the contexts' keys [B, L, Hkv, D]
         self.v: list[torch.Tensor] = []
         self.rows: torch.Tensor | None = None  # [N] context row of each continuation (None: prefill)
-        self.lengths: torch.Tensor | None = None  # [B] real tokens per context
+        # Of the continuation forward, computed once for all its layers:
+        self._starts: torch.Tensor | None = None  # [N] each row's context length: its first new token's position
+        self._row_index: torch.Tensor | None = None  # [N, 1] 0 .. N-1, to scatter each row's new k/v
         self._slots: torch.Tensor | None = None  # [N, T] where each row's new tokens go
         self._seqlens: torch.Tensor | None = None  # [N] keys each row attends over
 
     @property
     def rope_offset(self) -> int | torch.Tensor:
-        return 0 if self.rows is None else self.lengths[self.rows]
+        return 0 if self.rows is None else self._starts
 
     def continue_from(self, rows: torch.Tensor, lengths: torch.Tensor, new_tokens: int) -> None:
-        """End the prefill: the next forward holds `new_tokens` continuation tokens per row of `rows`."""
-        self.rows, self.lengths = rows, lengths
-        start = lengths[rows].view(-1, 1)
-        self._slots = start + torch.arange(new_tokens, device=rows.device)
-        self._seqlens = (start.view(-1) + new_tokens).to(torch.int32)
+        """End the prefill: the next forward holds `new_tokens` continuation tokens per row of `rows`, continuing
+        contexts of `lengths` ([B]) tokens."""
+        self.rows = rows
+        self._starts = lengths[rows]
+        self._row_index = torch.arange(len(rows), device=rows.device).view(-1, 1)
+        self._slots = self._starts.view(-1, 1) + torch.arange(new_tokens, device=rows.device)
+        self._seqlens = (self._starts + new_tokens).to(torch.int32)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -43,9 +47,8 @@ class PrefixCache:
             self.k.append(k)
             self.v.append(v)
             return k, v, None
-        n = torch.arange(len(self.rows), device=k.device).view(-1, 1)
         keys, values = (torch.cat([cached[layer][self.rows], torch.zeros_like(new)], dim=1)
                         for cached, new in ((self.k, k), (self.v, v)))
-        keys[n, self._slots] = k
-        values[n, self._slots] = v
+        keys[self._row_index, self._slots] = k
+        values[self._row_index, self._slots] = v
         return keys, values, self._seqlens
