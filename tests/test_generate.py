@@ -370,7 +370,7 @@ def test_cli_bad_input_fails_before_loading_anything(args, message, capsys, monk
         raise AssertionError("loaded before the input was checked")
 
     monkeypatch.setattr(generate_cli, "load", forbidden)
-    monkeypatch.setattr(generate_cli, "_tokenizer", forbidden)
+    monkeypatch.setattr(generate_cli, "model_tokenizer", forbidden)
     assert cli_main(["generate", *args]) == 2
     got = one_error_line(capsys)
     assert got.startswith(message) or message in got, got

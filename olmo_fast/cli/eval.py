@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .generate import DTYPES, UsageError, _check_backend, _device, check_model_name, load
+from .generate import DTYPES, UsageError, _check_backend, _device, check_model_name, load, model_dtype, model_tokenizer
 
 
 def _tasks(spec: str) -> list[str]:
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint import CheckpointError
     from ..eval.runner import TaskResult, evaluate, results_table
     from ..ops import BackendError
-    from ..tokenizer import TokenizerError, load_tokenizer
+    from ..tokenizer import TokenizerError
 
     payload: dict = {"model": args.model, "limit": args.limit, "complete": False, "tasks": {}}
 
@@ -82,10 +82,8 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         tasks, device = _checked(args)
-        dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-        tokenizer_dir = args.tokenizer or (args.model if (Path(args.model) / "tokenizer.json").is_file() else None)
-        tokenizer = load_tokenizer(tokenizer_dir)
-        model = load_model(args.model, device, dtype, args.backend).eval()
+        tokenizer = model_tokenizer(args.model, args.tokenizer)
+        model = load_model(args.model, device, model_dtype(args.dtype, device), args.backend).eval()
         start = time.perf_counter()
         results = evaluate(model, tasks, tokenizer=tokenizer, limit=args.limit, batch_tokens=args.batch_tokens,
                            compare_naive=args.compare_naive, progress=not args.no_progress, on_result=on_result)

@@ -43,19 +43,26 @@ def load(model: str, device: str, dtype: torch.dtype, backend: str | None):
     return olmo
 
 
-def _tokenizer(args: argparse.Namespace):
+def model_tokenizer(model: str, tokenizer: str | None, optional: bool = False):
+    """`--tokenizer`, else the model folder's tokenizer.json, else OLMo's default; None where that is missing and
+    the tokenizer is `optional` (generate's --token-ids: ids in, ids out)."""
     from ..tokenizer import TokenizerError, load_tokenizer
 
-    if args.tokenizer:
-        return load_tokenizer(args.tokenizer)
-    if Path(args.model).is_dir() and (Path(args.model) / "tokenizer.json").is_file():
-        return load_tokenizer(args.model)
+    if tokenizer:
+        return load_tokenizer(tokenizer)
+    if Path(model).is_dir() and (Path(model) / "tokenizer.json").is_file():
+        return load_tokenizer(model)
     try:
         return load_tokenizer()
     except TokenizerError:
-        if args.token_ids:  # ids in, ids out
+        if optional:
             return None
         raise
+
+
+def model_dtype(name: str | None, device: str) -> torch.dtype:
+    """`--dtype`, else bf16 on a GPU and fp32 on the CPU."""
+    return DTYPES[name] if name else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
 
 
 def _prompts(args: argparse.Namespace) -> list[str] | list[list[int]]:
@@ -139,8 +146,8 @@ def run(args: argparse.Namespace) -> int:
     mid_line = False  # stdout holds a partial line (a streamed prompt) that an error must end first
     try:
         prompts, device = _checked_inputs(args)
-        dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-        tokenizer = _tokenizer(args)
+        dtype = model_dtype(args.dtype, device)
+        tokenizer = model_tokenizer(args.model, args.tokenizer, optional=args.token_ids)
         model = load(args.model, device, dtype, args.backend).eval()
         eos = None if args.ignore_eos else model.config.eos_token_id
         single = len(prompts) == 1 and not args.json
