@@ -270,6 +270,14 @@ def test_variant_from_environment(monkeypatch):
         ops.attention(q, q, q, backend="triton")
 
 
+def test_variant_names_are_the_kernels():
+    """ops' list of variant names (checked on every call) names exactly the Triton kernel sets."""
+    need("triton")
+    from olmo_fast.kernels import attention_variants
+
+    assert tuple(attention_variants.VARIANTS) == VARIANTS
+
+
 def test_bench_has_a_row_per_variant():
     """`olmo-fast bench --ops attention` A/B-tests the variants: `ours-triton` (the default variant) and
     `ours-triton[<variant>]` for each other one, each calling ops.attention with that variant."""
