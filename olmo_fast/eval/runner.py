@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..tokenizer import load_tokenizer
 from .metrics import task_metrics
 from .requests import Request, tokenize_choices
 from .scoring import naive_loglikelihoods, shared_loglikelihoods
@@ -44,12 +45,6 @@ class TaskResult:
 def resolve_tasks(names: list[str]) -> list[Task]:
     """Tasks by name (TaskError on an unknown one), before any model work."""
     return [get_task(n) for n in expand_task_names(names)]
-
-
-def default_tokenizer():
-    from ..tokenizer import load_tokenizer
-
-    return load_tokenizer()
 
 
 def _score(model: torch.nn.Module, requests: list[Request], batch_tokens: int, shared: bool,
@@ -103,7 +98,7 @@ def evaluate(model: torch.nn.Module, tasks: list[str], *, tokenizer=None, limit:
     if max_length is not None and not 1 < max_length <= model.config.max_sequence_length:
         raise ValueError(f"max_length must lie in [2, {model.config.max_sequence_length}], got {max_length}")
     resolved = resolve_tasks(tasks)
-    tokenizer = tokenizer if tokenizer is not None else default_tokenizer()
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
     was_training = model.training
     model.eval()
     results: dict[str, TaskResult] = {}
