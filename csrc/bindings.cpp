@@ -73,6 +73,22 @@ void run_cpu(const Args& args, int64_t rows, int64_t row_elements, void (*cpu)(c
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { cpu(&args, begin, end); });
 }
 
+// Runs the GPU launcher `gpu` on `args` on the current stream of `like`'s device.
+template <class Args>
+void run_gpu(const char* op, const Tensor& like, const Args& args, int (*gpu)(const Args*, void*)) {
+#ifdef OLMO_FAST_WITH_GPU
+  const c10::DeviceGuard guard(like.device());
+  const c10::impl::VirtualGuardImpl impl(like.device().type());
+  const int err = gpu(&args, impl.getStream(like.device()).native_handle());
+  TORCH_CHECK(err == 0, "olmo_fast_C::", op, ": kernel launch failed: ", olmo_fast_gpu_error_string(err));
+#else
+  (void)args;
+  (void)gpu;
+  TORCH_CHECK(false, "olmo_fast_C::", op, ": this build of olmo_fast._C has no GPU kernels (input on ",
+              like.device(), ")");
+#endif
+}
+
 // Runs `args` on the device of `like`: the CPU loops (run_cpu), or the GPU launcher on the current stream.
 template <class Args>
 void run(const char* op, const Tensor& like, const Args& args, int64_t rows, int64_t row_elements,
@@ -80,18 +96,31 @@ void run(const char* op, const Tensor& like, const Args& args, int64_t rows, int
   if (rows == 0) return;
   if (like.is_cpu()) {
     run_cpu(args, rows, row_elements, cpu);
+  } else {
+    run_gpu(op, like, args, gpu);
+  }
+}
+
+// A backward whose weight gradients accumulate into `args.partials` fp32 rows (a fixed number per row count, so
+// the result does not depend on threads): on the CPU, partial p's rows [p * rows / partials, (p + 1) * rows /
+// partials) on one thread; on the GPU, the launcher's `partials` blocks split the rows the same way.
+template <class Args>
+void run_partials(const char* op, const Tensor& like, const Args& args, int64_t rows,
+                  void (*cpu)(const Args*, int64_t, int64_t, int64_t), int (*gpu)(const Args*, void*)) {
+  if (rows == 0) return;
+  if (!like.is_cpu()) {
+    run_gpu(op, like, args, gpu);
     return;
   }
-#ifdef OLMO_FAST_WITH_GPU
-  const c10::DeviceGuard guard(like.device());
-  const c10::impl::VirtualGuardImpl impl(like.device().type());
-  const int err = gpu(&args, impl.getStream(like.device()).native_handle());
-  TORCH_CHECK(err == 0, "olmo_fast_C::", op, ": kernel launch failed: ", olmo_fast_gpu_error_string(err));
-#else
-  (void)gpu;
-  TORCH_CHECK(false, "olmo_fast_C::", op, ": this build of olmo_fast._C has no GPU kernels (input on ",
-              like.device(), ")");
-#endif
+  const int64_t parts = args.partials;
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) cpu(&args, p * rows / parts, (p + 1) * rows / parts, p);
+  });
+}
+
+// Accumulator rows for a backward's weight gradients over `rows` rows.
+int64_t partials_for(int64_t rows, const Tensor& like) {
+  return std::min<int64_t>(std::max<int64_t>(rows, 1), like.is_cpu() ? 32 : 256);
 }
 
 // A [cols] weight or bias: same dtype and device as x, contiguous.
@@ -196,21 +225,13 @@ std::tuple<Tensor, std::optional<Tensor>, std::optional<Tensor>> norm_bwd(
     run(op, dy, args, rows, cols, +norm_bwd_rows, olmo_fast_norm_bwd_gpu);
     return {dx, std::nullopt, std::nullopt};
   }
-  // dweight/dbias: fp32 accumulator rows, a fixed number per row count (the result does not depend on threads)
-  args.partials = std::min<int64_t>(std::max<int64_t>(rows, 1), dy.is_cpu() ? 32 : 256);
+  args.partials = partials_for(rows, dy);
   const at::TensorOptions fp32 = dy.options().dtype(at::kFloat);
   Tensor dw_part = weight.defined() ? at::zeros({args.partials, cols}, fp32) : Tensor();
   Tensor db_part = has_bias ? at::zeros({args.partials, cols}, fp32) : Tensor();
   args.dweight = dw_part.defined() ? dw_part.data_ptr<float>() : nullptr;
   args.dbias = db_part.defined() ? db_part.data_ptr<float>() : nullptr;
-  if (dy.is_cpu()) {
-    const int64_t parts = args.partials;
-    at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) olmo_fast_norm_bwd_cpu(&args, p * rows / parts, (p + 1) * rows / parts, p);
-    });
-  } else {
-    run(op, dy, args, rows, cols, +norm_bwd_rows, olmo_fast_norm_bwd_gpu);
-  }
+  run_partials(op, dy, args, rows, olmo_fast_norm_bwd_cpu, olmo_fast_norm_bwd_gpu);
   return {dx, dw_part.defined() ? std::optional<Tensor>(dw_part.sum(0)) : std::nullopt,
           db_part.defined() ? std::optional<Tensor>(db_part.sum(0)) : std::nullopt};
 }
@@ -509,7 +530,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> qk_norm_rope_fwd(const Tensor& qkv_in
   args.k = k.data_ptr();
   args.v = v.data_ptr();
   args.rstd = rstd.data_ptr<float>();
-  run_cpu(args, batch * seq, heads * head_dim, olmo_fast_qk_norm_rope_fwd_cpu);
+  run(op, qkv, args, batch * seq, heads * head_dim, olmo_fast_qk_norm_rope_fwd_cpu, olmo_fast_qk_norm_rope_fwd_gpu);
   return {q, k, v, rstd};
 }
 
@@ -561,21 +582,15 @@ std::tuple<Tensor, Tensor, Tensor> qk_norm_rope_bwd(const Tensor& dq, const Tens
   args.offset = offset;
   args.inv_freq = inv_freq.data_ptr<float>();
   args.attention_factor = float(attention_factor);
-  const int64_t tokens = batch * seq;
-  // weight gradients: fp32 accumulator rows, a fixed number per token count (the result does not depend on threads)
-  const int64_t parts = std::min<int64_t>(std::max<int64_t>(tokens, 1), 32);
+  args.partials = partials_for(batch * seq, dq);
   const at::TensorOptions fp32 = dq.options().dtype(at::kFloat);
-  Tensor dq_weight = at::zeros({parts, n_heads * head_dim}, fp32);
-  Tensor dk_weight = at::zeros({parts, n_kv_heads * head_dim}, fp32);
+  Tensor dq_weight = at::zeros({args.partials, n_heads * head_dim}, fp32);
+  Tensor dk_weight = at::zeros({args.partials, n_kv_heads * head_dim}, fp32);
   Tensor dqkv = output({batch, seq, width}, dq.options());
   args.dqkv = dqkv.data_ptr();
   args.dq_weight = dq_weight.data_ptr<float>();
   args.dk_weight = dk_weight.data_ptr<float>();
-  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      olmo_fast_qk_norm_rope_bwd_cpu(&args, p * tokens / parts, (p + 1) * tokens / parts, p);
-    }
-  });
+  run_partials(op, dq, args, batch * seq, olmo_fast_qk_norm_rope_bwd_cpu, olmo_fast_qk_norm_rope_bwd_gpu);
   return {dqkv, dq_weight.sum(0), dk_weight.sum(0)};
 }
 
@@ -786,14 +801,14 @@ TORCH_LIBRARY(olmo_fast_C, m) {
   m.impl("silu_mul_fwd", &silu_mul_fwd);      \
   m.impl("silu_mul_bwd", &silu_mul_bwd);      \
   m.impl("rope", &rope);                      \
-  m.impl("rope_interleaved", &rope_interleaved)
+  m.impl("rope_interleaved", &rope_interleaved);      \
+  m.impl("qk_norm_rope_fwd", &qk_norm_rope_fwd);      \
+  m.impl("qk_norm_rope_bwd", &qk_norm_rope_bwd)
 
 // Kernels with CPU loops only (no CUDA/HIP kernel yet).
 #define OLMO_FAST_CPU_ONLY_IMPLS(m)                      \
   m.impl("qkv_rope_fwd", &qkv_rope_fwd);               \
   m.impl("qkv_rope_bwd", &qkv_rope_bwd);               \
-  m.impl("qk_norm_rope_fwd", &qk_norm_rope_fwd);       \
-  m.impl("qk_norm_rope_bwd", &qk_norm_rope_bwd);       \
   m.impl("cross_entropy_chunk", &cross_entropy_chunk); \
   m.impl("decode_attention", &decode_attention);       \
   m.impl("attention_fwd", &attention_fwd);             \

@@ -181,8 +181,10 @@ typedef struct {
 
 /* Its backward: dq, dk (any strides [batch, seq, head, dim]) rotated back, through the RMSNorm (with the forward's
  * qkv and rstd), dv as is, into a contiguous dqkv [batch, seq, (q_heads + 2 kv_heads) * head_dim]; the weight
- * gradients sum(g * xhat) over the tokens are added into fp32 accumulator row `partial` of dq_weight
- * [partials, q_heads * head_dim] and dk_weight [partials, kv_heads * head_dim] (the caller sums the rows). */
+ * gradients sum(g * xhat) over the tokens are added into fp32 accumulator rows of dq_weight
+ * [partials, q_heads * head_dim] and dk_weight [partials, kv_heads * head_dim] (zeroed by the caller, who sums the
+ * rows): the CPU loop adds into row `partial`, the GPU launcher runs `partials` blocks, block p taking tokens
+ * [p * tokens / partials, (p + 1) * tokens / partials). */
 typedef struct {
   olmo_fast_dtype dtype;
   int64_t batch, seq, q_heads, kv_heads, head_dim;
@@ -196,6 +198,7 @@ typedef struct {
   void* dqkv;
   float* dq_weight;
   float* dk_weight;
+  int64_t partials;
   const int64_t* positions;
   int64_t positions_batch_stride;
   int64_t offset;
@@ -296,6 +299,8 @@ int olmo_fast_norm_bwd_gpu(const olmo_fast_norm_bwd_args* args, void* stream); /
 int olmo_fast_silu_mul_fwd_gpu(const olmo_fast_silu_mul_fwd_args* args, void* stream);
 int olmo_fast_silu_mul_bwd_gpu(const olmo_fast_silu_mul_bwd_args* args, void* stream);
 int olmo_fast_rope_gpu(const olmo_fast_rope_args* args, void* stream);
+int olmo_fast_qk_norm_rope_fwd_gpu(const olmo_fast_qk_norm_rope_fwd_args* args, void* stream);
+int olmo_fast_qk_norm_rope_bwd_gpu(const olmo_fast_qk_norm_rope_bwd_args* args, void* stream); /* `partials` blocks */
 const char* olmo_fast_gpu_error_string(int error);
 
 void olmo_fast_norm_fwd_cpu(const olmo_fast_norm_fwd_args* args, int64_t row_begin, int64_t row_end);
