@@ -163,6 +163,29 @@ def test_matches_transformers_olmo2(backend, rope):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_compiles_fullgraph_and_matches_eager(backend):
+    """torch.compile(fullgraph=True) traces the op (its frequencies included) and its backward through the fake
+    implementations; outputs and gradients equal eager's bitwise."""
+    require_kernel_where_registered("qk_norm_rope_fwd", backend)
+    torch._dynamo.reset()
+    B, T, Hq, Hkv, D = 2, 3, 3, 1, 8
+    inputs = [make_qkv(B, T, Hq, Hkv, D, torch.float32), *make_weights(Hq, Hkv, D, torch.float32)]
+    grads = make_grads(B, T, Hq, Hkv, D, torch.float32)
+
+    def prologue(qkv, wq, wk):
+        return ops.qk_norm_rope(qkv, wq, wk, n_heads=Hq, n_kv_heads=Hkv, offset=5, theta=500000.0,
+                                rope_scaling=YARN, backend=backend)
+
+    def run(fn):
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        outs = fn(*leaves)
+        return [*outs, *torch.autograd.grad(outs, leaves, grads)]
+
+    for e, c in zip(run(prologue), run(torch.compile(prologue, fullgraph=True, backend="aot_eager"))):
+        assert torch.equal(c, e)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_opcheck(backend):
     """The custom ops' schema, fake (meta) implementations and autograd registration (torch.compile's view)."""
     require_kernel_where_registered("qk_norm_rope_fwd", backend)

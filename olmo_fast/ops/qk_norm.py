@@ -48,11 +48,16 @@ def qk_norm_rope(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tens
     return q, k, v
 
 
-@functools.lru_cache(maxsize=64)
 def _frequencies(head_dim: int, theta: float, scaling: RopeScaling | None, device: torch.device
                  ) -> tuple[torch.Tensor, float]:
-    """(inv_freq fp32 `[D/2]` on `device`, cos/sin factor), once per (geometry, scaling, device) and not per call."""
-    return rope_frequencies(head_dim, theta, scaling, device)
+    """(inv_freq fp32 `[D/2]` on `device`, cos/sin factor): computed once per (geometry, scaling, device) in eager
+    mode; under torch.compile traced into the graph (dynamo would bypass the cache, with a warning)."""
+    if torch.compiler.is_compiling():
+        return rope_frequencies(head_dim, theta, scaling, device)
+    return _cached_frequencies(head_dim, theta, scaling, device)
+
+
+_cached_frequencies = functools.lru_cache(maxsize=64)(rope_frequencies)
 
 
 @torch.library.custom_op("olmo_fast::qk_norm_rope_fwd", mutates_args=())
