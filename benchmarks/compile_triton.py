@@ -128,15 +128,15 @@ def _cases(dtype) -> dict[str, Callable[[], object]]:
 
 
 def _qk_norm_rope_cases(r, seq: int, head_dim: int) -> dict[str, Callable[[], object]]:
-    """OLMo 2's QK-norm prologue at 7B (32 heads: one held tile), 13B/32B (40 heads: padded to a held tile of
-    8192) and 128 query heads (wider than a tile: the two-pass path)."""
+    """OLMo 2's QK-norm prologue at 7B (32 heads: one tile, single pass), 13B (40 heads: padded to a tile of 8192),
+    32B (40 query heads, 8 key/value heads) and 128 query heads (wider than a tile: the two-pass path)."""
     import torch
 
     from olmo_fast.kernels import qk_norm_rope, rope
 
     freqs = rope.inv_freq(head_dim, 500000.0, torch.device("cpu"))
     cases = {}
-    for name, hq, hkv in (("7b", 32, 32), ("13b", 40, 40), ("wide", 128, 8)):
+    for name, hq, hkv in (("7b", 32, 32), ("13b", 40, 40), ("32b", 40, 8), ("wide", 128, 8)):
         qkv, wq, wk = r(1, seq, (hq + 2 * hkv) * head_dim), r(hq * head_dim), r(hkv * head_dim)
         grads = r(1, seq, hq, head_dim), r(1, seq, hkv, head_dim), r(1, seq, hkv, head_dim)
         rstd = r(1, seq, 2, dt=torch.float32)

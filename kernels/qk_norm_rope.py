@@ -13,13 +13,13 @@ Backward, per row and part, from the output gradient dout (any strides):
 dv copied into dqkv's V part. Weight gradients: persistent programs accumulate fp32 partial rows (in registers when
 a part fits one tile, else in their own row of a partial buffer), summed on the host, as kernels/layer_norm.py
 does; its `_store_dx` writes dx. The rotation math is kernels/rope.py's, the V copies kernels/qkv_rope.py's.
-A part is held in one tile when its padded size (next_pow2(H) * next_pow2(D)) is at most HELD_TILE elements
-(OLMo 2/3 1B-32B: q and k parts of 2048-5120); wider parts take two passes over the row (sum of squares, then
-normalise), the second from cache.
+Each part is held in one tile, one pass over the row, when the wider part's padded size (next_pow2(H) *
+next_pow2(D)) is at most SINGLE_PASS_TILE elements (OLMo 2/3 1B-32B: parts of 2048-5120); wider parts take two
+passes over the row in chunks of heads (sum of squares, then normalise), the second from cache.
 
 Bytes per element (E = element size): forward reads E and writes E (+8 B rstd per row); backward reads 2E for q/k
 (gradient, saved input) and E for v, writes E; weights are read per row (cached), partial weight gradients add
-8 B per element per program (held) or per row (two-pass parts, cached).
+8 B per element per program (single pass) or per row (two-pass parts, cached).
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from .layer_norm import _store_dx
 from .qkv_rope import _bwd_heads, _fwd_heads
 from .rope import pair_offsets, position_args, rope_cos_sin, rotate, token_position
 
-HELD_TILE = 8192  # elements of a part held in registers in one pass; wider parts loop over head chunks
+SINGLE_PASS_TILE = 8192  # elements of a part held in registers for one pass; wider parts loop over head chunks
 
 
 @triton.jit
@@ -75,10 +75,10 @@ def _norm_rotate_store(DST, W, x1, x2, heads, i1, i2, mask, rstd, cos, sin, D):
 
 @triton.jit
 def _norm_rope_fwd(SRC, DST, W, n_heads, HALF, cos, sin, eps, BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr,
-                   HELD: tl.constexpr):
+                   SINGLE_PASS: tl.constexpr):
     """One row's part of `n_heads` contiguous heads at SRC -> normalised, rotated, at DST; returns its rstd."""
     D = 2 * HALF
-    if HELD:
+    if SINGLE_PASS:
         heads, i1, i2, mask = _chunk(0, n_heads, HALF, BLOCK_H, BLOCK_HALF)
         x1, x2 = _load_pairs(SRC, heads, i1, i2, D, 1, mask)
         rstd = _rstd(_sum_squares(x1, x2), n_heads * D, eps)
@@ -109,16 +109,19 @@ def _row_cos_sin(POS, INV_FREQ, stride_pb, b, t, offset, HALF, attention_factor,
 @triton.jit
 def _qk_norm_rope_fwd_kernel(QKV, WQ, WK, Q, K, V, RSTD, POS, INV_FREQ, T, HQ, HKV, HALF, offset, stride_b,
                              stride_t, stride_pb, eps, attention_factor, HAS_POS: tl.constexpr,
-                             BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, HELD: tl.constexpr):
+                             BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                             SINGLE_PASS: tl.constexpr):
     bt = tl.program_id(0).to(tl.int64)
     b, t = bt // T, bt % T
     cos, sin = _row_cos_sin(POS, INV_FREQ, stride_pb, b, t, offset, HALF, attention_factor, HAS_POS, BLOCK_HALF)
     D = 2 * HALF
     src = QKV + b * stride_b + t * stride_t
-    rstd_q = _norm_rope_fwd(src, Q + bt * HQ * D, WQ, HQ, HALF, cos, sin, eps, BLOCK_H, BLOCK_HALF, HELD)
-    rstd_k = _norm_rope_fwd(src + HQ * D, K + bt * HKV * D, WK, HKV, HALF, cos, sin, eps, BLOCK_H, BLOCK_HALF,
-                            HELD)
-    _fwd_heads(src + (HQ + HKV) * D, V + bt * HKV * D, HKV, HALF, cos, sin, 0.0, False, False, BLOCK_H, BLOCK_HALF)
+    rstd_q = _norm_rope_fwd(src, Q + bt * HQ * D, WQ, HQ, HALF, cos, sin, eps, BLOCK_HQ, BLOCK_HALF,
+                            SINGLE_PASS)
+    rstd_k = _norm_rope_fwd(src + HQ * D, K + bt * HKV * D, WK, HKV, HALF, cos, sin, eps, BLOCK_HKV, BLOCK_HALF,
+                            SINGLE_PASS)
+    _fwd_heads(src + (HQ + HKV) * D, V + bt * HKV * D, HKV, HALF, cos, sin, 0.0, False, False, BLOCK_HKV,
+               BLOCK_HALF)
     tl.store(RSTD + 2 * bt, rstd_q)
     tl.store(RSTD + 2 * bt + 1, rstd_k)
 
@@ -138,8 +141,8 @@ def _grad_terms(GRAD, stride_h, stride_d, SRC, W, h0, n_heads, HALF, cos, sin, r
 
 
 @triton.jit
-def _norm_rope_bwd_held(GRAD, stride_h, stride_d, SRC, DST, W, n_heads, HALF, cos, sin, rstd, acc1, acc2,
-                        BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
+def _norm_rope_bwd_single_pass(GRAD, stride_h, stride_d, SRC, DST, W, n_heads, HALF, cos, sin, rstd, acc1, acc2,
+                               BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr):
     """One row's part held in one tile: dx -> DST; returns the weight-gradient accumulators plus dy * xhat."""
     heads, i1, i2, mask, d1, d2, g1, g2, xh1, xh2 = _grad_terms(GRAD, stride_h, stride_d, SRC, W, 0, n_heads, HALF,
                                                                 cos, sin, rstd, BLOCK_H, BLOCK_HALF)
@@ -182,18 +185,19 @@ def _store_pairs(P, heads, i1, i2, D, x1, x2, mask):
 def _qk_norm_rope_bwd_kernel(DQ, DK, DV, QKV, WQ, WK, RSTD, DQKV, DW, POS, INV_FREQ, N, T, HQ, HKV, HALF, offset,
                              dq_b, dq_t, dq_h, dq_d, dk_b, dk_t, dk_h, dk_d, dv_b, dv_t, dv_h, dv_d,
                              stride_b, stride_t, stride_pb, attention_factor, HAS_POS: tl.constexpr,
-                             BLOCK_H: tl.constexpr, BLOCK_HALF: tl.constexpr, HELD: tl.constexpr):
+                             BLOCK_HQ: tl.constexpr, BLOCK_HKV: tl.constexpr, BLOCK_HALF: tl.constexpr,
+                             SINGLE_PASS: tl.constexpr):
     """Rows pid, pid + P, ...; DW is this program's fp32 partial row `[(HQ + HKV) D]` of both weight gradients
-    (zeroed beforehand when not HELD)."""
+    (zeroed beforehand when not SINGLE_PASS)."""
     pid = tl.program_id(0).to(tl.int64)  # int64 rows: the loop variable takes the bounds' type
     programs = tl.num_programs(0)
     D = 2 * HALF
     DW += pid * (HQ + HKV) * D
-    if HELD:
-        acc_q1 = tl.zeros([BLOCK_H, BLOCK_HALF], dtype=tl.float32)
-        acc_q2 = tl.zeros([BLOCK_H, BLOCK_HALF], dtype=tl.float32)
-        acc_k1 = tl.zeros([BLOCK_H, BLOCK_HALF], dtype=tl.float32)
-        acc_k2 = tl.zeros([BLOCK_H, BLOCK_HALF], dtype=tl.float32)
+    if SINGLE_PASS:
+        acc_q1 = tl.zeros([BLOCK_HQ, BLOCK_HALF], dtype=tl.float32)
+        acc_q2 = tl.zeros([BLOCK_HQ, BLOCK_HALF], dtype=tl.float32)
+        acc_k1 = tl.zeros([BLOCK_HKV, BLOCK_HALF], dtype=tl.float32)
+        acc_k2 = tl.zeros([BLOCK_HKV, BLOCK_HALF], dtype=tl.float32)
     for row in range(pid, N, programs):
         b, t = row // T, row % T
         cos, sin = _row_cos_sin(POS, INV_FREQ, stride_pb, b, t, offset, HALF, attention_factor, HAS_POS,
@@ -202,31 +206,32 @@ def _qk_norm_rope_bwd_kernel(DQ, DK, DV, QKV, WQ, WK, RSTD, DQKV, DW, POS, INV_F
         dst = DQKV + row * (HQ + 2 * HKV) * D
         dq, dk = DQ + b * dq_b + t * dq_t, DK + b * dk_b + t * dk_t
         rstd_q, rstd_k = tl.load(RSTD + 2 * row), tl.load(RSTD + 2 * row + 1)
-        if HELD:
-            acc_q1, acc_q2 = _norm_rope_bwd_held(dq, dq_h, dq_d, src, dst, WQ, HQ, HALF, cos, sin, rstd_q, acc_q1,
-                                                 acc_q2, BLOCK_H, BLOCK_HALF)
-            acc_k1, acc_k2 = _norm_rope_bwd_held(dk, dk_h, dk_d, src + HQ * D, dst + HQ * D, WK, HKV, HALF, cos, sin,
-                                                 rstd_k, acc_k1, acc_k2, BLOCK_H, BLOCK_HALF)
+        if SINGLE_PASS:
+            acc_q1, acc_q2 = _norm_rope_bwd_single_pass(dq, dq_h, dq_d, src, dst, WQ, HQ, HALF, cos, sin, rstd_q,
+                                                        acc_q1, acc_q2, BLOCK_HQ, BLOCK_HALF)
+            acc_k1, acc_k2 = _norm_rope_bwd_single_pass(dk, dk_h, dk_d, src + HQ * D, dst + HQ * D, WK, HKV, HALF,
+                                                        cos, sin, rstd_k, acc_k1, acc_k2, BLOCK_HKV, BLOCK_HALF)
         else:
-            _norm_rope_bwd_looped(dq, dq_h, dq_d, src, dst, WQ, DW, HQ, HALF, cos, sin, rstd_q, BLOCK_H, BLOCK_HALF)
+            _norm_rope_bwd_looped(dq, dq_h, dq_d, src, dst, WQ, DW, HQ, HALF, cos, sin, rstd_q, BLOCK_HQ, BLOCK_HALF)
             _norm_rope_bwd_looped(dk, dk_h, dk_d, src + HQ * D, dst + HQ * D, WK, DW + HQ * D, HKV, HALF, cos, sin,
-                                  rstd_k, BLOCK_H, BLOCK_HALF)
+                                  rstd_k, BLOCK_HKV, BLOCK_HALF)
         _bwd_heads(DV + b * dv_b + t * dv_t, dv_h, dv_d, src, dst + (HQ + HKV) * D, HKV, HALF, cos, sin, 0.0, False,
-                   False, BLOCK_H, BLOCK_HALF)
-    if HELD:
-        heads, i1, i2, mask = _chunk(0, HQ, HALF, BLOCK_H, BLOCK_HALF)
+                   False, BLOCK_HKV, BLOCK_HALF)
+    if SINGLE_PASS:
+        heads, i1, i2, mask = _chunk(0, HQ, HALF, BLOCK_HQ, BLOCK_HALF)
         _store_pairs(DW, heads, i1, i2, D, acc_q1, acc_q2, mask)
-        heads, i1, i2, mask = _chunk(0, HKV, HALF, BLOCK_H, BLOCK_HALF)
+        heads, i1, i2, mask = _chunk(0, HKV, HALF, BLOCK_HKV, BLOCK_HALF)
         _store_pairs(DW + HQ * D, heads, i1, i2, D, acc_k1, acc_k2, mask)
 
 
-def part_tiles(n_heads: int, n_kv_heads: int, head_dim: int) -> tuple[int, int, bool]:
-    """(BLOCK_H, BLOCK_HALF, HELD): one tile holds every head of the wider part when it fits HELD_TILE elements;
-    else chunks of as many heads as fit."""
+def part_tiles(n_heads: int, n_kv_heads: int, head_dim: int) -> tuple[int, int, int, bool]:
+    """(BLOCK_HQ, BLOCK_HKV, BLOCK_HALF, SINGLE_PASS): heads per tile of the q part and of the k (and v) part.
+    Each part is held in one tile when the wider one fits SINGLE_PASS_TILE elements (SINGLE_PASS), else both go in
+    chunks of as many heads as fit."""
     block_half = next_pow2(head_dim // 2)
-    heads = next_pow2(max(n_heads, n_kv_heads))
-    fit = max(1, HELD_TILE // (2 * block_half))  # a power of two
-    return min(heads, fit), block_half, heads <= fit
+    fit = max(1, SINGLE_PASS_TILE // (2 * block_half))  # a power of two
+    block_hq, block_hkv = min(next_pow2(n_heads), fit), min(next_pow2(n_kv_heads), fit)
+    return block_hq, block_hkv, block_half, next_pow2(max(n_heads, n_kv_heads)) <= fit
 
 
 def _checked_geometry(width: int, n_heads: int, n_kv_heads: int, inv_freq: torch.Tensor) -> int:
@@ -245,7 +250,7 @@ def qk_norm_rope_fwd(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.
     B, T, width = qkv.shape
     D = _checked_geometry(width, n_heads, n_kv_heads, inv_freq)
     pos, stride_pb = position_args(positions, T, qkv.device)
-    block_h, block_half, held = part_tiles(n_heads, n_kv_heads, D)
+    block_hq, block_hkv, block_half, single_pass = part_tiles(n_heads, n_kv_heads, D)
     q = torch.empty((B, T, n_heads, D), dtype=qkv.dtype, device=qkv.device)
     k = torch.empty((B, T, n_kv_heads, D), dtype=qkv.dtype, device=qkv.device)
     v = torch.empty_like(k)
@@ -254,7 +259,8 @@ def qk_norm_rope_fwd(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.
         _qk_norm_rope_fwd_kernel[(B * T,)](
             qkv, q_weight, k_weight, q, k, v, rstd, qkv if pos is None else pos, inv_freq, T, n_heads, n_kv_heads,
             D // 2, offset, qkv.stride(0), qkv.stride(1), stride_pb, eps, attention_factor, HAS_POS=pos is not None,
-            BLOCK_H=block_h, BLOCK_HALF=block_half, HELD=held, num_warps=num_warps(2 * block_h * block_half))
+            BLOCK_HQ=block_hq, BLOCK_HKV=block_hkv, BLOCK_HALF=block_half, SINGLE_PASS=single_pass,
+            num_warps=num_warps(2 * max(block_hq, block_hkv) * block_half))
     return q, k, v, rstd
 
 
@@ -268,18 +274,19 @@ def qk_norm_rope_bwd(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, qkv: 
     n_kv_heads = dk.shape[2]
     _checked_geometry(qkv.shape[-1], n_heads, n_kv_heads, inv_freq)
     pos, stride_pb = position_args(positions, T, dq.device)
-    block_h, block_half, held = part_tiles(n_heads, n_kv_heads, D)
+    block_hq, block_hkv, block_half, single_pass = part_tiles(n_heads, n_kv_heads, D)
     rows = B * T
     dqkv = torch.empty((B, T, (n_heads + 2 * n_kv_heads) * D), dtype=dq.dtype, device=dq.device)
     programs = persistent_programs(rows, dq.device)
-    partial = torch.empty if held and rows else torch.zeros  # no row: no program writes its partial sums
+    partial = torch.empty if single_pass and rows else torch.zeros  # no row: no program writes its partial sums
     dw = partial((programs, (n_heads + n_kv_heads) * D), dtype=torch.float32, device=dq.device)
     if rows:
         _qk_norm_rope_bwd_kernel[(programs,)](
             dq, dk, dv, qkv, q_weight, k_weight, rstd, dqkv, dw, dq if pos is None else pos, inv_freq, rows, T,
             n_heads, n_kv_heads, D // 2, offset, *dq.stride(), *dk.stride(), *dv.stride(), qkv.stride(0),
-            qkv.stride(1), stride_pb, attention_factor, HAS_POS=pos is not None, BLOCK_H=block_h,
-            BLOCK_HALF=block_half, HELD=held, num_warps=num_warps(2 * block_h * block_half))
+            qkv.stride(1), stride_pb, attention_factor, HAS_POS=pos is not None, BLOCK_HQ=block_hq,
+            BLOCK_HKV=block_hkv, BLOCK_HALF=block_half, SINGLE_PASS=single_pass,
+            num_warps=num_warps(2 * max(block_hq, block_hkv) * block_half))
     return dqkv, dw[:, :n_heads * D].sum(0), dw[:, n_heads * D:].sum(0)
 
 

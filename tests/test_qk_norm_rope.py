@@ -26,7 +26,7 @@ CASES = [
     (1, 4, 3, 1, 34, "offset", None),
     (2, 3, 3, 3, 64, "positions_BT", LINEAR),
     (1, 6, 5, 5, 10, "positions_T", YARN),
-    (1, 2, 66, 2, 128, "offset", None),  # q part 66 x 128: wider than one held tile, two passes over the row
+    (1, 2, 66, 2, 128, "offset", None),  # q part 66 x 128: wider than one single-pass tile, two passes over the row
 ]
 
 
@@ -100,16 +100,16 @@ def test_fp32_weights_with_half_activations(backend, dtype):
     assert got[0].dtype == dtype and got[4].dtype == got[5].dtype == torch.float32
 
 
-@pytest.mark.parametrize("held_tile", [16, 32])  # chunks of 2 and of 4 heads
-def test_two_pass_rows(monkeypatch, held_tile):
-    """Parts wider than the held tile loop over chunks of heads (the last one ragged), summing squares first and
+@pytest.mark.parametrize("tile", [16, 32])  # chunks of 2 and of 4 heads
+def test_two_pass_rows(monkeypatch, tile):
+    """Parts wider than the single-pass tile loop over chunks of heads (the last one ragged), summing squares first and
     normalising in a second pass; the weight gradients go through per-program partial rows in memory."""
     require_kernel_where_registered("qk_norm_rope_fwd", "triton")
     from olmo_fast.kernels import qk_norm_rope
 
-    monkeypatch.setattr(qk_norm_rope, "HELD_TILE", held_tile)
+    monkeypatch.setattr(qk_norm_rope, "SINGLE_PASS_TILE", tile)
     B, T, Hq, Hkv, D = 3, 5, 7, 3, 8
-    assert not qk_norm_rope.part_tiles(Hq, Hkv, D)[2]
+    assert not qk_norm_rope.part_tiles(Hq, Hkv, D)[-1]
     check_against_float64(make_qkv(B, T, Hq, Hkv, D, torch.float32), make_weights(Hq, Hkv, D, torch.float32),
                           make_grads(B, T, Hq, Hkv, D, torch.float32), "triton", n_heads=Hq, n_kv_heads=Hkv,
                           rope_scaling=YARN, offset=torch.tensor([0, 70, 3000], device=DEVICE))
