@@ -54,6 +54,13 @@ def _load_pairs(P, heads, i1, i2, stride_h, stride_d, mask):
 
 
 @triton.jit
+def _store_pairs(P, heads, i1, i2, D, x1, x2, mask):
+    """Both members of each pair into the contiguous part P (head stride D)."""
+    tl.store(P + heads * D + i1, x1, mask=mask)
+    tl.store(P + heads * D + i2, x2, mask=mask)
+
+
+@triton.jit
 def _sum_squares(x1, x2):
     return tl.sum(x1 * x1) + tl.sum(x2 * x2)
 
@@ -68,9 +75,8 @@ def _norm_rotate_store(DST, W, x1, x2, heads, i1, i2, mask, rstd, cos, sin, D):
     """y = w * (x * rstd), rotated, stored to the contiguous part DST."""
     w1, w2 = _load_pairs(W, heads, i1, i2, D, 1, mask)
     y1, y2 = rotate(w1 * (x1 * rstd), w2 * (x2 * rstd), cos[None, :], sin[None, :], False)
-    dst = DST + heads * D
-    tl.store(dst + i1, to_dtype(y1, DST.dtype.element_ty), mask=mask)
-    tl.store(dst + i2, to_dtype(y2, DST.dtype.element_ty), mask=mask)
+    out = DST.dtype.element_ty
+    _store_pairs(DST, heads, i1, i2, D, to_dtype(y1, out), to_dtype(y2, out), mask)
 
 
 @triton.jit
@@ -173,12 +179,6 @@ def _norm_rope_bwd_looped(GRAD, stride_h, stride_d, SRC, DST, W, DW, n_heads, HA
         dw = DW + heads * (2 * HALF)
         tl.store(dw + i1, tl.load(dw + i1, mask=mask) + d1 * xh1, mask=mask)
         tl.store(dw + i2, tl.load(dw + i2, mask=mask) + d2 * xh2, mask=mask)
-
-
-@triton.jit
-def _store_pairs(P, heads, i1, i2, D, x1, x2, mask):
-    tl.store(P + heads * D + i1, x1, mask=mask)
-    tl.store(P + heads * D + i2, x2, mask=mask)
 
 
 @triton.jit
