@@ -139,7 +139,7 @@ def _qk_norm_rope_cases(r, seq: int, head_dim: int) -> dict[str, Callable[[], ob
     for name, hq, hkv in (("7b", 32, 32), ("13b", 40, 40), ("32b", 40, 8), ("wide", 128, 8)):
         qkv, wq, wk = r(1, seq, (hq + 2 * hkv) * head_dim), r(hq * head_dim), r(hkv * head_dim)
         grads = r(1, seq, hq, head_dim), r(1, seq, hkv, head_dim), r(1, seq, hkv, head_dim)
-        rstd = r(1, seq, 2, dt=torch.float32)
+        rstd = r(seq, 2, dt=torch.float32)
         cases[f"fwd_{name}"] = functools.partial(qk_norm_rope.qk_norm_rope_fwd, qkv, wq, wk, hq, hkv, 1e-6, None,
                                                  0, freqs, 1.0)
         cases[f"bwd_{name}"] = functools.partial(qk_norm_rope.qk_norm_rope_bwd, *grads, qkv, wq, wk, rstd, None,

@@ -6,7 +6,7 @@ Forward, per token row and part x of C = H * D elements (fp32 throughout, cast o
     rstd = 1 / sqrt(mean(x^2) + eps),  y = w * (x * rstd)      (OLMo 2's RMSNorm: the weight multiplies in fp32)
     out = a * R(pos * inv_freq) y                               (pair (y1, y2) -> (y1 cos - y2 sin, y2 cos + y1 sin))
 with `inv_freq` `[D/2]` fp32 and the attention factor `a` (yarn's; 1 otherwise) given by the caller, as
-transformers scales cos and sin. v is copied. rstd of both parts is saved (fp32 `[B, T, 2]`) for the backward.
+transformers scales cos and sin. v is copied. rstd of both parts is saved (fp32 `[B T, 2]`) for the backward.
 Backward, per row and part, from the output gradient dout (any strides):
     dy = a * R(-angle) dout,  g = w * dy,  xhat = x * rstd,
     dx = rstd * (g - xhat * mean(g * xhat)),  dw = sum over rows of dy * xhat   (fp32),
@@ -246,7 +246,7 @@ def qk_norm_rope_fwd(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.
                      inv_freq: torch.Tensor, attention_factor: float):
     """qkv `[B, T, (Hq + 2 Hkv) D]` (unit last stride), q_weight `[Hq D]`, k_weight `[Hkv D]` (contiguous),
     inv_freq `[D/2]` fp32 -> (q `[B, T, Hq, D]`, k, v `[B, T, Hkv, D]` contiguous in qkv's dtype,
-    rstd `[B, T, 2]` fp32: the q and k parts' 1/sqrt(mean(x^2) + eps))."""
+    rstd `[B T, 2]` fp32: each token's q and k parts' 1/sqrt(mean(x^2) + eps))."""
     B, T, width = qkv.shape
     D = _checked_geometry(width, n_heads, n_kv_heads, inv_freq)
     pos, stride_pb = position_args(positions, T, qkv.device)
@@ -254,7 +254,7 @@ def qk_norm_rope_fwd(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.
     q = torch.empty((B, T, n_heads, D), dtype=qkv.dtype, device=qkv.device)
     k = torch.empty((B, T, n_kv_heads, D), dtype=qkv.dtype, device=qkv.device)
     v = torch.empty_like(k)
-    rstd = torch.empty((B, T, 2), dtype=torch.float32, device=qkv.device)
+    rstd = torch.empty((B * T, 2), dtype=torch.float32, device=qkv.device)
     if qkv.numel():
         _qk_norm_rope_fwd_kernel[(B * T,)](
             qkv, q_weight, k_weight, q, k, v, rstd, qkv if pos is None else pos, inv_freq, T, n_heads, n_kv_heads,
