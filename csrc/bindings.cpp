@@ -449,6 +449,136 @@ Tensor qkv_rope_bwd(const Tensor& dq, const Tensor& dk, const Tensor& dv, const 
   return dqkv;
 }
 
+// A fp32 copy of a [n] QK-norm weight on x's device (bf16/fp16 weights, or fp32 master weights under autocast).
+Tensor fp32_weight(const Tensor& w, int64_t n, const Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == n && w.device() == x.device(), "olmo_fast_C::", op, ": ", name,
+              " must be [", n, "] on ", x.device(), ", got ", w.sizes(), " on ", w.device());
+  return w.to(at::kFloat).contiguous();
+}
+
+// The fp32 inverse frequencies [head_dim / 2] of a RoPE call on x's device.
+Tensor inv_freq_of(const Tensor& inv_freq, int64_t head_dim, const Tensor& x, const char* op) {
+  TORCH_CHECK(inv_freq.scalar_type() == at::kFloat && inv_freq.dim() == 1 && inv_freq.size(0) == head_dim / 2 &&
+                  inv_freq.device() == x.device(),
+              "olmo_fast_C::", op, ": inv_freq must be float32 [", head_dim / 2, "] on ", x.device(), ", got ",
+              inv_freq.scalar_type(), " ", inv_freq.sizes(), " on ", inv_freq.device());
+  return inv_freq.contiguous();
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> qk_norm_rope_fwd(const Tensor& qkv_in, const Tensor& q_weight_in,
+                                                            const Tensor& k_weight_in, int64_t n_heads,
+                                                            int64_t n_kv_heads, double eps,
+                                                            const std::optional<Tensor>& positions_in, int64_t offset,
+                                                            const Tensor& inv_freq_in, double attention_factor) {
+  const char* op = "qk_norm_rope_fwd";
+  TORCH_CHECK(qkv_in.dim() == 3, "olmo_fast_C::", op, ": qkv must be [B, T, (Hq + 2 Hkv) * D], got shape ",
+              qkv_in.sizes());
+  const int64_t heads = n_heads + 2 * n_kv_heads;
+  TORCH_CHECK(n_heads > 0 && n_kv_heads > 0 && qkv_in.size(2) % heads == 0 && (qkv_in.size(2) / heads) % 2 == 0,
+              "olmo_fast_C::", op, ": qkv's last dim ", qkv_in.size(2), " is not (", n_heads, " + 2 x ", n_kv_heads,
+              ") heads of an even dim");
+  const Tensor qkv = unit_last_stride(qkv_in);
+  const int64_t batch = qkv.size(0), seq = qkv.size(1), head_dim = qkv.size(2) / heads;
+  const Tensor q_weight = fp32_weight(q_weight_in, n_heads * head_dim, qkv, op, "q_weight");
+  const Tensor k_weight = fp32_weight(k_weight_in, n_kv_heads * head_dim, qkv, op, "k_weight");
+  const Tensor inv_freq = inv_freq_of(inv_freq_in, head_dim, qkv, op);
+  olmo_fast_qk_norm_rope_fwd_args args{};
+  args.dtype = kernel_dtype(qkv, op, "qkv");
+  args.batch = batch;
+  args.seq = seq;
+  args.q_heads = n_heads;
+  args.kv_heads = n_kv_heads;
+  args.head_dim = head_dim;
+  args.qkv = qkv.data_ptr();
+  args.qkv_strides[0] = qkv.stride(0);
+  args.qkv_strides[1] = qkv.stride(1);
+  args.q_weight = q_weight.data_ptr<float>();
+  args.k_weight = k_weight.data_ptr<float>();
+  const RopePositions positions = rope_positions(op, positions_in, qkv, batch, seq);
+  args.positions = positions.data;
+  args.positions_batch_stride = positions.batch_stride;
+  args.offset = offset;
+  args.inv_freq = inv_freq.data_ptr<float>();
+  args.attention_factor = float(attention_factor);
+  args.eps = float(eps);
+  Tensor q = output({batch, seq, n_heads, head_dim}, qkv.options());
+  Tensor k = output({batch, seq, n_kv_heads, head_dim}, qkv.options());
+  Tensor v = output({batch, seq, n_kv_heads, head_dim}, qkv.options());
+  Tensor rstd = output({batch * seq, 2}, qkv.options().dtype(at::kFloat));
+  args.q = q.data_ptr();
+  args.k = k.data_ptr();
+  args.v = v.data_ptr();
+  args.rstd = rstd.data_ptr<float>();
+  run_cpu(args, batch * seq, heads * head_dim, olmo_fast_qk_norm_rope_fwd_cpu);
+  return {q, k, v, rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor> qk_norm_rope_bwd(const Tensor& dq, const Tensor& dk, const Tensor& dv,
+                                                    const Tensor& qkv_in, const Tensor& q_weight_in,
+                                                    const Tensor& k_weight_in, const Tensor& rstd_in,
+                                                    const std::optional<Tensor>& positions_in, int64_t offset,
+                                                    const Tensor& inv_freq_in, double attention_factor) {
+  const char* op = "qk_norm_rope_bwd";
+  TORCH_CHECK(dq.dim() == 4 && dk.dim() == 4, "olmo_fast_C::", op, ": dq, dk, dv must be [B, T, H, D], got shapes ",
+              dq.sizes(), ", ", dk.sizes());
+  const int64_t batch = dq.size(0), seq = dq.size(1), n_heads = dq.size(2), n_kv_heads = dk.size(2);
+  const int64_t head_dim = dq.size(3);
+  TORCH_CHECK(head_dim % 2 == 0, "olmo_fast_C::", op, ": the head dim must be even, got ", head_dim);
+  check_like(dk, dq, {batch, seq, n_kv_heads, head_dim}, op, "dk", "dq");
+  check_like(dv, dq, dk.sizes(), op, "dv", "dk");
+  const int64_t width = (n_heads + 2 * n_kv_heads) * head_dim;
+  const Tensor qkv = unit_last_stride(qkv_in);
+  check_like(qkv, dq, {batch, seq, width}, op, "qkv", "dq");
+  TORCH_CHECK(rstd_in.scalar_type() == at::kFloat && rstd_in.sizes() == at::IntArrayRef({batch * seq, 2}) &&
+                  rstd_in.device() == dq.device(),
+              "olmo_fast_C::", op, ": rstd must be float32 [", batch * seq, ", 2], got ", rstd_in.scalar_type(), " ",
+              rstd_in.sizes());
+  const Tensor rstd = rstd_in.contiguous();
+  const Tensor q_weight = fp32_weight(q_weight_in, n_heads * head_dim, dq, op, "q_weight");
+  const Tensor k_weight = fp32_weight(k_weight_in, n_kv_heads * head_dim, dq, op, "k_weight");
+  const Tensor inv_freq = inv_freq_of(inv_freq_in, head_dim, dq, op);
+  olmo_fast_qk_norm_rope_bwd_args args{};
+  args.dtype = kernel_dtype(dq, op, "dq");
+  args.batch = batch;
+  args.seq = seq;
+  args.q_heads = n_heads;
+  args.kv_heads = n_kv_heads;
+  args.head_dim = head_dim;
+  const Tensor* grads[3] = {&dq, &dk, &dv};
+  for (int part = 0; part < 3; ++part) {
+    args.grads[part] = grads[part]->data_ptr();
+    for (int d = 0; d < 4; ++d) args.grad_strides[part][d] = grads[part]->stride(d);
+  }
+  args.qkv = qkv.data_ptr();
+  args.qkv_strides[0] = qkv.stride(0);
+  args.qkv_strides[1] = qkv.stride(1);
+  args.q_weight = q_weight.data_ptr<float>();
+  args.k_weight = k_weight.data_ptr<float>();
+  args.rstd = rstd.data_ptr<float>();
+  const RopePositions positions = rope_positions(op, positions_in, dq, batch, seq);
+  args.positions = positions.data;
+  args.positions_batch_stride = positions.batch_stride;
+  args.offset = offset;
+  args.inv_freq = inv_freq.data_ptr<float>();
+  args.attention_factor = float(attention_factor);
+  const int64_t tokens = batch * seq;
+  // weight gradients: fp32 accumulator rows, a fixed number per token count (the result does not depend on threads)
+  const int64_t parts = std::min<int64_t>(std::max<int64_t>(tokens, 1), 32);
+  const at::TensorOptions fp32 = dq.options().dtype(at::kFloat);
+  Tensor dq_weight = at::zeros({parts, n_heads * head_dim}, fp32);
+  Tensor dk_weight = at::zeros({parts, n_kv_heads * head_dim}, fp32);
+  Tensor dqkv = output({batch, seq, width}, dq.options());
+  args.dqkv = dqkv.data_ptr();
+  args.dq_weight = dq_weight.data_ptr<float>();
+  args.dk_weight = dk_weight.data_ptr<float>();
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) {
+      olmo_fast_qk_norm_rope_bwd_cpu(&args, p * tokens / parts, (p + 1) * tokens / parts, p);
+    }
+  });
+  return {dqkv, dq_weight.sum(0), dk_weight.sum(0)};
+}
+
 Tensor cross_entropy_chunk(Tensor& logits, const Tensor& labels_in, int64_t ignore_index, bool compute_grad) {
   const char* op = "cross_entropy_chunk";
   TORCH_CHECK(logits.dim() == 2 && (logits.size(1) <= 1 || logits.stride(1) == 1), "olmo_fast_C::", op,
@@ -632,6 +762,11 @@ TORCH_LIBRARY(olmo_fast_C, m) {
         "float theta) -> (Tensor, Tensor, Tensor)");
   m.def("qkv_rope_bwd(Tensor dq, Tensor dk, Tensor dv, Tensor? qkv, float? clip, Tensor? positions, int offset, "
         "float theta) -> Tensor");
+  m.def("qk_norm_rope_fwd(Tensor qkv, Tensor q_weight, Tensor k_weight, int n_heads, int n_kv_heads, float eps, "
+        "Tensor? positions, int offset, Tensor inv_freq, float attention_factor) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("qk_norm_rope_bwd(Tensor dq, Tensor dk, Tensor dv, Tensor qkv, Tensor q_weight, Tensor k_weight, "
+        "Tensor rstd, Tensor? positions, int offset, Tensor inv_freq, float attention_factor) -> "
+        "(Tensor, Tensor, Tensor)");
   m.def("cross_entropy_chunk(Tensor(a!) logits, Tensor labels, int ignore_index, bool compute_grad) -> Tensor");
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float? clip, float scale) -> (Tensor, Tensor)");
   m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, float? clip, "
@@ -657,6 +792,8 @@ TORCH_LIBRARY(olmo_fast_C, m) {
 #define OLMO_FAST_CPU_ONLY_IMPLS(m)                      \
   m.impl("qkv_rope_fwd", &qkv_rope_fwd);               \
   m.impl("qkv_rope_bwd", &qkv_rope_bwd);               \
+  m.impl("qk_norm_rope_fwd", &qk_norm_rope_fwd);       \
+  m.impl("qk_norm_rope_bwd", &qk_norm_rope_bwd);       \
   m.impl("cross_entropy_chunk", &cross_entropy_chunk); \
   m.impl("decode_attention", &decode_attention);       \
   m.impl("attention_fwd", &attention_fwd);             \

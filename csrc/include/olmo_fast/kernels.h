@@ -154,6 +154,55 @@ typedef struct {
   int has_clip;
 } olmo_fast_qkv_rope_bwd_args;
 
+/* OLMo 2's attention prologue: per token (b, t) of qkv [batch, seq, (q_heads + 2 kv_heads) * head_dim] (strides
+ * below, last dim contiguous): q = RMSNorm over all q_heads * head_dim values (fp32 statistics, times q_weight in
+ * fp32; rstd[token * 2] = its 1/sqrt(mean(q^2) + eps)), likewise k with k_weight (rstd[token * 2 + 1]), then RoPE
+ * (NeoX) on q and k at the token's position with the inverse frequencies `inv_freq` [head_dim / 2], cos and sin
+ * times `attention_factor`; v copied -> contiguous q [batch, seq, q_heads, head_dim], k, v [.., kv_heads, ..].
+ * Weights are fp32. A "row" of the CPU loop is one token. */
+typedef struct {
+  olmo_fast_dtype dtype;
+  int64_t batch, seq, q_heads, kv_heads, head_dim;
+  const void* qkv;
+  int64_t qkv_strides[2]; /* batch, token */
+  const float* q_weight;  /* [q_heads * head_dim] */
+  const float* k_weight;  /* [kv_heads * head_dim] */
+  void* q;
+  void* k;
+  void* v;
+  float* rstd; /* [batch * seq, 2] */
+  const int64_t* positions;
+  int64_t positions_batch_stride;
+  int64_t offset;
+  const float* inv_freq;
+  float attention_factor;
+  float eps;
+} olmo_fast_qk_norm_rope_fwd_args;
+
+/* Its backward: dq, dk (any strides [batch, seq, head, dim]) rotated back, through the RMSNorm (with the forward's
+ * qkv and rstd), dv as is, into a contiguous dqkv [batch, seq, (q_heads + 2 kv_heads) * head_dim]; the weight
+ * gradients sum(g * xhat) over the tokens are added into fp32 accumulator row `partial` of dq_weight
+ * [partials, q_heads * head_dim] and dk_weight [partials, kv_heads * head_dim] (the caller sums the rows). */
+typedef struct {
+  olmo_fast_dtype dtype;
+  int64_t batch, seq, q_heads, kv_heads, head_dim;
+  const void* grads[3]; /* dq, dk, dv */
+  int64_t grad_strides[3][4];
+  const void* qkv;
+  int64_t qkv_strides[2];
+  const float* q_weight;
+  const float* k_weight;
+  const float* rstd;
+  void* dqkv;
+  float* dq_weight;
+  float* dk_weight;
+  const int64_t* positions;
+  int64_t positions_batch_stride;
+  int64_t offset;
+  const float* inv_freq;
+  float attention_factor;
+} olmo_fast_qk_norm_rope_bwd_args;
+
 /* The cross-entropy chunk of the fused linear cross-entropy: for each row i of logits [rows, vocab] (row stride
  * `logits_stride`, last dim contiguous) with label y_i: loss[i] = logsumexp(z_i) - z_i[y_i] (fp32), 0 where
  * y_i == ignore_index, NaN for a label outside [0, vocab). With compute_grad the row is overwritten in place by
@@ -257,6 +306,11 @@ void olmo_fast_silu_mul_bwd_cpu(const olmo_fast_silu_mul_bwd_args* args, int64_t
 void olmo_fast_rope_cpu(const olmo_fast_rope_args* args, int64_t token_begin, int64_t token_end);
 void olmo_fast_qkv_rope_fwd_cpu(const olmo_fast_qkv_rope_fwd_args* args, int64_t token_begin, int64_t token_end);
 void olmo_fast_qkv_rope_bwd_cpu(const olmo_fast_qkv_rope_bwd_args* args, int64_t token_begin, int64_t token_end);
+void olmo_fast_qk_norm_rope_fwd_cpu(const olmo_fast_qk_norm_rope_fwd_args* args, int64_t token_begin,
+                                    int64_t token_end);
+/* adds the tokens' weight-gradient terms into accumulator row `partial` */
+void olmo_fast_qk_norm_rope_bwd_cpu(const olmo_fast_qk_norm_rope_bwd_args* args, int64_t token_begin,
+                                    int64_t token_end, int64_t partial);
 void olmo_fast_attention_fwd_cpu(const olmo_fast_attention_fwd_args* args, int64_t row_begin, int64_t row_end);
 void olmo_fast_attention_bwd_cpu(const olmo_fast_attention_bwd_args* args, int64_t pair_begin, int64_t pair_end);
 void olmo_fast_decode_attention_cpu(const olmo_fast_decode_attention_args* args, int64_t pair_begin,
