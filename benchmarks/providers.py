@@ -77,6 +77,9 @@ def op_fn(case: Case, backend: str, variant: str | None = None) -> Callable[...,
     if case.op == "qkv_rope":
         return lambda qkv: ops.qkv_rope(qkv, n_heads=p["hq"], n_kv_heads=p["hk"], clip=p["clip"], theta=THETA,
                                         backend=backend)
+    if case.op == "qk_norm_rope":
+        return lambda qkv, wq, wk: ops.qk_norm_rope(qkv, wq, wk, n_heads=p["hq"], n_kv_heads=p["hk"], theta=THETA,
+                                                    backend=backend)
     if case.op == "attention":
         return lambda q, k, v: ops.attention(q, k, v, causal=p["causal"], clip=p["clip"], backend=backend,
                                              variant=variant)
@@ -280,6 +283,7 @@ def registry() -> dict[str, list[Provider]]:
                               Provider("apex", _apex_layer_norm)],
         "rope": ours + [Provider("liger", _liger_rope)],
         "qkv_rope": list(ours),
+        "qk_norm_rope": list(ours),
         "attention": ours[:1] + attention_variants() + ours[1:] + sdpa + flash_attn,
         "decode_attention": ours[:1] + decode_split_variants() + ours[1:] + sdpa + flash_attn,
     }

@@ -9,7 +9,9 @@ of the same names:
                      attention_factor) -> (dqkv [B, T, (Hq + 2 Hkv) D], dq_weight fp32, dk_weight fp32)
 
 `inv_freq` ([D / 2] fp32) and `attention_factor` are the RoPE frequencies and cos/sin factor of
-`olmo_fast.rope_scaling.rope_frequencies`. The backward keeps the qkv input, the rstd and the weights.
+`olmo_fast.rope_scaling.rope_frequencies`; weights reach the kernels contiguous. The backward keeps the qkv input,
+the rstd and the weights. Triton kernels: kernels/qk_norm_rope.py (one program per token row: the norm spans every
+head); C++: csrc/cpu/qk_norm_rope.cpp.
 """
 from __future__ import annotations
 
@@ -55,11 +57,16 @@ def qk_norm_rope(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tens
     return q, k, v
 
 
-@functools.lru_cache(maxsize=64)
 def _frequencies(head_dim: int, theta: float, scaling: RopeScaling | None, device: torch.device
                  ) -> tuple[torch.Tensor, float]:
-    """One fp32 inverse-frequency table per (head dim, theta, scaling, device): no per-call device work."""
-    return rope_frequencies(head_dim, theta, scaling, device)
+    """One fp32 inverse-frequency table per (head dim, theta, scaling, device) in eager mode: no per-call device
+    work; under torch.compile traced into the graph (dynamo would bypass the cache, with a warning)."""
+    if torch.compiler.is_compiling():
+        return rope_frequencies(head_dim, theta, scaling, device)
+    return _cached_frequencies(head_dim, theta, scaling, device)
+
+
+_cached_frequencies = functools.lru_cache(maxsize=64)(rope_frequencies)
 
 
 @torch.library.custom_op("olmo_fast::qk_norm_rope_fwd", mutates_args=())
@@ -68,8 +75,8 @@ def _fwd(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, n_he
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
-    return kernel("qk_norm_rope_fwd", backend, qkv)(qkv, q_weight, k_weight, n_heads, n_kv_heads, eps, positions,
-                                                    offset, inv_freq, attention_factor)
+    return kernel("qk_norm_rope_fwd", backend, qkv)(qkv, q_weight.contiguous(), k_weight.contiguous(), n_heads,
+                                                    n_kv_heads, eps, positions, offset, inv_freq, attention_factor)
 
 
 @_fwd.register_fake
@@ -88,8 +95,8 @@ def _bwd(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, qkv: torch.Tensor
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if qkv.stride(-1) != 1:
         qkv = qkv.contiguous()
-    return kernel("qk_norm_rope_bwd", backend, dq)(dq, dk, dv, qkv, q_weight, k_weight, rstd, positions, offset,
-                                                   inv_freq, attention_factor)
+    return kernel("qk_norm_rope_bwd", backend, dq)(dq, dk, dv, qkv, q_weight.contiguous(), k_weight.contiguous(),
+                                                   rstd, positions, offset, inv_freq, attention_factor)
 
 
 @_bwd.register_fake
