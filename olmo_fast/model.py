@@ -211,7 +211,7 @@ class OLMo(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, reduction: str = "mean",
                 fused: bool = False, check_inputs: bool = True, cache: KVCache | None = None,
-                positions: torch.Tensor | None = None):
+                positions: torch.Tensor | None = None, z_loss: float = 0.0):
         """`model(ids)` -> logits `[B, T, embedding_size]`; `model(ids, labels)` -> `(logits, loss)`.
 
         `labels` are aligned with `input_ids` (as in HF): position t is scored against `labels[:, t + 1]`, -100
@@ -223,13 +223,16 @@ class OLMo(nn.Module):
         `check_inputs` (one device sync): ValueError for ids or labels out of the vocabulary, a wrong dtype or
         shape, or a sequence longer than the context; callers that checked their data once (the trainer, the
         generator) pass False. `cache` / `positions`: decoding with a KV cache, explicit RoPE positions.
+        `z_loss`: OLMo-core's z-loss multiplier, `z_loss * logsumexp(logits)^2` per scored token added to the loss
+        (same reduction); passed to the loss only when set, so a loss without z-loss support runs every other call.
         """
         if check_inputs:
             self.check_inputs(input_ids, labels)
         h = self.hidden_states(input_ids, cache, positions)
         if labels is None:
             return F.linear(h, self.head_weight)
-        return self.loss(h, self.head_weight, labels, reduction=reduction, fused=fused, check_labels=False)
+        z_term = {"z_loss": z_loss} if z_loss else {}
+        return self.loss(h, self.head_weight, labels, reduction=reduction, fused=fused, check_labels=False, **z_term)
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod

@@ -7,10 +7,10 @@ max |logit error| <= 1e-5 x max |logit|, each parameter gradient within 1e-4 x i
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -20,6 +20,7 @@ from tiny_hf import require_transformers
 
 from olmo_fast import ConfigError, ModelConfig, OLMo, generate
 from olmo_fast.checkpoint import hf_to_olmo, load_state, save_olmo
+from olmo_fast.nn import CausalLMLoss
 from olmo_fast.rope_scaling import RopeScaling
 
 YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 12}
@@ -266,8 +267,32 @@ def test_training_steps_lower_the_loss(preset, tmp_path):
     from test_train import markov_tokens, step_losses, train
 
     data = tmp_path / "ids.npy"
-    tokens, _, _ = markov_tokens(64 * 64)
-    np.asarray(tokens).tofile(data)
-    train(tmp_path / "run", data, f"--model.preset={preset}", "--max_duration=8", "--z_loss_multiplier=1e-4")
+    markov_tokens(64 * 64)[0].tofile(data)
+    train(tmp_path / "run", data, f"--model.preset={preset}", "--max_duration=8")
     losses = step_losses(tmp_path / "run")
     assert losses[8] < losses[1] - 0.3, losses
+
+
+@pytest.mark.skipif("z_loss" not in inspect.signature(CausalLMLoss.forward).parameters,
+                    reason="the z-loss of the loss module comes with the postnorm branch")
+def test_z_loss_multiplier_adds_the_z_term(tmp_path):
+    """The model's loss with z_loss = its loss + z_loss x mean over scored tokens of logsumexp(logits)^2 (float64
+    from the logits), and the trainer's z_loss_multiplier reaches it (its first step's loss grows)."""
+    from test_train import markov_tokens, step_losses, train
+
+    torch.manual_seed(0)
+    model = OLMo(ModelConfig.preset("olmo2-test"), backend="torch")
+    ids = torch.randint(2, 250, (3, 19))
+    labels = ids.clone()
+    labels[0, :4] = -100
+    logits, plain = model(ids, labels)
+    _, with_z = model(ids, labels, z_loss=0.25)
+    lse = torch.logsumexp(logits[:, :-1].double(), -1)[labels[:, 1:] != -100]
+    torch.testing.assert_close(with_z.double(), plain.double() + 0.25 * lse.pow(2).mean(), rtol=1e-6, atol=0)
+
+    data = tmp_path / "ids.npy"
+    markov_tokens(64 * 64)[0].tofile(data)
+    for z in (0, 0.5):
+        train(tmp_path / f"z{z}", data, "--model.preset=olmo2-test", "--max_duration=1", f"--z_loss_multiplier={z}")
+    plain_step, z_step = (step_losses(tmp_path / f"z{z}")[1] for z in (0, 0.5))
+    assert z_step > plain_step + 0.5 * 1.0, (plain_step, z_step)  # logsumexp over 256 logits is above 1
