@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..tokenizer import load_tokenizer
+from ..tokenizer import load_tokenizer, olmo_tokenizer_name
 from .metrics import task_metrics
 from .requests import Request, tokenize_choices
 from .scoring import naive_loglikelihoods, shared_loglikelihoods
@@ -98,7 +98,8 @@ def evaluate(model: torch.nn.Module, tasks: list[str], *, tokenizer=None, limit:
     if max_length is not None and not 1 < max_length <= model.config.max_sequence_length:
         raise ValueError(f"max_length must lie in [2, {model.config.max_sequence_length}], got {max_length}")
     resolved = resolve_tasks(tasks)
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
+    if tokenizer is None:  # OLMo's tokenizer of the model (dolma2 for OLMo 2/3)
+        tokenizer = load_tokenizer(name=olmo_tokenizer_name(model.config.eos_token_id))
     was_training = model.training
     model.eval()
     results: dict[str, TaskResult] = {}
