@@ -132,7 +132,8 @@ def _first_id(value: Any, default: int) -> int:
 # OLMo 2/3's norm weights in a block: ours (allenai/OLMo's with norm_after=True) -> HF's. OLMo's attn_norm and
 # ff_norm are the norms after the attention and the MLP there.
 _NORMS = (("q_norm.weight", "self_attn.q_norm.weight"), ("k_norm.weight", "self_attn.k_norm.weight"),
-          ("attn_norm.weight", "post_attention_layernorm.weight"), ("ff_norm.weight", "post_feedforward_layernorm.weight"))
+          ("attn_norm.weight", "post_attention_layernorm.weight"),
+          ("ff_norm.weight", "post_feedforward_layernorm.weight"))
 
 
 def hf_to_olmo(hf: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:

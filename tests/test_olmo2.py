@@ -199,12 +199,33 @@ def test_olmo2_original_layout_round_trip(tmp_path):
         save_olmo(OLMo(ModelConfig.preset("olmo3-test")), tmp_path / "olmo3")
 
 
+def test_allenai_olmo_runs_our_olmo2_checkpoint_the_same(tmp_path):
+    """allenai/OLMo's own OLMo 2 block (norm_after, QK-norm, RMSNorm with weights) built from the config.yaml
+    we write, holding the weights we write, gives our logits."""
+    pytest.importorskip("olmo", reason="comparing with allenai's OLMo needs ai2-olmo: pip install 'olmo-fast[olmo]'")
+    from olmo.config import ModelConfig as RefConfig
+    from olmo.model import OLMo as RefOLMo
+    from safetensors.torch import load_file
+
+    torch.manual_seed(3)
+    ours = OLMo(ModelConfig.preset("olmo2-test", n_kv_heads=2), backend="torch")
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.add_(torch.randn_like(p), alpha=0.2)
+    save_olmo(ours, tmp_path)
+    written = yaml.safe_load((tmp_path / "config.yaml").read_text())["model"]
+    ref = RefOLMo(RefConfig(**written, init_device="cpu")).eval()
+    ref.load_state_dict(load_file(str(tmp_path / "model.safetensors")))
+    ids = torch.randint(0, 250, (2, 29))
+    assert_logits_close(ours(ids), ref(ids).logits)
+
+
 def test_allenai_olmo_config_describes_the_same_model():
     olmo_config = pytest.importorskip("olmo.config")
     import dataclasses
 
     ours = ModelConfig.preset("olmo2-test")
-    theirs = olmo_config.ModelConfig(**{k: v for k, v in ours.to_olmo().items()})
+    theirs = olmo_config.ModelConfig(**ours.to_olmo())
     assert ModelConfig.from_olmo(dataclasses.asdict(theirs)) == ours
 
 
