@@ -50,7 +50,9 @@ class ModelConfig:
     """Everything that fixes the shape and numerics of an OLMo model.
 
     `mlp_hidden_size` is the width of the fused `ff_proj` output (`[up | gate]`), as in OLMo's own config;
-    the SwiGLU output (and HF's `intermediate_size`) is half of it.
+    the SwiGLU output (and HF's `intermediate_size`) is half of it. `architecture` picks the block: "olmo" (OLMo 1,
+    the defaults), "olmo2" (post-norms, QK-norm; `norm_after` / `qk_norm` say so) or "olmo3" (OLMo 2's block with
+    per-layer sliding windows: `attention_types`, `layer_window`, `layer_rope_scaling`).
     """
 
     d_model: int = 4096
