@@ -169,8 +169,7 @@ class TrainConfig:
             (g > 0 and m > 0, "global_train_batch_size and device_train_microbatch_size must be positive"),
             (opt.name == "adamw", f"optimizer.name {opt.name!r}: only adamw is implemented"),
             (_positive(opt.learning_rate), f"optimizer.learning_rate {opt.learning_rate} must be positive"),
-            (self.z_loss_multiplier is None or (isinstance(self.z_loss_multiplier, (int, float))
-                                                and 0 <= self.z_loss_multiplier < math.inf),
+            (self.z_loss_multiplier is None or 0 <= self.z_loss_multiplier < math.inf,
              f"z_loss_multiplier must be a number >= 0 (or null: off), got {self.z_loss_multiplier!r}"),
             (_at_least_zero(opt.weight_decay), f"optimizer.weight_decay {opt.weight_decay} must be >= 0"),
             (len(opt.betas) == 2 and all(0 <= b < 1 for b in opt.betas),
