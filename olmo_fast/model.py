@@ -2,7 +2,8 @@
 `olmo_fast.ops`, holding its backend), so every backend runs it.
 
 Parameter names follow allenai/OLMo (`transformer.blocks.{i}.att_proj` ...), so an original checkpoint's state
-dict loads as it is; `hf_names.py` maps them to and from HF's names. The nn modules hold no parameters.
+dict loads as it is; `hf_names.py` maps them to and from HF's names. The nn modules hold no parameters, except
+OLMo 2/3's norms, which hold their weights.
 
 Block (OLMo's sequential block, pre-norm, no biases):
     h = attn_norm(x);  q, k, v = rotary(att_proj(h))  (clamp, split, RoPE);  x = x + attn_out(attention(q, k, v))
