@@ -12,7 +12,7 @@ from olmo_fast import ModelConfig, OLMo
 
 
 def olmo(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, backend: str | None = None) -> OLMo:
-    """OLMo's "mitchell" init, run on `device` in `dtype`."""
+    """The preset's init (OLMo 1: "mitchell", OLMo 2/3: normal 0.02), run on `device` in `dtype`."""
     with torch.device("meta"):
         model = OLMo(cfg, backend=backend, init=False)
     model = model.to(dtype).to_empty(device=device)
@@ -21,16 +21,17 @@ def olmo(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, backend: st
 
 
 def hf_olmo(cfg: ModelConfig, device: torch.device, dtype: torch.dtype, attn: str = "sdpa"):
-    """transformers' OlmoForCausalLM of the same shape (its own init), `attn` its attention implementation."""
+    """transformers' OlmoForCausalLM / Olmo2ForCausalLM / Olmo3ForCausalLM of the same shape (its own init),
+    `attn` its attention implementation."""
     import transformers
 
     hf_cfg = {k: v for k, v in cfg.to_hf().items() if k not in ("architectures", "model_type")}
-    config = transformers.OlmoConfig(**hf_cfg, attn_implementation=attn)
+    config = transformers.AutoConfig.for_model(cfg.architecture, **hf_cfg, attn_implementation=attn)
     default = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = transformers.OlmoForCausalLM(config)
+            model = transformers.AutoModelForCausalLM.from_config(config)
     finally:
         torch.set_default_dtype(default)
     return model

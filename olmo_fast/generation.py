@@ -193,8 +193,10 @@ class _TextState:
 Prompt = str | Sequence[int] | torch.Tensor
 
 
-def _token_prompts(prompts: Prompt | Sequence[Prompt], tokenizer: Any) -> tuple[list[list[int]], Any]:
-    """Normalize to a list of token-id lists; loads OLMo's tokenizer if strings come without one."""
+def _token_prompts(prompts: Prompt | Sequence[Prompt], tokenizer: Any, eos_token_id: int
+                   ) -> tuple[list[list[int]], Any]:
+    """Normalize to a list of token-id lists; loads OLMo's tokenizer of a model with EOS id `eos_token_id` (dolma2
+    for OLMo 2/3) if strings come without one."""
     if isinstance(prompts, torch.Tensor) and prompts.dim() == 2:
         prompts = list(prompts)
     if isinstance(prompts, (str, torch.Tensor)) or (
@@ -203,9 +205,9 @@ def _token_prompts(prompts: Prompt | Sequence[Prompt], tokenizer: Any) -> tuple[
     if not isinstance(prompts, Sequence) or not prompts:
         raise ValueError("prompts must be a non-empty list of strings or of token-id lists")
     if tokenizer is None and any(isinstance(p, str) for p in prompts):
-        from .tokenizer import load_tokenizer
+        from .tokenizer import load_tokenizer, olmo_tokenizer_name
 
-        tokenizer = load_tokenizer()
+        tokenizer = load_tokenizer(name=olmo_tokenizer_name(eos_token_id))
     out = []
     for i, prompt in enumerate(prompts):
         if isinstance(prompt, str):
@@ -260,7 +262,7 @@ def generate(model: torch.nn.Module, prompts: Prompt | Sequence[Prompt], *, toke
     """
     _check_sampling(max_new_tokens, temperature, top_k, top_p)
     config = model.config
-    ids, tokenizer = _token_prompts(prompts, tokenizer)
+    ids, tokenizer = _token_prompts(prompts, tokenizer, config.eos_token_id)
     stop = [stop] if isinstance(stop, str) else list(stop)
     if any(not s for s in stop):
         raise ValueError("stop strings must be non-empty")

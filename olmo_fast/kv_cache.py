@@ -12,7 +12,9 @@ Two phases:
   module attends over `lengths[b] + T` keys (`ops.decode_attention`). `lengths` is one tensor updated in place,
   so a CUDA graph captured around a decode step stays valid from step to step.
 The cache holds tensors only: the block's `nn.Attention` attends over what `update` returns, on its own backend
-(so `OLMo.set_backend` reaches decoding through an existing cache). Bytes per layer: 2 * B * S * Hkv * D *
+(so `OLMo.set_backend` reaches decoding through an existing cache). OLMo 3's sliding-window layers keep the full
+cache too: their `Attention` holds the window and passes it to the prefill and decode attention, which skip the
+keys outside it. Bytes per layer: 2 * B * S * Hkv * D *
 element size.
 """
 from __future__ import annotations

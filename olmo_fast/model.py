@@ -1,14 +1,21 @@
-"""The OLMo model (OLMo 1B / 7B / 1.7-7B), built from `olmo_fast.nn` modules (each on one op of `olmo_fast.ops`,
-holding its backend), so every backend runs it.
+"""The OLMo model (OLMo 1B / 7B / 1.7-7B, OLMo 2 and OLMo 3), built from `olmo_fast.nn` modules (each on one op of
+`olmo_fast.ops`, holding its backend), so every backend runs it.
 
 Parameter names follow allenai/OLMo (`transformer.blocks.{i}.att_proj` ...), so an original checkpoint's state
-dict loads as it is; `hf_names.py` maps them to and from HF's names. The nn modules hold no parameters.
+dict loads as it is; `hf_names.py` maps them to and from HF's names. The nn modules hold no parameters, except
+OLMo 2/3's norms, which hold their weights.
 
 Block (OLMo's sequential block, pre-norm, no biases):
     h = attn_norm(x);  q, k, v = rotary(att_proj(h))  (clamp, split, RoPE);  x = x + attn_out(attention(q, k, v))
     h = ff_norm(x);  x = x + ff_out(act(ff_proj(h)))  with act([up | gate]) = silu(gate) * up
 Each residual add is fused into the LayerNorm that follows it (`norm(delta, residual=x)`), also across blocks: a
 block hands its MLP output to the next block's `attn_norm`, the last one to the final `ln_f`.
+
+OLMo 2/3 block (`config.norm_after`: norms after the sublayers, RMSNorm with weights, QK-norm, no clipping):
+    q, k, v = rope(q_norm(q), k_norm(k)) of att_proj(x);  x = x + attn_norm(attn_out(attention(q, k, v)))
+    x = x + ff_norm(ff_out(act(ff_proj(x))))
+with the QK-norm fused into RoPE (`QKNormRope`), each norm fused with its residual add (`RMSNormAdd`), and
+attention over the layer's window on OLMo 3's sliding layers; the final `ln_f` is an RMSNorm with a weight.
 """
 from __future__ import annotations
 
@@ -21,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
-from .nn import Attention, CausalLMLoss, LayerNorm, QKVRope, SwiGLU, set_backend
+from .nn import Attention, CausalLMLoss, LayerNorm, QKNormRope, QKVRope, RMSNorm, RMSNormAdd, SwiGLU, set_backend
 
 
 class KVCache(Protocol):
@@ -78,6 +85,47 @@ class OLMoBlock(nn.Module):
         _trunc_normal(self.ff_out.weight, 1 / math.sqrt(2 * self.config.intermediate_size * depth))
 
 
+class OLMo2Block(nn.Module):
+    """OLMo 2/3's block (see the module docstring); same interface as `OLMoBlock`, with nothing handed on: the
+    residual adds are fused into the post-norms, so `forward` returns `(x, None)`."""
+
+    def __init__(self, config: ModelConfig, layer_id: int, backend: str | None = None) -> None:
+        super().__init__()
+        self.config, self.layer_id = config, layer_id
+        d, eps, kv = config.d_model, config.layer_norm_eps, config.n_kv_heads * config.head_dim
+        self.att_proj = nn.Linear(d, config.qkv_size, bias=False)
+        # q_norm / k_norm hold the QK-norm weights (allenai/OLMo's names); `rotary` applies them fused with RoPE.
+        self.q_norm = RMSNorm(d, eps=eps, backend=backend)
+        self.k_norm = RMSNorm(kv, eps=eps, backend=backend)
+        self.rotary = QKNormRope(config.n_heads, config.n_kv_heads, eps=eps, theta=config.rope_theta,
+                                 rope_scaling=config.layer_rope_scaling(layer_id), backend=backend)
+        self.attention = Attention(causal=True, window=config.layer_window(layer_id), backend=backend)
+        self.attn_out = nn.Linear(d, d, bias=False)
+        self.attn_norm = RMSNormAdd(d, eps=eps, backend=backend)
+        self.ff_proj = nn.Linear(d, config.mlp_hidden_size, bias=False)
+        self.act = SwiGLU(backend=backend)
+        self.ff_out = nn.Linear(config.intermediate_size, d, bias=False)
+        self.ff_norm = RMSNormAdd(d, eps=eps, backend=backend)
+
+    def forward(self, x: torch.Tensor, delta: None = None, cache: KVCache | None = None,
+                positions: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+        q, k, v = self.rotary(self.att_proj(x), self.q_norm.weight, self.k_norm.weight, positions=positions,
+                              offset=0 if cache is None else cache.rope_offset)
+        seqlens = None
+        if cache is not None:
+            k, v, seqlens = cache.update(self.layer_id, k, v)
+        x = self.attn_norm(self.attn_out(self.attention(q, k, v, seqlens).flatten(2)), x)
+        return self.ff_norm(self.ff_out(self.act(self.ff_proj(x))), x), None
+
+    def reset_parameters(self) -> None:
+        """OLMo 2's init (OLMo-core's and allenai/OLMo's "normal"): every matrix truncated normal with std
+        `init_std` (0.02) at ±3σ, the norms' weights ones."""
+        for linear in (self.att_proj, self.attn_out, self.ff_proj, self.ff_out):
+            _trunc_normal(linear.weight, self.config.init_std)
+        for norm in (self.q_norm, self.k_norm, self.attn_norm, self.ff_norm):
+            nn.init.ones_(norm.weight)
+
+
 def _trunc_normal(weight: torch.Tensor, std: float) -> None:
     nn.init.trunc_normal_(weight, mean=0.0, std=std, a=-3 * std, b=3 * std)
 
@@ -89,10 +137,12 @@ class OLMo(nn.Module):
     def __init__(self, config: ModelConfig, backend: str | None = None, init: bool = True) -> None:
         super().__init__()
         self.config = config
+        block, eps = OLMo2Block if config.norm_after else OLMoBlock, config.layer_norm_eps
         self.transformer = nn.ModuleDict({
             "wte": nn.Embedding(config.embedding_size, config.d_model),
-            "blocks": nn.ModuleList(OLMoBlock(config, i, backend) for i in range(config.n_layers)),
-            "ln_f": LayerNorm(eps=config.layer_norm_eps, backend=backend),
+            "blocks": nn.ModuleList(block(config, i, backend) for i in range(config.n_layers)),
+            "ln_f": (RMSNorm(config.d_model, eps=eps, backend=backend) if config.norm_after
+                     else LayerNorm(eps=eps, backend=backend)),
         })
         if not config.weight_tying:
             self.transformer["ff_out"] = nn.Linear(config.d_model, config.embedding_size, bias=False)
@@ -101,7 +151,10 @@ class OLMo(nn.Module):
             self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        std = 1 / math.sqrt(self.config.d_model)
+        """OLMo 1: mitchell (embedding and head std 1/sqrt(d)); OLMo 2/3: std `init_std` everywhere, norms ones."""
+        std = self.config.init_std if self.config.norm_after else 1 / math.sqrt(self.config.d_model)
+        if self.config.norm_after:
+            nn.init.ones_(self.transformer["ln_f"].weight)
         _trunc_normal(self.transformer["wte"].weight, std)
         if "ff_out" in self.transformer:
             _trunc_normal(self.transformer["ff_out"].weight, std)
@@ -152,12 +205,14 @@ class OLMo(nn.Module):
         delta = None
         for block in self.transformer["blocks"]:
             x, delta = block(x, delta, cache, positions)
+        if delta is None:  # OLMo 2/3: every residual add is done
+            return self.transformer["ln_f"](x)
         h, _ = self.transformer["ln_f"](delta, residual=x)
         return h
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, reduction: str = "mean",
                 fused: bool = False, check_inputs: bool = True, cache: KVCache | None = None,
-                positions: torch.Tensor | None = None):
+                positions: torch.Tensor | None = None, z_loss: float = 0.0):
         """`model(ids)` -> logits `[B, T, embedding_size]`; `model(ids, labels)` -> `(logits, loss)`.
 
         `labels` are aligned with `input_ids` (as in HF): position t is scored against `labels[:, t + 1]`, -100
@@ -169,13 +224,16 @@ class OLMo(nn.Module):
         `check_inputs` (one device sync): ValueError for ids or labels out of the vocabulary, a wrong dtype or
         shape, or a sequence longer than the context; callers that checked their data once (the trainer, the
         generator) pass False. `cache` / `positions`: decoding with a KV cache, explicit RoPE positions.
+        `z_loss`: OLMo-core's z-loss multiplier, `z_loss * logsumexp(logits)^2` per scored token added to the loss
+        (same reduction); passed to the loss only when set, so a loss without z-loss support runs every other call.
         """
         if check_inputs:
             self.check_inputs(input_ids, labels)
         h = self.hidden_states(input_ids, cache, positions)
         if labels is None:
             return F.linear(h, self.head_weight)
-        return self.loss(h, self.head_weight, labels, reduction=reduction, fused=fused, check_labels=False)
+        z_term = {"z_loss": z_loss} if z_loss else {}
+        return self.loss(h, self.head_weight, labels, reduction=reduction, fused=fused, check_labels=False, **z_term)
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod

@@ -183,8 +183,8 @@ def test_hf_settings_olmo_fast_would_ignore_are_refused(tmp_path, overrides, mat
 
 def test_hf_config_of_another_family_is_refused(tmp_path):
     folder = _tiny_hf_folder(tmp_path)
-    _edit_json(folder / "config.json", model_type="olmo2")
-    with pytest.raises(ConfigError, match="model_type='olmo2'; olmo-fast supports only 'olmo'"):
+    _edit_json(folder / "config.json", model_type="llama")
+    with pytest.raises(ConfigError, match="model_type='llama'; olmo-fast supports only 'olmo' or 'olmo2' or 'olmo3'"):
         OLMo.from_pretrained(folder)
 
 

@@ -402,6 +402,8 @@ BAD_SETTINGS = [
     ("--save_num_checkpoints_to_keep=0", "save_num_checkpoints_to_keep 0 must be positive (-1: keep all)"),
     ("--stop_at=0", "stop_at 0 must be positive"),
     ("--time_limit=0", "time_limit 0.0 must be positive"),
+    ("--z_loss_multiplier=-1", "z_loss_multiplier must be a number >= 0 (or null: off), got -1.0"),
+    ("--z_loss_multiplier=.inf", "z_loss_multiplier must be a number >= 0 (or null: off), got inf"),
     ("--console_log_interval=0", "console_log_interval must be positive"),
     ("--seed=-1", "seed and data.seed must be >= 0"),
     ("--global_train_batch_size=null", "global_train_batch_size must not be null"),

@@ -29,7 +29,7 @@ def check_model_name(model: str) -> None:
 
 
 def load(model: str, device: str, dtype: torch.dtype, backend: str | None):
-    """An HF / original OLMo checkpoint directory, or a preset name (random "mitchell" weights)."""
+    """An HF / original OLMo checkpoint directory, or a preset name (random weights, the preset's init)."""
     from ..config import ModelConfig
     from ..model import OLMo
 
@@ -44,16 +44,20 @@ def load(model: str, device: str, dtype: torch.dtype, backend: str | None):
 
 
 def model_tokenizer(model: str, tokenizer: str | None, optional: bool = False):
-    """`--tokenizer`, else the model folder's tokenizer.json, else OLMo's default; None where that is missing and
-    the tokenizer is `optional` (generate's --token-ids: ids in, ids out)."""
-    from ..tokenizer import TokenizerError, load_tokenizer
+    """`--tokenizer`, else the model folder's tokenizer.json, else OLMo's tokenizer of the model (dolma2 for OLMo
+    2/3's EOS id, else dolma-v1_5); None where that is missing and the tokenizer is `optional` (generate's
+    --token-ids: ids in, ids out)."""
+    from ..config import ModelConfig
+    from ..tokenizer import TokenizerError, load_tokenizer, olmo_tokenizer_name
 
     if tokenizer:
         return load_tokenizer(tokenizer)
     if Path(model).is_dir() and (Path(model) / "tokenizer.json").is_file():
         return load_tokenizer(model)
+    check_model_name(model)
+    config = ModelConfig.from_file(model) if Path(model).is_dir() else ModelConfig.preset(model)
     try:
-        return load_tokenizer()
+        return load_tokenizer(name=olmo_tokenizer_name(config.eos_token_id))
     except TokenizerError:
         if optional:
             return None

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from ..tokenizer import load_tokenizer
+from ..tokenizer import load_tokenizer, olmo_tokenizer_name
 from .metrics import task_metrics
 from .requests import Request, tokenize_choices
 from .scoring import naive_loglikelihoods, shared_loglikelihoods
@@ -101,17 +101,18 @@ def evaluate(model: torch.nn.Module, tasks: list[str], *, tokenizer=None, limit:
     """Score `model` on OLMo's downstream `tasks` (names as in OLMo's label_to_task_map; `mmlu` = its four
     5-shot categories). `model`: an `olmo_fast.OLMo` (the shared path uses its `hidden_states(ids, cache=)`
     and `head_weight`; `shared=False` only `model(input_ids)` -> logits and `.config`).
-    `limit`: the first N documents per task. `tokenizer`: a `tokenizers.Tokenizer` (default OLMo's
-    dolma-v1_5). `shared=False` scores as OLMo does, one sequence per choice; `compare_naive` also times that
-    scheme and records the largest difference. `max_length`: cut requests from the left to this many tokens
-    (default: the model's context, as OLMo's `model_ctx_len`). `on_result` is called after each task (e.g. to
-    write results as they come)."""
+    `limit`: the first N documents per task. `tokenizer`: a `tokenizers.Tokenizer` (default OLMo's tokenizer of
+    the model: dolma2 for OLMo 2/3, else dolma-v1_5). `shared=False` scores as OLMo does, one sequence per choice;
+    `compare_naive` also times that scheme and records the largest difference. `max_length`: cut requests from the
+    left to this many tokens (default: the model's context, as OLMo's `model_ctx_len`). `on_result` is called after
+    each task (e.g. to write results as they come)."""
     if limit is not None and limit < 1:
         raise ValueError(f"limit must be >= 1, got {limit}")
     if max_length is not None and not 1 < max_length <= model.config.max_sequence_length:
         raise ValueError(f"max_length must lie in [2, {model.config.max_sequence_length}], got {max_length}")
     resolved = resolve_tasks(tasks)
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
+    if tokenizer is None:  # OLMo's tokenizer of the model (dolma2 for OLMo 2/3)
+        tokenizer = load_tokenizer(name=olmo_tokenizer_name(model.config.eos_token_id))
     was_training = model.training
     model.eval()
     results: dict[str, TaskResult] = {}

@@ -46,3 +46,19 @@ class RMSNorm(OpModule):
 
     def extra_repr(self) -> str:
         return f"{self.hidden_size}, eps={self.eps}, backend={self.backend}"
+
+
+class RMSNormAdd(OpModule):
+    """OLMo 2's post-norm residual (`ops.rms_norm_add`): `forward(x, residual)` = `residual + RMSNorm(x) * weight`
+    (the norm in fp32, cast to x's dtype before the add), weight ones."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, backend: str | None = None) -> None:
+        super().__init__(backend)
+        self.hidden_size, self.eps = hidden_size, eps
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm_add(x, self.weight, residual, eps=self.eps, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"{self.hidden_size}, eps={self.eps}, backend={self.backend}"

@@ -129,6 +129,7 @@ class TrainConfig:
     compile: Any = False  # torch.compile each block; a mapping (OLMo's: mode, fullgraph, dynamic) is passed on
     activation_checkpointing: Any = False  # true / whole_layer: every block; one_in_two / three / four
     fused_loss: bool | None = None  # ops.linear_cross_entropy (no logits); None: where a fused kernel exists
+    z_loss_multiplier: float | None = None  # OLMo-core's z-loss: + this x logsumexp(logits)^2 per token (None: off)
     console_log_interval: int = 1
     flops_peak: float | None = None  # accelerator bf16 peak FLOP/s for MFU (None: known cards)
 
@@ -168,6 +169,8 @@ class TrainConfig:
             (g > 0 and m > 0, "global_train_batch_size and device_train_microbatch_size must be positive"),
             (opt.name == "adamw", f"optimizer.name {opt.name!r}: only adamw is implemented"),
             (_positive(opt.learning_rate), f"optimizer.learning_rate {opt.learning_rate} must be positive"),
+            (self.z_loss_multiplier is None or 0 <= self.z_loss_multiplier < math.inf,
+             f"z_loss_multiplier must be a number >= 0 (or null: off), got {self.z_loss_multiplier!r}"),
             (_at_least_zero(opt.weight_decay), f"optimizer.weight_decay {opt.weight_decay} must be >= 0"),
             (len(opt.betas) == 2 and all(0 <= b < 1 for b in opt.betas),
              f"optimizer.betas {list(opt.betas)} must be two numbers in [0, 1)"),

@@ -30,6 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -38,7 +39,7 @@ from ..config import ConfigError, ModelConfig
 from ..eval import DownstreamEvaluator, TaskError
 from ..model import OLMo
 from ..ops import dispatch
-from ..tokenizer import load_tokenizer
+from ..tokenizer import load_tokenizer, olmo_tokenizer_name
 from . import corpus, dist, state
 from .config import CHECKPOINT_EVERY, DataConfig, EvaluatorConfig, TrainConfig, save_config
 from .data import BatchOrder, DataError, TokenDataset, eval_batches, eval_steps
@@ -197,16 +198,18 @@ class Trainer:
             warnings.warn(f"skipping evaluator {ev.label!r}: only language-model loss on token files (type lm, "
                           f"data.paths or data.datasets) and downstream tasks are implemented", stacklevel=2)
         evaluators = [e for e in evaluators if e.type == "lm" and e.data.all_paths()]
-        if not cfg.data.all_paths():  # the built-in corpus, tokenized once by rank 0
+        if not cfg.data.all_paths():  # the built-in corpus in the model's tokenizer, tokenized once by rank 0
+            name = olmo_tokenizer_name(self.model_config.eos_token_id)
             if self.dist.main:
-                train, val = corpus.build()
+                train, val = corpus.build(tokenizer_name=name)
             self.dist.barrier()
-            train, val = corpus.build()
-            cfg.data.paths = [str(train)]
+            train, val = corpus.build(tokenizer_name=name)
+            cfg.data.paths, cfg.data.memmap_dtype = [str(train)], corpus.memmap_dtype(name)
             if not evaluators:
-                evaluators = [EvaluatorConfig(label="corpus-val", data=DataConfig(paths=[str(val)]),
-                                              subset_num_batches=4)]
-            self.log(f"data: the built-in corpus ({train.stat().st_size // 2:,} tokens of OLMo eval-task text)")
+                evaluators = [EvaluatorConfig(label="corpus-val", subset_num_batches=4,
+                                              data=DataConfig(paths=[str(val)], memmap_dtype=cfg.data.memmap_dtype))]
+            tokens = train.stat().st_size // np.dtype(cfg.data.memmap_dtype).itemsize
+            self.log(f"data: the built-in corpus ({tokens:,} tokens of OLMo eval-task text, {name})")
         return self._dataset(cfg.data), [(e, self._eval_dataset(e)) for e in evaluators]
 
     def _downstream_tasks(self) -> list[DownstreamEvaluator]:
@@ -215,7 +218,8 @@ class Trainer:
         tasks = [ev for ev in self.cfg.evaluators if ev.type == "downstream"]
         if not tasks:
             return []
-        tokenizer = load_tokenizer()  # the tasks are tokenized with OLMo's tokenizer: its ids must be the model's
+        # the tasks are tokenized with the model's OLMo tokenizer: its ids must be the model's
+        tokenizer = load_tokenizer(name=olmo_tokenizer_name(self.model_config.eos_token_id))
         ids, rows = tokenizer.get_vocab_size(), self.model_config.embedding_size
         if ids > rows:
             raise ConfigError(f"evaluator {tasks[0].label!r}: OLMo's tokenizer has {ids} ids, more than the "
@@ -286,12 +290,12 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _loss_sum(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Sum over positions t of CE(prediction at t, labels[t + 1]), -100 skipped; fp32. `OLMo.forward`'s loss:
-        fused, the logits are never held."""
+    def _loss_sum(self, input_ids: torch.Tensor, labels: torch.Tensor, z_loss: float = 0.0) -> torch.Tensor:
+        """Sum over positions t of CE(prediction at t, labels[t + 1]) (+ `z_loss` x logsumexp^2 of its logits),
+        -100 skipped; fp32. `OLMo.forward`'s loss: fused, the logits are never held."""
         with self._autocast():
             _, loss = self.model(input_ids, labels, reduction="sum", fused=self.fused_loss,
-                                 check_inputs=self.check_batches)
+                                 check_inputs=self.check_batches, z_loss=z_loss)
         return loss
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -306,7 +310,7 @@ class Trainer:
         for i, (m_ids, m_labels) in enumerate(zip(micro, micro_labels)):
             if self.dist.sharded:  # reduce-scatter gradients once, after the last micro-batch
                 self.model.set_requires_gradient_sync(i == len(micro) - 1)
-            part = self._loss_sum(m_ids, m_labels) / ids.numel()
+            part = self._loss_sum(m_ids, m_labels, z_loss=self.cfg.z_loss_multiplier or 0.0) / ids.numel()
             part.backward()
             loss += part.detach()
         t, total = self._schedule_position()
