@@ -1,16 +1,20 @@
 """Decoding attention (flash-decoding) in Triton: a few new queries against a KV cache, split across programs.
 
 Computes, for q [B, Tq, H, D] and caches k, v [B, S, Hkv, D] (any strides, stride(-1) == 1) where sequence b holds
-seqlens[b] valid keys (the Tq new ones last): query i of sequence b attends to keys 0 .. seqlens[b] - Tq + i
-(causal among the new tokens; slots past seqlens[b] are never read). Out [B, Tq, H, D] in q's dtype.
+seqlens[b] valid keys (the Tq new ones last): query i of sequence b, at position p = seqlens[b] - Tq + i, attends
+to keys 0 .. p (causal among the new tokens; slots past seqlens[b] are never read), with a sliding `window` only
+to keys p - window + 1 .. p. Out [B, Tq, H, D] in q's dtype.
 
 Split-K: the cache is cut into `num_splits` chunks; program (split, b * Hkv + kv head, row block) runs the online
 softmax of the training forward (`attention.attend_blocks`, fp32, base 2) over one chunk for a block of rows
 (q head of the kv head's group, query) - so K/V are read once per group, never repeated for GQA - and writes a
 partial output and log-sum-exp (fp32). `_decode_combine` merges the splits (skipped when there is one split: the
 split kernel then writes the output itself). Small batches get many splits so that every SM has work.
+With a window, a split starts at the block of the window's first key (`split_range`): a split wholly before the
+window loads nothing and writes an empty partial (weight 0 in the combine).
 
-Work: 4 * B * H * Tq * L * D FLOPs (L = mean seqlen). Bytes: e * B * Hkv * L * 2 * D of K/V read once (e =
+Work: 4 * B * H * Tq * L * D FLOPs (L = mean seqlen, or min(seqlen, window + Tq - 1) with a window; the same L
+in the K/V bytes). Bytes: e * B * Hkv * L * 2 * D of K/V read once (e =
 element size; this dominates), plus q and out (e * 2 * B * Tq * H * D) and, with splits, the fp32 partials written
 and read back: 2 * 4 * B * H * Tq * num_splits * (D + 1).
 """
@@ -23,7 +27,15 @@ import triton
 import triton.language as tl
 
 from . import _tuning
-from .attention import LOG2E, attend_blocks, configs, dot_precision, last_dim_contiguous, row_offsets
+from .attention import (
+    LOG2E,
+    attend_blocks,
+    configs,
+    dot_precision,
+    effective_window,
+    last_dim_contiguous,
+    row_offsets,
+)
 
 CHUNK_ALIGN = 128  # split chunks are multiples of this (and of every BLOCK_N below)
 MAX_SPLITS = 128
@@ -38,13 +50,31 @@ def _split_footprint(config: triton.Config, args: dict, target: _tuning.Target) 
     return _tuning.tile_footprint(config, target, args["Q"].element_size(), m * d + m * n, m * d, 2 * n * d)
 
 
-@_tuning.autotune(_SPLIT_CONFIGS, ["CHUNK", "HEAD_DIM", "ROWS", "SINGLE"], _split_footprint)
+@triton.jit
+def split_range(lo, hi, seqlen, Tq, window, WINDOWED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(a, w_full, n_full): the keys [lo, hi) of one split (lo a multiple of BLOCK_N) as visited: [w_full, n_full)
+    seen by every query of the sequence, [a, w_full) (the window's far edge) and [n_full, hi) (the new tokens'
+    diagonal) masked; keys before a (the block of the window's first key) never loaded. a <= w_full <= n_full, and
+    a >= hi when the split lies wholly before the window (then nothing is visited)."""
+    n_full = tl.maximum(tl.minimum(seqlen - Tq + 1, hi) - lo, 0) // BLOCK_N * BLOCK_N + lo
+    if WINDOWED:  # (clamped at 0 before dividing: integer division rounds toward zero on GPUs)
+        a = tl.maximum(seqlen - Tq - window + 1 - lo, 0) // BLOCK_N * BLOCK_N + lo
+        n_full = tl.maximum(n_full, a)
+        w_full = tl.cdiv(tl.maximum(seqlen - window - lo, 0), BLOCK_N) * BLOCK_N + lo
+        w_full = tl.minimum(tl.maximum(w_full, a), n_full)
+    else:
+        a = lo
+        w_full = lo
+    return a, w_full, n_full
+
+
+@_tuning.autotune(_SPLIT_CONFIGS, ["CHUNK", "HEAD_DIM", "ROWS", "SINGLE", "WINDOWED"], _split_footprint)
 @triton.jit
 def _decode_split(Q, K, V, SEQLENS, O, OPART, LPART,
                   sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
-                  H, Hkv, GROUP, Tq, CHUNK, n_splits, qk_scale,
-                  ROWS: tl.constexpr, SINGLE: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                  H, Hkv, GROUP, Tq, CHUNK, n_splits, qk_scale, window,
+                  ROWS: tl.constexpr, SINGLE: tl.constexpr, WINDOWED: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Axis 0 enumerates (split, row block, batch x kv head), splits fastest: no grid axis caps B * Hkv.
     pid = tl.program_id(0)
     row_blocks = tl.cdiv(GROUP * Tq, ROWS)
@@ -64,17 +94,21 @@ def _decode_split(Q, K, V, SEQLENS, O, OPART, LPART,
     seqlen = tl.load(SEQLENS + b).to(tl.int32)
     lo = split * CHUNK
     hi = tl.minimum(lo + CHUNK, seqlen)
-    limit = tl.minimum(seqlen - Tq + i + 1, hi)  # keys each row sees, within this chunk
-    n_full = tl.maximum(tl.minimum(seqlen - Tq + 1, hi) - lo, 0) // BLOCK_N * BLOCK_N + lo
+    limit = tl.minimum(seqlen - Tq + i + 1, hi)  # keys each row sees, within this chunk: [first, limit)
+    first = seqlen - Tq + i - window + 1
+    a, w_full, n_full = split_range(lo, hi, seqlen, Tq, window, WINDOWED, BLOCK_N)
     K += b * skb + kh * skh
     V += b * svb + kh * svh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    acc, m_i, l_i = attend_blocks(acc, m_i, l_i, q, K, V, skt, svt, offs_d, limit, lo, n_full, 0.0, qk_scale,
-                                  False, False, HEAD_DIM, BLOCK_N, DOT_PRECISION)
-    acc, m_i, l_i = attend_blocks(acc, m_i, l_i, q, K, V, skt, svt, offs_d, limit, n_full, hi, 0.0, qk_scale,
-                                  False, True, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+    if WINDOWED:
+        acc, m_i, l_i = attend_blocks(acc, m_i, l_i, q, K, V, skt, svt, offs_d, first, limit, a, w_full, 0.0,
+                                      qk_scale, False, True, True, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+    acc, m_i, l_i = attend_blocks(acc, m_i, l_i, q, K, V, skt, svt, offs_d, first, limit, w_full, n_full, 0.0,
+                                  qk_scale, False, False, WINDOWED, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+    acc, m_i, l_i = attend_blocks(acc, m_i, l_i, q, K, V, skt, svt, offs_d, first, limit, n_full, hi, 0.0,
+                                  qk_scale, False, True, WINDOWED, HEAD_DIM, BLOCK_N, DOT_PRECISION)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -111,7 +145,8 @@ def _default_splits(programs: int, slots: int, device: torch.device) -> int:
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens: torch.Tensor,
-                     scale: float | None = None, num_splits: int | None = None) -> torch.Tensor:
+                     scale: float | None = None, window: int | None = None, num_splits: int | None = None
+                     ) -> torch.Tensor:
     """Out [B, Tq, H, D] (q's dtype) of q over the first seqlens[b] slots of each cache; see the module docstring.
 
     Inputs as `ops.decode_attention` validates them (shapes, one dtype, integer seqlens); seqlens[b] must lie in
@@ -124,6 +159,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     if out.numel() == 0:
         return out
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    window = effective_window(window, True, S)
     rows = min(triton.next_power_of_2(group * Tq), 64)  # rows of one program: (head of the group, query) pairs
     row_blocks = triton.cdiv(group * Tq, rows)
     splits = num_splits or _default_splits(B * Hkv * row_blocks, S, q.device)
@@ -135,8 +171,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     block_d = max(16, triton.next_power_of_2(D))
     _decode_split[(splits * row_blocks * B * Hkv,)](
         q, k_cache, v_cache, seqlens, out, opart, lpart, *q.stride()[:3], *k_cache.stride()[:3],
-        *v_cache.stride()[:3], *out.stride()[:3], H, Hkv, group, Tq, chunk, splits, scale * LOG2E,
-        ROWS=rows, SINGLE=single, HEAD_DIM=D, BLOCK_D=block_d,
+        *v_cache.stride()[:3], *out.stride()[:3], H, Hkv, group, Tq, chunk, splits, scale * LOG2E, window or 0,
+        ROWS=rows, SINGLE=single, WINDOWED=window is not None, HEAD_DIM=D, BLOCK_D=block_d,
         DOT_PRECISION=dot_precision(q.dtype), BLOCK_M=max(16, rows))
     if not single:
         _decode_combine[(B * H * Tq,)](opart, lpart, out, *out.stride()[:3], H, Tq, splits,
