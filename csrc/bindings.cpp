@@ -494,8 +494,8 @@ void set_operand(const Tensor& t, const void*& data, int64_t (&strides)[3]) {
 // A sliding window of the attention kernels as their args hold it (0 = unlimited), checked: >= 1, causal only.
 int64_t window_arg(const char* op, std::optional<int64_t> window, bool causal) {
   if (!window.has_value()) return 0;
-  TORCH_CHECK(*window >= 1 && causal, "olmo_fast_C::", op, ": a sliding window needs causal attention and window >= 1, ",
-              "got window ", *window, causal ? "" : " without causal");
+  TORCH_CHECK(*window >= 1 && causal, "olmo_fast_C::", op, ": a sliding window needs causal attention and ",
+              "window >= 1, got window ", *window, causal ? "" : " without causal");
   return *window;
 }
 

@@ -1,9 +1,9 @@
 """Clipped-QKV flash attention forward for Hopper: Q/K/V/O through tensor descriptors (TMA), variant "tma".
 
 Same contract and math as `attention._attn_fwd` (kernels/attention.py: O = softmax(scale * c(Q) c(K)^T + mask) c(V),
-bottom-right causal alignment, sliding windows
-skipping the key blocks before the window's first one (`attention.kv_range`), GQA by head index, rows with no key give 0 and LSE = +inf, LSE in base 2 of the
-scaled scores), so `attention.attention_bwd` differentiates its output. What differs:
+bottom-right causal alignment, sliding windows skipping the key blocks before the window's first one
+(`attention.kv_range`), GQA by head index, rows with no key give 0 and LSE = +inf, LSE in base 2 of the scaled
+scores), so `attention.attention_bwd` differentiates its output. What differs:
   - Loads and the output store go through `tl.make_tensor_descriptor` (one 2-D [T, HEAD_DIM] descriptor per
     (batch, head) slab, built on the device): on sm_90 the K/V stream becomes `cp.async.bulk.tensor` copies into
     shared memory completing on mbarriers, pipelined num_stages deep, and the tile edges (rows past T, columns

@@ -15,8 +15,9 @@
 // (fp32; every product accumulates in registers along its sum: attend.h's block_scores / add_weighted_rows);
 // then dK, dV of the block are written, and dQ (times scale) once all blocks are done; each through the clamp's
 // gradient mask of its raw input. Rows go in chunks of 64 queries of one head, from the first query that sees
-// the key block (the diagonal) to the last (the window's far end). Work 10 P FLOPs (scores recomputed once). Memory per task: fp32 copies of the
-// group's q, dO and the dQ accumulator (3 x group x Tq x D floats) and the key block.
+// the key block (the diagonal) to the last (the window's far end). Work 10 P FLOPs (scores recomputed once).
+// Memory per task: fp32 copies of the group's q, dO and the dQ accumulator (3 x group x Tq x D floats) and the
+// key block.
 #include "attend.h"
 
 namespace olmo_fast {
