@@ -370,6 +370,18 @@ def test_attention_gpu(case, dtype, variant):
     check_against_f64(*make_qkv(B, Tq, Tk, H, Hkv, D, dtype, CLIP), causal, CLIP, variant=variant)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 tl.dot needs a GPU (the interpreter's is wrong)")
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", [(2, 1000, 1000, 8, 2, 128, 256), (1, 300, 1000, 4, 4, 64, 100),
+                                  (1, 777, 777, 4, 1, 128, 1)], ids=str)
+def test_sliding_window_gpu(case, dtype, variant):
+    need("triton")
+    B, Tq, Tk, H, Hkv, D, window = case
+    check_against_f64(*make_qkv(B, Tq, Tk, H, Hkv, D, dtype, CLIP), True, CLIP, variant=variant, window=window)
+
+
 def test_row_offsets_are_int64():
     """Row offsets t * stride_t past 2^31 (a fused-qkv view of a long sequence: stride 3 * 4096, T ~ 175K) come out
     exact, not wrapped in int32: the kernels' `row_offsets` helper, run on the interpreter's int32 arguments."""

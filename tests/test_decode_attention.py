@@ -177,3 +177,13 @@ def test_decode_attention_gpu(case, dtype):
     require_kernel("decode_attention", "triton")
     B, Tq, H, Hkv, S, D, splits = case
     check(*make_inputs(B, Tq, H, Hkv, S, D, dtype), num_splits=splits)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 tl.dot needs a GPU (the interpreter's is wrong)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", [(1, 1, 32, 8, 8192, 128, None, 4096), (4, 2, 16, 2, 1000, 64, 5, 100)], ids=str)
+def test_sliding_window_gpu(case, dtype):
+    require_kernel("decode_attention", "triton")
+    B, Tq, H, Hkv, S, D, splits, window = case
+    check(*make_inputs(B, Tq, H, Hkv, S, D, dtype), num_splits=splits, window=window)
