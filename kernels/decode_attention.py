@@ -10,8 +10,10 @@ softmax of the training forward (`attention.attend_blocks`, fp32, base 2) over o
 (q head of the kv head's group, query) - so K/V are read once per group, never repeated for GQA - and writes a
 partial output and log-sum-exp (fp32). `_decode_combine` merges the splits (skipped when there is one split: the
 split kernel then writes the output itself). Small batches get many splits so that every SM has work.
-With a window, a split starts at the block of the window's first key (`split_range`): a split wholly before the
-window loads nothing and writes an empty partial (weight 0 in the combine).
+With a window, the splits cut the window's span (window + Tq - 1 keys at most) instead of the cache: they start
+at the first key any query of the sequence sees (max(seqlens[b] - Tq - window + 1, 0), computed per sequence on
+the device), so no key before the window is ever loaded, no split lies outside the window, and the split count
+fits the work (a cache far longer than the window does not leave most programs idle).
 
 Work: 4 * B * H * Tq * L * D FLOPs (L = mean seqlen, or min(seqlen, window + Tq - 1) with a window; the same L
 in the K/V bytes). Bytes: e * B * Hkv * L * 2 * D of K/V read once (e =
@@ -51,21 +53,22 @@ def _split_footprint(config: triton.Config, args: dict, target: _tuning.Target) 
 
 
 @triton.jit
-def split_range(lo, hi, seqlen, Tq, window, WINDOWED: tl.constexpr, BLOCK_N: tl.constexpr):
-    """(a, w_full, n_full): the keys [lo, hi) of one split (lo a multiple of BLOCK_N) as visited: [w_full, n_full)
-    seen by every query of the sequence, [a, w_full) (the window's far edge) and [n_full, hi) (the new tokens'
-    diagonal) masked; keys before a (the block of the window's first key) never loaded. a <= w_full <= n_full, and
-    a >= hi when the split lies wholly before the window (then nothing is visited)."""
+def split_range(split, CHUNK, seqlen, Tq, window, WINDOWED: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(lo, w_full, n_full, hi): the keys [lo, hi) of one split, visited as [lo, w_full) masked (the window's far
+    edge), [w_full, n_full) seen by every query of the sequence, [n_full, hi) masked (the new tokens' diagonal);
+    lo <= w_full <= n_full. Split s covers CHUNK keys from s * CHUNK, shifted with a window to the first key any
+    query sees; hi = lo when the split starts past the sequence (nothing visited)."""
+    lo = split * CHUNK
+    if WINDOWED:
+        lo += tl.maximum(seqlen - Tq - window + 1, 0)
+    hi = tl.maximum(tl.minimum(lo + CHUNK, seqlen), lo)
     n_full = tl.maximum(tl.minimum(seqlen - Tq + 1, hi) - lo, 0) // BLOCK_N * BLOCK_N + lo
     if WINDOWED:  # (clamped at 0 before dividing: integer division rounds toward zero on GPUs)
-        a = tl.maximum(seqlen - Tq - window + 1 - lo, 0) // BLOCK_N * BLOCK_N + lo
-        n_full = tl.maximum(n_full, a)
         w_full = tl.cdiv(tl.maximum(seqlen - window - lo, 0), BLOCK_N) * BLOCK_N + lo
-        w_full = tl.minimum(tl.maximum(w_full, a), n_full)
+        w_full = tl.minimum(w_full, n_full)
     else:
-        a = lo
         w_full = lo
-    return a, w_full, n_full
+    return lo, w_full, n_full, hi
 
 
 @_tuning.autotune(_SPLIT_CONFIGS, ["CHUNK", "HEAD_DIM", "ROWS", "SINGLE", "WINDOWED"], _split_footprint)
@@ -92,18 +95,16 @@ def _decode_split(Q, K, V, SEQLENS, O, OPART, LPART,
     q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok, other=0.0)
 
     seqlen = tl.load(SEQLENS + b).to(tl.int32)
-    lo = split * CHUNK
-    hi = tl.minimum(lo + CHUNK, seqlen)
+    lo, w_full, n_full, hi = split_range(split, CHUNK, seqlen, Tq, window, WINDOWED, BLOCK_N)
     limit = tl.minimum(seqlen - Tq + i + 1, hi)  # keys each row sees, within this chunk: [first, limit)
     first = seqlen - Tq + i - window + 1
-    a, w_full, n_full = split_range(lo, hi, seqlen, Tq, window, WINDOWED, BLOCK_N)
     K += b * skb + kh * skh
     V += b * svb + kh * svh
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if WINDOWED:
-        acc, m_i, l_i = attend_blocks(acc, m_i, l_i, q, K, V, skt, svt, offs_d, first, limit, a, w_full, 0.0,
+        acc, m_i, l_i = attend_blocks(acc, m_i, l_i, q, K, V, skt, svt, offs_d, first, limit, lo, w_full, 0.0,
                                       qk_scale, False, True, True, HEAD_DIM, BLOCK_N, DOT_PRECISION)
     acc, m_i, l_i = attend_blocks(acc, m_i, l_i, q, K, V, skt, svt, offs_d, first, limit, w_full, n_full, 0.0,
                                   qk_scale, False, False, WINDOWED, HEAD_DIM, BLOCK_N, DOT_PRECISION)
@@ -162,9 +163,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     window = effective_window(window, True, S)
     rows = min(triton.next_power_of_2(group * Tq), 64)  # rows of one program: (head of the group, query) pairs
     row_blocks = triton.cdiv(group * Tq, rows)
-    splits = num_splits or _default_splits(B * Hkv * row_blocks, S, q.device)
-    chunk = triton.cdiv(triton.cdiv(max(S, 1), splits), CHUNK_ALIGN) * CHUNK_ALIGN
-    splits = triton.cdiv(max(S, 1), chunk)
+    span = max(S if window is None else min(S, window + Tq - 1), 1)  # keys a sequence's queries may see
+    splits = num_splits or _default_splits(B * Hkv * row_blocks, span, q.device)
+    chunk = triton.cdiv(triton.cdiv(span, splits), CHUNK_ALIGN) * CHUNK_ALIGN
+    splits = triton.cdiv(span, chunk)
     single = splits == 1
     opart = out if single else torch.empty((B, H, Tq, splits, D), dtype=torch.float32, device=q.device)
     lpart = out if single else torch.empty((B, H, Tq, splits), dtype=torch.float32, device=q.device)
