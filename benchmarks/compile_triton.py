@@ -91,6 +91,7 @@ def _cases(dtype) -> dict[str, Callable[[], object]]:
     )
 
     d, heads, head_dim, hidden, vocab, rows, seq, cache = 4096, 32, 128, 11008, 50304, 4, 256, 4096
+    window = 64  # < seq: the windowed attention kernels
 
     def r(*shape, dt=dtype):
         return torch.randn(*shape, dtype=dt)
@@ -120,8 +121,16 @@ def _cases(dtype) -> dict[str, Callable[[], object]]:
         "attention_fwd_tma": lambda: attention_tma.attention_fwd_tma(q, q, q, True, 8.0, scale),  # "fa2" pre-sm_90
         "attention_bwd": lambda: attention.attention_bwd(q, q, q, q, q, lse, True, 8.0, scale),
         "attention_bwd_atomic": lambda: attention.attention_bwd(q, q, q, q, q, lse, True, 8.0, scale, atomic_dq=True),
+        # sliding windows (OLMo 3's local layers; a window shorter than the sequence): the windowed kernels
+        "attention_fwd_window": lambda: attention.attention_fwd(q, q, q, True, 8.0, scale, window),
+        "attention_fwd_tma_window": lambda: attention_tma.attention_fwd_tma(q, q, q, True, 8.0, scale, window),
+        "attention_bwd_window": lambda: attention.attention_bwd(q, q, q, q, q, lse, True, 8.0, scale, window),
+        "attention_bwd_atomic_window": lambda: attention.attention_bwd(q, q, q, q, q, lse, True, 8.0, scale, window,
+                                                                       atomic_dq=True),
         "decode_attention": lambda: decode_attention.decode_attention(
             r(1, 1, heads, head_dim), kv, kv, torch.tensor([cache]), num_splits=4),
+        "decode_attention_window": lambda: decode_attention.decode_attention(
+            r(1, 1, heads, head_dim), kv, kv, torch.tensor([cache]), window=1024, num_splits=4),
         "cross_entropy_chunk": lambda: linear_cross_entropy.cross_entropy_chunk(
             r(rows, vocab), torch.randint(0, vocab, (rows,)), -100, True),
     }

@@ -636,10 +636,18 @@ void set_operand(const Tensor& t, const void*& data, int64_t (&strides)[3]) {
   for (int d = 0; d < 3; ++d) strides[d] = t.stride(d);
 }
 
-// The shape, strides (first three dims), scale and clip fields that both attention arg structs share.
+// A sliding window of the attention kernels as their args hold it (0 = unlimited), checked: >= 1, causal only.
+int64_t window_arg(const char* op, std::optional<int64_t> window, bool causal) {
+  if (!window.has_value()) return 0;
+  TORCH_CHECK(*window >= 1 && causal, "olmo_fast_C::", op, ": a sliding window needs causal attention and ",
+              "window >= 1, got window ", *window, causal ? "" : " without causal");
+  return *window;
+}
+
+// The shape, strides (first three dims), scale, clip and window fields that both attention arg structs share.
 template <class Args>
 void fill_attention_args(Args& args, const char* op, const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
-                         std::optional<double> clip, double scale) {
+                         std::optional<double> clip, double scale, std::optional<int64_t> window) {
   args.dtype = kernel_dtype(q, op, "q");
   args.batch = q.size(0);
   args.q_len = q.size(1);
@@ -654,15 +662,16 @@ void fill_attention_args(Args& args, const char* op, const Tensor& q, const Tens
   args.has_clip = clip.has_value() ? 1 : 0;
   args.clip = clip.has_value() ? clip_bound(*clip, q.scalar_type()) : 0.0f;
   args.causal = causal ? 1 : 0;
+  args.window = window_arg(op, window, causal);
 }
 
 std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, bool causal,
-                                         std::optional<double> clip, double scale) {
+                                         std::optional<double> clip, double scale, std::optional<int64_t> window) {
   const char* op = "attention_fwd";
   const Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
   check_attention_inputs(op, q, k, v);
   olmo_fast_attention_fwd_args args{};
-  fill_attention_args(args, op, q, k, v, causal, clip, scale);
+  fill_attention_args(args, op, q, k, v, causal, clip, scale, window);
   Tensor out = output(q.sizes(), q.options());
   Tensor lse = output({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
   args.out = out.data_ptr();
@@ -678,7 +687,8 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q_in, const Tensor& k_in,
 
 std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& dout_in, const Tensor& q_in, const Tensor& k_in,
                                                  const Tensor& v_in, const Tensor& out_in, const Tensor& lse_in,
-                                                 bool causal, std::optional<double> clip, double scale) {
+                                                 bool causal, std::optional<double> clip, double scale,
+                                                 std::optional<int64_t> window) {
   const char* op = "attention_bwd";
   const Tensor q = unit_last_stride(q_in), k = unit_last_stride(k_in), v = unit_last_stride(v_in);
   check_attention_inputs(op, q, k, v);
@@ -691,7 +701,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& dout_in, const Te
               " ", lse_in.sizes());
   const Tensor lse = lse_in.contiguous();
   olmo_fast_attention_bwd_args args{};
-  fill_attention_args(args, op, q, k, v, causal, clip, scale);
+  fill_attention_args(args, op, q, k, v, causal, clip, scale, window);
   set_operand(dout, args.dout, args.dout_strides);
   set_operand(out, args.out, args.out_strides);
   args.lse = lse.data_ptr<float>();
@@ -710,7 +720,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& dout_in, const Te
 }
 
 Tensor decode_attention(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const Tensor& seqlens_in,
-                        std::optional<double> scale) {
+                        std::optional<double> scale, std::optional<int64_t> window) {
   const char* op = "decode_attention";
   TORCH_CHECK(q_in.dim() == 4 && k_in.dim() == 4, "olmo_fast_C::", op,
               ": q must be [B, Tq, H, D] and the caches [B, S, Hkv, D], got shapes ", q_in.sizes(), ", ",
@@ -743,6 +753,7 @@ Tensor decode_attention(const Tensor& q_in, const Tensor& k_in, const Tensor& v_
   args.seqlens = seqlens.data_ptr<int64_t>();
   args.out = out.data_ptr();
   args.scale = float(scale.has_value() ? *scale : 1.0 / std::sqrt(double(head_dim)));
+  args.window = window_arg(op, window, true);
   // a (sequence, kv head) pair reads its whole cache: one pair per task
   run_cpu(args, batch * kv_heads, int64_t(1) << 15, olmo_fast_decode_attention_cpu);
   return out;
@@ -783,10 +794,12 @@ TORCH_LIBRARY(olmo_fast_C, m) {
         "Tensor rstd, Tensor? positions, int offset, Tensor inv_freq, float attention_factor) -> "
         "(Tensor, Tensor, Tensor)");
   m.def("cross_entropy_chunk(Tensor(a!) logits, Tensor labels, int ignore_index, bool compute_grad) -> Tensor");
-  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float? clip, float scale) -> (Tensor, Tensor)");
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float? clip, float scale, int? window) -> "
+        "(Tensor, Tensor)");
   m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, float? clip, "
-        "float scale) -> (Tensor, Tensor, Tensor)");
-  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens, float? scale) -> Tensor");
+        "float scale, int? window) -> (Tensor, Tensor, Tensor)");
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens, float? scale, int? window) -> "
+        "Tensor");
   m.def("gpu_runtime() -> str", &gpu_runtime);
   m.def("poison_outputs(bool on) -> ()", &poison_outputs);
 }

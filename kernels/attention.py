@@ -4,7 +4,8 @@ Computes, per batch b and query head h (q [B, Tq, H, D]; k, v [B, Tk, Hkv, D]; a
     O = softmax(scale * c(Q) c(K)^T + mask) c(V),   c(x) = min(max(x, -clip), clip)  (OLMo 1.7's QKV clipping)
 The clamp is applied to each tile as it is loaded: no clipped copy is made, and no mask is kept for the backward.
 K/V may have fewer heads (GQA/MQA): query head h reads key/value head h // (H // Hkv); K/V are never repeated.
-Causal masks align bottom-right (query i sees keys j <= i + Tk - Tq); a row that sees no key gives 0.
+Causal masks align bottom-right: query t sits at position i = t + Tk - Tq and sees keys j <= i; with a sliding
+`window` (causal only) also i - j < window. A row that sees no key gives 0.
 Softmax statistics and accumulation are fp32 (online softmax in base 2); the forward saves the log-sum-exp
 LSE (base 2, of the scaled scores; [B, H, Tq] fp32; +inf for rows that see no key).
 
@@ -15,7 +16,13 @@ looping over the query blocks of every query head of its group, so GQA needs no 
 scheme) the dK/dV pass also adds dS K into an fp32 dQ buffer with atomics and `_attn_bwd_dq_finish` scales,
 clamp-grads and casts it: no dQ pass.
 
-Work, with P = B * H * Tq * Tk * D (halved under a causal mask when Tq = Tk):
+Sliding windows skip work, not only mask it: the loops over key blocks (forward, dQ) start at the block of the
+window's first key (`kv_range`), and the dK/dV pass visits only the query blocks between the key block's diagonal
+and the window's far end (`q_range`); only the blocks that straddle an edge of the band are masked. Without a
+window (WINDOWED false) none of that code is compiled in.
+
+Work, with P = B * H * Tq * Tk * D (halved under a causal mask when Tq = Tk; with a window W << Tk about
+B * H * Tq * W * D instead):
   forward  4 P FLOPs (QK^T, PV).  Backward 14 P FLOPs executed (the nominal 10 P = 2.5x forward, plus QK^T and
   dO V^T recomputed by the separate dQ pass); with `atomic_dq` the nominal 10 P.
 Bytes (e = element size): forward reads Q, K, V and writes O, LSE: e*B*D*(2*H*Tq + 2*Hkv*Tk) + 4*B*H*Tq from HBM
@@ -24,8 +31,10 @@ dK, dV plus the fp32 delta: e*B*D*(5*H*Tq + 4*Hkv*Tk) + 12*B*H*Tq; `atomic_dq` a
 atomic adds (Tk / BLOCK_N times per element, mostly in L2) and final read: 4*B*H*Tq*D*3 bytes more from HBM.
 Kernel contract (registered by variant name through kernels/attention_variants.py, which adds the `variant`
 argument; `olmo_fast/ops/softmax_attention.py` validates the shapes and wraps them in custom ops with autograd):
-  "attention_fwd"(q, k, v, causal: bool, clip: float | None, scale: float) -> (out [B, Tq, H, D] q.dtype, lse)
-  "attention_bwd"(dout, q, k, v, out, lse, causal, clip, scale) -> (dq, dk, dv) in the inputs' shapes and dtype
+  "attention_fwd"(q, k, v, causal: bool, clip: float | None, scale: float, window: int | None)
+      -> (out [B, Tq, H, D] q.dtype, lse)
+  "attention_bwd"(dout, q, k, v, out, lse, causal, clip, scale, window) -> (dq, dk, dv) in the inputs' shapes and
+      dtype (window: None = unlimited, else >= 1 with causal)
   lse [B, H, Tq] fp32 only travels from a backend's forward to its own backward (here: base 2, scaled scores).
 Offsets are int64 (a fused-qkv view's t * stride_t passes 2^31 at T ~ 175K); (block, batch x head) pairs are
 folded into grid axis 0 (axis 1 would cap B * H at 65535).
@@ -120,22 +129,77 @@ def key_limit(offs_m, Tq, Tk, CAUSAL: tl.constexpr):
 
 
 @triton.jit
-def kv_range(start_m, Tq, Tk, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Key blocks [0, n_full) are visible to every row of the query block at start_m; [n_full, n_end) need the mask."""
-    if CAUSAL:
-        n_end = tl.maximum(tl.minimum(start_m + BLOCK_M + Tk - Tq, Tk), 0)
-        n_full = tl.maximum(tl.minimum(start_m + 1 + Tk - Tq, Tk), 0)
-    else:
-        n_end = Tk
-        n_full = Tk
-    return n_full // BLOCK_N * BLOCK_N, n_end
+def key_first(offs_m, Tq, Tk, window, WINDOWED: tl.constexpr):
+    """The first key each query row sees under a sliding window (its position - window + 1; may be negative), as a
+    [BLOCK_M] vector; 0 without a window."""
+    if WINDOWED:
+        return offs_m + Tk - Tq - window + 1
+    return tl.zeros_like(offs_m)
 
 
 @triton.jit
-def attend_blocks(acc, m_i, l_i, q, K, V, stride_kt, stride_vt, offs_d, limit, lo, hi, clip, qk_scale,
-                  HAS_CLIP: tl.constexpr, MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr):
-    """Online-softmax update of (acc, m_i, l_i) with keys [lo, hi); with MASK, row r keeps keys < limit[r].
+def visible(offs_n, first, limit, WINDOWED: tl.constexpr):
+    """[len(first), len(offs_n)] mask: keys offs_n that each row sees (first <= key < limit)."""
+    keep = offs_n[None, :] < limit[:, None]
+    if WINDOWED:
+        keep = keep & (offs_n[None, :] >= first[:, None])
+    return keep
+
+
+@triton.jit
+def kv_range(start_m, Tq, Tk, window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, BLOCK_M: tl.constexpr,
+             BLOCK_N: tl.constexpr):
+    """(n_lo, w_full, n_full, n_end): the key blocks of the query block at start_m. [w_full, n_full) is visible to
+    every row; [n_lo, w_full) (the window's far edge) and [n_full, n_end) (the diagonal) need the mask; keys
+    before n_lo (the block of the window's first key) and from n_end on are never visited.
+    n_lo <= w_full <= n_full <= n_end; n_lo = w_full = 0 without a window."""
+    if CAUSAL:
+        n_end = tl.maximum(tl.minimum(start_m + BLOCK_M + Tk - Tq, Tk), 0)
+        n_full = tl.maximum(tl.minimum(start_m + 1 + Tk - Tq, Tk), 0) // BLOCK_N * BLOCK_N
+    else:
+        n_end = Tk
+        n_full = Tk // BLOCK_N * BLOCK_N
+    if WINDOWED:  # (clamped at 0 before dividing: integer division rounds toward zero on GPUs)
+        n_lo = tl.minimum(tl.maximum(start_m + Tk - Tq - window + 1, 0) // BLOCK_N * BLOCK_N, n_full)
+        w_full = tl.cdiv(tl.maximum(start_m + BLOCK_M + Tk - Tq - window, 0), BLOCK_N) * BLOCK_N
+        w_full = tl.minimum(tl.maximum(w_full, n_lo), n_full)
+    else:
+        n_lo = 0
+        w_full = 0
+    return n_lo, w_full, n_full, n_end
+
+
+@triton.jit
+def q_range(start_n, Tq, Tk, window, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, BLOCK_M: tl.constexpr,
+            BLOCK_N: tl.constexpr):
+    """(m_lo, m_full, m_wfull, m_hi): the query blocks that see the key block at start_n. Rows [m_full, m_wfull)
+    see all of it; [m_lo, m_full) (the diagonal) and [m_wfull, m_hi) (the window's far edge) part of it (masked);
+    rows before m_lo or from m_hi on see none of it and are never visited. m_lo <= m_full <= m_wfull <= m_hi <= Tq
+    (m_hi: the end of the last block that holds a row that sees the key block)."""
+    if CAUSAL:
+        m_lo = tl.minimum(tl.maximum(start_n - (Tk - Tq), 0) // BLOCK_M * BLOCK_M, Tq)
+        m_full = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - (Tk - Tq), 0), BLOCK_M) * BLOCK_M
+        m_full = tl.minimum(tl.maximum(m_full, m_lo), Tq)
+    else:
+        m_lo = 0
+        m_full = 0
+    if WINDOWED:
+        m_hi = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 + window - (Tk - Tq), 0), BLOCK_M) * BLOCK_M
+        m_hi = tl.minimum(tl.maximum(m_hi, m_full), Tq)
+        m_wfull = tl.maximum(start_n + window - (Tk - Tq), 0) // BLOCK_M * BLOCK_M
+        m_wfull = tl.minimum(tl.maximum(m_wfull, m_full), m_hi)
+    else:
+        m_hi = Tq
+        m_wfull = Tq
+    return m_lo, m_full, m_wfull, m_hi
+
+
+@triton.jit
+def attend_blocks(acc, m_i, l_i, q, K, V, stride_kt, stride_vt, offs_d, first, limit, lo, hi, clip, qk_scale,
+                  HAS_CLIP: tl.constexpr, MASK: tl.constexpr, WINDOWED: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Online-softmax update of (acc, m_i, l_i) with keys [lo, hi); with MASK, row r keeps keys < limit[r] (and,
+    WINDOWED, >= first[r]).
 
     Shared by the training forward and the decoding kernel. Scores are in base 2 (qk_scale = scale * log2 e);
     a row with no key so far keeps m_i = -inf, l_i = 0 (never NaN)."""
@@ -145,7 +209,7 @@ def attend_blocks(acc, m_i, l_i, q, K, V, stride_kt, stride_vt, offs_d, limit, l
         k = clamp(load_tile(K, offs_n, offs_d, stride_kt, hi, HEAD_DIM), clip, HAS_CLIP)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if MASK:
-            s = tl.where(offs_n[None, :] < limit[:, None], s, float("-inf"))
+            s = tl.where(visible(offs_n, first, limit, WINDOWED), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp2(s - m_safe[:, None])
@@ -166,16 +230,16 @@ def attend_blocks(acc, m_i, l_i, q, K, V, stride_kt, stride_vt, offs_d, limit, l
 _FWD_CONFIGS = configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 3), (64, 32, 4, 4),
                         (128, 32, 4, 3), (32, 32, 4, 2)], hip=[(128, 64, 8, 3), (64, 64, 4, 3), (128, 32, 4, 3)],
                        interpret=(32, 16))
-_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_CLIP", "DOT_PRECISION"]
+_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "CAUSAL", "WINDOWED", "HAS_CLIP", "DOT_PRECISION"]
 
 
 @_tuning.autotune(_FWD_CONFIGS, _KEY, _fwd_footprint)
 @triton.jit
 def _attn_fwd(Q, K, V, O, LSE,
               sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
-              H, GROUP, Tq, Tk, Q_BUCKET, K_BUCKET, qk_scale, clip,
-              HAS_CLIP: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-              DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+              H, GROUP, Tq, Tk, Q_BUCKET, K_BUCKET, qk_scale, clip, window,
+              HAS_CLIP: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, HEAD_DIM: tl.constexpr,
+              BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     bh, start_m = _query_block(Tq, BLOCK_M)
     b, h = bh // H, bh % H
     kh = h // GROUP
@@ -188,12 +252,16 @@ def _attn_fwd(Q, K, V, O, LSE,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    first = key_first(offs_m, Tq, Tk, window, WINDOWED)
     limit = key_limit(offs_m, Tq, Tk, CAUSAL)
-    n_full, n_end = kv_range(start_m, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
-    acc, m_i, l_i = attend_blocks(acc, m_i, l_i, q, K, V, skt, svt, offs_d, limit, 0, n_full, clip, qk_scale,
-                                  HAS_CLIP, False, HEAD_DIM, BLOCK_N, DOT_PRECISION)
-    acc, m_i, l_i = attend_blocks(acc, m_i, l_i, q, K, V, skt, svt, offs_d, limit, n_full, n_end, clip, qk_scale,
-                                  HAS_CLIP, True, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+    n_lo, w_full, n_full, n_end = kv_range(start_m, Tq, Tk, window, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N)
+    if WINDOWED:
+        acc, m_i, l_i = attend_blocks(acc, m_i, l_i, q, K, V, skt, svt, offs_d, first, limit, n_lo, w_full, clip,
+                                      qk_scale, HAS_CLIP, True, True, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+    acc, m_i, l_i = attend_blocks(acc, m_i, l_i, q, K, V, skt, svt, offs_d, first, limit, w_full, n_full, clip,
+                                  qk_scale, HAS_CLIP, False, WINDOWED, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+    acc, m_i, l_i = attend_blocks(acc, m_i, l_i, q, K, V, skt, svt, offs_d, first, limit, n_full, n_end, clip,
+                                  qk_scale, HAS_CLIP, True, WINDOWED, HEAD_DIM, BLOCK_N, DOT_PRECISION)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -234,9 +302,10 @@ def _attn_bwd_dq_finish(DQACC, Q, DQ, sab, sat, sah, sqb, sqt, sqh, sdqb, sdqt, 
 
 
 @triton.jit
-def _dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, DQ, sqt, sdt, sdqt, offs_n, offs_d, lo, hi, Tq, Tk, clip,
-                 qk_scale, HAS_CLIP: tl.constexpr, CAUSAL: tl.constexpr, MASK: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+def _dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, DQ, sqt, sdt, sdqt, offs_n, offs_d, lo, hi, Tq, Tk, window, clip,
+                 qk_scale, HAS_CLIP: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, MASK: tl.constexpr,
+                 HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                 ATOMIC_DQ: tl.constexpr):
     """Accumulate one query head's query blocks [lo, hi) into dk (unscaled) and dv of one key block; with
     ATOMIC_DQ also add dS K (unscaled) of each query block into the fp32 rows of DQ (atomics: every key block of
     the head adds into them).
@@ -253,7 +322,10 @@ def _dkdv_blocks(dk, dv, k, v, Q, DO, LSE, DELTA, DQ, sqt, sdt, sdqt, offs_n, of
         delta = tl.load(DELTA + offs_m, mask=offs_m < Tq, other=0.0)
         pT = tl.exp2(tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale - lse[None, :])
         if MASK:
-            pT = tl.where(offs_n[:, None] < key_limit(offs_m, Tq, Tk, CAUSAL)[None, :], pT, 0.0)
+            keep = offs_n[:, None] < key_limit(offs_m, Tq, Tk, CAUSAL)[None, :]
+            if WINDOWED:
+                keep = keep & (offs_n[:, None] >= key_first(offs_m, Tq, Tk, window, WINDOWED)[None, :])
+            pT = tl.where(keep, pT, 0.0)
         dv += tl.dot(pT.to(do.dtype), do, input_precision=DOT_PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
         dsT = pT * (dpT - delta[None, :])
@@ -275,10 +347,10 @@ _DKDV_CONFIGS = configs([(16, 64, 8, 3), (32, 64, 8, 2), (32, 64, 8, 3), (16, 12
 @triton.jit
 def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ,
                    sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh, sdkb, sdkt, sdkh, sdvb, sdvt, sdvh,
-                   sdqb, sdqt, sdqh, H, GROUP, Tq, Tk, Q_BUCKET, K_BUCKET, scale, qk_scale, clip,
-                   HAS_CLIP: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                   DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr):
+                   sdqb, sdqt, sdqh, H, GROUP, Tq, Tk, Q_BUCKET, K_BUCKET, scale, qk_scale, clip, window,
+                   HAS_CLIP: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     blocks = tl.cdiv(Tk, BLOCK_N)
     pid = tl.program_id(0)
     bkh, start_n = (pid // blocks).to(tl.int64), pid % blocks * BLOCK_N
@@ -291,14 +363,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ,
     k = clamp(load_tile(K, offs_n, offs_d, skt, Tk, HEAD_DIM), clip, HAS_CLIP)
     v = clamp(load_tile(V, offs_n, offs_d, svt, Tk, HEAD_DIM), clip, HAS_CLIP)
 
-    # Query rows [m_lo, m_full) see part of this key block (masked); rows >= m_full see all of it.
-    if CAUSAL:
-        m_lo = tl.maximum(start_n - (Tk - Tq), 0) // BLOCK_M * BLOCK_M
-        m_full = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - (Tk - Tq), 0), BLOCK_M) * BLOCK_M
-        m_full = tl.minimum(tl.maximum(m_full, m_lo), Tq)
-    else:
-        m_lo = 0
-        m_full = 0
+    m_lo, m_full, m_wfull, m_hi = q_range(start_n, Tq, Tk, window, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for g in range(GROUP):
@@ -308,11 +373,15 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ,
         DQh = DQ + b * sdqb + h * sdqh
         row = (b * H + h) * Tq
         dk, dv = _dkdv_blocks(dk, dv, k, v, Qh, DOh, LSE + row, DELTA + row, DQh, sqt, sdt, sdqt, offs_n, offs_d,
-                              m_lo, m_full, Tq, Tk, clip, qk_scale, HAS_CLIP, CAUSAL, True, HEAD_DIM, BLOCK_M,
-                              DOT_PRECISION, ATOMIC_DQ)
+                              m_lo, m_full, Tq, Tk, window, clip, qk_scale, HAS_CLIP, CAUSAL, WINDOWED, True,
+                              HEAD_DIM, BLOCK_M, DOT_PRECISION, ATOMIC_DQ)
         dk, dv = _dkdv_blocks(dk, dv, k, v, Qh, DOh, LSE + row, DELTA + row, DQh, sqt, sdt, sdqt, offs_n, offs_d,
-                              m_full, Tq, Tq, Tk, clip, qk_scale, HAS_CLIP, CAUSAL, False, HEAD_DIM, BLOCK_M,
-                              DOT_PRECISION, ATOMIC_DQ)
+                              m_full, m_wfull, Tq, Tk, window, clip, qk_scale, HAS_CLIP, CAUSAL, WINDOWED, False,
+                              HEAD_DIM, BLOCK_M, DOT_PRECISION, ATOMIC_DQ)
+        if WINDOWED:
+            dk, dv = _dkdv_blocks(dk, dv, k, v, Qh, DOh, LSE + row, DELTA + row, DQh, sqt, sdt, sdqt, offs_n,
+                                  offs_d, m_wfull, m_hi, Tq, Tk, window, clip, qk_scale, HAS_CLIP, CAUSAL, True, True,
+                                  HEAD_DIM, BLOCK_M, DOT_PRECISION, ATOMIC_DQ)
 
     # The raw k, v are loaded again for the clamp's gradient rather than kept in registers across the loop.
     if HAS_CLIP:
@@ -327,9 +396,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, DQ,
 
 
 @triton.jit
-def _dq_blocks(dq, q, do, lse, delta, K, V, skt, svt, offs_m, offs_d, limit, lo, hi, clip, qk_scale,
-               HAS_CLIP: tl.constexpr, MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
-               DOT_PRECISION: tl.constexpr):
+def _dq_blocks(dq, q, do, lse, delta, K, V, skt, svt, offs_m, offs_d, first, limit, lo, hi, clip, qk_scale,
+               HAS_CLIP: tl.constexpr, MASK: tl.constexpr, WINDOWED: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Accumulate key blocks [lo, hi) into dq (unscaled) of one query block."""
     offs_n0 = tl.arange(0, BLOCK_N)
     for start_n in range(lo, hi, BLOCK_N):
@@ -338,7 +407,7 @@ def _dq_blocks(dq, q, do, lse, delta, K, V, skt, svt, offs_m, offs_d, limit, lo,
         v = clamp(load_tile(V, offs_n, offs_d, svt, hi, HEAD_DIM), clip, HAS_CLIP)
         p = tl.exp2(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale - lse[:, None])
         if MASK:
-            p = tl.where(offs_n[None, :] < limit[:, None], p, 0.0)
+            p = tl.where(visible(offs_n, first, limit, WINDOWED), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq += tl.dot(ds.to(k.dtype), k, input_precision=DOT_PRECISION)
@@ -355,9 +424,9 @@ _DQ_CONFIGS = configs([(64, 64, 8, 3), (64, 32, 4, 3), (128, 64, 8, 3), (64, 64,
 @triton.jit
 def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
                  sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sdb, sdt, sdh, sdqb, sdqt, sdqh,
-                 H, GROUP, Tq, Tk, Q_BUCKET, K_BUCKET, scale, qk_scale, clip,
-                 HAS_CLIP: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                 H, GROUP, Tq, Tk, Q_BUCKET, K_BUCKET, scale, qk_scale, clip, window,
+                 HAS_CLIP: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, HEAD_DIM: tl.constexpr,
+                 BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     bh, start_m = _query_block(Tq, BLOCK_M)
     b, h = bh // H, bh % H
     kh = h // GROUP
@@ -373,12 +442,16 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ,
     V += b * svb + kh * svh
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    first = key_first(offs_m, Tq, Tk, window, WINDOWED)
     limit = key_limit(offs_m, Tq, Tk, CAUSAL)
-    n_full, n_end = kv_range(start_m, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _dq_blocks(dq, q, do, lse, delta, K, V, skt, svt, offs_m, offs_d, limit, 0, n_full, clip, qk_scale,
-                    HAS_CLIP, False, HEAD_DIM, BLOCK_N, DOT_PRECISION)
-    dq = _dq_blocks(dq, q, do, lse, delta, K, V, skt, svt, offs_m, offs_d, limit, n_full, n_end, clip, qk_scale,
-                    HAS_CLIP, True, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+    n_lo, w_full, n_full, n_end = kv_range(start_m, Tq, Tk, window, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N)
+    if WINDOWED:
+        dq = _dq_blocks(dq, q, do, lse, delta, K, V, skt, svt, offs_m, offs_d, first, limit, n_lo, w_full, clip,
+                        qk_scale, HAS_CLIP, True, True, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+    dq = _dq_blocks(dq, q, do, lse, delta, K, V, skt, svt, offs_m, offs_d, first, limit, w_full, n_full, clip,
+                    qk_scale, HAS_CLIP, False, WINDOWED, HEAD_DIM, BLOCK_N, DOT_PRECISION)
+    dq = _dq_blocks(dq, q, do, lse, delta, K, V, skt, svt, offs_m, offs_d, first, limit, n_full, n_end, clip,
+                    qk_scale, HAS_CLIP, True, WINDOWED, HEAD_DIM, BLOCK_N, DOT_PRECISION)
     if HAS_CLIP:  # raw q loaded again rather than kept in registers across the loop
         dq = clamp_grad(dq, load_tile(Q, offs_m, offs_d, sqt, Tq, HEAD_DIM), clip, HAS_CLIP)
     dq *= scale
@@ -400,18 +473,30 @@ def last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _common(q: torch.Tensor, k: torch.Tensor, causal: bool, clip: float | None, scale: float) -> dict:
+def effective_window(window: int | None, causal: bool, n_keys: int) -> int | None:
+    """The window the kernels need: None where it hides nothing (window >= n_keys: a query sees at most its
+    n_keys - 1 predecessors), so that the unwindowed kernels run; ValueError for a window < 1 or without causal."""
+    if window is None:
+        return None
+    if window < 1 or not causal:
+        raise ValueError(f"a sliding window needs causal=True and window >= 1, got window={window}, causal={causal}")
+    return None if window >= n_keys else int(window)
+
+
+def _common(q: torch.Tensor, k: torch.Tensor, causal: bool, clip: float | None, scale: float,
+            window: int | None) -> dict:
     """Scalar and constexpr arguments shared by the forward and backward kernels."""
     B, Tq, H, D = q.shape
     Tk = k.shape[1]
+    window = effective_window(window, causal, Tk)
     return dict(H=H, GROUP=H // k.shape[2], Tq=Tq, Tk=Tk, Q_BUCKET=triton.next_power_of_2(Tq),
                 K_BUCKET=triton.next_power_of_2(Tk), qk_scale=scale * LOG2E, clip=clip_bound(clip, q.dtype),
-                HAS_CLIP=clip is not None, CAUSAL=bool(causal), HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)),
-                DOT_PRECISION=dot_precision(q.dtype))
+                window=window or 0, HAS_CLIP=clip is not None, CAUSAL=bool(causal), WINDOWED=window is not None,
+                HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), DOT_PRECISION=dot_precision(q.dtype))
 
 
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, clip: float | None,
-                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                  scale: float, window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (out [B, Tq, H, D] contiguous in q's dtype, lse [B, H, Tq] fp32 base 2, +inf for rows with no key)."""
     _check_dtype(q)
     q, k, v = (last_dim_contiguous(t) for t in (q, k, v))
@@ -420,15 +505,15 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: boo
     lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    args = _common(q, k, causal, clip, scale)
+    args = _common(q, k, causal, clip, scale, window)
     grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]) * B * H,)  # noqa: E731
     _attn_fwd[grid](q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3], **args)
     return out, lse
 
 
 def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                  lse: torch.Tensor, causal: bool, clip: float | None, scale: float, atomic_dq: bool = False
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  lse: torch.Tensor, causal: bool, clip: float | None, scale: float, window: int | None = None,
+                  atomic_dq: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dq, dk, dv), contiguous, in the inputs' dtype; the clamp's gradient included. dQ from its own pass
     (deterministic), or with `atomic_dq` summed in fp32 by the dK/dV pass (FlashAttention-2's 5 products per
     tile pair instead of 7; fp32 atomics: the summation order, so dQ's last bits, vary from run to run)."""
@@ -441,7 +526,7 @@ def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
     if dq.numel() == 0 or dk.numel() == 0:  # no query or no key: nothing flows back
         return dq.zero_(), dk.zero_(), dv.zero_()
-    args = _common(q, k, causal, clip, scale)
+    args = _common(q, k, causal, clip, scale, window)
     delta = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     block_m = 16 if INTERPRET else 64
     _attn_bwd_delta[(triton.cdiv(Tq, block_m) * B * H,)](

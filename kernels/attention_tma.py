@@ -1,8 +1,9 @@
 """Clipped-QKV flash attention forward for Hopper: Q/K/V/O through tensor descriptors (TMA), variant "tma".
 
 Same contract and math as `attention._attn_fwd` (kernels/attention.py: O = softmax(scale * c(Q) c(K)^T + mask) c(V),
-bottom-right causal alignment, GQA by head index, rows with no key give 0 and LSE = +inf, LSE in base 2 of the
-scaled scores), so `attention.attention_bwd` differentiates its output. What differs:
+bottom-right causal alignment, sliding windows skipping the key blocks before the window's first one
+(`attention.kv_range`), GQA by head index, rows with no key give 0 and LSE = +inf, LSE in base 2 of the scaled
+scores), so `attention.attention_bwd` differentiates its output. What differs:
   - Loads and the output store go through `tl.make_tensor_descriptor` (one 2-D [T, HEAD_DIM] descriptor per
     (batch, head) slab, built on the device): on sm_90 the K/V stream becomes `cp.async.bulk.tensor` copies into
     shared memory completing on mbarriers, pipelined num_stages deep, and the tile edges (rows past T, columns
@@ -32,7 +33,7 @@ import triton.language as tl
 
 from . import _tuning
 from ._clamp import clamp
-from .attention import _common, _fwd_footprint, attention_fwd, configs, key_limit, kv_range
+from .attention import _KEY, _common, _fwd_footprint, attention_fwd, configs, key_first, key_limit, kv_range, visible
 
 RESCALE_LOG2 = tl.constexpr(8.0)  # lazy rescaling threshold: log2(256)
 
@@ -40,19 +41,20 @@ RESCALE_LOG2 = tl.constexpr(8.0)  # lazy rescaling threshold: log2(256)
 # the other kernels (fp32 inputs keep the small ones).
 _CONFIGS = configs([(128, 128, 8, 2), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3),
                     (64, 32, 4, 3)], hip=[], interpret=(32, 16))
-_KEY = ["Q_BUCKET", "K_BUCKET", "HEAD_DIM", "CAUSAL", "HAS_CLIP", "DOT_PRECISION"]
 
 
 @triton.jit
-def _attend(acc, m_i, l_i, q, k_desc, v_desc, offs_n0, limit, lo, hi, clip, qk_scale,
-            HAS_CLIP: tl.constexpr, MASK: tl.constexpr, BLOCK_N: tl.constexpr, DOT_PRECISION: tl.constexpr):
+def _attend(acc, m_i, l_i, q, k_desc, v_desc, offs_n0, first, limit, lo, hi, clip, qk_scale,
+            HAS_CLIP: tl.constexpr, MASK: tl.constexpr, WINDOWED: tl.constexpr, BLOCK_N: tl.constexpr,
+            DOT_PRECISION: tl.constexpr):
     """Online softmax over key blocks [lo, hi) with one-FMA exponent and lazy rescaling (module docstring); with
-    MASK, row r keeps keys < limit[r]. A row that has seen no key keeps m_i = -inf, l_i = 0."""
+    MASK, row r keeps keys < limit[r] (and, WINDOWED, >= first[r]). A row that has seen no key keeps m_i = -inf,
+    l_i = 0."""
     for start_n in range(lo, hi, BLOCK_N):
         k = clamp(k_desc.load([start_n, 0]), clip, HAS_CLIP)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         if MASK:
-            s = tl.where((start_n + offs_n0)[None, :] < limit[:, None], s, float("-inf"))
+            s = tl.where(visible(start_n + offs_n0, first, limit, WINDOWED), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         grow = m_new - tl.maximum(m_i, -1e30)  # +huge from -inf to finite, -inf (not NaN) if both are -inf
         if tl.max(grow, 0) > RESCALE_LOG2:
@@ -71,9 +73,9 @@ def _attend(acc, m_i, l_i, q, k_desc, v_desc, offs_n0, limit, lo, hi, clip, qk_s
 @triton.jit
 def _attn_fwd_tma(Q, K, V, O, LSE,
                   sqb, sqt, sqh, skb, skt, skh, svb, svt, svh, sob, sot, soh,
-                  BH, H, GROUP, Tq, Tk, Q_BUCKET, K_BUCKET, qk_scale, clip,
-                  HAS_CLIP: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                  DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                  BH, H, GROUP, Tq, Tk, Q_BUCKET, K_BUCKET, qk_scale, clip, window,
+                  HAS_CLIP: tl.constexpr, CAUSAL: tl.constexpr, WINDOWED: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     bh = (pid % BH).to(tl.int64)
     start_m = (tl.cdiv(Tq, BLOCK_M) - 1 - pid // BH) * BLOCK_M  # longest causal blocks first, over all heads
@@ -92,12 +94,16 @@ def _attn_fwd_tma(Q, K, V, O, LSE,
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    first = key_first(offs_m, Tq, Tk, window, WINDOWED)
     limit = key_limit(offs_m, Tq, Tk, CAUSAL)
-    n_full, n_end = kv_range(start_m, Tq, Tk, CAUSAL, BLOCK_M, BLOCK_N)
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_desc, v_desc, offs_n0, limit, 0, n_full, clip, qk_scale,
-                            HAS_CLIP, False, BLOCK_N, DOT_PRECISION)
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_desc, v_desc, offs_n0, limit, n_full, n_end, clip, qk_scale,
-                            HAS_CLIP, True, BLOCK_N, DOT_PRECISION)
+    n_lo, w_full, n_full, n_end = kv_range(start_m, Tq, Tk, window, CAUSAL, WINDOWED, BLOCK_M, BLOCK_N)
+    if WINDOWED:
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_desc, v_desc, offs_n0, first, limit, n_lo, w_full, clip,
+                                qk_scale, HAS_CLIP, True, True, BLOCK_N, DOT_PRECISION)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_desc, v_desc, offs_n0, first, limit, w_full, n_full, clip,
+                            qk_scale, HAS_CLIP, False, WINDOWED, BLOCK_N, DOT_PRECISION)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_desc, v_desc, offs_n0, first, limit, n_full, n_end, clip,
+                            qk_scale, HAS_CLIP, True, WINDOWED, BLOCK_N, DOT_PRECISION)
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
@@ -136,16 +142,16 @@ def tma_usable(*tensors: torch.Tensor) -> bool:
 
 
 def attention_fwd_tma(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, clip: float | None,
-                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+                      scale: float, window: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`attention.attention_fwd`'s contract, through descriptors where `tma_usable` and scale > 0 (the one-FMA
     exponent needs a positive scale), else the "fa2" kernel."""
     B, Tq, H, D = q.shape
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if out.numel() == 0 or k.shape[1] == 0 or scale <= 0 or not tma_usable(q, k, v, out):
-        return attention_fwd(q, k, v, causal, clip, scale)
+        return attention_fwd(q, k, v, causal, clip, scale, window)
     lse = torch.empty((B, H, Tq), dtype=torch.float32, device=q.device)
     _ensure_allocator(q.device)
-    args = _common(q, k, causal, clip, scale)
+    args = _common(q, k, causal, clip, scale, window)
     grid = lambda meta: (triton.cdiv(Tq, meta["BLOCK_M"]) * B * H,)  # noqa: E731
     _attn_fwd_tma[grid](q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
                         BH=B * H, **args)

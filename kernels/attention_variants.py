@@ -2,7 +2,7 @@
 
 Variants (chosen per call by `ops.attention(variant=...)` or the OLMO_FAST_ATTENTION environment variable; names
 and the default in `olmo_fast/ops/softmax_attention.py`), each a (forward, backward) pair with the contract of
-kernels/attention.py plus the variant's name:
+kernels/attention.py (sliding `window` included) plus the variant's name:
   "fa2": kernels/attention.py's forward (cp.async loads, wgmma on sm_90) and its deterministic three-kernel
          backward (delta, dK/dV, dQ). The default on every target.
   "tma": kernels/attention_tma.py's forward (tensor descriptors / TMA on sm_90, one-FMA softmax step, lazy
@@ -37,14 +37,14 @@ def _pair(variant: str) -> tuple[Callable, Callable]:
 
 
 def variant_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, clip: float | None, scale: float,
-                variant: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return _pair(variant)[0](q, k, v, causal, clip, scale)
+                window: int | None, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return _pair(variant)[0](q, k, v, causal, clip, scale, window)
 
 
 def variant_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                lse: torch.Tensor, causal: bool, clip: float | None, scale: float, variant: str
+                lse: torch.Tensor, causal: bool, clip: float | None, scale: float, window: int | None, variant: str
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _pair(variant)[1](dout, q, k, v, out, lse, causal, clip, scale)
+    return _pair(variant)[1](dout, q, k, v, out, lse, causal, clip, scale, window)
 
 
 KERNELS = {"attention_fwd": variant_fwd, "attention_bwd": variant_bwd}

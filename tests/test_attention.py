@@ -30,7 +30,7 @@ try:  # test_row_offsets_are_int64 runs a kernel of its own; every test here ski
     import triton
     import triton.language as tl
 
-    from olmo_fast.kernels.attention import row_offsets
+    from olmo_fast.kernels.attention import kv_range, q_range, row_offsets
 except ImportError:
     triton = None
 
@@ -71,25 +71,28 @@ def make_qkv(B, Tq, Tk, H, Hkv, D, dtype, clip):
     return out
 
 
-def run(q, k, v, dout, causal, clip, backend, scale=None, variant=None):
+def run(q, k, v, dout, causal, clip, backend, scale=None, variant=None, window=None):
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    out = ops.attention(q, k, v, causal=causal, clip=clip, scale=scale, backend=backend, variant=variant)
+    out = ops.attention(q, k, v, causal=causal, clip=clip, scale=scale, window=window, backend=backend,
+                        variant=variant)
     grads = torch.autograd.grad(out, (q, k, v), dout)
     return (out, *grads)
 
 
-def check_against_f64(q, k, v, causal, clip, scale=None, backend="triton", variant="fa2"):
+def check_against_f64(q, k, v, causal, clip, scale=None, backend="triton", variant="fa2", window=None):
     """Forward and backward of the backend's kernels (triton: the kernel `variant`) vs float64, within 2x the
     same-dtype torch error."""
     dout = torch.randn(q.shape, device=DEVICE).to(q.dtype)
     with poisoned_allocations():
-        got = run(q, k, v, dout, causal, clip, backend, scale, variant)
-    same = run(q, k, v, dout, causal, clip, "torch", scale)
-    ref = run(q.double(), k.double(), v.double(), dout.double(), causal, clip, "torch", scale)
+        got = run(q, k, v, dout, causal, clip, backend, scale, variant, window)
+    same = run(q, k, v, dout, causal, clip, "torch", scale, window=window)
+    ref = run(q.double(), k.double(), v.double(), dout.double(), causal, clip, "torch", scale, window=window)
     Tq, Tk = q.shape[1], k.shape[1]
     visible = torch.ones(1, Tq, Tk, dtype=torch.bool, device=DEVICE)
     if causal:
         visible = visible.tril(diagonal=Tk - Tq)
+    if window is not None:
+        visible = visible.triu(diagonal=Tk - Tq - window + 1)
     scales = attention_error_scales(q, k, v, dout, visible, q.shape[-1] ** -0.5 if scale is None else scale, clip)
     assert_within(got, same, ref, scales, ("out", "dq", "dk", "dv"))
     if clip is not None:  # the clamp's gradient is exactly zero beyond the clip
@@ -134,6 +137,30 @@ def test_attention_matches_f64(case, dtype, backend, variant):
     check_against_f64(*make_qkv(B, Tq, Tk, H, Hkv, D, dtype, CLIP), causal, CLIP, backend=backend, variant=variant)
 
 
+# Sliding windows (B, Tq, Tk, H, Hkv, D, window): a window of 1 (only itself), windows shorter than a key block
+# (5 < 16) and spanning blocks (17), of the sequence (= none), Tq < Tk (a KV cache) and Tq > Tk (rows with no key),
+# GQA ratios 1/2/4. All with the clip.
+WINDOW_CASES = [
+    (1, 37, 37, 4, 1, 32, 1),
+    (1, 37, 37, 2, 1, 32, 5),
+    (2, 37, 37, 4, 2, 32, 17),
+    (1, 37, 37, 2, 2, 32, 37),
+    (1, 20, 70, 4, 2, 32, 17),
+    (1, 45, 30, 2, 1, 16, 5),
+]
+
+
+@implementations
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", WINDOW_CASES,
+                         ids=lambda c: "B{}-Tq{}-Tk{}-H{}-Hkv{}-D{}-window{}".format(*c))
+def test_sliding_window_matches_f64(case, dtype, backend, variant):
+    need(backend)
+    B, Tq, Tk, H, Hkv, D, window = case
+    check_against_f64(*make_qkv(B, Tq, Tk, H, Hkv, D, dtype, CLIP), True, CLIP, backend=backend, variant=variant,
+                      window=window)
+
+
 @pytest.mark.parametrize("case", [(2, 70, 131, 6, 2, 40, True), (1, 131, 70, 4, 4, 24, False),
                                   (1, 129, 129, 2, 1, 64, True)], ids=str)
 def test_cpp_bf16_and_block_edges(case):
@@ -142,6 +169,15 @@ def test_cpp_bf16_and_block_edges(case):
     need("cpp")
     B, Tq, Tk, H, Hkv, D, causal = case
     check_against_f64(*make_qkv(B, Tq, Tk, H, Hkv, D, torch.bfloat16, CLIP), causal, CLIP, backend="cpp")
+
+
+@pytest.mark.parametrize("window", [1, 63, 64, 100], ids=str)
+def test_cpp_window_across_blocks(window):
+    """cpp's CPU loops in bf16 with windows around its 64-key / 64-query blocks (a window that starts mid-block,
+    one exactly a block, one spanning two), Tq < Tk, a GQA group of 3 (the backward's per-head query bands)."""
+    need("cpp")
+    check_against_f64(*make_qkv(1, 150, 200, 6, 2, 40, torch.bfloat16, CLIP), True, CLIP, backend="cpp",
+                      window=window)
 
 
 @pytest.mark.parametrize("shape", [(0, 3, 3, 2, 1, 8), (1, 0, 5, 2, 1, 8), (1, 4, 0, 2, 1, 8)], ids=str)
@@ -196,8 +232,8 @@ def test_fully_masked_rows_are_zero(backend, variant):
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("blocks", [(16, 16), (16, 32), (32, 16), (64, 32)], ids=str)
 def test_block_shapes(blocks, variant):
-    """The range logic (unmasked/masked block split, bottom-right diagonal) for other BLOCK_M/BLOCK_N pairs than
-    the interpreter's default ones: every kernel is forced onto the given config."""
+    """The range logic (unmasked/masked block split, bottom-right diagonal, sliding windows' first blocks) for
+    other BLOCK_M/BLOCK_N pairs than the interpreter's default ones: every kernel is forced onto the given config."""
     need("triton")
     import triton
 
@@ -210,8 +246,9 @@ def test_block_shapes(blocks, variant):
         for t in tuners:
             t.configs = [triton.Config({"BLOCK_M": blocks[0], "BLOCK_N": blocks[1]}, num_warps=4, num_stages=1)]
             t.cache.clear()
-        for Tq, Tk in ((37, 50), (50, 37)):
-            check_against_f64(*make_qkv(1, Tq, Tk, 4, 2, 64, torch.float32, CLIP), True, CLIP, variant=variant)
+        for Tq, Tk, window in ((37, 50, None), (50, 37, None), (37, 70, 5), (50, 50, 17)):
+            check_against_f64(*make_qkv(1, Tq, Tk, 4, 2, 64, torch.float32, CLIP), True, CLIP, variant=variant,
+                              window=window)
     finally:
         for t, (configs, cache) in zip(tuners, saved):
             t.configs, t.cache = configs, cache
@@ -229,9 +266,10 @@ def test_gradient_through_expanded_dout_and_opcheck(backend):
     for got, want in ((q.grad, qd.grad), (k.grad, kd.grad), (v.grad, vd.grad)):
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-4)
 
-    args = (q.detach(), k.detach(), v.detach(), True, CLIP, 0.125, backend, "fa2")
-    torch.library.opcheck(torch.ops.olmo_fast.attention_fwd.default, args,
-                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    for window in (None, 4):
+        args = (q.detach(), k.detach(), v.detach(), True, CLIP, 0.125, window, backend, "fa2")
+        torch.library.opcheck(torch.ops.olmo_fast.attention_fwd.default, args,
+                              test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -245,6 +283,10 @@ def test_bad_inputs_raise(backend):
         ops.attention(q, q.half(), q.half(), backend=backend)
     with pytest.raises(ValueError, match="not an attention variant"):
         ops.attention(q, q, q, backend=backend, variant="fa9")
+    with pytest.raises(ValueError, match="window"):
+        ops.attention(q, q, q, window=0, backend=backend)
+    with pytest.raises(ValueError, match="causal"):
+        ops.attention(q, q, q, causal=False, window=4, backend=backend)
 
 
 def test_variant_from_environment(monkeypatch):
@@ -328,6 +370,18 @@ def test_attention_gpu(case, dtype, variant):
     check_against_f64(*make_qkv(B, Tq, Tk, H, Hkv, D, dtype, CLIP), causal, CLIP, variant=variant)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 tl.dot needs a GPU (the interpreter's is wrong)")
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", [(2, 1000, 1000, 8, 2, 128, 256), (1, 300, 1000, 4, 4, 64, 100),
+                                  (1, 777, 777, 4, 1, 128, 1)], ids=str)
+def test_sliding_window_gpu(case, dtype, variant):
+    need("triton")
+    B, Tq, Tk, H, Hkv, D, window = case
+    check_against_f64(*make_qkv(B, Tq, Tk, H, Hkv, D, dtype, CLIP), True, CLIP, variant=variant, window=window)
+
+
 def test_row_offsets_are_int64():
     """Row offsets t * stride_t past 2^31 (a fused-qkv view of a long sequence: stride 3 * 4096, T ~ 175K) come out
     exact, not wrapped in int32: the kernels' `row_offsets` helper, run on the interpreter's int32 arguments."""
@@ -339,7 +393,68 @@ def test_row_offsets_are_int64():
     assert want.max() > 2 ** 31 and torch.equal(out.flatten(), want)
 
 
+def _sees(t, j, Tq, Tk, window):
+    """Whether query row t sees key j (causal, bottom-right, sliding window): the definition, written out."""
+    i = t + Tk - Tq
+    return 0 <= j <= i and i - j < window
+
+
+@pytest.mark.parametrize("blocks", [(16, 16), (16, 32), (32, 16), (64, 32)], ids=str)
+def test_window_loop_bounds_skip_blocks(blocks):
+    """The windowed kernels' loop bounds (`kv_range`: key blocks of a query block, for the forward and dQ;
+    `q_range`: query blocks of a key block, for dK/dV), run as Triton code, against the visibility rule by
+    brute force: every visible (query, key) pair lies inside the visited range, the first visited block is the
+    one that holds the first visible key (the blocks before it are skipped, not masked: for a key block no query
+    sees, nothing is visited), the last visited block holds a visible pair, and the unmasked middle range is
+    visible to every row."""
+    need("triton")
+    BM, BN = blocks
+    for Tq, Tk in ((37, 37), (20, 70), (70, 37), (1, 40)):
+        for window in (1, 5, 16, 17, 33, 100):
+            programs = max(triton.cdiv(Tq, BM), triton.cdiv(Tk, BN))
+            out = torch.full((programs, 8), -1, dtype=torch.int32, device=DEVICE)
+            _store_ranges[(programs,)](out, Tq, Tk, window, BLOCK_M=BM, BLOCK_N=BN)
+            for pid, (n_lo, w_full, n_full, n_end, m_lo, m_full, m_wfull, m_hi) in enumerate(out.tolist()):
+                where = f"Tq={Tq} Tk={Tk} window={window} block {pid}"
+                if pid * BM < Tq:  # the query block's key range
+                    rows = range(pid * BM, min(pid * BM + BM, Tq))
+                    keys = [j for j in range(Tk) if any(_sees(t, j, Tq, Tk, window) for t in rows)]
+                    assert 0 <= n_lo <= w_full <= n_full <= n_end and n_lo % BN == 0, where
+                    if keys:
+                        assert n_lo == keys[0] // BN * BN and keys[-1] < n_end <= (keys[-1] // BN + 1) * BN, where
+                    else:
+                        assert n_end <= n_lo, where
+                    assert all(_sees(t, j, Tq, Tk, window) for t in rows for j in range(w_full, n_full)), where
+                if pid * BN < Tk:  # the key block's query range
+                    cols = range(pid * BN, min(pid * BN + BN, Tk))
+                    seers = [t for t in range(Tq) if any(_sees(t, j, Tq, Tk, window) for j in cols)]
+                    assert 0 <= m_lo <= m_full <= m_wfull <= m_hi <= Tq and m_lo % BM == 0, where
+                    if seers:
+                        assert m_lo == seers[0] // BM * BM and seers[-1] < m_hi, where
+                        assert (m_hi - 1) // BM * BM <= seers[-1], where
+                    else:
+                        assert m_hi <= m_lo, where
+                    assert all(_sees(t, j, Tq, Tk, window) for t in range(m_full, m_wfull) for j in cols), where
+
+
 if triton is not None:
     @triton.jit
     def _store_row_offsets(OUT, start, stride, BLOCK: tl.constexpr):
         tl.store(OUT + tl.arange(0, BLOCK)[:, None], row_offsets(start + tl.arange(0, BLOCK), stride))
+
+    @triton.jit
+    def _store_ranges(OUT, Tq, Tk, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Row pid of OUT: kv_range of the query block at pid * BLOCK_M, q_range of the key block at
+        pid * BLOCK_N (causal, windowed)."""
+        pid = tl.program_id(0)
+        n_lo, w_full, n_full, n_end = kv_range(pid * BLOCK_M, Tq, Tk, window, True, True, BLOCK_M, BLOCK_N)
+        m_lo, m_full, m_wfull, m_hi = q_range(pid * BLOCK_N, Tq, Tk, window, True, True, BLOCK_M, BLOCK_N)
+        row = OUT + pid * 8
+        tl.store(row + 0, n_lo)
+        tl.store(row + 1, w_full)
+        tl.store(row + 2, n_full)
+        tl.store(row + 3, n_end)
+        tl.store(row + 4, m_lo)
+        tl.store(row + 5, m_full)
+        tl.store(row + 6, m_wfull)
+        tl.store(row + 7, m_hi)

@@ -47,18 +47,21 @@ def make_inputs(B, Tq, H, Hkv, S, D, dtype):
     return q, k, v, seqlens
 
 
-def check(q, k, v, seqlens, backend="triton", num_splits=None, scale=None):
+def check(q, k, v, seqlens, backend="triton", num_splits=None, scale=None, window=None):
     kernel = dispatch.kernel("decode_attention", backend, q.device.type)
     splits = {"num_splits": num_splits} if backend == "triton" else {}
     with poisoned_allocations():
-        got = kernel(q, k, v, seqlens, scale, **splits)
+        got = kernel(q, k, v, seqlens, scale, window, **splits)
     # The references use a masked softmax, which still multiplies NaN slots by 0: give them clean caches.
     clean_k, clean_v = (torch.nan_to_num(t, nan=0.0) for t in (k, v))
-    same = reference.decode_attention(q, clean_k, clean_v, seqlens, scale)
-    ref = reference.decode_attention(q.double(), clean_k.double(), clean_v.double(), seqlens, scale)
+    same = reference.decode_attention(q, clean_k, clean_v, seqlens, scale, window)
+    ref = reference.decode_attention(q.double(), clean_k.double(), clean_v.double(), seqlens, scale, window)
     assert got.dtype == q.dtype and got.shape == q.shape and not got.isnan().any()
     Tq, S = q.shape[1], k.shape[1]
-    visible = torch.arange(S, device=DEVICE) <= (seqlens[:, None, None] - Tq + torch.arange(Tq, device=DEVICE)[:, None])
+    position = seqlens[:, None, None] - Tq + torch.arange(Tq, device=DEVICE)[:, None]  # [B, Tq, 1]
+    visible = torch.arange(S, device=DEVICE) <= position
+    if window is not None:
+        visible &= torch.arange(S, device=DEVICE) > position - window
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     magnitude = attention_error_scales(q, clean_k, clean_v, torch.zeros_like(q), visible, scale)[0]
     err, base = (got.double() - ref).abs(), (same.double() - ref).abs().max().item()
@@ -96,6 +99,32 @@ def test_many_rows_per_kv_head_and_scale(backend):
     check(*make_inputs(1, 10, 8, 1, 90, 64, torch.float32), backend=backend, num_splits=2, scale=0.2)
 
 
+# Sliding windows (B, Tq, H, Hkv, S, D, num_splits, window): windows of 1, shorter than a key block, spanning
+# blocks and splits, of the whole cache (= none); one split and several (cutting the window's span).
+WINDOW_CASES = [
+    (2, 1, 4, 2, 100, 32, None, 1),
+    (3, 3, 4, 1, 150, 32, 3, 5),
+    (2, 2, 4, 2, 257, 16, 8, 17),
+    (2, 4, 8, 2, 300, 16, 3, 130),
+    (2, 1, 4, 4, 70, 32, 1, 70),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("case", WINDOW_CASES,
+                         ids=lambda c: "B{}-Tq{}-H{}-Hkv{}-S{}-D{}-splits{}-window{}".format(*c))
+def test_sliding_window_matches_f64(case, dtype, backend):
+    """Also the keys before every query's window are never read: the cache slots before the first key any query of
+    the sequence sees hold NaN (a kernel that loaded them, even masked, would give NaN: 0 * NaN)."""
+    need(backend)
+    B, Tq, H, Hkv, S, D, splits, window = case
+    q, k, v, seqlens = make_inputs(B, Tq, H, Hkv, S, D, dtype)
+    old = torch.arange(S, device=DEVICE)[None, :] < (seqlens - Tq - window + 1)[:, None]
+    k[old], v[old] = float("nan"), float("nan")
+    check(q, k, v, seqlens, backend=backend, num_splits=splits, window=window)
+
+
 def test_cpp_bf16_odd_sizes():
     """cpp's CPU loops in bf16 (no interpreter limit there): an odd head dim, a group of 2 x 2 new tokens, and
     131 slots (two full key blocks of 64 and a ragged one)."""
@@ -110,7 +139,7 @@ def test_cpp_empty_shapes(shape):
     B, Tq, H, Hkv, S, D = shape
     q = torch.randn(B, Tq, H, D, device=DEVICE)
     k = torch.randn(B, S, Hkv, D, device=DEVICE)
-    out = dispatch.kernel("decode_attention", "cpp", DEVICE)(q, k, k, torch.full((B,), S, device=DEVICE), None)
+    out = dispatch.kernel("decode_attention", "cpp", DEVICE)(q, k, k, torch.full((B,), S, device=DEVICE), None, None)
     assert out.shape == q.shape and out.dtype == q.dtype
 
 
@@ -135,6 +164,8 @@ def test_bad_inputs_raise(backend):
         ops.decode_attention(q, k, k, torch.tensor([4], device=DEVICE), backend=backend)
     with pytest.raises(ValueError, match="seqlens"):
         ops.decode_attention(q, k, k, torch.tensor([4, 4], device=DEVICE), backend=backend)
+    with pytest.raises(ValueError, match="window"):
+        ops.decode_attention(q, k[:, :, :1], k[:, :, :1], torch.tensor([4], device=DEVICE), window=0, backend=backend)
 
 
 @pytest.mark.gpu
@@ -146,6 +177,16 @@ def test_decode_attention_gpu(case, dtype):
     require_kernel("decode_attention", "triton")
     B, Tq, H, Hkv, S, D, splits = case
     check(*make_inputs(B, Tq, H, Hkv, S, D, dtype), num_splits=splits)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 tl.dot needs a GPU (the interpreter's is wrong)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", [(1, 1, 32, 8, 8192, 128, None, 4096), (4, 2, 16, 2, 1000, 64, 5, 100)], ids=str)
+def test_sliding_window_gpu(case, dtype):
+    require_kernel("decode_attention", "triton")
+    B, Tq, H, Hkv, S, D, splits, window = case
+    check(*make_inputs(B, Tq, H, Hkv, S, D, dtype), num_splits=splits, window=window)
 
 
 def test_split_policy_and_its_bench_rows():

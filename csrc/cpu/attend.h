@@ -114,68 +114,82 @@ struct AttendBuffers {
   float *kt, *vb, *scores, *acc, *m, *l;  // scores: two rows of kKeys
 };
 
-// The online-softmax step of rows `r` (R of them; row r[x] sees `seen[x]` keys of the block, scores s[x]) over
-// a block: s[x] becomes p = exp(s - m_new) (0 past seen[x], up to `count` lanes), m, l, acc updated.
+// The online-softmax step of rows `r` (R of them; row r[x] sees lanes [skip[x], seen[x]) of the block, scores
+// s[x]) over a block: s[x] becomes p = exp(s - m_new) there and 0 elsewhere up to `count` lanes; m, l, acc updated.
+// skip[x] > 0 only under a sliding window (the keys before a row's window).
 template <int R>
-OLMO_FAST_INLINE void softmax_block(const int64_t* r, const int64_t* seen, int64_t count, float* const* s,
-                                    const float* vb, int64_t D, AttendBuffers& w) {
+OLMO_FAST_INLINE void softmax_block(const int64_t* r, const int64_t* skip, const int64_t* seen, int64_t count,
+                                    float* const* s, const float* vb, int64_t D, AttendBuffers& w) {
   float* acc[R];
   for (int x = 0; x < R; ++x) {
     float* sx = s[x];
     acc[x] = w.acc + r[x] * D;
-    const int64_t n_seen = std::max<int64_t>(seen[x], 0);
-    if (n_seen > 0) {
+    const int64_t n_skip = std::min(std::max<int64_t>(skip[x], 0), count), n_seen = std::max(seen[x], n_skip);
+    if (n_seen > n_skip) {
+      float* px = sx + n_skip;
+      const int64_t n = n_seen - n_skip;
       const float m_old = w.m[r[x]];
-      const float m_new = std::max(m_old, lane_max(n_seen, [&](int64_t n) { return sx[n]; }));
+      const float m_new = std::max(m_old, lane_max(n, [&](int64_t i) { return px[i]; }));
       const float alpha = exp_f32(m_old - m_new);  // 0 on the row's first block (m_old = -inf)
       OLMO_FAST_IVDEP
-      for (int64_t n = 0; n < n_seen; ++n) sx[n] = exp_f32(sx[n] - m_new);
-      w.l[r[x]] = w.l[r[x]] * alpha + lane_sum(n_seen, [&](int64_t n) { return sx[n]; });
+      for (int64_t i = 0; i < n; ++i) px[i] = exp_f32(px[i] - m_new);
+      w.l[r[x]] = w.l[r[x]] * alpha + lane_sum(n, [&](int64_t i) { return px[i]; });
       w.m[r[x]] = m_new;
       float* ax = acc[x];
       OLMO_FAST_IVDEP
       for (int64_t d = 0; d < D; ++d) ax[d] *= alpha;
     }
+    for (int64_t n = 0; n < n_skip; ++n) sx[n] = 0.0f;
     for (int64_t n = n_seen; n < count; ++n) sx[n] = 0.0f;
   }
   add_weighted_rows<R>(acc, s, count, vb, D, D);
 }
 
-// Rows r < n_rows of q (fp32 [n_rows][D], clamped and pre-scaled) against keys [0, limit[r]) of k, v (rows
-// k_stride / v_stride apart; limit[r] <= n_keys): running max w.m[r], sum w.l[r] and unnormalised output
-// w.acc[r] (fp32). Rows go in pairs (each key vector loaded once for both). A row without keys keeps l = 0.
+// Rows r < n_rows of q (fp32 [n_rows][D], clamped and pre-scaled) against keys [first[r], limit[r]) of k, v (rows
+// k_stride / v_stride apart; limit[r] <= n_keys; first[r] = 0 without a sliding window, and may be negative):
+// running max w.m[r], sum w.l[r] and unnormalised output w.acc[r] (fp32). Key blocks start at the smallest
+// first[r]: the keys before every row's window are never loaded. Rows go in pairs (each key vector loaded once
+// for both). A row without keys keeps l = 0.
 template <class T>
-OLMO_FAST_INLINE void attend_rows(const float* q, int64_t n_rows, const int64_t* limit, int64_t n_keys, const T* k,
-                                  int64_t k_stride, const T* v, int64_t v_stride, int64_t D, Clamp clamp,
-                                  AttendBuffers& w) {
+OLMO_FAST_INLINE void attend_rows(const float* q, int64_t n_rows, const int64_t* first, const int64_t* limit,
+                                  int64_t n_keys, const T* k, int64_t k_stride, const T* v, int64_t v_stride,
+                                  int64_t D, Clamp clamp, AttendBuffers& w) {
+  int64_t start = n_keys;
   for (int64_t r = 0; r < n_rows; ++r) {
     w.m[r] = -INFINITY;
     w.l[r] = 0.0f;
+    start = std::min(start, first[r]);
   }
   for (int64_t i = 0; i < n_rows * D; ++i) w.acc[i] = 0.0f;
   float* const s[2] = {w.scores, w.scores + kKeys};
-  for (int64_t n0 = 0; n0 < n_keys; n0 += kKeys) {
+  for (int64_t n0 = std::max<int64_t>(start, 0); n0 < n_keys; n0 += kKeys) {
     const int64_t nk = std::min(kKeys, n_keys - n0);
     load_keys(k + n0 * k_stride, k_stride, nk, D, clamp, nullptr, w.kt);
     load_keys(v + n0 * v_stride, v_stride, nk, D, clamp, w.vb, nullptr);
     int64_t r = 0;
     for (; r + 2 <= n_rows; r += 2) {
       const int64_t rows[2] = {r, r + 1};
+      const int64_t skip[2] = {first[r] - n0, first[r + 1] - n0};
       const int64_t seen[2] = {std::min(nk, limit[r] - n0), std::min(nk, limit[r + 1] - n0)};
       const int64_t count = std::max(seen[0], seen[1]);
-      if (count <= 0) continue;
+      if (count <= 0 || (skip[0] >= seen[0] && skip[1] >= seen[1])) continue;
       const float* const qs[2] = {q + r * D, q + (r + 1) * D};
       block_scores<2>(qs, w.kt, D, s);
-      softmax_block<2>(rows, seen, count, s, w.vb, D, w);
+      softmax_block<2>(rows, skip, seen, count, s, w.vb, D, w);
     }
-    const int64_t seen = r < n_rows ? std::min(nk, limit[r] - n0) : 0;  // the odd row left
-    if (seen > 0) {
+    const int64_t skip = r < n_rows ? first[r] - n0 : 0;  // the odd row left
+    const int64_t seen = r < n_rows ? std::min(nk, limit[r] - n0) : 0;
+    if (seen > 0 && skip < seen) {
       const float* const qs = q + r * D;
       block_scores<1>(&qs, w.kt, D, s);
-      softmax_block<1>(&r, &seen, seen, s, w.vb, D, w);
+      softmax_block<1>(&r, &skip, &seen, seen, s, w.vb, D, w);
     }
   }
 }
+
+// The first key query position `pos` sees under a sliding window of `window` keys (0 = none): pos - window + 1
+// (may be negative), or 0.
+OLMO_FAST_INLINE int64_t window_first(int64_t pos, int64_t window) { return window > 0 ? pos - window + 1 : 0; }
 
 }  // namespace cpu
 }  // namespace olmo_fast

@@ -3,6 +3,8 @@
 // Forward: a task per block of 64 queries of one (b, h): its rows, clamped and pre-scaled to fp32, run attend.h's
 // online softmax over key blocks of 64 (each converted to fp32 once per task, clamped as loaded), then
 // out = acc / l and lse = m + log(l). Work 4 P FLOPs, P = B H Tq Tk D (halved by a causal mask at Tq = Tk).
+// A sliding window (query at position i sees keys i - window < j <= i) skips work: a task's key blocks start at
+// its first row's window, and the backward visits, per key block, only the band of queries that see it.
 //
 // Backward (FlashAttention-2's math, one pass): a task per (b, kv head) owns dK, dV of that head and dQ of its
 // group of query heads, so no two tasks write the same gradient. Per key block: K (by rows and transposed) and
@@ -12,8 +14,10 @@
 //   dQ_r += ds K,  and over a chunk of 64 rows (P, dS kept transposed):  dV += P^T dO,  dK += dS^T Q
 // (fp32; every product accumulates in registers along its sum: attend.h's block_scores / add_weighted_rows);
 // then dK, dV of the block are written, and dQ (times scale) once all blocks are done; each through the clamp's
-// gradient mask of its raw input. Work 10 P FLOPs (scores recomputed once). Memory per task: fp32 copies of the
-// group's q, dO and the dQ accumulator (3 x group x Tq x D floats) and the key block.
+// gradient mask of its raw input. Rows go in chunks of 64 queries of one head, from the first query that sees
+// the key block (the diagonal) to the last (the window's far end). Work 10 P FLOPs (scores recomputed once).
+// Memory per task: fp32 copies of the group's q, dO and the dQ accumulator (3 x group x Tq x D floats) and the
+// key block.
 #include "attend.h"
 
 namespace olmo_fast {
@@ -35,7 +39,7 @@ OLMO_FAST_CPU_CLONES void attention_fwd_rows(const olmo_fast_attention_fwd_args&
   const Clamp clamp{a.has_clip ? a.clip : INFINITY};
   AttendBuffers w(kQueries, D);
   std::vector<float> q(kQueries * D);
-  int64_t limit[kQueries];
+  int64_t first[kQueries], limit[kQueries];
   for (int64_t row = row_begin; row < row_end; ++row) {
     const int64_t bh = row / blocks, b = bh / a.heads, h = bh - b * a.heads;
     const int64_t i0 = (row - bh * blocks) * kQueries, n_rows = std::min(kQueries, Tq - i0);
@@ -44,12 +48,13 @@ OLMO_FAST_CPU_CLONES void attention_fwd_rows(const olmo_fast_attention_fwd_args&
       const T* qr = static_cast<const T*>(a.q) + b * a.q_strides[0] + (i0 + r) * a.q_strides[1] + h * a.q_strides[2];
       for (int64_t d = 0; d < D; ++d) q[r * D + d] = a.scale * clamp(to_float(qr[d]));
       limit[r] = key_limit(i0 + r, Tq, a.kv_len, a.causal != 0);
+      first[r] = window_first(i0 + r + a.kv_len - Tq, a.window);
       n_keys = std::max(n_keys, limit[r]);
     }
     const int64_t kh = h / group;
     const T* k = static_cast<const T*>(a.k) + b * a.k_strides[0] + kh * a.k_strides[2];
     const T* v = static_cast<const T*>(a.v) + b * a.v_strides[0] + kh * a.v_strides[2];
-    attend_rows(q.data(), n_rows, limit, n_keys, k, a.k_strides[1], v, a.v_strides[1], D, clamp, w);
+    attend_rows(q.data(), n_rows, first, limit, n_keys, k, a.k_strides[1], v, a.v_strides[1], D, clamp, w);
     for (int64_t r = 0; r < n_rows; ++r) {
       const int64_t i = i0 + r;
       T* o = static_cast<T*>(a.out) + ((b * Tq + i) * a.heads + h) * D;
@@ -121,44 +126,52 @@ OLMO_FAST_CPU_CLONES void attention_bwd_pairs(const olmo_fast_attention_bwd_args
       load_keys(k + n0 * a.k_strides[1], a.k_strides[1], nk, D, clamp, kb, kt);
       load_keys(v + n0 * a.v_strides[1], a.v_strides[1], nk, D, clamp, nullptr, vt);
       for (int64_t i = 0; i < nk * D; ++i) dk[i] = dv[i] = 0.0f;
-      for (int64_t r0 = 0; r0 < rows; r0 += kQueries) {  // a chunk of rows: P and dS kept, transposed
-        const int64_t nr = std::min(kQueries, rows - r0);
-        bool any = false;
-        for (int64_t c = 0; c < nr; ++c) {
-          const int64_t r = r0 + c;
-          const int64_t seen = std::max<int64_t>(std::min(nk, key_limit(r % Tq, Tq, Tk, a.causal != 0) - n0), 0);
-          if (seen > 0) {
-            any = true;
-            const float* const qr = qs + r * D;
-            const float* const dor = dout + r * D;
-            block_scores<1>(&qr, kt, D, &p);
-            block_scores<1>(&dor, vt, D, &ds);  // dp
-            const float lse_r = lse[r], delta_r = delta[r];
-            OLMO_FAST_IVDEP
-            for (int64_t n = 0; n < seen; ++n) {
-              p[n] = exp_f32(p[n] - lse_r);
-              ds[n] = p[n] * (ds[n] - delta_r);
+      // Queries [i_lo, i_hi) of each head see part of the block: from the diagonal to the window's far end.
+      const int64_t i_lo = a.causal != 0 ? std::min(std::max<int64_t>(n0 - (Tk - Tq), 0), Tq) : 0;
+      const int64_t i_hi = a.window > 0 ? std::max(std::min(n0 + nk - 1 + a.window - (Tk - Tq), Tq), i_lo) : Tq;
+      for (int64_t g = 0; g < group; ++g) {
+        for (int64_t i0 = i_lo; i0 < i_hi; i0 += kQueries) {  // a chunk of rows: P and dS kept, transposed
+          const int64_t nr = std::min(kQueries, i_hi - i0), r0 = g * Tq + i0;  // row r = g * Tq + i
+          bool any = false;
+          for (int64_t c = 0; c < nr; ++c) {
+            const int64_t r = r0 + c, i = i0 + c;
+            const int64_t end = std::max<int64_t>(std::min(nk, key_limit(i, Tq, Tk, a.causal != 0) - n0), 0);
+            const int64_t skip = std::min(std::max<int64_t>(window_first(i + Tk - Tq, a.window) - n0, 0), end);
+            const int64_t seen = skip < end ? end : 0;  // the row sees lanes [skip, seen) of the block
+            if (seen > 0) {
+              any = true;
+              const float* const qr = qs + r * D;
+              const float* const dor = dout + r * D;
+              block_scores<1>(&qr, kt, D, &p);
+              block_scores<1>(&dor, vt, D, &ds);  // dp
+              const float lse_r = lse[r], delta_r = delta[r];
+              for (int64_t n = 0; n < skip; ++n) p[n] = ds[n] = 0.0f;
+              OLMO_FAST_IVDEP
+              for (int64_t n = skip; n < seen; ++n) {
+                p[n] = exp_f32(p[n] - lse_r);
+                ds[n] = p[n] * (ds[n] - delta_r);
+              }
+              add_weighted_row(dq + r * D, ds, seen, kb, D, D);
             }
-            add_weighted_row(dq + r * D, ds, seen, kb, D, D);
+            for (int64_t n = 0; n < nk; ++n) {
+              pt[n * kQueries + c] = n < seen ? p[n] : 0.0f;
+              dst[n * kQueries + c] = n < seen ? ds[n] : 0.0f;
+            }
           }
-          for (int64_t n = 0; n < nk; ++n) {
-            pt[n * kQueries + c] = n < seen ? p[n] : 0.0f;
-            dst[n * kQueries + c] = n < seen ? ds[n] : 0.0f;
+          if (!any) continue;
+          int64_t n = 0;
+          for (; n + 2 <= nk; n += 2) {  // two keys at a time: each row of dO / Q loaded once for both
+            float* const dvs[2] = {dv + n * D, dv + (n + 1) * D};
+            float* const dks[2] = {dk + n * D, dk + (n + 1) * D};
+            const float* const ps[2] = {pt + n * kQueries, pt + (n + 1) * kQueries};
+            const float* const dss[2] = {dst + n * kQueries, dst + (n + 1) * kQueries};
+            add_weighted_rows<2>(dvs, ps, nr, dout + r0 * D, D, D);
+            add_weighted_rows<2>(dks, dss, nr, qs + r0 * D, D, D);
           }
-        }
-        if (!any) continue;
-        int64_t n = 0;
-        for (; n + 2 <= nk; n += 2) {  // two keys at a time: each row of dO / Q loaded once for both
-          float* const dvs[2] = {dv + n * D, dv + (n + 1) * D};
-          float* const dks[2] = {dk + n * D, dk + (n + 1) * D};
-          const float* const ps[2] = {pt + n * kQueries, pt + (n + 1) * kQueries};
-          const float* const dss[2] = {dst + n * kQueries, dst + (n + 1) * kQueries};
-          add_weighted_rows<2>(dvs, ps, nr, dout + r0 * D, D, D);
-          add_weighted_rows<2>(dks, dss, nr, qs + r0 * D, D, D);
-        }
-        if (n < nk) {
-          add_weighted_row(dv + n * D, pt + n * kQueries, nr, dout + r0 * D, D, D);
-          add_weighted_row(dk + n * D, dst + n * kQueries, nr, qs + r0 * D, D, D);
+          if (n < nk) {
+            add_weighted_row(dv + n * D, pt + n * kQueries, nr, dout + r0 * D, D, D);
+            add_weighted_row(dk + n * D, dst + n * kQueries, nr, qs + r0 * D, D, D);
+          }
         }
       }
       for (int64_t n = 0; n < nk; ++n) {

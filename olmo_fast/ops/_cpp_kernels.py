@@ -34,12 +34,12 @@ CPU_KERNELS = {name: getattr(_ops, name) for name in (
 
 # The attention variants (ops/softmax_attention.py) name Triton kernel sets: the C++ backend has one attention,
 # whatever the variant asked for.
-def _attention_fwd(q, k, v, causal, clip, scale, variant):
-    return _ops.attention_fwd(q, k, v, causal, clip, scale)
+def _attention_fwd(q, k, v, causal, clip, scale, window, variant):
+    return _ops.attention_fwd(q, k, v, causal, clip, scale, window)
 
 
-def _attention_bwd(dout, q, k, v, out, lse, causal, clip, scale, variant):
-    return _ops.attention_bwd(dout, q, k, v, out, lse, causal, clip, scale)
+def _attention_bwd(dout, q, k, v, out, lse, causal, clip, scale, window, variant):
+    return _ops.attention_bwd(dout, q, k, v, out, lse, causal, clip, scale, window)
 
 
 CPU_KERNELS.update(attention_fwd=_attention_fwd, attention_bwd=_attention_bwd)
@@ -141,16 +141,16 @@ def _(logits, labels, ignore_index, compute_grad):
 
 
 @torch.library.register_fake("olmo_fast_C::decode_attention")
-def _(q, k_cache, v_cache, seqlens, scale):
+def _(q, k_cache, v_cache, seqlens, scale, window):
     return q.new_empty(q.shape)
 
 
 @torch.library.register_fake("olmo_fast_C::attention_fwd")
-def _(q, k, v, causal, clip, scale):
+def _(q, k, v, causal, clip, scale, window):
     B, Tq, H, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((B, H, Tq), dtype=torch.float32)
 
 
 @torch.library.register_fake("olmo_fast_C::attention_bwd")
-def _(dout, q, k, v, out, lse, causal, clip, scale):
+def _(dout, q, k, v, out, lse, causal, clip, scale, window):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)

@@ -51,10 +51,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     _check_window(window, causal)
     name = attention_variant(variant)
     chosen = dispatch.resolve("attention_fwd", backend, q.device)
-    if chosen == "torch" or window is not None:  # windowed kernels: not wired yet
+    if chosen == "torch":
         return reference.attention(q, k, v, causal, clip, scale, window)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    out, _ = attention_fwd(q, k, v, bool(causal), None if clip is None else float(clip), scale, chosen, name)
+    out, _ = attention_fwd(q, k, v, bool(causal), None if clip is None else float(clip), scale, window, chosen, name)
     return out
 
 
@@ -74,9 +74,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         raise ValueError(f"seqlens must be int32 or int64, got {seqlens.dtype}")
     _check_window(window, True)
     chosen = dispatch.resolve("decode_attention", backend, q.device)
-    if chosen == "torch" or window is not None:  # windowed kernels: not wired yet
+    if chosen == "torch":
         return reference.decode_attention(q, k_cache, v_cache, seqlens, scale, window)
-    return kernel("decode_attention", chosen, q)(q, k_cache, v_cache, seqlens, scale)
+    return kernel("decode_attention", chosen, q)(q, k_cache, v_cache, seqlens, scale, window)
 
 
 def _check_window(window: int | None, causal: bool) -> None:
@@ -97,40 +97,42 @@ def _check_heads_and_dtypes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
 
 @torch.library.custom_op("olmo_fast::attention_fwd", mutates_args=())
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, clip: float | None, scale: float,
-                  backend: str, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return kernel("attention_fwd", backend, q)(q, k, v, causal, clip, scale, variant)
+                  window: int | None, backend: str, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return kernel("attention_fwd", backend, q)(q, k, v, causal, clip, scale, window, variant)
 
 
 @attention_fwd.register_fake
-def _attention_fwd_fake(q, k, v, causal, clip, scale, backend, variant):
+def _attention_fwd_fake(q, k, v, causal, clip, scale, window, backend, variant):
     B, Tq, H, _ = q.shape
     return q.new_empty(q.shape), q.new_empty((B, H, Tq), dtype=torch.float32)
 
 
 @torch.library.custom_op("olmo_fast::attention_bwd", mutates_args=())
 def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                  lse: torch.Tensor, causal: bool, clip: float | None, scale: float, backend: str, variant: str
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return kernel("attention_bwd", backend, q)(dout, q, k, v, out, lse, causal, clip, scale, variant)
+                  lse: torch.Tensor, causal: bool, clip: float | None, scale: float, window: int | None, backend: str,
+                  variant: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return kernel("attention_bwd", backend, q)(dout, q, k, v, out, lse, causal, clip, scale, window, variant)
 
 
 @attention_bwd.register_fake
-def _attention_bwd_fake(dout, q, k, v, out, lse, causal, clip, scale, backend, variant):
+def _attention_bwd_fake(dout, q, k, v, out, lse, causal, clip, scale, window, backend, variant):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    q, k, v, causal, clip, scale, backend, variant = inputs
+    q, k, v, causal, clip, scale, window, backend, variant = inputs
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse)
-    ctx.causal, ctx.clip, ctx.scale, ctx.backend, ctx.variant = causal, clip, scale, backend, variant
+    ctx.causal, ctx.clip, ctx.scale, ctx.window = causal, clip, scale, window
+    ctx.backend, ctx.variant = backend, variant
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, dout, _dlse):
     q, k, v, out, lse = ctx.saved_tensors
-    dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, ctx.causal, ctx.clip, ctx.scale, ctx.backend, ctx.variant)
-    return dq, dk, dv, None, None, None, None, None
+    dq, dk, dv = attention_bwd(dout, q, k, v, out, lse, ctx.causal, ctx.clip, ctx.scale, ctx.window, ctx.backend,
+                               ctx.variant)
+    return dq, dk, dv, None, None, None, None, None, None
 
 
 attention_fwd.register_autograd(_backward, setup_context=_setup_context)

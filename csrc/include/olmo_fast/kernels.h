@@ -223,9 +223,10 @@ typedef struct {
 
 /* Decoding attention: q [batch, q_len, heads, head_dim] over caches k, v [batch, slots, kv_heads, head_dim] (strides
  * of the first three dims given, head_dim contiguous) where sequence b holds seqlens[b] valid keys, the q_len new
- * ones last: query i of b sees keys 0 .. seqlens[b] - q_len + i (slots past seqlens[b] are never read; a query
- * that sees no key gets 0). Query head h reads kv head h / (heads / kv_heads). Out [batch, q_len, heads,
- * head_dim] contiguous, softmax(scale q k^T) v in fp32. A "row" of the CPU loop is one (b, kv head) pair. */
+ * ones last: query i of b, at position p = seqlens[b] - q_len + i, sees keys 0 .. p, with window > 0 only keys
+ * p - window + 1 .. p (slots past seqlens[b] are never read; a query that sees no key gets 0). Query head h
+ * reads kv head h / (heads / kv_heads). Out [batch, q_len, heads, head_dim] contiguous, softmax(scale q k^T) v in
+ * fp32. A "row" of the CPU loop is one (b, kv head) pair. */
 typedef struct {
   olmo_fast_dtype dtype;
   int64_t batch, q_len, heads, kv_heads, head_dim, slots;
@@ -238,13 +239,15 @@ typedef struct {
   const int64_t* seqlens; /* [batch] */
   void* out;
   float scale;
+  int64_t window; /* sliding window in keys; 0 = unlimited */
 } olmo_fast_decode_attention_args;
 
 /* Training attention (flash style), per batch b and query head h (kv head h / (heads / kv_heads), never
  * repeated): O = softmax(scale c(Q) c(K)^T + mask) c(V), c = clamp to [-clip, clip] when has_clip (the bound rounded
  * to the storage dtype; applied as tiles are loaded). q [batch, q_len, heads, head_dim], k, v [batch, kv_len,
  * kv_heads, head_dim]: strides of the first three dims given, head_dim contiguous. Causal masks align bottom-right
- * (query i sees keys j <= i + kv_len - q_len); a query that sees no key gets 0. fp32 softmax and accumulation.
+ * (query i sees keys j <= i + kv_len - q_len), with window > 0 (causal only) also j > i + kv_len - q_len - window;
+ * a query that sees no key gets 0. fp32 softmax and accumulation.
  * Forward writes out (contiguous, q's shape) and lse [batch, heads, q_len] fp32: the natural log-sum-exp of the
  * scaled scores, +inf for a row without keys; it only travels to this backend's backward. A "row" of the forward's
  * CPU loop is a block of OLMO_FAST_ATTENTION_CPU_QUERIES queries of one (b, h):
@@ -265,6 +268,7 @@ typedef struct {
   float clip;
   int has_clip;
   int causal;
+  int64_t window; /* sliding window in keys; 0 = unlimited */
 } olmo_fast_attention_fwd_args;
 
 /* Backward: dq, dk, dv (contiguous, the inputs' shapes) from dout and the forward's out and lse, the clamp's
@@ -292,6 +296,7 @@ typedef struct {
   float clip;
   int has_clip;
   int causal;
+  int64_t window; /* as the forward's */
 } olmo_fast_attention_bwd_args;
 
 int olmo_fast_norm_fwd_gpu(const olmo_fast_norm_fwd_args* args, void* stream);
