@@ -449,7 +449,8 @@ Tensor qkv_rope_bwd(const Tensor& dq, const Tensor& dk, const Tensor& dv, const 
   return dqkv;
 }
 
-Tensor cross_entropy_chunk(Tensor& logits, const Tensor& labels_in, int64_t ignore_index, bool compute_grad) {
+std::tuple<Tensor, Tensor> cross_entropy_chunk(Tensor& logits, const Tensor& labels_in, int64_t ignore_index,
+                                               bool compute_grad, double z_loss) {
   const char* op = "cross_entropy_chunk";
   TORCH_CHECK(logits.dim() == 2 && (logits.size(1) <= 1 || logits.stride(1) == 1), "olmo_fast_C::", op,
               ": logits must be 2-D [N, V] with a unit last stride (written in place), got shape ", logits.sizes(),
@@ -461,6 +462,7 @@ Tensor cross_entropy_chunk(Tensor& logits, const Tensor& labels_in, int64_t igno
               labels_in.scalar_type(), " ", labels_in.sizes(), " on ", labels_in.device());
   const Tensor labels = labels_in.to(at::kLong).contiguous();
   Tensor loss = output({rows}, logits.options().dtype(at::kFloat));
+  Tensor lse = output({rows}, logits.options().dtype(at::kFloat));
   olmo_fast_cross_entropy_chunk_args args{};
   args.dtype = kernel_dtype(logits, op, "logits");
   args.rows = rows;
@@ -469,10 +471,12 @@ Tensor cross_entropy_chunk(Tensor& logits, const Tensor& labels_in, int64_t igno
   args.logits_stride = logits.stride(0);
   args.labels = labels.data_ptr<int64_t>();
   args.loss = loss.data_ptr<float>();
+  args.lse = lse.data_ptr<float>();
   args.ignore_index = ignore_index;
   args.compute_grad = compute_grad ? 1 : 0;
+  args.z_loss = float(z_loss);
   run_cpu(args, rows, 3 * vocab, olmo_fast_cross_entropy_chunk_cpu);
-  return loss;
+  return {loss, lse};
 }
 
 // q [B, Tq, H, D], k and v [B, Tk, Hkv, D] of one dtype and device, H a multiple of Hkv.
@@ -632,7 +636,8 @@ TORCH_LIBRARY(olmo_fast_C, m) {
         "float theta) -> (Tensor, Tensor, Tensor)");
   m.def("qkv_rope_bwd(Tensor dq, Tensor dk, Tensor dv, Tensor? qkv, float? clip, Tensor? positions, int offset, "
         "float theta) -> Tensor");
-  m.def("cross_entropy_chunk(Tensor(a!) logits, Tensor labels, int ignore_index, bool compute_grad) -> Tensor");
+  m.def("cross_entropy_chunk(Tensor(a!) logits, Tensor labels, int ignore_index, bool compute_grad, "
+        "float z_loss=0.0) -> (Tensor, Tensor)");
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float? clip, float scale) -> (Tensor, Tensor)");
   m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, float? clip, "
         "float scale) -> (Tensor, Tensor, Tensor)");

@@ -122,8 +122,9 @@ def _(dq, dk, dv, qkv, clip, positions, offset, theta):
 
 
 @torch.library.register_fake("olmo_fast_C::cross_entropy_chunk")
-def _(logits, labels, ignore_index, compute_grad):
-    return logits.new_empty((logits.shape[0],), dtype=torch.float32)
+def _(logits, labels, ignore_index, compute_grad, z_loss=0.0):
+    per_row = logits.new_empty((logits.shape[0],), dtype=torch.float32)
+    return per_row, per_row.new_empty(per_row.shape)
 
 
 @torch.library.register_fake("olmo_fast_C::decode_attention")

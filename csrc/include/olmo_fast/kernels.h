@@ -155,9 +155,10 @@ typedef struct {
 } olmo_fast_qkv_rope_bwd_args;
 
 /* The cross-entropy chunk of the fused linear cross-entropy: for each row i of logits [rows, vocab] (row stride
- * `logits_stride`, last dim contiguous) with label y_i: loss[i] = logsumexp(z_i) - z_i[y_i] (fp32), 0 where
- * y_i == ignore_index, NaN for a label outside [0, vocab). With compute_grad the row is overwritten in place by
- * softmax(z_i) - onehot(y_i) (0 for an ignored row). */
+ * `logits_stride`, last dim contiguous) with label y_i and lse_i = logsumexp(z_i): loss[i] = lse_i - z_i[y_i] +
+ * z_loss * lse_i^2 (fp32), 0 where y_i == ignore_index, NaN for a label outside [0, vocab); lse[i] = lse_i (0 where
+ * ignored). With compute_grad the row is overwritten in place by softmax(z_i) * (1 + 2 z_loss lse_i) - onehot(y_i)
+ * (0 for an ignored row). */
 typedef struct {
   olmo_fast_dtype dtype;
   int64_t rows, vocab;
@@ -165,8 +166,10 @@ typedef struct {
   int64_t logits_stride;
   const int64_t* labels; /* [rows] */
   float* loss;           /* [rows] */
+  float* lse;            /* [rows] */
   int64_t ignore_index;
   int compute_grad;
+  float z_loss;
 } olmo_fast_cross_entropy_chunk_args;
 
 /* Decoding attention: q [batch, q_len, heads, head_dim] over caches k, v [batch, slots, kv_heads, head_dim] (strides
