@@ -1,5 +1,6 @@
 """The ops `layer_norm` and `rms_norm` (+ fused residual add): validation, dispatch, and the custom ops
-"olmo_fast::norm_fwd" / "olmo_fast::norm_bwd" with autograd that the compiled backends run through.
+"olmo_fast::norm_fwd" / "olmo_fast::norm_bwd" with autograd that the compiled backends run through; and OLMo 2's
+post-norm residual `rms_norm_add` (norm, then add).
 
 OLMo's non-parametric LayerNorm runs the kernels "layer_norm_fwd"/"layer_norm_bwd" (which every compiled
 backend provides) and keeps only its output y and rstd for the backward; with a weight or bias, or RMSNorm, it
@@ -37,6 +38,18 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, *, eps: float 
     if chosen == "torch":
         return reference.rms_norm(x, weight, eps, residual)
     return _norm(x, eps, residual, weight, None, True, chosen)
+
+
+def rms_norm_add(x: torch.Tensor, weight: torch.Tensor | None, residual: torch.Tensor, *, eps: float = 1e-6,
+                 backend: str | None = None) -> torch.Tensor:
+    """OLMo 2's post-norm residual, norm then add: `residual + RMSNorm(x) * weight`, the norm with fp32 statistics
+    and weight product, rounded to x's dtype before the add (as transformers' Olmo2DecoderLayer)."""
+    check_like("residual", residual, x, x.shape)
+    check_like("weight", weight, x, x.shape[-1:])
+    chosen = dispatch.resolve("rms_norm_add_fwd", backend, x.device)
+    if chosen == "torch":
+        return reference.rms_norm_add(x, weight, residual, eps)
+    raise dispatch.BackendError(f"rms_norm_add: backend {chosen!r} has no custom op wired yet")
 
 
 def _checked(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,

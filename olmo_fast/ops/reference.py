@@ -11,6 +11,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..rope_scaling import RopeScaling, rope_frequencies
+
 
 def _upcast(t: torch.Tensor) -> torch.Tensor:
     """fp32 for the low-precision dtypes; float64 stays float64 (the tests' reference precision)."""
@@ -45,6 +47,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None = None, eps: float = 1
     return y if residual is None else (y, h)
 
 
+def rms_norm_add(x: torch.Tensor, weight: torch.Tensor | None, residual: torch.Tensor, eps: float = 1e-6
+                 ) -> torch.Tensor:
+    """OLMo 2's post-norm residual, norm then add: `residual + RMSNorm(x) * weight` (the norm in x's dtype)."""
+    return residual + rms_norm(x, weight, eps)
+
+
 def swiglu(h: torch.Tensor) -> torch.Tensor:
     """OLMo's fused layout: `h = [x | gate]` along the last dim -> `silu(gate) * x`."""
     x, gate = h.chunk(2, dim=-1)
@@ -64,13 +72,16 @@ def rope_positions(seq_len: int, offset: int | torch.Tensor, device: torch.devic
     return steps + offset
 
 
-def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype = torch.float32
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin (fp32, or `dtype`) of shape `positions.shape + [head_dim]` (halves repeat: NeoX layout)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device, dtype=dtype) / head_dim))
+def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype = torch.float32,
+                 scaling: RopeScaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (fp32, or `dtype`) of shape `positions.shape + [head_dim]` (halves repeat: NeoX layout), with
+    the frequencies and cos/sin factor of `scaling` (`rope_scaling.py`)."""
+    inv_freq, factor = rope_frequencies(head_dim, theta, scaling, positions.device, dtype)
     freqs = positions.to(dtype)[..., None] * inv_freq
     angles = torch.cat((freqs, freqs), dim=-1)
-    return angles.cos(), angles.sin()
+    if factor == 1.0:
+        return angles.cos(), angles.sin()
+    return angles.cos() * factor, angles.sin() * factor
 
 
 def _rotate_half(t: torch.Tensor) -> torch.Tensor:
@@ -85,17 +96,18 @@ def _rotate_pairs(t: torch.Tensor) -> torch.Tensor:
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None = None,
-         offset: int | torch.Tensor = 0, theta: float = 10000.0, interleaved: bool = False
-         ) -> tuple[torch.Tensor, torch.Tensor]:
+         offset: int | torch.Tensor = 0, theta: float = 10000.0, interleaved: bool = False,
+         scaling: RopeScaling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q `[B, T, Hq, D]` and k `[B, T, Hk, D]` by their positions, in fp32.
 
     Layout: rotate-half (NeoX, OLMo's: dims i and i + D/2 form a pair) or, with `interleaved`, GPT-J's
-    (dims 2i and 2i + 1 form a pair); pair i turns by `position * theta^(-2i/D)` either way.
-    `positions` is `[T]` or `[B, T]`; without it, positions run from `offset` (an int, or a `[B]` tensor).
+    (dims 2i and 2i + 1 form a pair); pair i turns by `position * theta^(-2i/D)` either way (frequencies changed
+    by `scaling`, if given). `positions` is `[T]` or `[B, T]`; without it, positions run from `offset` (an int, or
+    a `[B]` tensor).
     """
     if positions is None:
         positions = rope_positions(q.shape[1], offset, q.device)
-    cos, sin = rope_cos_sin(positions, q.shape[-1], theta, _upcast(q[..., :0]).dtype)
+    cos, sin = rope_cos_sin(positions, q.shape[-1], theta, _upcast(q[..., :0]).dtype, scaling)
     rotate_other = _rotate_half
     if interleaved:  # [c0..c_{D/2-1}, c0..] -> [c0, c0, c1, c1, ...]
         half = q.shape[-1] // 2
@@ -124,11 +136,11 @@ def clip_qkv(t: torch.Tensor, clip: float | None) -> torch.Tensor:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True, clip_value: float | None = None,
-              scale: float | None = None) -> torch.Tensor:
+              scale: float | None = None, window: int | None = None) -> torch.Tensor:
     """Softmax attention on `[B, T, H, D]` tensors (k/v may have fewer heads: GQA/MQA), q/k/v clamped first.
 
     With `causal` and fewer queries than keys, query i sees keys up to `Tk - Tq + i` (bottom-right aligned,
-    as flash-attn and a KV cache need).
+    as flash-attn and a KV cache need); with a `window` too, only the last `window` of them (itself included).
     """
     q, k, v = clip_qkv(q, clip_value), clip_qkv(k, clip_value), clip_qkv(v, clip_value)
     n_rep = q.shape[2] // k.shape[2]
@@ -138,23 +150,29 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = 
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))
     t_q, t_k = q.shape[2], k.shape[2]
     mask = None
-    if causal and t_q > 1:
+    if causal and (t_q > 1 or window is not None):
         mask = torch.ones(t_q, t_k, dtype=torch.bool, device=q.device).tril(diagonal=t_k - t_q)
+        if window is not None:
+            mask = mask.triu(diagonal=t_k - t_q - window + 1)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     return out.transpose(1, 2)
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens: torch.Tensor,
-                     scale: float | None = None) -> torch.Tensor:
+                     scale: float | None = None, window: int | None = None) -> torch.Tensor:
     """Attention of a few new queries `[B, Tq, H, D]` over a KV cache `[B, S, Hkv, D]`.
 
     Sequence b holds `seqlens[b]` valid keys (the Tq new ones included, written last); its query i sees keys
-    `0 .. seqlens[b] - Tq + i`. Slots past `seqlens[b]` are ignored, whatever they hold.
+    `0 .. seqlens[b] - Tq + i` (with a `window`, only the last `window` of them). Slots past `seqlens[b]` are
+    ignored, whatever they hold.
     """
     t_q, slots = q.shape[1], k_cache.shape[1]
     query_pos = seqlens.to(q.device).view(-1, 1) - t_q + torch.arange(t_q, device=q.device)  # [B, Tq]
-    mask = torch.arange(slots, device=q.device).view(1, 1, -1) <= query_pos[:, :, None]  # [B, Tq, S]
+    key_pos = torch.arange(slots, device=q.device).view(1, 1, -1)
+    mask = key_pos <= query_pos[:, :, None]  # [B, Tq, S]
+    if window is not None:
+        mask &= key_pos > query_pos[:, :, None] - window
     n_rep = q.shape[2] // k_cache.shape[2]
     k = k_cache.repeat_interleave(n_rep, dim=2) if n_rep > 1 else k_cache
     v = v_cache.repeat_interleave(n_rep, dim=2) if n_rep > 1 else v_cache
@@ -177,6 +195,23 @@ def qkv_rope(qkv: torch.Tensor, n_heads: int, n_kv_heads: int, clip_value: float
     q, k, v = qkv.split((n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim), dim=-1)
     q, k = rope(q.view(B, T, n_heads, head_dim), k.view(B, T, n_kv_heads, head_dim), positions, offset, theta)
     return q, k, v.view(B, T, n_kv_heads, head_dim)
+
+
+def qk_norm_rope(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, n_heads: int, n_kv_heads: int,
+                 eps: float = 1e-6, positions: torch.Tensor | None = None, offset: int | torch.Tensor = 0,
+                 theta: float = 10000.0, scaling: RopeScaling | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """OLMo 2's attention prologue, as transformers' Olmo2Attention computes it: the fused projection output
+    `[B, T, (Hq + 2 Hkv) D]` split into q | k | v, RMSNorm over all of q (`q_weight`, `[Hq D]`) and all of k
+    (`k_weight`), each rounded to qkv's dtype, then RoPE on q and k. Returns q `[B, T, Hq, D]`, k and v
+    `[B, T, Hkv, D]`."""
+    B, T, width = qkv.shape
+    head_dim = width // (n_heads + 2 * n_kv_heads)
+    q, k, v = qkv.split((n_heads * head_dim, n_kv_heads * head_dim, n_kv_heads * head_dim), dim=-1)
+    q, k = rms_norm(q, q_weight, eps), rms_norm(k, k_weight, eps)
+    q, k = rope(q.reshape(B, T, n_heads, head_dim), k.reshape(B, T, n_kv_heads, head_dim), positions, offset, theta,
+                scaling=scaling)
+    return q, k, v.reshape(B, T, n_kv_heads, head_dim)
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,

@@ -37,28 +37,33 @@ def attention_variant(variant: str | None = None) -> str:
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
-              clip: float | None = None, scale: float | None = None, backend: str | None = None,
-              variant: str | None = None) -> torch.Tensor:
+              clip: float | None = None, scale: float | None = None, window: int | None = None,
+              backend: str | None = None, variant: str | None = None) -> torch.Tensor:
     """Softmax attention on `[B, T, H, D]` (flash-attn layout; k/v may have fewer heads), q/k/v clamped to
     `[-clip, clip]` first when `clip` is set (`reference.clip_qkv`). Causal masks align bottom-right when Tq < Tk
-    (KV cache). `variant` picks the kernel variant (module docstring)."""
+    (KV cache); a sliding `window` (causal only) keeps the last `window` keys of each query, itself included
+    (query at position i sees key j iff i - window < j <= i). `variant` picks the kernel variant (module
+    docstring)."""
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4 or q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"attention wants q [B,Tq,H,D], k and v [B,Tk,Hkv,D]; got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     _check_heads_and_dtypes(q, k, v)
+    _check_window(window, causal)
     name = attention_variant(variant)
     chosen = dispatch.resolve("attention_fwd", backend, q.device)
-    if chosen == "torch":
-        return reference.attention(q, k, v, causal, clip, scale)
+    if chosen == "torch" or window is not None:  # windowed kernels: not wired yet
+        return reference.attention(q, k, v, causal, clip, scale, window)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     out, _ = attention_fwd(q, k, v, bool(causal), None if clip is None else float(clip), scale, chosen, name)
     return out
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens: torch.Tensor, *,
-                     scale: float | None = None, backend: str | None = None) -> torch.Tensor:
+                     scale: float | None = None, window: int | None = None, backend: str | None = None
+                     ) -> torch.Tensor:
     """Decoding attention: new queries `[B, Tq, H, D]` over caches `[B, S, Hkv, D]` holding `seqlens[b]`
-    valid keys each (the new tokens' keys already written at the end); causal within the new tokens.
+    valid keys each (the new tokens' keys already written at the end); causal within the new tokens, and with a
+    sliding `window` each query sees only the last `window` keys (itself included).
     seqlens[b] must lie in [Tq, S] (not checked: that would synchronise with the device)."""
     if q.dim() != 4 or k_cache.dim() != 4 or k_cache.shape != v_cache.shape or q.shape[0] != k_cache.shape[0] \
             or q.shape[3] != k_cache.shape[3] or seqlens.shape != (q.shape[0],):
@@ -67,10 +72,20 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _check_heads_and_dtypes(q, k_cache, v_cache)
     if seqlens.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"seqlens must be int32 or int64, got {seqlens.dtype}")
+    _check_window(window, True)
     chosen = dispatch.resolve("decode_attention", backend, q.device)
-    if chosen == "torch":
-        return reference.decode_attention(q, k_cache, v_cache, seqlens, scale)
+    if chosen == "torch" or window is not None:  # windowed kernels: not wired yet
+        return reference.decode_attention(q, k_cache, v_cache, seqlens, scale, window)
     return kernel("decode_attention", chosen, q)(q, k_cache, v_cache, seqlens, scale)
+
+
+def _check_window(window: int | None, causal: bool) -> None:
+    if window is None:
+        return
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive int (keys per query) or None, got {window!r}")
+    if not causal:
+        raise ValueError("a sliding window needs causal attention")
 
 
 def _check_heads_and_dtypes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
