@@ -8,6 +8,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/zeros.h>
@@ -103,10 +104,10 @@ Tensor affine_of(const std::optional<Tensor>& t, const Tensor& x, const char* op
 
 const void* ptr_or_null(const Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
-std::tuple<Tensor, std::optional<Tensor>, std::optional<Tensor>, Tensor> norm_fwd(
-    const Tensor& x_in, const std::optional<Tensor>& residual_in, const std::optional<Tensor>& weight_in,
-    const std::optional<Tensor>& bias_in, double eps, bool rms) {
-  const char* op = "norm_fwd";
+// The norm forward; with add_after (OLMo 2's post-norm, CPU loops only) y = residual + norm(x) and no h.
+std::tuple<Tensor, std::optional<Tensor>, std::optional<Tensor>, Tensor> norm_fwd_impl(
+    const char* op, const Tensor& x_in, const std::optional<Tensor>& residual_in, const std::optional<Tensor>& weight_in,
+    const std::optional<Tensor>& bias_in, double eps, bool rms, bool add_after) {
   const Tensor x = rows_of(x_in, op, "x");
   const int64_t rows = x.size(0), cols = x.size(1);
   TORCH_CHECK(cols > 0, "olmo_fast_C::", op, ": rows must not be empty, got shape ", x.sizes());
@@ -118,6 +119,7 @@ std::tuple<Tensor, std::optional<Tensor>, std::optional<Tensor>, Tensor> norm_fw
   args.x_stride = x.stride(0);
   args.eps = float(eps);
   args.rms = rms ? 1 : 0;
+  args.add_after = add_after ? 1 : 0;
   const Tensor weight = affine_of(weight_in, x, op, "weight"), bias = affine_of(bias_in, x, op, "bias");
   args.weight = ptr_or_null(weight);
   args.bias = ptr_or_null(bias);
@@ -125,10 +127,12 @@ std::tuple<Tensor, std::optional<Tensor>, std::optional<Tensor>, Tensor> norm_fw
   if (residual_in.has_value()) {
     residual = rows_of(*residual_in, op, "residual");
     check_like(residual, x, x.sizes(), op, "residual", "x");
-    h = output({rows, cols}, x.options());
     args.residual = residual.data_ptr();
     args.residual_stride = residual.stride(0);
-    args.h = h.data_ptr();
+    if (!add_after) {
+      h = output({rows, cols}, x.options());
+      args.h = h.data_ptr();
+    }
   }
   Tensor y = output({rows, cols}, x.options());
   Tensor rstd = output({rows}, x.options().dtype(at::kFloat));
@@ -138,9 +142,19 @@ std::tuple<Tensor, std::optional<Tensor>, std::optional<Tensor>, Tensor> norm_fw
   }
   args.y = y.data_ptr();
   args.rstd = rstd.data_ptr<float>();
-  run(op, x, args, rows, cols, olmo_fast_norm_fwd_cpu, olmo_fast_norm_fwd_gpu);
+  if (add_after) {
+    run_cpu(args, rows, cols, olmo_fast_norm_fwd_cpu);
+  } else {
+    run(op, x, args, rows, cols, olmo_fast_norm_fwd_cpu, olmo_fast_norm_fwd_gpu);
+  }
   return {y, h.defined() ? std::optional<Tensor>(h) : std::nullopt,
           mean.defined() ? std::optional<Tensor>(mean) : std::nullopt, rstd};
+}
+
+std::tuple<Tensor, std::optional<Tensor>, std::optional<Tensor>, Tensor> norm_fwd(
+    const Tensor& x, const std::optional<Tensor>& residual, const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& bias, double eps, bool rms) {
+  return norm_fwd_impl("norm_fwd", x, residual, weight, bias, eps, rms, false);
 }
 
 // The CPU backward over rows without weight/bias accumulators.
@@ -148,11 +162,11 @@ constexpr auto norm_bwd_rows = [](const olmo_fast_norm_bwd_args* a, int64_t begi
   olmo_fast_norm_bwd_cpu(a, begin, end, 0);
 };
 
-std::tuple<Tensor, std::optional<Tensor>, std::optional<Tensor>> norm_bwd(
-    const Tensor& dy_in, const Tensor& saved_in, const std::optional<Tensor>& weight_in,
+// The norm backward; xhat from the saved input (from_input) or the saved output.
+std::tuple<Tensor, std::optional<Tensor>, std::optional<Tensor>> norm_bwd_impl(
+    const char* op, const Tensor& dy_in, const Tensor& saved_in, const std::optional<Tensor>& weight_in,
     const std::optional<Tensor>& mean_in, const Tensor& rstd_in, const std::optional<Tensor>& dh_in, bool has_bias,
-    bool rms) {
-  const char* op = "norm_bwd";
+    bool rms, bool from_input) {
   const Tensor dy = rows_of(dy_in, op, "dy");
   const Tensor saved = rows_of(saved_in, op, "saved");
   const int64_t rows = dy.size(0), cols = dy.size(1);
@@ -166,7 +180,6 @@ std::tuple<Tensor, std::optional<Tensor>, std::optional<Tensor>> norm_bwd(
   };
   const Tensor rstd = stats(rstd_in, "rstd");
   const Tensor weight = affine_of(weight_in, dy, op, "weight");
-  const bool from_input = weight.defined() || has_bias;
   TORCH_CHECK(mean_in.has_value() == (from_input && !rms), "olmo_fast_C::", op, ": the mean is needed exactly for ",
               "LayerNorm with a weight or bias (saved = its input)");
   const Tensor mean = mean_in.has_value() ? stats(*mean_in, "mean") : Tensor();
@@ -213,6 +226,50 @@ std::tuple<Tensor, std::optional<Tensor>, std::optional<Tensor>> norm_bwd(
   }
   return {dx, dw_part.defined() ? std::optional<Tensor>(dw_part.sum(0)) : std::nullopt,
           db_part.defined() ? std::optional<Tensor>(db_part.sum(0)) : std::nullopt};
+}
+
+std::tuple<Tensor, std::optional<Tensor>, std::optional<Tensor>> norm_bwd(
+    const Tensor& dy, const Tensor& saved, const std::optional<Tensor>& weight, const std::optional<Tensor>& mean,
+    const Tensor& rstd, const std::optional<Tensor>& dh, bool has_bias, bool rms) {
+  return norm_bwd_impl("norm_bwd", dy, saved, weight, mean, rstd, dh, has_bias, rms, weight.has_value() || has_bias);
+}
+
+// OLMo 2's post-norm residual (CPU loops): out = residual + (weight * x * rstd).to(x.dtype), in the promoted dtype.
+// Mixed dtypes (autocast: a bf16 branch x, an fp32 residual stream and fp32 weight) run the norm in the promoted
+// dtype of x and weight, round it to x's dtype and let ATen add the residual: the same roundings as PyTorch's.
+at::ScalarType norm_dtype(const Tensor& x, const std::optional<Tensor>& weight) {
+  return weight.has_value() ? c10::promoteTypes(x.scalar_type(), weight->scalar_type()) : x.scalar_type();
+}
+
+Tensor as_dtype(const Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
+
+std::optional<Tensor> as_dtype(const std::optional<Tensor>& t, at::ScalarType dtype) {
+  return t.has_value() ? std::optional<Tensor>(as_dtype(*t, dtype)) : std::nullopt;
+}
+
+std::tuple<Tensor, Tensor> rms_norm_add_fwd(const Tensor& x, const std::optional<Tensor>& weight,
+                                            const Tensor& residual, double eps) {
+  const char* op = "rms_norm_add_fwd";
+  const at::ScalarType dtype = norm_dtype(x, weight);
+  if (residual.scalar_type() == x.scalar_type() && dtype == x.scalar_type()) {
+    auto [out, h, mean, rstd] = norm_fwd_impl(op, x, residual, weight, std::nullopt, eps, true, true);
+    return {out, rstd};
+  }
+  TORCH_CHECK(residual.sizes() == x.sizes() && residual.device() == x.device(), "olmo_fast_C::", op,
+              ": residual must have x's shape ", x.sizes(), " and device, got ", residual.sizes());
+  auto [y, h, mean, rstd] =
+      norm_fwd_impl(op, as_dtype(x, dtype), std::nullopt, as_dtype(weight, dtype), std::nullopt, eps, true, false);
+  return {at::add(residual, as_dtype(y, x.scalar_type())).contiguous(), rstd};
+}
+
+// -> (dx in x's dtype, dweight fp32): the RMSNorm backward from the saved input x with dy = dout in x's dtype.
+std::tuple<Tensor, std::optional<Tensor>> rms_norm_add_bwd(const Tensor& dout, const Tensor& x,
+                                                           const std::optional<Tensor>& weight, const Tensor& rstd) {
+  const at::ScalarType dtype = norm_dtype(x, weight);
+  const Tensor dy = as_dtype(as_dtype(dout, x.scalar_type()), dtype);
+  auto [dx, dw, db] = norm_bwd_impl("rms_norm_add_bwd", dy, as_dtype(x, dtype), as_dtype(weight, dtype), std::nullopt,
+                                    rstd, std::nullopt, false, true, true);
+  return {as_dtype(dx, x.scalar_type()), dw};
 }
 
 std::tuple<Tensor, std::optional<Tensor>, Tensor> layer_norm_fwd(const Tensor& x, const std::optional<Tensor>& residual,
@@ -626,6 +683,8 @@ TORCH_LIBRARY(olmo_fast_C, m) {
         "(Tensor, Tensor?, Tensor?, Tensor)");
   m.def("norm_bwd(Tensor dy, Tensor saved, Tensor? weight, Tensor? mean, Tensor rstd, Tensor? dh, bool has_bias, "
         "bool rms) -> (Tensor, Tensor?, Tensor?)");
+  m.def("rms_norm_add_fwd(Tensor x, Tensor? weight, Tensor residual, float eps) -> (Tensor, Tensor)");
+  m.def("rms_norm_add_bwd(Tensor dout, Tensor x, Tensor? weight, Tensor rstd) -> (Tensor, Tensor?)");
   m.def("swiglu_fwd(Tensor h) -> Tensor");
   m.def("swiglu_bwd(Tensor dout, Tensor h) -> Tensor");
   m.def("silu_mul_fwd(Tensor gate, Tensor up) -> Tensor");
@@ -663,6 +722,8 @@ TORCH_LIBRARY(olmo_fast_C, m) {
   m.impl("qkv_rope_fwd", &qkv_rope_fwd);               \
   m.impl("qkv_rope_bwd", &qkv_rope_bwd);               \
   m.impl("cross_entropy_chunk", &cross_entropy_chunk); \
+  m.impl("rms_norm_add_fwd", &rms_norm_add_fwd);       \
+  m.impl("rms_norm_add_bwd", &rms_norm_add_bwd);       \
   m.impl("decode_attention", &decode_attention);       \
   m.impl("attention_fwd", &attention_fwd);             \
   m.impl("attention_bwd", &attention_bwd)

@@ -165,23 +165,26 @@ def test_z_loss_matches_olmo_core_in_float64(backend, dtype, reduction):
     w = (torch.randn(vocab, d, device=DEVICE) / 3).to(dtype)
     y = torch.randint(0, vocab, (41,), device=DEVICE)
     y[::5] = -100
+
+    def ours(a, b, labels):
+        return ops.linear_cross_entropy(a, b, labels, chunk_size=8, reduction=reduction, z_loss=z_loss,
+                                        return_z_loss=True, backend=backend)
+
+    def theirs(a, b, labels):
+        return _olmo_core_loss(a, b, labels, z_loss, reduction)
+
+    def run(fn, a, b, labels):
+        a, b = a.detach().requires_grad_(), b.detach().requires_grad_()
+        loss, z_part = fn(a, b, labels)
+        return [loss.detach(), z_part.detach(), *torch.autograd.grad(loss, (a, b))], z_part
+
     for rows in (slice(None), slice(1, 2)):  # every token, then a batch of one
         xs, ys = x[rows], y[rows]
-
-        def ours(a, b, labels):
-            return ops.linear_cross_entropy(a, b, labels, chunk_size=8, reduction=reduction, z_loss=z_loss,
-                                            return_z_loss=True, backend=backend)
-
-        def run(fn, a, b):
-            a, b = a.detach().requires_grad_(), b.detach().requires_grad_()
-            loss, z_part = fn(a, b, ys)
-            return [loss.detach(), z_part.detach(), *torch.autograd.grad(loss, (a, b))], z_part
-
         with poisoned_allocations():
-            got, z_part = run(ours, xs, w)
+            got, z_part = run(ours, xs, w, ys)
         assert not z_part.requires_grad
-        same, _ = run(lambda a, b, labels: _olmo_core_loss(a, b, labels, z_loss, reduction), xs, w)
-        ref, _ = run(lambda a, b, labels: _olmo_core_loss(a, b, labels, z_loss, reduction), xs.double(), w.double())
+        same, _ = run(theirs, xs, w, ys)
+        ref, _ = run(theirs, xs.double(), w.double(), ys)
         for name, g, s, r in zip(("loss", "z part", "dx", "dW"), got, same, ref):
             assert_within_2x(name, g, s, r)
         assert ref[1] > 0.05 * ref[0]  # the z-loss term is not negligible in this test
@@ -232,6 +235,16 @@ def test_causal_lm_loss_threads_z_loss(backend, fused):
         assert_within_2x(name, g.detach(), s.detach(), r.detach())
     out = nn.causal_lm_loss(hidden, w, targets, fused=fused, backend=backend)  # no z-loss: two results
     assert len(out) == 2 and out[1] < loss
+
+
+def test_cpp_chunk_schema_and_fake_kernel():
+    """The C++ "cross_entropy_chunk" schema (logits mutated in place, z_loss defaulting to 0) and its fake kernel
+    agree with the real one (torch.library.opcheck)."""
+    require_kernel_where_registered("cross_entropy_chunk", "cpp", "cpu")
+    logits, labels = torch.randn(5, 37), torch.tensor([1, -100, 36, 0, 7])
+    for args in ((logits, labels, -100, True, 0.01), (logits.half(), labels, -100, False)):
+        torch.library.opcheck(torch.ops.olmo_fast_C.cross_entropy_chunk, args,
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 def test_second_backward_is_refused():

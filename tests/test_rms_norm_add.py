@@ -120,3 +120,20 @@ def test_bad_inputs(backend):
         ops.rms_norm_add(x, None, torch.randn(3, 7, device=DEVICE), backend=backend)
     with pytest.raises(ValueError, match="weight"):
         ops.rms_norm_add(x, torch.randn(7, device=DEVICE), x, backend=backend)
+
+
+def test_cpp_schemas_and_fake_kernels():
+    """The C++ kernels' schemas and fake (meta) kernels agree with the real ones (torch.library.opcheck), same
+    dtype and the autocast mix, with and without a weight."""
+    require_kernel_where_registered("rms_norm_add_fwd", "cpp", "cpu")
+    cpp = torch.ops.olmo_fast_C
+    x, residual = torch.randn(4, 24, dtype=torch.bfloat16), torch.randn(4, 30, dtype=torch.bfloat16)[:, 3:27]
+    weight = torch.randn(24, dtype=torch.bfloat16)
+    out, rstd = cpp.rms_norm_add_fwd(x, weight, residual, 1e-6)
+    cases = {
+        cpp.rms_norm_add_fwd: [(x, weight, residual, 1e-6), (x, None, residual.float(), 1e-6)],
+        cpp.rms_norm_add_bwd: [(out, x, weight, rstd), (out.float(), x, None, rstd)],
+    }
+    for op, arg_sets in cases.items():
+        for args in arg_sets:
+            torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))

@@ -12,6 +12,8 @@ from ..ops.cross_entropy import checked_z_loss
 from .base import OpModule
 
 REDUCTIONS = ("mean", "sum")
+# (logits or None, loss), or with return_z_loss (logits or None, loss, z_term)
+LossOutput = tuple[torch.Tensor | None, torch.Tensor] | tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]
 
 
 def next_token_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
@@ -22,8 +24,7 @@ def next_token_labels(labels: torch.Tensor, ignore_index: int = -100) -> torch.T
 
 def causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, *, reduction: str = "mean",
                    fused: bool = True, ignore_index: int = -100, check_labels: bool = True, z_loss: float = 0.0,
-                   return_z_loss: bool = False, backend: str | None = None
-                   ) -> tuple[torch.Tensor | None, torch.Tensor] | tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+                   return_z_loss: bool = False, backend: str | None = None) -> LossOutput:
     """Cross-entropy of the LM head's logits `hidden @ weight.T` (hidden `[..., D]`, weight `[V, D]`) against
     `targets` `[...]` (`ignore_index` skipped; see `next_token_labels`), in fp32; `reduction` "mean" (over the
     scored tokens) or "sum". Returns `(logits, loss)`.
@@ -64,7 +65,7 @@ class CausalLMLoss(OpModule):
 
     def forward(self, hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, reduction: str = "mean",
                 fused: bool = True, check_labels: bool = True, z_loss: float = 0.0, return_z_loss: bool = False
-                ) -> tuple[torch.Tensor | None, torch.Tensor] | tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+                ) -> LossOutput:
         return causal_lm_loss(hidden, weight, next_token_labels(labels), reduction=reduction, fused=fused,
                               check_labels=check_labels, z_loss=z_loss, return_z_loss=return_z_loss,
                               backend=self.backend)
