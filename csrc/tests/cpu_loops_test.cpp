@@ -71,6 +71,35 @@ void check(olmo_fast_dtype dtype, const char* name, double tol) {
   std::snprintf(label, sizeof label, "%s layer_norm_fwd", name);
   expect_close(label, y, want, tol);
 
+  // OLMo 2's post-norm (RMSNorm, then the residual add): out = r + (w * x / sqrt(mean(x^2) + eps)) rounded to T
+  const auto w = random_rows<T>(cols, 0.5f, 1.0f, 9);
+  std::vector<T> post_out(rows * cols);
+  olmo_fast_norm_fwd_args post{};
+  post.dtype = dtype;
+  post.rows = rows;
+  post.cols = cols;
+  post.x = x.data();
+  post.x_stride = cols;
+  post.residual = r.data();
+  post.residual_stride = cols;
+  post.weight = w.data();
+  post.y = post_out.data();
+  post.rstd = rstd.data();
+  post.eps = 1e-6f;
+  post.rms = 1;
+  post.add_after = 1;
+  olmo_fast_norm_fwd_cpu(&post, 0, rows);
+  for (int64_t i = 0; i < rows; ++i) {
+    double mean_sq = 0;
+    for (int64_t j = 0; j < cols; ++j) mean_sq += std::pow(to_float(x[i * cols + j]), 2) / double(cols);
+    for (int64_t j = 0; j < cols; ++j) {
+      const double normed = to_float(w[j]) * to_float(x[i * cols + j]) / std::sqrt(mean_sq + 1e-6);
+      want[i * cols + j] = to_float(r[i * cols + j]) + to_float(from_float<T>(float(normed)));
+    }
+  }
+  std::snprintf(label, sizeof label, "%s rms_norm_add_fwd", name);
+  expect_close(label, post_out, want, tol);
+
   // SwiGLU on the fused [up | gate] rows of h: out = silu(gate) * up
   const auto fused = random_rows<T>(rows * 2 * half, 3.0f, 0.0f, 3);
   std::vector<T> out(rows * half);
