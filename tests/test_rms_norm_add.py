@@ -49,7 +49,7 @@ def test_against_float64(backend, dtype, has_weight, case):
     lead, C, layout = case
     x = make(lead, C, layout, dtype, scale=3.0, shift=0.5)
     residual = make(lead, C, layout, dtype, scale=4.0)  # the residual stream: larger than the branch
-    weight = (1 + 0.5 * torch.randn(C, device=DEVICE)).to(dtype) if has_weight else None
+    weight = (1 + 0.5 * torch.randn(2 * C, device=DEVICE)).to(dtype)[::2] if has_weight else None  # strided
     dout = make(lead, C, "sliced", dtype)
     check(f"{dtype}", x, weight, residual, dout, backend)
 

@@ -146,11 +146,16 @@ def _backward(ctx, dy, dh, _dmean, _drstd):
 _fwd.register_autograd(_backward, setup_context=_setup)
 
 
+def _dense(weight: torch.Tensor | None) -> torch.Tensor | None:
+    """The kernels read the weight with unit stride."""
+    return None if weight is None else weight.contiguous()
+
+
 @torch.library.custom_op("olmo_fast::rms_norm_add_fwd", mutates_args=())
 def _add_fwd(x: torch.Tensor, weight: torch.Tensor | None, residual: torch.Tensor, eps: float, backend: str
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (out shaped as x, in the promoted dtype of x and residual; rstd [N] fp32)."""
-    out, rstd = kernel("rms_norm_add_fwd", backend, x)(as_rows(x), weight, as_rows(residual), eps)
+    out, rstd = kernel("rms_norm_add_fwd", backend, x)(as_rows(x), _dense(weight), as_rows(residual), eps)
     return out.view(x.shape), rstd
 
 
@@ -165,7 +170,7 @@ def _(x, weight, residual, eps, backend):
 def _add_bwd(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor, backend: str
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (dx shaped as x in x's dtype, dweight fp32 or nothing)."""
-    dx, dw = kernel("rms_norm_add_bwd", backend, dout)(as_rows(dout), as_rows(x), weight, rstd)
+    dx, dw = kernel("rms_norm_add_bwd", backend, dout)(as_rows(dout), as_rows(x), _dense(weight), rstd)
     return dx.view(x.shape), nothing(rstd) if dw is None else dw
 
 
