@@ -2,7 +2,8 @@
 
 Every op's canonical inputs are the arguments of `olmo_fast.ops.<op>`; providers that want another layout
 convert them outside the timed region (see `providers.py`). OLMo-7B targets (the `olmo-7b` preset and issues
-3-4): 16k tokens x 4096 for LayerNorm, RoPE as `[B, T, 32, 128]`, x 11008 for SwiGLU; attention with B*T = 16k
+3-4): 16k tokens x 4096 for LayerNorm, RoPE as `[B, T, 32, 128]` (OLMo 2 7B's QK-norm prologue alike), x 11008
+for SwiGLU; attention with B*T = 16k
 tokens, 32 heads of 128, causal, T 512..8192 (and OLMo 1.7's clip 8 at T 4096); decoding at batch 1 and 16
 over a 4096-token cache.
 """
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-OPS = ("swiglu", "layer_norm", "rope", "qkv_rope", "attention", "decode_attention")
+OPS = ("swiglu", "layer_norm", "rope", "qkv_rope", "qk_norm_rope", "attention", "decode_attention")
 SHAPE_SETS = ("olmo-7b", "olmo-1b", "quick", "sweep", "cpu-small")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -37,7 +38,7 @@ class Case:
             text = f"{p['n']}x{p['c']}" + (" +res" if p["residual"] else "")
         elif self.op == "swiglu":
             text = f"{p['n']}x{2 * p['h']}->{p['h']}"
-        elif self.op in ("rope", "qkv_rope", "attention"):
+        elif self.op in ("rope", "qkv_rope", "qk_norm_rope", "attention"):
             heads = f"{p['hq']}" if p["hq"] == p["hk"] else f"{p['hq']}/{p['hk']}"
             text = f"B{p['b']} T{p['t']} H{heads} D{p['d']}"
         else:
@@ -55,7 +56,8 @@ def differentiable(op: str, params: dict) -> tuple[int, ...]:
     """Indices of the canonical inputs a backward differentiates."""
     if op == "layer_norm":
         return (0, 1) if params["residual"] else (0,)
-    return {"swiglu": (0,), "rope": (0, 1), "qkv_rope": (0,), "attention": (0, 1, 2), "decode_attention": ()}[op]
+    return {"swiglu": (0,), "rope": (0, 1), "qkv_rope": (0,), "qk_norm_rope": (0, 1, 2), "attention": (0, 1, 2),
+            "decode_attention": ()}[op]
 
 
 def make_inputs(op: str, p: dict, dtype: torch.dtype, device: torch.device) -> tuple:
@@ -72,6 +74,9 @@ def make_inputs(op: str, p: dict, dtype: torch.dtype, device: torch.device) -> t
         return rand(p["b"], p["t"], p["hq"], p["d"]), rand(p["b"], p["t"], p["hk"], p["d"])
     if op == "qkv_rope":
         return (rand(p["b"], p["t"], (p["hq"] + 2 * p["hk"]) * p["d"], scale=4.0),)
+    if op == "qk_norm_rope":  # the projection output and the q_norm / k_norm weights (near 1, as trained ones)
+        return (rand(p["b"], p["t"], (p["hq"] + 2 * p["hk"]) * p["d"]), 1 + rand(p["hq"] * p["d"], scale=0.1),
+                1 + rand(p["hk"] * p["d"], scale=0.1))
     if op == "attention":
         scale = 4.0 if p.get("clip") is not None else 1.0
         return tuple(rand(p["b"], p["t"], h, p["d"], scale=scale) for h in (p["hq"], p["hk"], p["hk"]))
@@ -110,7 +115,7 @@ def _model_set(d_model: int, heads: int, hidden: int, tokens: int, seq_lens: tup
     b = tokens // clip_t
     cases = [_swiglu(tokens, hidden), _ln(tokens, d_model, False), _ln(tokens, d_model, True),
              _heads("rope", b, clip_t, heads, hd), _heads("qkv_rope", b, clip_t, heads, hd),
-             _heads("qkv_rope", b, clip_t, heads, hd, clip=8.0)]
+             _heads("qkv_rope", b, clip_t, heads, hd, clip=8.0), _heads("qk_norm_rope", b, clip_t, heads, hd)]
     cases += [_heads("attention", tokens // t, t, heads, hd) for t in seq_lens]
     cases += [_heads("attention", b, clip_t, heads, hd, clip=8.0)]
     cases += [_decode(batch, cache, heads, hd) for batch in (1, 16)]
@@ -127,13 +132,14 @@ def shape_set(name: str) -> list[Case]:
     if name == "sweep":
         tokens = (1024, 4096, 16384, 65536)
         cases = [_swiglu(n, 11008) for n in tokens] + [_ln(n, 4096, True) for n in tokens]
-        cases += [_heads(op, 1, n, 32, 128) for op in ("rope", "qkv_rope") for n in tokens]
+        cases += [_heads(op, 1, n, 32, 128) for op in ("rope", "qkv_rope", "qk_norm_rope") for n in tokens]
         cases += [_heads("attention", 16384 // t, t, 32, 128) for t in (512, 1024, 2048, 4096, 8192, 16384)]
         cases += [_decode(1, s, 32, 128) for s in (512, 2048, 8192, 32768)]
         return cases
     if name == "cpu-small":  # odd sizes (not multiples of any block), GQA, a clip that bites: cheap on 2 cores
         return [_swiglu(67, 96), _ln(67, 129, False), _ln(67, 129, True),
                 _heads("rope", 2, 17, 3, 16), _heads("qkv_rope", 2, 17, 4, 16, clip=2.0),
+                _heads("qk_norm_rope", 2, 17, 3, 16, hk=1),
                 _heads("attention", 1, 33, 4, 16, hk=2), _heads("attention", 1, 33, 2, 16, clip=2.0),
                 _decode(2, 37, 4, 16, slots=40, hk=2)]
     raise ValueError(f"unknown shape set {name!r}; choose from {SHAPE_SETS}")

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import os
 import re
@@ -117,6 +118,7 @@ def _cases(dtype) -> dict[str, Callable[[], object]]:
         "rope_positions": lambda: rope.rope(q, torch.arange(seq).expand(1, seq), 0, 10000.0, True),
         "qkv_rope_fwd": lambda: qkv_rope.qkv_rope_fwd(qkv, heads, heads, 8.0, None, 0, 10000.0),
         "qkv_rope_bwd": lambda: qkv_rope.qkv_rope_bwd(q, q, q, qkv, 8.0, None, 0, 10000.0),
+        **{f"qk_norm_rope_{name}": call for name, call in _qk_norm_rope_cases(r, seq, head_dim).items()},
         "attention_fwd": lambda: attention.attention_fwd(q, q, q, True, 8.0, scale),
         "attention_fwd_tma": lambda: attention_tma.attention_fwd_tma(q, q, q, True, 8.0, scale),  # "fa2" pre-sm_90
         "attention_bwd": lambda: attention.attention_bwd(q, q, q, q, q, lse, True, 8.0, scale),
@@ -126,6 +128,26 @@ def _cases(dtype) -> dict[str, Callable[[], object]]:
         "cross_entropy_chunk": lambda: linear_cross_entropy.cross_entropy_chunk(
             r(rows, vocab), torch.randint(0, vocab, (rows,)), -100, True),
     }
+
+
+def _qk_norm_rope_cases(r, seq: int, head_dim: int) -> dict[str, Callable[[], object]]:
+    """OLMo 2's QK-norm prologue at 7B (32 heads: one tile, single pass), 13B (40 heads: padded to a tile of 8192),
+    32B (40 query heads, 8 key/value heads) and 128 query heads (wider than a tile: the two-pass path)."""
+    import torch
+
+    from olmo_fast.kernels import qk_norm_rope, rope
+
+    freqs = rope.inv_freq(head_dim, 500000.0, torch.device("cpu"))
+    cases = {}
+    for name, hq, hkv in (("7b", 32, 32), ("13b", 40, 40), ("32b", 40, 8), ("wide", 128, 8)):
+        qkv, wq, wk = r(1, seq, (hq + 2 * hkv) * head_dim), r(hq * head_dim), r(hkv * head_dim)
+        grads = r(1, seq, hq, head_dim), r(1, seq, hkv, head_dim), r(1, seq, hkv, head_dim)
+        rstd = r(seq, 2, dt=torch.float32)
+        cases[f"fwd_{name}"] = functools.partial(qk_norm_rope.qk_norm_rope_fwd, qkv, wq, wk, hq, hkv, 1e-6, None,
+                                                 0, freqs, 1.0)
+        cases[f"bwd_{name}"] = functools.partial(qk_norm_rope.qk_norm_rope_bwd, *grads, qkv, wq, wk, rstd, None,
+                                                 0, freqs, 1.0)
+    return cases
 
 
 @contextlib.contextmanager

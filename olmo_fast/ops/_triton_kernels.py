@@ -12,8 +12,8 @@ import triton  # noqa: F401  (ImportError here marks the backend unavailable, wi
 
 from .dispatch import register_kernel
 
-KERNEL_MODULES = ("layer_norm", "swiglu", "rope", "attention_variants", "qkv_rope", "decode_attention",
-                  "linear_cross_entropy")
+KERNEL_MODULES = ("layer_norm", "swiglu", "rope", "attention_variants", "qkv_rope", "qk_norm_rope",
+                  "decode_attention", "linear_cross_entropy")
 
 _devices = ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
 for _name in KERNEL_MODULES:

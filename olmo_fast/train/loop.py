@@ -35,7 +35,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..checkpoint import CheckpointError, check_state, load_state
 from ..config import ConfigError, ModelConfig
-from ..eval import TaskError, downstream_metrics, get_task
+from ..eval import DownstreamEvaluator, TaskError
 from ..model import OLMo
 from ..ops import dispatch
 from ..tokenizer import load_tokenizer
@@ -97,7 +97,7 @@ class Trainer:
         self.seq_len = self.model_config.max_sequence_length
 
         self.train_data, self.evaluators = self._data()
-        self.downstream, self.eval_tokenizer = self._downstream_tasks()
+        self.downstream = self._downstream_tasks()
         self.order = BatchOrder(len(self.train_data), config.global_train_batch_size,
                                 config.data.seed if config.data.seed is not None else config.seed,
                                 self.dist.rank, self.dist.world)
@@ -209,23 +209,25 @@ class Trainer:
             self.log(f"data: the built-in corpus ({train.stat().st_size // 2:,} tokens of OLMo eval-task text)")
         return self._dataset(cfg.data), [(e, self._eval_dataset(e)) for e in evaluators]
 
-    def _downstream_tasks(self) -> tuple[list[EvaluatorConfig], Any]:
-        """The `type: downstream` evaluators, their tasks checked now (a ConfigError before any work), and the
-        tokenizer that scores them (None without such evaluators)."""
+    def _downstream_tasks(self) -> list[DownstreamEvaluator]:
+        """The `type: downstream` evaluators, their tasks checked and tokenized now (a ConfigError before any
+        work), once for the whole run."""
         tasks = [ev for ev in self.cfg.evaluators if ev.type == "downstream"]
-        for ev in tasks:
-            try:
-                get_task(ev.label)
-            except TaskError as err:
-                raise ConfigError(f"evaluator {ev.label!r}: {err}") from None
         if not tasks:
-            return tasks, None
+            return []
         tokenizer = load_tokenizer()  # the tasks are tokenized with OLMo's tokenizer: its ids must be the model's
         ids, rows = tokenizer.get_vocab_size(), self.model_config.embedding_size
         if ids > rows:
             raise ConfigError(f"evaluator {tasks[0].label!r}: OLMo's tokenizer has {ids} ids, more than the "
                               f"model's {rows} embedding rows (downstream tasks need a model of OLMo's vocabulary)")
-        return tasks, tokenizer
+        evaluators = []
+        for ev in tasks:
+            try:
+                evaluators.append(DownstreamEvaluator(ev.label, tokenizer, limit=ev.subset_num_batches, vocab_size=rows,
+                                                      max_length=self.model_config.max_sequence_length))
+            except (TaskError, ValueError) as err:
+                raise ConfigError(f"evaluator {ev.label!r}: {err}") from None
+        return evaluators
 
     def _eval_dataset(self, ev: EvaluatorConfig) -> TokenDataset:
         """An evaluator's data, checked to hold at least one eval batch now rather than at the first eval."""
@@ -333,10 +335,9 @@ class Trainer:
                 total[1] += (labels[:, 1:] != -100).sum()
             total = self.dist.sum(total)
             out[f"eval/{ev.label}/loss"] = (total[0] / total[1].clamp(min=1)).item()
-        for ev in self.downstream:  # every process scores the same documents (FSDP: through the root module)
+        for evaluator in self.downstream:  # every process scores the same documents (FSDP: through the root module)
             with self._autocast():
-                out.update(downstream_metrics(self.model, [ev.label], self.eval_tokenizer,
-                                              limit=ev.subset_num_batches, shared=self.dist.world == 1))
+                out.update(evaluator(self.model, shared=self.dist.world == 1))
         self.model.train()
         return out
 

@@ -157,6 +157,58 @@ typedef struct {
   int has_clip;
 } olmo_fast_qkv_rope_bwd_args;
 
+/* OLMo 2's attention prologue: per token (b, t) of qkv [batch, seq, (q_heads + 2 kv_heads) * head_dim] (strides
+ * below, last dim contiguous): q = RMSNorm over all q_heads * head_dim values (fp32 statistics, times q_weight in
+ * fp32; rstd[token * 2] = its 1/sqrt(mean(q^2) + eps)), likewise k with k_weight (rstd[token * 2 + 1]), then RoPE
+ * (NeoX) on q and k at the token's position with the inverse frequencies `inv_freq` [head_dim / 2], cos and sin
+ * times `attention_factor`; v copied -> contiguous q [batch, seq, q_heads, head_dim], k, v [.., kv_heads, ..].
+ * Weights are fp32. A "row" of the CPU loop is one token. */
+typedef struct {
+  olmo_fast_dtype dtype;
+  int64_t batch, seq, q_heads, kv_heads, head_dim;
+  const void* qkv;
+  int64_t qkv_strides[2]; /* batch, token */
+  const float* q_weight;  /* [q_heads * head_dim] */
+  const float* k_weight;  /* [kv_heads * head_dim] */
+  void* q;
+  void* k;
+  void* v;
+  float* rstd; /* [batch * seq, 2] */
+  const int64_t* positions;
+  int64_t positions_batch_stride;
+  int64_t offset;
+  const float* inv_freq;
+  float attention_factor;
+  float eps;
+} olmo_fast_qk_norm_rope_fwd_args;
+
+/* Its backward: dq, dk (any strides [batch, seq, head, dim]) rotated back, through the RMSNorm (with the forward's
+ * qkv and rstd), dv as is, into a contiguous dqkv [batch, seq, (q_heads + 2 kv_heads) * head_dim]; the weight
+ * gradients sum(g * xhat) over the tokens are added into fp32 accumulator rows of dq_weight
+ * [partials, q_heads * head_dim] and dk_weight [partials, kv_heads * head_dim] (zeroed by the caller, who sums the
+ * rows): the CPU loop adds into row `partial`, the GPU launcher runs `partials` blocks, block p taking tokens
+ * [p * tokens / partials, (p + 1) * tokens / partials). */
+typedef struct {
+  olmo_fast_dtype dtype;
+  int64_t batch, seq, q_heads, kv_heads, head_dim;
+  const void* grads[3]; /* dq, dk, dv */
+  int64_t grad_strides[3][4];
+  const void* qkv;
+  int64_t qkv_strides[2];
+  const float* q_weight;
+  const float* k_weight;
+  const float* rstd;
+  void* dqkv;
+  float* dq_weight;
+  float* dk_weight;
+  int64_t partials;
+  const int64_t* positions;
+  int64_t positions_batch_stride;
+  int64_t offset;
+  const float* inv_freq;
+  float attention_factor;
+} olmo_fast_qk_norm_rope_bwd_args;
+
 /* The cross-entropy chunk of the fused linear cross-entropy: for each row i of logits [rows, vocab] (row stride
  * `logits_stride`, last dim contiguous) with label y_i and lse_i = logsumexp(z_i): loss[i] = lse_i - z_i[y_i] +
  * z_loss * lse_i^2 (fp32), 0 where y_i == ignore_index, NaN for a label outside [0, vocab); lse[i] = lse_i (0 where
@@ -253,6 +305,8 @@ int olmo_fast_norm_bwd_gpu(const olmo_fast_norm_bwd_args* args, void* stream); /
 int olmo_fast_silu_mul_fwd_gpu(const olmo_fast_silu_mul_fwd_args* args, void* stream);
 int olmo_fast_silu_mul_bwd_gpu(const olmo_fast_silu_mul_bwd_args* args, void* stream);
 int olmo_fast_rope_gpu(const olmo_fast_rope_args* args, void* stream);
+int olmo_fast_qk_norm_rope_fwd_gpu(const olmo_fast_qk_norm_rope_fwd_args* args, void* stream);
+int olmo_fast_qk_norm_rope_bwd_gpu(const olmo_fast_qk_norm_rope_bwd_args* args, void* stream); /* `partials` blocks */
 const char* olmo_fast_gpu_error_string(int error);
 
 void olmo_fast_norm_fwd_cpu(const olmo_fast_norm_fwd_args* args, int64_t row_begin, int64_t row_end);
@@ -263,6 +317,11 @@ void olmo_fast_silu_mul_bwd_cpu(const olmo_fast_silu_mul_bwd_args* args, int64_t
 void olmo_fast_rope_cpu(const olmo_fast_rope_args* args, int64_t token_begin, int64_t token_end);
 void olmo_fast_qkv_rope_fwd_cpu(const olmo_fast_qkv_rope_fwd_args* args, int64_t token_begin, int64_t token_end);
 void olmo_fast_qkv_rope_bwd_cpu(const olmo_fast_qkv_rope_bwd_args* args, int64_t token_begin, int64_t token_end);
+void olmo_fast_qk_norm_rope_fwd_cpu(const olmo_fast_qk_norm_rope_fwd_args* args, int64_t token_begin,
+                                    int64_t token_end);
+/* adds the tokens' weight-gradient terms into accumulator row `partial` */
+void olmo_fast_qk_norm_rope_bwd_cpu(const olmo_fast_qk_norm_rope_bwd_args* args, int64_t token_begin,
+                                    int64_t token_end, int64_t partial);
 void olmo_fast_attention_fwd_cpu(const olmo_fast_attention_fwd_args* args, int64_t row_begin, int64_t row_end);
 void olmo_fast_attention_bwd_cpu(const olmo_fast_attention_bwd_args* args, int64_t pair_begin, int64_t pair_end);
 void olmo_fast_decode_attention_cpu(const olmo_fast_decode_attention_args* args, int64_t pair_begin,
