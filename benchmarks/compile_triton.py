@@ -110,6 +110,9 @@ def _cases(dtype) -> dict[str, Callable[[], object]]:
         "norm_bwd": lambda: layer_norm.norm_bwd(x, x, w, rstd, rstd, x, True, False),
         "rms_norm_fwd": lambda: layer_norm.norm_fwd(x, None, w, None, 1e-6, True),
         "rms_norm_bwd": lambda: layer_norm.norm_bwd(x, x, w, None, rstd, None, False, True),
+        "rms_norm_add_fwd": lambda: layer_norm.rms_norm_add_fwd(x, w, x, 1e-6),  # OLMo 2's post-norm
+        "rms_norm_add_fwd_long": lambda: layer_norm.rms_norm_add_fwd(long, None, long, 1e-6),
+        "rms_norm_add_bwd": lambda: layer_norm.rms_norm_add_bwd(x, x, w, rstd),
         "swiglu_fwd": lambda: swiglu.swiglu_fwd(r(rows, 2 * hidden)),
         "swiglu_bwd": lambda: swiglu.swiglu_bwd(r(rows, hidden), r(rows, 2 * hidden)),
         "rope": lambda: rope.rope(q, None, 0, 10000.0, False),

@@ -8,6 +8,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/add.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/zeros.h>
@@ -132,10 +133,10 @@ Tensor affine_of(const std::optional<Tensor>& t, const Tensor& x, const char* op
 
 const void* ptr_or_null(const Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
-std::tuple<Tensor, std::optional<Tensor>, std::optional<Tensor>, Tensor> norm_fwd(
-    const Tensor& x_in, const std::optional<Tensor>& residual_in, const std::optional<Tensor>& weight_in,
-    const std::optional<Tensor>& bias_in, double eps, bool rms) {
-  const char* op = "norm_fwd";
+// The norm forward; with add_after (OLMo 2's post-norm, CPU loops only) y = residual + norm(x) and no h.
+std::tuple<Tensor, std::optional<Tensor>, std::optional<Tensor>, Tensor> norm_fwd_impl(
+    const char* op, const Tensor& x_in, const std::optional<Tensor>& residual_in, const std::optional<Tensor>& weight_in,
+    const std::optional<Tensor>& bias_in, double eps, bool rms, bool add_after) {
   const Tensor x = rows_of(x_in, op, "x");
   const int64_t rows = x.size(0), cols = x.size(1);
   TORCH_CHECK(cols > 0, "olmo_fast_C::", op, ": rows must not be empty, got shape ", x.sizes());
@@ -147,6 +148,7 @@ std::tuple<Tensor, std::optional<Tensor>, std::optional<Tensor>, Tensor> norm_fw
   args.x_stride = x.stride(0);
   args.eps = float(eps);
   args.rms = rms ? 1 : 0;
+  args.add_after = add_after ? 1 : 0;
   const Tensor weight = affine_of(weight_in, x, op, "weight"), bias = affine_of(bias_in, x, op, "bias");
   args.weight = ptr_or_null(weight);
   args.bias = ptr_or_null(bias);
@@ -154,10 +156,12 @@ std::tuple<Tensor, std::optional<Tensor>, std::optional<Tensor>, Tensor> norm_fw
   if (residual_in.has_value()) {
     residual = rows_of(*residual_in, op, "residual");
     check_like(residual, x, x.sizes(), op, "residual", "x");
-    h = output({rows, cols}, x.options());
     args.residual = residual.data_ptr();
     args.residual_stride = residual.stride(0);
-    args.h = h.data_ptr();
+    if (!add_after) {
+      h = output({rows, cols}, x.options());
+      args.h = h.data_ptr();
+    }
   }
   Tensor y = output({rows, cols}, x.options());
   Tensor rstd = output({rows}, x.options().dtype(at::kFloat));
@@ -167,9 +171,19 @@ std::tuple<Tensor, std::optional<Tensor>, std::optional<Tensor>, Tensor> norm_fw
   }
   args.y = y.data_ptr();
   args.rstd = rstd.data_ptr<float>();
-  run(op, x, args, rows, cols, olmo_fast_norm_fwd_cpu, olmo_fast_norm_fwd_gpu);
+  if (add_after) {
+    run_cpu(args, rows, cols, olmo_fast_norm_fwd_cpu);
+  } else {
+    run(op, x, args, rows, cols, olmo_fast_norm_fwd_cpu, olmo_fast_norm_fwd_gpu);
+  }
   return {y, h.defined() ? std::optional<Tensor>(h) : std::nullopt,
           mean.defined() ? std::optional<Tensor>(mean) : std::nullopt, rstd};
+}
+
+std::tuple<Tensor, std::optional<Tensor>, std::optional<Tensor>, Tensor> norm_fwd(
+    const Tensor& x, const std::optional<Tensor>& residual, const std::optional<Tensor>& weight,
+    const std::optional<Tensor>& bias, double eps, bool rms) {
+  return norm_fwd_impl("norm_fwd", x, residual, weight, bias, eps, rms, false);
 }
 
 // The CPU backward over rows without weight/bias accumulators.
@@ -177,11 +191,11 @@ constexpr auto norm_bwd_rows = [](const olmo_fast_norm_bwd_args* a, int64_t begi
   olmo_fast_norm_bwd_cpu(a, begin, end, 0);
 };
 
-std::tuple<Tensor, std::optional<Tensor>, std::optional<Tensor>> norm_bwd(
-    const Tensor& dy_in, const Tensor& saved_in, const std::optional<Tensor>& weight_in,
+// The norm backward; xhat from the saved input (from_input) or the saved output.
+std::tuple<Tensor, std::optional<Tensor>, std::optional<Tensor>> norm_bwd_impl(
+    const char* op, const Tensor& dy_in, const Tensor& saved_in, const std::optional<Tensor>& weight_in,
     const std::optional<Tensor>& mean_in, const Tensor& rstd_in, const std::optional<Tensor>& dh_in, bool has_bias,
-    bool rms) {
-  const char* op = "norm_bwd";
+    bool rms, bool from_input) {
   const Tensor dy = rows_of(dy_in, op, "dy");
   const Tensor saved = rows_of(saved_in, op, "saved");
   const int64_t rows = dy.size(0), cols = dy.size(1);
@@ -195,7 +209,6 @@ std::tuple<Tensor, std::optional<Tensor>, std::optional<Tensor>> norm_bwd(
   };
   const Tensor rstd = stats(rstd_in, "rstd");
   const Tensor weight = affine_of(weight_in, dy, op, "weight");
-  const bool from_input = weight.defined() || has_bias;
   TORCH_CHECK(mean_in.has_value() == (from_input && !rms), "olmo_fast_C::", op, ": the mean is needed exactly for ",
               "LayerNorm with a weight or bias (saved = its input)");
   const Tensor mean = mean_in.has_value() ? stats(*mean_in, "mean") : Tensor();
@@ -234,6 +247,50 @@ std::tuple<Tensor, std::optional<Tensor>, std::optional<Tensor>> norm_bwd(
   run_partials(op, dy, args, rows, olmo_fast_norm_bwd_cpu, olmo_fast_norm_bwd_gpu);
   return {dx, dw_part.defined() ? std::optional<Tensor>(dw_part.sum(0)) : std::nullopt,
           db_part.defined() ? std::optional<Tensor>(db_part.sum(0)) : std::nullopt};
+}
+
+std::tuple<Tensor, std::optional<Tensor>, std::optional<Tensor>> norm_bwd(
+    const Tensor& dy, const Tensor& saved, const std::optional<Tensor>& weight, const std::optional<Tensor>& mean,
+    const Tensor& rstd, const std::optional<Tensor>& dh, bool has_bias, bool rms) {
+  return norm_bwd_impl("norm_bwd", dy, saved, weight, mean, rstd, dh, has_bias, rms, weight.has_value() || has_bias);
+}
+
+// OLMo 2's post-norm residual (CPU loops): out = residual + (weight * x * rstd).to(x.dtype), in the promoted dtype.
+// Mixed dtypes (autocast: a bf16 branch x, an fp32 residual stream and fp32 weight) run the norm in the promoted
+// dtype of x and weight, round it to x's dtype and let ATen add the residual: the same roundings as PyTorch's.
+at::ScalarType norm_dtype(const Tensor& x, const std::optional<Tensor>& weight) {
+  return weight.has_value() ? c10::promoteTypes(x.scalar_type(), weight->scalar_type()) : x.scalar_type();
+}
+
+Tensor as_dtype(const Tensor& t, at::ScalarType dtype) { return t.scalar_type() == dtype ? t : t.to(dtype); }
+
+std::optional<Tensor> as_dtype(const std::optional<Tensor>& t, at::ScalarType dtype) {
+  return t.has_value() ? std::optional<Tensor>(as_dtype(*t, dtype)) : std::nullopt;
+}
+
+std::tuple<Tensor, Tensor> rms_norm_add_fwd(const Tensor& x, const std::optional<Tensor>& weight,
+                                            const Tensor& residual, double eps) {
+  const char* op = "rms_norm_add_fwd";
+  const at::ScalarType dtype = norm_dtype(x, weight);
+  if (residual.scalar_type() == x.scalar_type() && dtype == x.scalar_type()) {
+    auto [out, h, mean, rstd] = norm_fwd_impl(op, x, residual, weight, std::nullopt, eps, true, true);
+    return {out, rstd};
+  }
+  TORCH_CHECK(residual.sizes() == x.sizes() && residual.device() == x.device(), "olmo_fast_C::", op,
+              ": residual must have x's shape ", x.sizes(), " and device, got ", residual.sizes());
+  auto [y, h, mean, rstd] =
+      norm_fwd_impl(op, as_dtype(x, dtype), std::nullopt, as_dtype(weight, dtype), std::nullopt, eps, true, false);
+  return {at::add(residual, as_dtype(y, x.scalar_type())).contiguous(), rstd};
+}
+
+// -> (dx in x's dtype, dweight fp32): the RMSNorm backward from the saved input x with dy = dout in x's dtype.
+std::tuple<Tensor, std::optional<Tensor>> rms_norm_add_bwd(const Tensor& dout, const Tensor& x,
+                                                           const std::optional<Tensor>& weight, const Tensor& rstd) {
+  const at::ScalarType dtype = norm_dtype(x, weight);
+  const Tensor dy = as_dtype(as_dtype(dout, x.scalar_type()), dtype);
+  auto [dx, dw, db] = norm_bwd_impl("rms_norm_add_bwd", dy, as_dtype(x, dtype), as_dtype(weight, dtype), std::nullopt,
+                                    rstd, std::nullopt, false, true, true);
+  return {as_dtype(dx, x.scalar_type()), dw};
 }
 
 std::tuple<Tensor, std::optional<Tensor>, Tensor> layer_norm_fwd(const Tensor& x, const std::optional<Tensor>& residual,
@@ -594,7 +651,8 @@ std::tuple<Tensor, Tensor, Tensor> qk_norm_rope_bwd(const Tensor& dq, const Tens
   return {dqkv, dq_weight.sum(0), dk_weight.sum(0)};
 }
 
-Tensor cross_entropy_chunk(Tensor& logits, const Tensor& labels_in, int64_t ignore_index, bool compute_grad) {
+std::tuple<Tensor, Tensor> cross_entropy_chunk(Tensor& logits, const Tensor& labels_in, int64_t ignore_index,
+                                               bool compute_grad, double z_loss) {
   const char* op = "cross_entropy_chunk";
   TORCH_CHECK(logits.dim() == 2 && (logits.size(1) <= 1 || logits.stride(1) == 1), "olmo_fast_C::", op,
               ": logits must be 2-D [N, V] with a unit last stride (written in place), got shape ", logits.sizes(),
@@ -606,6 +664,7 @@ Tensor cross_entropy_chunk(Tensor& logits, const Tensor& labels_in, int64_t igno
               labels_in.scalar_type(), " ", labels_in.sizes(), " on ", labels_in.device());
   const Tensor labels = labels_in.to(at::kLong).contiguous();
   Tensor loss = output({rows}, logits.options().dtype(at::kFloat));
+  Tensor lse = output({rows}, logits.options().dtype(at::kFloat));
   olmo_fast_cross_entropy_chunk_args args{};
   args.dtype = kernel_dtype(logits, op, "logits");
   args.rows = rows;
@@ -614,10 +673,12 @@ Tensor cross_entropy_chunk(Tensor& logits, const Tensor& labels_in, int64_t igno
   args.logits_stride = logits.stride(0);
   args.labels = labels.data_ptr<int64_t>();
   args.loss = loss.data_ptr<float>();
+  args.lse = lse.data_ptr<float>();
   args.ignore_index = ignore_index;
   args.compute_grad = compute_grad ? 1 : 0;
+  args.z_loss = float(z_loss);
   run_cpu(args, rows, 3 * vocab, olmo_fast_cross_entropy_chunk_cpu);
-  return loss;
+  return {loss, lse};
 }
 
 // q [B, Tq, H, D], k and v [B, Tk, Hkv, D] of one dtype and device, H a multiple of Hkv.
@@ -778,6 +839,8 @@ TORCH_LIBRARY(olmo_fast_C, m) {
         "(Tensor, Tensor?, Tensor?, Tensor)");
   m.def("norm_bwd(Tensor dy, Tensor saved, Tensor? weight, Tensor? mean, Tensor rstd, Tensor? dh, bool has_bias, "
         "bool rms) -> (Tensor, Tensor?, Tensor?)");
+  m.def("rms_norm_add_fwd(Tensor x, Tensor? weight, Tensor residual, float eps) -> (Tensor, Tensor)");
+  m.def("rms_norm_add_bwd(Tensor dout, Tensor x, Tensor? weight, Tensor rstd) -> (Tensor, Tensor?)");
   m.def("swiglu_fwd(Tensor h) -> Tensor");
   m.def("swiglu_bwd(Tensor dout, Tensor h) -> Tensor");
   m.def("silu_mul_fwd(Tensor gate, Tensor up) -> Tensor");
@@ -793,7 +856,8 @@ TORCH_LIBRARY(olmo_fast_C, m) {
   m.def("qk_norm_rope_bwd(Tensor dq, Tensor dk, Tensor dv, Tensor qkv, Tensor q_weight, Tensor k_weight, "
         "Tensor rstd, Tensor? positions, int offset, Tensor inv_freq, float attention_factor) -> "
         "(Tensor, Tensor, Tensor)");
-  m.def("cross_entropy_chunk(Tensor(a!) logits, Tensor labels, int ignore_index, bool compute_grad) -> Tensor");
+  m.def("cross_entropy_chunk(Tensor(a!) logits, Tensor labels, int ignore_index, bool compute_grad, "
+        "float z_loss=0.0) -> (Tensor, Tensor)");
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, bool causal, float? clip, float scale, int? window) -> "
         "(Tensor, Tensor)");
   m.def("attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool causal, float? clip, "
@@ -823,6 +887,8 @@ TORCH_LIBRARY(olmo_fast_C, m) {
   m.impl("qkv_rope_fwd", &qkv_rope_fwd);               \
   m.impl("qkv_rope_bwd", &qkv_rope_bwd);               \
   m.impl("cross_entropy_chunk", &cross_entropy_chunk); \
+  m.impl("rms_norm_add_fwd", &rms_norm_add_fwd);       \
+  m.impl("rms_norm_add_bwd", &rms_norm_add_bwd);       \
   m.impl("decode_attention", &decode_attention);       \
   m.impl("attention_fwd", &attention_fwd);             \
   m.impl("attention_bwd", &attention_bwd)

@@ -1,15 +1,20 @@
 """Row normalisation over the last dim: LayerNorm (OLMo's non-parametric one, or with weight/bias) and RMSNorm,
-optionally fused with the residual add, forward and backward. One kernel pair; features are constexpr flags.
+optionally fused with the residual add - before the norm (OLMo 1's pre-norm block: add, then norm) or after it
+(OLMo 2's post-norm: norm, then add) - forward and backward. One kernel pair; features are constexpr flags.
 
 Forward, per row of C elements: h = x (+ residual, rounded to x's dtype as PyTorch's add is), fp32 statistics,
 y = (h - mean) * rstd (* w + b), rstd = 1/sqrt(var + eps); RMSNorm: mean = 0, var = mean(h^2).
+Norm, then add (ADD_AFTER, "rms_norm_add_fwd"): h = x, out = residual + y with y rounded to x's dtype first
+(OLMo 2's `residual + (w * (x * rstd)).to(x.dtype)`, in the promoted dtype of both); its backward is the norm's
+with dy = dout (in x's dtype) and d residual = dout itself (no kernel work).
 Backward, g = dy (* w), xhat = y (no weight/bias: the input is not kept alive) or (h - mean) * rstd recomputed
 from the saved input: dx = rstd * (g - mean(g) - xhat * mean(g * xhat)) (+ dh) (RMSNorm: no mean(g) term);
 dw = sum over rows of dy * xhat, db = sum of dy, as fp32 per-program partial rows summed on the host.
 Rows longer than MAX_FUSED (`_launch.py`) loop over chunks (SINGLE_PASS=False): chunked Welford statistics,
 then a second read to normalise.
-Bytes per element (E = element size): forward reads E (+E residual) and writes E (+E for h); backward reads
-2E (dy, y or h; +E dh) and writes E. Single-pass rows read each input once; looped rows read them twice.
+Bytes per element (E = element size): forward reads E (+E residual) and writes E (+E for h; none after the
+norm); backward reads 2E (dy, y or h; +E dh) and writes E. Single-pass rows read each input once; looped rows
+read them twice.
 """
 from __future__ import annotations
 
@@ -33,19 +38,25 @@ def _load_h(X, R, H, cols, mask, HAS_RESIDUAL: tl.constexpr, STORE_H: tl.constex
 
 
 @triton.jit
-def _normalize_store(Y, W, B, h, cols, mask, mean, rstd, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr):
+def _normalize_store(Y, W, B, R, h, cols, mask, mean, rstd, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     ADD_AFTER: tl.constexpr, NORM_DTYPE: tl.constexpr):
+    """Y = (h - mean) * rstd (* w + b); ADD_AFTER: Y = R + that, rounded to NORM_DTYPE (x's) before the add."""
     y = (h - mean) * rstd
     if HAS_WEIGHT:
         y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    if ADD_AFTER:
+        y = to_dtype(y, NORM_DTYPE).to(tl.float32) + tl.load(R + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(Y + cols, to_dtype(y, Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _norm_fwd_kernel(X, R, W, B, Y, H, MEAN, RSTD, stride_x, stride_r, C, eps,
                      HAS_RESIDUAL: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     IS_RMS: tl.constexpr, STORE_MEAN: tl.constexpr, BLOCK: tl.constexpr, SINGLE_PASS: tl.constexpr):
+                     IS_RMS: tl.constexpr, STORE_MEAN: tl.constexpr, BLOCK: tl.constexpr, SINGLE_PASS: tl.constexpr,
+                     ADD_AFTER: tl.constexpr):
+    """HAS_RESIDUAL: h = x + R (stored to H) is normalised; ADD_AFTER: Y = R + norm(x) (no H)."""
     row = tl.program_id(0).to(tl.int64)
     X += row * stride_x
     R += row * stride_r
@@ -84,12 +95,14 @@ def _norm_fwd_kernel(X, R, W, B, Y, H, MEAN, RSTD, stride_x, stride_r, C, eps,
     if STORE_MEAN:
         tl.store(MEAN + row, mean)
     if SINGLE_PASS:
-        _normalize_store(Y, W, B, h, cols, mask, mean, rstd, HAS_WEIGHT, HAS_BIAS)
+        _normalize_store(Y, W, B, R, h, cols, mask, mean, rstd, HAS_WEIGHT, HAS_BIAS, ADD_AFTER,
+                         X.dtype.element_ty)
     else:
         for start in range(0, C, BLOCK):
             mask = start + cols < C
             h = _load_h(X + start, R + start, H + start, cols, mask, HAS_RESIDUAL, False)
-            _normalize_store(Y + start, W + start, B + start, h, cols, mask, mean, rstd, HAS_WEIGHT, HAS_BIAS)
+            _normalize_store(Y + start, W + start, B + start, R + start, h, cols, mask, mean, rstd, HAS_WEIGHT,
+                             HAS_BIAS, ADD_AFTER, X.dtype.element_ty)
 
 
 @triton.jit
@@ -179,28 +192,44 @@ def norm_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tenso
     """x, residual `[N, C]` (unit column stride) -> (y, h = x + residual or None, mean [N] fp32 or None
     (LayerNorm with weight/bias only: what the backward recomputes xhat from), rstd [N] fp32)."""
     N, C = x.shape
-    block, single = row_block(C)
     y = torch.empty((N, C), dtype=x.dtype, device=x.device)
     h = None if residual is None else torch.empty((N, C), dtype=x.dtype, device=x.device)
     rstd = torch.empty(N, dtype=torch.float32, device=x.device)
     store_mean = not rms and (weight is not None or bias is not None)
     mean = torch.empty(N, dtype=torch.float32, device=x.device) if store_mean else None
-    if N:
-        _norm_fwd_kernel[(N,)](
-            x, x if residual is None else residual, x if weight is None else weight, x if bias is None else bias,
-            y, y if h is None else h, rstd if mean is None else mean, rstd,
-            x.stride(0), 0 if residual is None else residual.stride(0), C, eps,
-            HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-            IS_RMS=rms, STORE_MEAN=store_mean, BLOCK=block, SINGLE_PASS=single, num_warps=num_warps(block))
+    _launch_fwd(x, residual, weight, bias, y, h, mean, rstd, eps, rms, add_after=False)
     return y, h, mean, rstd
+
+
+def _launch_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
+                bias: torch.Tensor | None, y: torch.Tensor, h: torch.Tensor | None, mean: torch.Tensor | None,
+                rstd: torch.Tensor, eps: float, rms: bool, add_after: bool) -> None:
+    """The forward kernel over the rows of x into the given outputs (residual added before the norm into h, or
+    with `add_after` into y after it)."""
+    N, C = x.shape
+    if not N:
+        return
+    block, single = row_block(C)
+    _norm_fwd_kernel[(N,)](
+        x, x if residual is None else residual, x if weight is None else weight, x if bias is None else bias,
+        y, y if h is None else h, rstd if mean is None else mean, rstd,
+        x.stride(0), 0 if residual is None else residual.stride(0), C, eps,
+        HAS_RESIDUAL=residual is not None and not add_after, HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None, IS_RMS=rms, STORE_MEAN=mean is not None, BLOCK=block, SINGLE_PASS=single,
+        ADD_AFTER=add_after, num_warps=num_warps(block))
 
 
 def norm_bwd(dy: torch.Tensor, saved: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor | None,
              rstd: torch.Tensor, dh: torch.Tensor | None, has_bias: bool, rms: bool):
     """-> (dx [N, C] in dy's dtype, dweight [C] fp32 or None, dbias [C] fp32 or None). `saved` is the forward's
     input h when it had a weight or bias (with `mean` for LayerNorm), else its output y."""
+    return _launch_bwd(dy, saved, weight, mean, rstd, dh, has_bias, rms, from_input=weight is not None or has_bias)
+
+
+def _launch_bwd(dy: torch.Tensor, saved: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor | None,
+                rstd: torch.Tensor, dh: torch.Tensor | None, has_bias: bool, rms: bool, from_input: bool):
+    """`norm_bwd` with xhat recomputed from the saved input h (`from_input`) or read from the saved output y."""
     N, C = dy.shape
-    from_input = weight is not None or has_bias
     block, single = row_block(C)
     dx = torch.empty((N, C), dtype=dy.dtype, device=dy.device)
     programs = persistent_programs(N, dy.device) if from_input else max(N, 1)
@@ -228,5 +257,24 @@ def layer_norm_bwd(dy: torch.Tensor, y: torch.Tensor, rstd: torch.Tensor, dh: to
     return norm_bwd(dy, y, None, None, rstd, dh, has_bias=False, rms=False)[0]
 
 
+def rms_norm_add_fwd(x: torch.Tensor, weight: torch.Tensor | None, residual: torch.Tensor, eps: float):
+    """OLMo 2's post-norm residual, norm then add: x, residual `[N, C]` (unit column stride), weight `[C]` or None
+    -> (out = residual + (weight * x * rstd).to(x.dtype) `[N, C]` in the promoted dtype of x and residual,
+    rstd [N] fp32)."""
+    N, C = x.shape
+    out = torch.empty((N, C), dtype=torch.promote_types(x.dtype, residual.dtype), device=x.device)
+    rstd = torch.empty(N, dtype=torch.float32, device=x.device)
+    _launch_fwd(x, residual, weight, None, out, None, None, rstd, eps, rms=True, add_after=True)
+    return out, rstd
+
+
+def rms_norm_add_bwd(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor):
+    """-> (dx [N, C] in x's dtype, dweight [C] fp32 or None): the RMSNorm backward from the saved input x, with
+    dy = dout rounded to x's dtype (as autograd does through the cast). d residual is dout itself."""
+    dy = dout if dout.dtype == x.dtype else dout.to(x.dtype)
+    dx, dw, _ = _launch_bwd(dy, x, weight, None, rstd, None, has_bias=False, rms=True, from_input=True)
+    return dx, dw
+
+
 KERNELS = {"layer_norm_fwd": layer_norm_fwd, "layer_norm_bwd": layer_norm_bwd, "norm_fwd": norm_fwd,
-           "norm_bwd": norm_bwd}
+           "norm_bwd": norm_bwd, "rms_norm_add_fwd": rms_norm_add_fwd, "rms_norm_add_bwd": rms_norm_add_bwd}

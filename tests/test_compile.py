@@ -93,7 +93,7 @@ def test_kernels_compile_for_gpus():
     env = {**os.environ, "TRITON_INTERPRET": "0"}  # "0": conftest's setdefault leaves it off in the child
     done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.split() == ["compiled", "18"], done.stdout
+    assert done.stdout.split() == ["compiled", "20"], done.stdout
 
 
 def _compile_for_gpus() -> None:
@@ -105,11 +105,13 @@ def _compile_for_gpus() -> None:
     from olmo_fast.kernels import _launch, layer_norm, qkv_rope, rope, swiglu
 
     flags = dict(HAS_RESIDUAL=True, HAS_WEIGHT=True, HAS_BIAS=True, IS_RMS=False, STORE_MEAN=True, FROM_INPUT=True,
-                 HAS_DH=True, HAS_POS=True, INVERSE=True, INTERLEAVED=True, CLIP=True)
+                 HAS_DH=True, HAS_POS=True, INVERSE=True, INTERLEAVED=True, CLIP=True, ADD_AFTER=False)
+    add_after = dict(HAS_RESIDUAL=False, HAS_BIAS=False, IS_RMS=True, STORE_MEAN=False, ADD_AFTER=True)  # OLMo 2
     tile = dict(BLOCK_H=32, BLOCK_HALF=64)  # OLMo-7B: 32 heads of 128
     kernels = [  # (kernel, constexprs, integer args among the capitalised names (the rest are pointers))
         (layer_norm._norm_fwd_kernel, dict(BLOCK=4096, SINGLE_PASS=True), {"C"}),
         (layer_norm._norm_fwd_kernel, dict(BLOCK=16384, SINGLE_PASS=False), {"C"}),
+        (layer_norm._norm_fwd_kernel, dict(BLOCK=4096, SINGLE_PASS=True, **add_after), {"C"}),
         (layer_norm._norm_bwd_kernel, dict(BLOCK=4096, SINGLE_PASS=True), {"N", "C"}),
         (layer_norm._norm_bwd_kernel, dict(BLOCK=16384, SINGLE_PASS=False), {"N", "C"}),
         (swiglu._silu_mul_fwd_kernel, dict(BLOCK=4096), {"H"}),

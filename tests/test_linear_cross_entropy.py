@@ -13,9 +13,9 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, require_kernel_where_registered
+from conftest import DEVICE, assert_within_2x, poisoned_allocations, require_kernel_where_registered
 
-from olmo_fast import ops
+from olmo_fast import nn, ops
 
 BACKENDS = ["torch", "triton", "cpp"]
 
@@ -100,9 +100,10 @@ def test_frozen_weight_and_no_grad(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_chunk_kernel_against_float64(backend, dtype):
-    """The "cross_entropy_chunk" step alone: losses, and the gradient written in place into a strided view
-    whose neighbouring columns must stay untouched."""
+@pytest.mark.parametrize("z_loss", [0.0, 0.02])
+def test_chunk_kernel_against_float64(backend, dtype, z_loss):
+    """The "cross_entropy_chunk" step alone: losses (z-loss term included) and lse, and the gradient written in
+    place into a strided view whose neighbouring columns must stay untouched."""
     _require(backend)
     from olmo_fast.ops import dispatch, reference
 
@@ -114,21 +115,136 @@ def test_chunk_kernel_against_float64(backend, dtype):
     logits.copy_(torch.randn(n, vocab, device=DEVICE) * 4)
     y = torch.randint(0, vocab, (n,), device=DEVICE)
     y[4] = -100
+    valid = y != -100
+
+    def per_row_loss(z):  # cross-entropy + OLMo's z-loss term, 0 on ignored rows
+        lse = torch.logsumexp(z, -1)
+        return F.cross_entropy(z, y, reduction="none") + z_loss * torch.where(valid, lse.square(), 0.0), lse
+
     z64 = logits.double().clone().requires_grad_()
-    per_row = F.cross_entropy(z64, y, reduction="none")
+    per_row, lse64 = per_row_loss(z64)
     (grad_ref,) = torch.autograd.grad(per_row.sum(), (z64,))
-    z16 = logits.clone()
-    plain_loss = F.cross_entropy(z16.float(), y, reduction="none")  # the same inputs in fp32
-    losses = kernel(logits, y, -100, True)
-    assert losses.dtype == torch.float32
+    plain_loss, plain_lse = per_row_loss(logits.clone().float())  # the same inputs in fp32
+    with poisoned_allocations():
+        losses, lse = kernel(logits, y, -100, True, z_loss)
+    assert losses.dtype == lse.dtype == torch.float32
     assert (losses.double() - per_row).abs().max() <= 2 * (plain_loss.double() - per_row).abs().max() + 1e-5
+    lse64 = torch.where(valid, lse64, 0.0).detach()
+    assert (lse.double() - lse64).abs().max() <= 2 * (plain_lse.double() - lse64)[valid].abs().max() + 1e-5
+    assert lse[4] == 0  # the ignored row
     grad_tol = 1e-6 if dtype == torch.float32 else 1e-3  # the gradient is stored in the logits' dtype
     torch.testing.assert_close(logits.double(), grad_ref, rtol=0, atol=grad_tol)
     assert (buffer[:, :2] == 1234).all() and (buffer[:, 2 + vocab:] == 1234).all()
     fresh = torch.randn(n, vocab, device=DEVICE, dtype=dtype)
     before = fresh.clone()
-    kernel(fresh, y, -100, False)
+    kernel(fresh, y, -100, False, z_loss)
     assert torch.equal(fresh, before)  # loss only: the logits are left as they are
+
+
+def _olmo_core_loss(x, w, y, z_loss, reduction="mean"):
+    """OLMo-core's definition, materialised: cross-entropy of the logits (fp32, or float64) plus
+    `z_loss * logsumexp(logits)^2` of the labelled tokens, summed or averaged over them. -> (loss, z part)."""
+    logits = x @ w.t()
+    logits = logits if logits.dtype == torch.float64 else logits.float()
+    mask = y != -100
+    z_squared = (torch.logsumexp(logits, -1).square() * mask).sum()
+    z_part = z_loss * (z_squared / mask.sum() if reduction == "mean" else z_squared)
+    return F.cross_entropy(logits, y, reduction=reduction) + z_part, z_part
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_z_loss_matches_olmo_core_in_float64(backend, dtype, reduction):
+    """loss = CE + z_loss * lse^2 (OLMo-core), its gradients through the fused kernel, and the detached z part,
+    against float64 by the 2x same-dtype rule: an odd vocabulary (1003), ragged chunks, ignored tokens, a
+    strided x, and a batch of one token."""
+    _require(backend)
+    z_loss, vocab, d = 1e-2, 1003, 24
+    x = torch.randn(41, d + 3, device=DEVICE)[:, 1:d + 1].to(dtype)  # strided rows
+    w = (torch.randn(vocab, d, device=DEVICE) / 3).to(dtype)
+    y = torch.randint(0, vocab, (41,), device=DEVICE)
+    y[::5] = -100
+
+    def ours(a, b, labels):
+        return ops.linear_cross_entropy(a, b, labels, chunk_size=8, reduction=reduction, z_loss=z_loss,
+                                        return_z_loss=True, backend=backend)
+
+    def theirs(a, b, labels):
+        return _olmo_core_loss(a, b, labels, z_loss, reduction)
+
+    def run(fn, a, b, labels):
+        a, b = a.detach().requires_grad_(), b.detach().requires_grad_()
+        loss, z_part = fn(a, b, labels)
+        return [loss.detach(), z_part.detach(), *torch.autograd.grad(loss, (a, b))], z_part
+
+    for rows in (slice(None), slice(1, 2)):  # every token, then a batch of one
+        xs, ys = x[rows], y[rows]
+        with poisoned_allocations():
+            got, z_part = run(ours, xs, w, ys)
+        assert not z_part.requires_grad
+        same, _ = run(theirs, xs, w, ys)
+        ref, _ = run(theirs, xs.double(), w.double(), ys)
+        for name, g, s, r in zip(("loss", "z part", "dx", "dW"), got, same, ref):
+            assert_within_2x(name, g, s, r)
+        assert ref[1] > 0.05 * ref[0]  # the z-loss term is not negligible in this test
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_zero_z_loss_is_exactly_the_plain_loss(backend):
+    """z_loss = 0 changes no bit of the loss or the gradients, and its reported z part is exactly 0."""
+    _require(backend)
+    x, w = torch.randn(19, 13, device=DEVICE), torch.randn(1001, 13, device=DEVICE) / 3
+    y = torch.randint(0, 1001, (19,), device=DEVICE)
+    y[2] = -100
+    plain = _loss_and_grads(ops.linear_cross_entropy, x, w, y, chunk_size=4, backend=backend)
+
+    def zero(a, b, labels, **kw):
+        loss, z_part = ops.linear_cross_entropy(a, b, labels, z_loss=0.0, return_z_loss=True, **kw)
+        assert z_part.item() == 0.0
+        return loss
+
+    for got, want in zip(_loss_and_grads(zero, x, w, y, chunk_size=4, backend=backend), plain):
+        assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "unfused"])
+def test_causal_lm_loss_threads_z_loss(backend, fused):
+    """`nn.causal_lm_loss` / `nn.CausalLMLoss` with z_loss, fused or through fp32 logits, against float64
+    OLMo-core on the next-token labels; return_z_loss adds the detached z part, and without it the shapes of
+    the results are as before."""
+    _require(backend)
+    B, T, d, vocab, z_loss = 2, 7, 16, 999, 1e-3
+    hidden, w = torch.randn(B, T, d, device=DEVICE), torch.randn(vocab, d, device=DEVICE) / 2
+    labels = torch.randint(0, vocab, (B, T), device=DEVICE)
+    labels[0, 3] = -100
+    targets = nn.next_token_labels(labels)
+    module = nn.CausalLMLoss(backend=backend)
+    h = hidden.detach().requires_grad_()
+    logits, loss, z_part = module(h, w, labels, fused=fused, z_loss=z_loss, return_z_loss=True)
+    assert (logits is None) == fused and not z_part.requires_grad
+    (dh,) = torch.autograd.grad(loss, (h,))
+    h64 = hidden.double().requires_grad_()
+    ref, ref_z = _olmo_core_loss(h64.reshape(-1, d), w.double(), targets.reshape(-1), z_loss)
+    (dh64,) = torch.autograd.grad(ref, (h64,))
+    same, same_z = _olmo_core_loss(hidden.reshape(-1, d), w, targets.reshape(-1), z_loss)
+    h32 = hidden.detach().requires_grad_()
+    (dh32,) = torch.autograd.grad(_olmo_core_loss(h32.reshape(-1, d), w, targets.reshape(-1), z_loss)[0], (h32,))
+    for name, g, s, r in (("loss", loss, same, ref), ("z part", z_part, same_z, ref_z), ("dh", dh, dh32, dh64)):
+        assert_within_2x(name, g.detach(), s.detach(), r.detach())
+    out = nn.causal_lm_loss(hidden, w, targets, fused=fused, backend=backend)  # no z-loss: two results
+    assert len(out) == 2 and out[1] < loss
+
+
+def test_cpp_chunk_schema_and_fake_kernel():
+    """The C++ "cross_entropy_chunk" schema (logits mutated in place, z_loss defaulting to 0) and its fake kernel
+    agree with the real one (torch.library.opcheck)."""
+    require_kernel_where_registered("cross_entropy_chunk", "cpp", "cpu")
+    logits, labels = torch.randn(5, 37), torch.tensor([1, -100, 36, 0, 7])
+    for args in ((logits, labels, -100, True, 0.01), (logits.half(), labels, -100, False)):
+        torch.library.opcheck(torch.ops.olmo_fast_C.cross_entropy_chunk, args,
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 def test_second_backward_is_refused():
@@ -179,6 +295,11 @@ def test_clear_errors():
         ops.linear_cross_entropy(x, w, torch.zeros(5, dtype=torch.long))
     with pytest.raises(ValueError, match="dtype"):
         ops.linear_cross_entropy(x, w.double(), torch.zeros(4, dtype=torch.long))
+    for bad in (-1e-4, float("nan"), float("inf"), True):
+        with pytest.raises(ValueError, match="z_loss"):
+            ops.linear_cross_entropy(x, w, torch.zeros(4, dtype=torch.long), z_loss=bad)
+        with pytest.raises(ValueError, match="z_loss"):
+            nn.causal_lm_loss(x, w, torch.zeros(4, dtype=torch.long), fused=False, z_loss=bad)
 
 
 def test_bad_label_is_reported_by_fused_backends():
@@ -220,8 +341,8 @@ from olmo_fast.kernels import _launch, linear_cross_entropy as lce
 count = 0
 for dtype in ("*fp32", "*fp16", "*bf16"):
     for grad in (True, False):
-        signature = dict(logits_ptr=dtype, row_stride="i32", labels_ptr="*i64", loss_ptr="*fp32", V="i32",
-                         ignore_index="i32", COMPUTE_GRAD="constexpr", BLOCK="constexpr")
+        signature = dict(logits_ptr=dtype, row_stride="i32", labels_ptr="*i64", loss_ptr="*fp32", lse_ptr="*fp32",
+                         V="i32", ignore_index="i32", z_loss="fp32", COMPUTE_GRAD="constexpr", BLOCK="constexpr")
         for target in (GPUTarget("cuda", 90, 32), GPUTarget("hip", "gfx90a", 64)):
             _launch.warp_size = lambda target=target: target.warp_size
             source = ASTSource(fn=lce._cross_entropy_chunk_kernel, signature=signature,

@@ -1,5 +1,6 @@
 // Row normalisation on the CPU (OLMo's non-parametric LayerNorm; LayerNorm with weight/bias; RMSNorm), optionally
-// fused with the residual add, forward and backward.
+// fused with the residual add - before the norm (OLMo 1: add, then norm) or after it (OLMo 2's post-norm, add_after:
+// the normalised row rounded to the storage dtype, then the residual added) - forward and backward.
 // Forward per row: exact two-pass statistics in fp32 (mean, then the mean squared deviation) over a row that
 // stays in cache, then one pass writing y. Backward per row: sum(g * xhat) and sum(g), then one pass writing dx
 // and adding the dweight/dbias terms into the caller's accumulator row.
@@ -18,7 +19,8 @@ OLMO_FAST_CPU_CLONES void norm_fwd_rows(const olmo_fast_norm_fwd_args& a, int64_
   const T* b = static_cast<const T*>(a.bias);
   for (int64_t row = row_begin; row < row_end; ++row) {
     const T* src = static_cast<const T*>(a.x) + row * a.x_stride;
-    if (a.residual != nullptr) {
+    const T* add = a.add_after ? static_cast<const T*>(a.residual) + row * a.residual_stride : nullptr;
+    if (a.residual != nullptr && add == nullptr) {
       const T* x = src;
       const T* r = static_cast<const T*>(a.residual) + row * a.residual_stride;
       T* h = static_cast<T*>(a.h) + row * n;
@@ -36,15 +38,19 @@ OLMO_FAST_CPU_CLONES void norm_fwd_rows(const olmo_fast_norm_fwd_args& a, int64_
     a.rstd[row] = rstd;
     if (a.mean != nullptr) a.mean[row] = center;
     T* y = static_cast<T*>(a.y) + row * n;
-    if (w == nullptr && b == nullptr) {
+    const auto affine = [&](int64_t i) {
+      const float v = (to_float(src[i]) - center) * rstd;
+      return (w ? v * to_float(w[i]) : v) + (b ? to_float(b[i]) : 0.0f);
+    };
+    if (add != nullptr) {  // norm, then add: the normalised value rounded to T first, as PyTorch's cast does
+      OLMO_FAST_IVDEP
+      for (int64_t i = 0; i < n; ++i) y[i] = from_float<T>(to_float(add[i]) + to_float(from_float<T>(affine(i))));
+    } else if (w == nullptr && b == nullptr) {
       OLMO_FAST_IVDEP
       for (int64_t i = 0; i < n; ++i) y[i] = from_float<T>((to_float(src[i]) - center) * rstd);
     } else {
       OLMO_FAST_IVDEP
-      for (int64_t i = 0; i < n; ++i) {
-        const float v = (to_float(src[i]) - center) * rstd;
-        y[i] = from_float<T>((w ? v * to_float(w[i]) : v) + (b ? to_float(b[i]) : 0.0f));
-      }
+      for (int64_t i = 0; i < n; ++i) y[i] = from_float<T>(affine(i));
     }
   }
 }

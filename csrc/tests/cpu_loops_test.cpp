@@ -71,6 +71,35 @@ void check(olmo_fast_dtype dtype, const char* name, double tol) {
   std::snprintf(label, sizeof label, "%s layer_norm_fwd", name);
   expect_close(label, y, want, tol);
 
+  // OLMo 2's post-norm (RMSNorm, then the residual add): out = r + (w * x / sqrt(mean(x^2) + eps)) rounded to T
+  const auto w = random_rows<T>(cols, 0.5f, 1.0f, 9);
+  std::vector<T> post_out(rows * cols);
+  olmo_fast_norm_fwd_args post{};
+  post.dtype = dtype;
+  post.rows = rows;
+  post.cols = cols;
+  post.x = x.data();
+  post.x_stride = cols;
+  post.residual = r.data();
+  post.residual_stride = cols;
+  post.weight = w.data();
+  post.y = post_out.data();
+  post.rstd = rstd.data();
+  post.eps = 1e-6f;
+  post.rms = 1;
+  post.add_after = 1;
+  olmo_fast_norm_fwd_cpu(&post, 0, rows);
+  for (int64_t i = 0; i < rows; ++i) {
+    double mean_sq = 0;
+    for (int64_t j = 0; j < cols; ++j) mean_sq += std::pow(to_float(x[i * cols + j]), 2) / double(cols);
+    for (int64_t j = 0; j < cols; ++j) {
+      const double normed = to_float(w[j]) * to_float(x[i * cols + j]) / std::sqrt(mean_sq + 1e-6);
+      want[i * cols + j] = to_float(r[i * cols + j]) + to_float(from_float<T>(float(normed)));
+    }
+  }
+  std::snprintf(label, sizeof label, "%s rms_norm_add_fwd", name);
+  expect_close(label, post_out, want, tol);
+
   // SwiGLU on the fused [up | gate] rows of h: out = silu(gate) * up
   const auto fused = random_rows<T>(rows * 2 * half, 3.0f, 0.0f, 3);
   std::vector<T> out(rows * half);
@@ -161,18 +190,21 @@ void check(olmo_fast_dtype dtype, const char* name, double tol) {
   std::snprintf(label, sizeof label, "%s qkv_rope_fwd v", name);
   expect_close(label, pv, want_v, 0.0);  // exact: a clamp
 
-  // The cross-entropy chunk: losses (fp32) and the gradient softmax - onehot written over the logits
+  // The cross-entropy chunk with a z-loss: losses (fp32), lse, and the gradient softmax (1 + 2 z lse) - onehot
+  // written over the logits
   const int64_t vocab = 101;
   auto logits = random_rows<T>(rows * vocab, 3.0f, 0.0f, 6);
   const auto original = logits;
   std::vector<int64_t> labels(rows);
   for (int64_t i = 0; i < rows; ++i) labels[i] = (i * 37) % vocab;
   labels[1] = -100;
-  std::vector<float> losses(rows);
-  const olmo_fast_cross_entropy_chunk_args ce{dtype, rows, vocab, logits.data(), vocab, labels.data(), losses.data(),
-                                              -100, 1};
+  std::vector<float> losses(rows), lses(rows);
+  const float z_loss = 0.05f;
+  const olmo_fast_cross_entropy_chunk_args ce{dtype,         rows, vocab, logits.data(), vocab, labels.data(),
+                                              losses.data(), lses.data(), -100, 1, z_loss};
   olmo_fast_cross_entropy_chunk_cpu(&ce, 0, rows);
-  std::vector<double> want_loss(rows), got_loss(losses.begin(), losses.end());
+  std::vector<double> want_loss(rows), got_loss(losses.begin(), losses.end()), want_lse(rows);
+  std::vector<double> got_lse(lses.begin(), lses.end());
   want.assign(rows * vocab, 0);
   for (int64_t i = 0; i < rows; ++i) {
     if (labels[i] == -100) continue;
@@ -180,13 +212,17 @@ void check(olmo_fast_dtype dtype, const char* name, double tol) {
     for (int64_t j = 0; j < vocab; ++j) top = std::fmax(top, to_float(original[i * vocab + j]));
     for (int64_t j = 0; j < vocab; ++j) sum += std::exp(to_float(original[i * vocab + j]) - top);
     const double lse = top + std::log(sum);
-    want_loss[i] = lse - to_float(original[i * vocab + labels[i]]);
+    want_lse[i] = lse;
+    want_loss[i] = lse - to_float(original[i * vocab + labels[i]]) + z_loss * lse * lse;
     for (int64_t j = 0; j < vocab; ++j) {
-      want[i * vocab + j] = std::exp(to_float(original[i * vocab + j]) - lse) - (j == labels[i] ? 1.0 : 0.0);
+      want[i * vocab + j] =
+          std::exp(to_float(original[i * vocab + j]) - lse) * (1 + 2 * z_loss * lse) - (j == labels[i] ? 1.0 : 0.0);
     }
   }
   std::snprintf(label, sizeof label, "%s cross_entropy loss", name);
   expect_close(label, got_loss, want_loss, 1e-5);  // fp32 math on the same stored logits
+  std::snprintf(label, sizeof label, "%s cross_entropy lse", name);
+  expect_close(label, got_lse, want_lse, 1e-5);
   std::snprintf(label, sizeof label, "%s cross_entropy grad", name);
   expect_close(label, logits, want, tol);
 

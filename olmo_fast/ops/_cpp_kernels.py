@@ -29,7 +29,7 @@ KERNELS = {name: getattr(_ops, name) for name in (
     "silu_mul_bwd", "rope", "rope_interleaved", "qk_norm_rope_fwd", "qk_norm_rope_bwd")}
 # Kernels with CPU loops only (no CUDA/HIP kernel yet): registered for the CPU whatever the build.
 CPU_KERNELS = {name: getattr(_ops, name) for name in (
-    "qkv_rope_fwd", "qkv_rope_bwd", "cross_entropy_chunk", "decode_attention")}
+    "qkv_rope_fwd", "qkv_rope_bwd", "cross_entropy_chunk", "decode_attention", "rms_norm_add_fwd", "rms_norm_add_bwd")}
 
 
 # The attention variants (ops/softmax_attention.py) name Triton kernel sets: the C++ backend has one attention,
@@ -76,6 +76,17 @@ def _(dy, saved, weight, mean, rstd, dh, has_bias, rms):
     c = dy.shape[1]
     return (dy.new_empty(dy.shape), rstd.new_empty((c,)) if weight is not None else None,
             rstd.new_empty((c,)) if has_bias else None)
+
+
+@torch.library.register_fake("olmo_fast_C::rms_norm_add_fwd")
+def _(x, weight, residual, eps):
+    return x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, residual.dtype)), x.new_empty((x.shape[0],),
+                                                                                                 dtype=torch.float32)
+
+
+@torch.library.register_fake("olmo_fast_C::rms_norm_add_bwd")
+def _(dout, x, weight, rstd):
+    return x.new_empty(x.shape), rstd.new_empty((x.shape[1],)) if weight is not None else None
 
 
 @torch.library.register_fake("olmo_fast_C::swiglu_fwd")
@@ -136,8 +147,9 @@ def _(dq, dk, dv, qkv, q_weight, k_weight, rstd, positions, offset, inv_freq, at
 
 
 @torch.library.register_fake("olmo_fast_C::cross_entropy_chunk")
-def _(logits, labels, ignore_index, compute_grad):
-    return logits.new_empty((logits.shape[0],), dtype=torch.float32)
+def _(logits, labels, ignore_index, compute_grad, z_loss=0.0):
+    per_row = logits.new_empty((logits.shape[0],), dtype=torch.float32)
+    return per_row, per_row.new_empty(per_row.shape)
 
 
 @torch.library.register_fake("olmo_fast_C::decode_attention")

@@ -4,7 +4,9 @@ post-norm residual `rms_norm_add` (norm, then add).
 
 OLMo's non-parametric LayerNorm runs the kernels "layer_norm_fwd"/"layer_norm_bwd" (which every compiled
 backend provides) and keeps only its output y and rstd for the backward; with a weight or bias, or RMSNorm, it
-runs "norm_fwd"/"norm_bwd" and keeps the input h (+ mean, rstd). Signatures: kernels/layer_norm.py.
+runs "norm_fwd"/"norm_bwd" and keeps the input h (+ mean, rstd). `rms_norm_add` runs "rms_norm_add_fwd" /
+"rms_norm_add_bwd" through the custom ops "olmo_fast::rms_norm_add_fwd/bwd", keeping x and rstd; its residual's
+gradient is the incoming one itself. Signatures: kernels/layer_norm.py.
 """
 from __future__ import annotations
 
@@ -49,7 +51,7 @@ def rms_norm_add(x: torch.Tensor, weight: torch.Tensor | None, residual: torch.T
     chosen = dispatch.resolve("rms_norm_add_fwd", backend, x.device)
     if chosen == "torch":
         return reference.rms_norm_add(x, weight, residual, eps)
-    raise dispatch.BackendError(f"rms_norm_add: backend {chosen!r} has no custom op wired yet")
+    return _add_fwd(x, weight, residual, eps, chosen)[0]
 
 
 def _checked(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
@@ -142,3 +144,52 @@ def _backward(ctx, dy, dh, _dmean, _drstd):
 
 
 _fwd.register_autograd(_backward, setup_context=_setup)
+
+
+def _dense(weight: torch.Tensor | None) -> torch.Tensor | None:
+    """The kernels read the weight with unit stride."""
+    return None if weight is None else weight.contiguous()
+
+
+@torch.library.custom_op("olmo_fast::rms_norm_add_fwd", mutates_args=())
+def _add_fwd(x: torch.Tensor, weight: torch.Tensor | None, residual: torch.Tensor, eps: float, backend: str
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (out shaped as x, in the promoted dtype of x and residual; rstd [N] fp32)."""
+    out, rstd = kernel("rms_norm_add_fwd", backend, x)(as_rows(x), _dense(weight), as_rows(residual), eps)
+    return out.view(x.shape), rstd
+
+
+@_add_fwd.register_fake
+def _(x, weight, residual, eps, backend):
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    out = x.new_empty(x.shape, dtype=torch.promote_types(x.dtype, residual.dtype))
+    return out, x.new_empty(rows, dtype=torch.float32)
+
+
+@torch.library.custom_op("olmo_fast::rms_norm_add_bwd", mutates_args=())
+def _add_bwd(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor, backend: str
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (dx shaped as x in x's dtype, dweight fp32 or nothing)."""
+    dx, dw = kernel("rms_norm_add_bwd", backend, dout)(as_rows(dout), as_rows(x), _dense(weight), rstd)
+    return dx.view(x.shape), nothing(rstd) if dw is None else dw
+
+
+@_add_bwd.register_fake
+def _(dout, x, weight, rstd, backend):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            nothing(rstd) if weight is None else rstd.new_empty(x.shape[-1]))
+
+
+def _add_setup(ctx, inputs, output) -> None:
+    x, weight, residual, _, backend = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.residual_dtype, ctx.backend = residual.dtype, backend
+
+
+def _add_backward(ctx, dout, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dw = _add_bwd(dout, x, weight, rstd, ctx.backend)
+    return dx, None if weight is None else dw.to(weight.dtype), dout.to(ctx.residual_dtype), None, None
+
+
+_add_fwd.register_autograd(_add_backward, setup_context=_add_setup)

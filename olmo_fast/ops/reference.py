@@ -220,20 +220,32 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int 
     return F.cross_entropy(logits.float(), labels, ignore_index=ignore_index, reduction=reduction)
 
 
-def cross_entropy_chunk(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int,
-                        compute_grad: bool) -> torch.Tensor:
-    """The "cross_entropy_chunk" kernel's contract (kernels/linear_cross_entropy.py) in PyTorch: per-row losses
-    `[n]` (fp32, 0 where ignored) of `logits [n, V]`; with `compute_grad`, `logits` is overwritten in place by
-    `softmax - onehot(label)` (rows of ignored labels by 0)."""
+def z_loss_term(logits: torch.Tensor, labels: torch.Tensor, multiplier: float, ignore_index: int = -100,
+                reduction: str = "mean") -> torch.Tensor:
+    """OLMo-core's z-loss of `[N, V]` logits (in fp32, float64 kept): `multiplier * logsumexp(z)^2` per token whose
+    label is not `ignore_index`, summed ("sum") or averaged over those tokens ("mean")."""
+    valid = labels != ignore_index
+    z_squared = torch.where(valid, torch.logsumexp(_upcast(logits), dim=-1).square(), 0.0).sum()
+    return multiplier * (z_squared / valid.sum() if reduction == "mean" else z_squared)
+
+
+def cross_entropy_chunk(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, compute_grad: bool,
+                        z_loss: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The "cross_entropy_chunk" kernel's contract (kernels/linear_cross_entropy.py) in PyTorch: -> (per-row losses
+    `[n]` fp32 of `logits [n, V]`: `lse - z[label] + z_loss * lse^2`, 0 where ignored; per-row `lse` `[n]` fp32, 0
+    where ignored). With `compute_grad`, `logits` is overwritten in place by `softmax * (1 + 2 z_loss lse) -
+    onehot(label)` (rows of ignored labels by 0)."""
     z = logits.float()  # the logits themselves when they are fp32
     lse = torch.logsumexp(z, dim=-1)
     valid = labels != ignore_index
     target = torch.where(valid, labels, 0)
-    losses = torch.where(valid, lse - z.gather(1, target[:, None]).squeeze(1), 0.0)
+    losses = torch.where(valid, lse - z.gather(1, target[:, None]).squeeze(1) + z_loss * lse * lse, 0.0)
     if compute_grad:
         z = z.sub_(lse[:, None]).exp_()
+        if z_loss:
+            z.mul_((1 + 2 * z_loss * lse)[:, None])
         z[torch.arange(z.shape[0], device=z.device), target] -= 1
         z.mul_(valid[:, None])
         if z is not logits:
             logits.copy_(z)
-    return losses
+    return losses, torch.where(valid, lse, 0.0)

@@ -22,7 +22,9 @@ typedef enum { OLMO_FAST_F32 = 0, OLMO_FAST_F16 = 1, OLMO_FAST_BF16 = 2 } olmo_f
 /* Row normalisation, forward: h = x (+ residual, rounded to the storage dtype and written to `h`),
  * y = (h - mean) * rstd (* weight) (+ bias), rstd = 1/sqrt(var(h) + eps); RMSNorm (rms != 0): mean = 0 and
  * var = mean(h^2). OLMo's LayerNorm is the non-parametric case (no weight, no bias, rms = 0). `residual` and `h`
- * are both NULL or both set; `mean` ([rows] fp32) is written when not NULL. */
+ * are both NULL or both set; `mean` ([rows] fp32) is written when not NULL.
+ * add_after != 0 (OLMo 2's post-norm, CPU loops only): h = x, and y = residual + (the normalised row rounded to
+ * the storage dtype); `h` is NULL. */
 typedef struct {
   olmo_fast_dtype dtype;
   int64_t rows, cols;
@@ -38,6 +40,7 @@ typedef struct {
   float* rstd;        /* [rows] */
   float eps;
   int rms;
+  int add_after;
 } olmo_fast_norm_fwd_args;
 
 /* Backward: g = dy (* weight), xhat = the saved output y (no weight/bias: the input is not kept), or
@@ -207,9 +210,10 @@ typedef struct {
 } olmo_fast_qk_norm_rope_bwd_args;
 
 /* The cross-entropy chunk of the fused linear cross-entropy: for each row i of logits [rows, vocab] (row stride
- * `logits_stride`, last dim contiguous) with label y_i: loss[i] = logsumexp(z_i) - z_i[y_i] (fp32), 0 where
- * y_i == ignore_index, NaN for a label outside [0, vocab). With compute_grad the row is overwritten in place by
- * softmax(z_i) - onehot(y_i) (0 for an ignored row). */
+ * `logits_stride`, last dim contiguous) with label y_i and lse_i = logsumexp(z_i): loss[i] = lse_i - z_i[y_i] +
+ * z_loss * lse_i^2 (fp32), 0 where y_i == ignore_index, NaN for a label outside [0, vocab); lse[i] = lse_i (0 where
+ * ignored). With compute_grad the row is overwritten in place by softmax(z_i) * (1 + 2 z_loss lse_i) - onehot(y_i)
+ * (0 for an ignored row). */
 typedef struct {
   olmo_fast_dtype dtype;
   int64_t rows, vocab;
@@ -217,8 +221,10 @@ typedef struct {
   int64_t logits_stride;
   const int64_t* labels; /* [rows] */
   float* loss;           /* [rows] */
+  float* lse;            /* [rows] */
   int64_t ignore_index;
   int compute_grad;
+  float z_loss;
 } olmo_fast_cross_entropy_chunk_args;
 
 /* Decoding attention: q [batch, q_len, heads, head_dim] over caches k, v [batch, slots, kv_heads, head_dim] (strides
