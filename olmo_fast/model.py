@@ -232,8 +232,8 @@ class OLMo(nn.Module):
         h = self.hidden_states(input_ids, cache, positions)
         if labels is None:
             return F.linear(h, self.head_weight)
-        z_term = {"z_loss": z_loss} if z_loss else {}
-        return self.loss(h, self.head_weight, labels, reduction=reduction, fused=fused, check_labels=False, **z_term)
+        return self.loss(h, self.head_weight, labels, reduction=reduction, fused=fused, check_labels=False,
+                         z_loss=z_loss)
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod
