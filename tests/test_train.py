@@ -145,6 +145,17 @@ def test_an_olmo_training_config_loads(tmp_path):
         ("linear_with_warmup", 5000, 10)
     assert ours.max_duration_parsed() == ("tokens", 2 * 10**12) and ours.precision == "amp_bf16"
     assert ours.data.paths == ["a.npy"] and ours.data.label_mask_paths == ["m.npy"]
+    assert ours.z_loss_multiplier is None  # OLMo's default: softmax_auxiliary_loss off
+
+
+def test_olmo_z_loss_settings_become_z_loss_multiplier():
+    """allenai/OLMo's `softmax_auxiliary_loss` / `auxiliary_loss_multiplier` are its z-loss: they set OLMo-core's
+    `z_loss_multiplier` (OLMo's default multiplier 1e-4), which wins where both are given."""
+    assert load_config(["--softmax_auxiliary_loss=true"]).z_loss_multiplier == 1e-4
+    assert load_config(["--softmax_auxiliary_loss=true", "--auxiliary_loss_multiplier=3e-4"]).z_loss_multiplier == 3e-4
+    assert load_config(["--softmax_auxiliary_loss=false", "--auxiliary_loss_multiplier=3e-4"]).z_loss_multiplier \
+        is None
+    assert load_config(["--softmax_auxiliary_loss=true", "--z_loss_multiplier=2e-5"]).z_loss_multiplier == 2e-5
 
 
 # ---------------------------------------------------------------------------------------------- schedules

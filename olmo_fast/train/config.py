@@ -28,7 +28,7 @@ _OLMO_IGNORED = {
          "load_path_sharded_checkpointer", "sharded_checkpointer", "new_style_checkpoints",
          "device_train_batch_size", "device_eval_batch_size", "eval_subset_num_batches", "eval_on_load",
          "device_train_grad_accum", "max_grad_norm_ratio", "wandb", "speed_monitor", "gen1_gc_interval",
-         "distributed_strategy", "ddp", "softmax_auxiliary_loss", "auxiliary_loss_multiplier",
+         "distributed_strategy", "ddp",
          "extra_steps_after_cancel", "early_stopping_factor", "save_data_indices", "python_profiling",
          "torch_profiling", "stop_after", "hf_datasets_cache_dir", "module_outputs_save_steps"},
     "data": {"pad_direction", "generate_attention_mask", "generate_doc_lengths", "num_workers",
@@ -380,6 +380,17 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _olmo_z_loss(values: dict[str, Any]) -> dict[str, Any]:
+    """allenai/OLMo's z-loss settings (`softmax_auxiliary_loss: true`, `auxiliary_loss_multiplier`, default 1e-4)
+    as OLMo-core's `z_loss_multiplier`, which wins where both are set."""
+    values = dict(values)
+    enabled = values.pop("softmax_auxiliary_loss", False)
+    multiplier = values.pop("auxiliary_loss_multiplier", None)
+    if enabled and values.get("z_loss_multiplier") is None:
+        values["z_loss_multiplier"] = 1e-4 if multiplier is None else multiplier
+    return values
+
+
 def load_config(args: list[str] | None = None, base: dict[str, Any] | None = None) -> TrainConfig:
     """The TrainConfig of `olmo-fast train ARGS`: defaults <- `base` <- the YAML file <- the overrides."""
     config_path, overrides = parse_overrides(list(args or []))
@@ -395,7 +406,7 @@ def load_config(args: list[str] | None = None, base: dict[str, Any] | None = Non
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path} must hold a mapping of config keys")
         values = _merge(values, loaded)
-    values = _merge(values, overrides)
+    values = _olmo_z_loss(_merge(values, overrides))
     ignored: list[str] = []
     config = _build(TrainConfig, values, "", ignored)
     if ignored:
