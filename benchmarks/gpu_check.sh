@@ -244,7 +244,7 @@ fi
 # Every kernel's CPU-run tests, here on the device. Not the fp32 attention ones: fp32 tl.dot (ieee) compiles for
 # minutes per config on sm_90 and spills; these are the fp32-parametrized cases and the tests written in fp32.
 NO_FP32_ATTENTION="not (test_attention and (float32 or fully_masked or block_shapes or expanded_dout or olmo_with))"
-mapfile -t KERNEL_TESTS < <(existing tests/test_{attention,decode_attention,layer_norm,swiglu,rope,qkv_rope,qk_norm_rope}.py \
+mapfile -t KERNEL_TESTS < <(existing tests/test_{attention,decode_attention,layer_norm,rms_norm_add,swiglu,rope,qkv_rope,qk_norm_rope}.py \
     tests/test_linear_cross_entropy.py tests/test_cpp_extension.py 2>>"$LOG")
 if (( ${#KERNEL_TESTS[@]} )); then
     stage kernel-tests "${PYTEST[@]}" -m "not gpu and not slow" --junitxml="$SCRATCH/kernel-tests.xml" \

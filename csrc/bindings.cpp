@@ -133,7 +133,7 @@ Tensor affine_of(const std::optional<Tensor>& t, const Tensor& x, const char* op
 
 const void* ptr_or_null(const Tensor& t) { return t.defined() ? t.data_ptr() : nullptr; }
 
-// The norm forward; with add_after (OLMo 2's post-norm, CPU loops only) y = residual + norm(x) and no h.
+// The norm forward; with add_after (OLMo 2's post-norm) y = residual + norm(x) and no h.
 std::tuple<Tensor, std::optional<Tensor>, std::optional<Tensor>, Tensor> norm_fwd_impl(
     const char* op, const Tensor& x_in, const std::optional<Tensor>& residual_in, const std::optional<Tensor>& weight_in,
     const std::optional<Tensor>& bias_in, double eps, bool rms, bool add_after) {
@@ -171,11 +171,7 @@ std::tuple<Tensor, std::optional<Tensor>, std::optional<Tensor>, Tensor> norm_fw
   }
   args.y = y.data_ptr();
   args.rstd = rstd.data_ptr<float>();
-  if (add_after) {
-    run_cpu(args, rows, cols, olmo_fast_norm_fwd_cpu);
-  } else {
-    run(op, x, args, rows, cols, olmo_fast_norm_fwd_cpu, olmo_fast_norm_fwd_gpu);
-  }
+  run(op, x, args, rows, cols, olmo_fast_norm_fwd_cpu, olmo_fast_norm_fwd_gpu);
   return {y, h.defined() ? std::optional<Tensor>(h) : std::nullopt,
           mean.defined() ? std::optional<Tensor>(mean) : std::nullopt, rstd};
 }
@@ -868,18 +864,20 @@ TORCH_LIBRARY(olmo_fast_C, m) {
   m.def("poison_outputs(bool on) -> ()", &poison_outputs);
 }
 
-#define OLMO_FAST_IMPLS(m)                     \
-  m.impl("layer_norm_fwd", &layer_norm_fwd);  \
-  m.impl("layer_norm_bwd", &layer_norm_bwd);  \
-  m.impl("norm_fwd", &norm_fwd);              \
-  m.impl("norm_bwd", &norm_bwd);              \
-  m.impl("swiglu_fwd", &swiglu_fwd);          \
-  m.impl("swiglu_bwd", &swiglu_bwd);          \
-  m.impl("silu_mul_fwd", &silu_mul_fwd);      \
-  m.impl("silu_mul_bwd", &silu_mul_bwd);      \
-  m.impl("rope", &rope);                      \
-  m.impl("rope_interleaved", &rope_interleaved);      \
-  m.impl("qk_norm_rope_fwd", &qk_norm_rope_fwd);      \
+#define OLMO_FAST_IMPLS(m)                         \
+  m.impl("layer_norm_fwd", &layer_norm_fwd);       \
+  m.impl("layer_norm_bwd", &layer_norm_bwd);       \
+  m.impl("norm_fwd", &norm_fwd);                   \
+  m.impl("norm_bwd", &norm_bwd);                   \
+  m.impl("rms_norm_add_fwd", &rms_norm_add_fwd);   \
+  m.impl("rms_norm_add_bwd", &rms_norm_add_bwd);   \
+  m.impl("swiglu_fwd", &swiglu_fwd);               \
+  m.impl("swiglu_bwd", &swiglu_bwd);               \
+  m.impl("silu_mul_fwd", &silu_mul_fwd);           \
+  m.impl("silu_mul_bwd", &silu_mul_bwd);           \
+  m.impl("rope", &rope);                           \
+  m.impl("rope_interleaved", &rope_interleaved);   \
+  m.impl("qk_norm_rope_fwd", &qk_norm_rope_fwd);   \
   m.impl("qk_norm_rope_bwd", &qk_norm_rope_bwd)
 
 // Kernels with CPU loops only (no CUDA/HIP kernel yet).
@@ -887,8 +885,6 @@ TORCH_LIBRARY(olmo_fast_C, m) {
   m.impl("qkv_rope_fwd", &qkv_rope_fwd);               \
   m.impl("qkv_rope_bwd", &qkv_rope_bwd);               \
   m.impl("cross_entropy_chunk", &cross_entropy_chunk); \
-  m.impl("rms_norm_add_fwd", &rms_norm_add_fwd);       \
-  m.impl("rms_norm_add_bwd", &rms_norm_add_bwd);       \
   m.impl("decode_attention", &decode_attention);       \
   m.impl("attention_fwd", &attention_fwd);             \
   m.impl("attention_bwd", &attention_bwd)

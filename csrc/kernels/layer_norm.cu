@@ -1,14 +1,16 @@
 // Row normalisation on the GPU (OLMo's non-parametric LayerNorm; LayerNorm with weight/bias; RMSNorm),
-// optionally fused with the residual add, forward and backward.
+// optionally fused with the residual add - before the norm (OLMo 1: h = x + residual, then the norm) or after it
+// (OLMo 2's post-norm, add_after: y = residual + the normalised row rounded to the storage dtype) - forward and
+// backward.
 //
 // Forward: one block per row (grid-striding). Pass 1 streams the row (x, plus the residual whose sum
 // h = x + residual is rounded to the storage dtype and written), reducing mean and M2 with Chan's merge of
 // per-vector statistics (stable without a second read); pass 2 re-reads the row from L1/L2 (x, or the h this
-// thread just wrote) and writes y. Backward: pass 1 reduces sum(g * xhat) and sum(g), pass 2 writes dx; with
+// thread just wrote) and writes y (after adding the residual, with add_after). Backward: pass 1 reduces sum(g * xhat) and sum(g), pass 2 writes dx; with
 // a weight or bias, `partials` blocks stride over the rows, each adding dweight/dbias terms into its own fp32
 // accumulator row (in L2), summed by the caller.
 // DRAM bytes (e = element size, N x C): forward N*C*e*(2, or 4 with the residual) + 4N (+ weight, bias),
-// backward N*C*e*(3, or 4 with dh) + 4N (8N with the mean).
+// backward N*C*e*(3, or 4 with dh) + 4N (8N with the mean); add_after: forward N*C*e*3 + 4N.
 #include "common.cuh"
 
 namespace olmo_fast {
@@ -43,8 +45,10 @@ OF_DEVICE void load_floats(const T* p, float (&out)[V]) {
   for (int j = 0; j < V; ++j) out[j] = to_float(v.v[j]);
 }
 
-template <class T, int V, bool kResidual>
+// kResidual: add the residual before the norm (writing h); kAddAfter: add it to the normalised row.
+template <class T, int V, bool kResidual, bool kAddAfter>
 __global__ OF_LAUNCH_BOUNDS void norm_fwd_kernel(olmo_fast_norm_fwd_args a) {
+  static_assert(!(kResidual && kAddAfter), "the residual is added before or after the norm, not both");
   const int64_t nvec = a.cols / V;
   const T* weight = static_cast<const T*>(a.weight);
   const T* bias = static_cast<const T*>(a.bias);
@@ -81,16 +85,18 @@ __global__ OF_LAUNCH_BOUNDS void norm_fwd_kernel(olmo_fast_norm_fwd_args a) {
     const T* src = kResidual ? h : x;
     T* y = static_cast<T*>(a.y) + row * a.cols;
     for (int64_t i = threadIdx.x; i < nvec; i += blockDim.x) {
-      float v[V], w[V], b[V];
+      float v[V], w[V], b[V], r[V];
       load_floats<T, V>(src + i * V, v);
       if (weight != nullptr) load_floats<T, V>(weight + i * V, w);
       if (bias != nullptr) load_floats<T, V>(bias + i * V, b);
+      if constexpr (kAddAfter) load_floats<T, V>(static_cast<const T*>(a.residual) + row * a.residual_stride + i * V, r);
       Vec<T, V> out;
 #pragma unroll
       for (int j = 0; j < V; ++j) {
         float o = (v[j] - center) * rstd;
         if (weight != nullptr) o *= w[j];
         if (bias != nullptr) o += b[j];
+        if constexpr (kAddAfter) o = to_float(from_float<T>(o)) + r[j];  // the norm rounded first, as PyTorch's cast
         out.v[j] = from_float<T>(o);
       }
       store_vec<T, V>(y + i * V, out);
@@ -172,7 +178,10 @@ using namespace olmo_fast;
 extern "C" int olmo_fast_norm_fwd_gpu(const olmo_fast_norm_fwd_args* args, void* stream) {
   const olmo_fast_norm_fwd_args a = *args;
   if (a.rows == 0) return 0;
-  if ((a.residual == nullptr) != (a.h == nullptr) || a.cols <= 0) return int(gpuErrorInvalidValue);
+  const bool add_before = a.residual != nullptr && !a.add_after;
+  if (add_before != (a.h != nullptr) || (a.add_after && a.residual == nullptr) || a.cols <= 0) {
+    return int(gpuErrorInvalidValue);
+  }
   return dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
     const bool vec = rows_vectorizable<T>(a.x, a.x_stride, a.cols) &&
@@ -184,10 +193,12 @@ extern "C" int olmo_fast_norm_fwd_gpu(const olmo_fast_norm_fwd_args* args, void*
       const unsigned grid = grid_for(a.rows, 1);
       const int threads = row_threads(a.cols / V);
       const gpuStream_t s = static_cast<gpuStream_t>(stream);
-      if (a.residual != nullptr) {
-        norm_fwd_kernel<T, V, true><<<grid, threads, 0, s>>>(a);
+      if (a.add_after) {
+        norm_fwd_kernel<T, V, false, true><<<grid, threads, 0, s>>>(a);
+      } else if (add_before) {
+        norm_fwd_kernel<T, V, true, false><<<grid, threads, 0, s>>>(a);
       } else {
-        norm_fwd_kernel<T, V, false><<<grid, threads, 0, s>>>(a);
+        norm_fwd_kernel<T, V, false, false><<<grid, threads, 0, s>>>(a);
       }
       return last_error();
     });

@@ -23,8 +23,8 @@ typedef enum { OLMO_FAST_F32 = 0, OLMO_FAST_F16 = 1, OLMO_FAST_BF16 = 2 } olmo_f
  * y = (h - mean) * rstd (* weight) (+ bias), rstd = 1/sqrt(var(h) + eps); RMSNorm (rms != 0): mean = 0 and
  * var = mean(h^2). OLMo's LayerNorm is the non-parametric case (no weight, no bias, rms = 0). `residual` and `h`
  * are both NULL or both set; `mean` ([rows] fp32) is written when not NULL.
- * add_after != 0 (OLMo 2's post-norm, CPU loops only): h = x, and y = residual + (the normalised row rounded to
- * the storage dtype); `h` is NULL. */
+ * add_after != 0 (OLMo 2's post-norm): h = x, and y = residual + (the normalised row rounded to the storage
+ * dtype); `h` is NULL. */
 typedef struct {
   olmo_fast_dtype dtype;
   int64_t rows, cols;
