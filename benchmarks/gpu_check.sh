@@ -213,7 +213,7 @@ stage info "$PY" -m olmo_fast.cli info --strict --save "$SCRATCH/info.json"
 
 # --- 3. the kernel bench: attention first (the headline), ours first within each case (providers.registry)
 BUDGET=$(( $(limit bench) * 3 / 4 ))
-stage bench "$PY" -m olmo_fast.cli bench --ops attention,decode_attention,swiglu,layer_norm,rope,qkv_rope \
+stage bench "$PY" -m olmo_fast.cli bench --ops attention,decode_attention,swiglu,layer_norm,rope,qkv_rope,qk_norm_rope \
     --out "$RUN/bench" --no-plots --budget-s "$(( BUDGET > 10 ? BUDGET : 10 ))" "${BENCH_ARGS[@]}"
 
 # --- 4. training and decode throughput (ours beside HF transformers)
