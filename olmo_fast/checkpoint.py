@@ -1,9 +1,11 @@
 """Checkpoint formats: HF `OlmoForCausalLM` directories and original allenai/OLMo directories.
 
 HF:       config.json + model.safetensors | model-0000i-of-0000n.safetensors + model.safetensors.index.json
-          (| pytorch_model.bin, read with weights_only=True); names `model.layers.{i}.self_attn.q_proj` ...
+          (| pytorch_model.bin, only when trusted); names `model.layers.{i}.self_attn.q_proj` ...
 Original: config.yaml + model.safetensors | model.pt; names `transformer.blocks.{i}.att_proj` ... (our own).
-Nothing is unpickled beyond tensors: safetensors, or `torch.load(weights_only=True)`. HF's names are mapped
+Nothing is unpickled unless the caller says the file is trusted (`trust_pickle=True`): pytorch_model.bin and
+model.pt are pickles (torch.save), refused otherwise; even trusted, they are read with `torch.load(weights_only=True)`,
+torch's tensor-only unpickler. HF's names are mapped
 to ours in `hf_names.py`. This module works on state dicts; it builds a model only through the class passed to
 `load_model` (so it never imports `model.py`, which calls into it).
 """
@@ -39,7 +41,13 @@ def _read_safetensors(files: Iterable[Path]) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _read_torch(file: Path) -> dict[str, torch.Tensor]:
+PICKLE_HINT = ("pass trust_pickle=True (CLI: --trust-pickle-checkpoint; training: --trust_pickle_checkpoint) only if "
+               "you trust whoever wrote it, or convert the folder to safetensors")
+
+
+def _read_torch(file: Path, trust_pickle: bool) -> dict[str, torch.Tensor]:
+    if not trust_pickle:
+        raise CheckpointError(f"{file} is a pickle (torch.save), which can run code when read; {PICKLE_HINT}")
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as err:  # weights_only refuses anything but tensors and plain containers
@@ -49,8 +57,9 @@ def _read_torch(file: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def read_weights(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint directory, whatever of the supported files holds them."""
+def read_weights(path: Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint directory, whatever of the supported files holds them (a pickle only when
+    `trust_pickle`)."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
         shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -59,18 +68,18 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
         return _read_safetensors([path / "model.safetensors"])
     for name in ("pytorch_model.bin", "model.pt"):
         if (path / name).is_file():
-            return _read_torch(path / name)
+            return _read_torch(path / name, trust_pickle)
     raise CheckpointError(f"{path} holds no weights (model.safetensors, a sharded index, pytorch_model.bin "
                           f"or model.pt)")
 
 
-def load_state(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """(config, state dict in our names) of an HF or original OLMo checkpoint directory."""
+def load_state(path: str | Path, trust_pickle: bool = False) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(config, state dict in our names) of an HF or original OLMo checkpoint directory (see `read_weights`)."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
     config = ModelConfig.from_file(path)
-    raw = read_weights(path)
+    raw = read_weights(path, trust_pickle)
     if (path / "config.json").is_file():
         return config, hf_to_olmo(raw, config)
     # Original layout; files written by OLMo's trainer prefix every name with "model.".
@@ -79,11 +88,11 @@ def load_state(path: str | Path) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
 
 
 def load_model(model_class: Callable[..., torch.nn.Module], path: str | Path, dtype: torch.dtype | None = None,
-               device: Any = None, backend: str | None = None) -> torch.nn.Module:
+               device: Any = None, backend: str | None = None, trust_pickle: bool = False) -> torch.nn.Module:
     """`model_class(config, backend=backend, init=False)` (built on the meta device) holding the weights of the
     checkpoint directory `path`, moved to `device` and `dtype`. The model class is passed in (`OLMo.from_pretrained`
     passes itself): this module reads and writes state dicts and does not import the model."""
-    config, state = load_state(path)
+    config, state = load_state(path, trust_pickle)
     with torch.device("meta"):
         model = model_class(config, backend=backend, init=False)
     check_state(model, state)

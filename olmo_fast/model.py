@@ -238,11 +238,12 @@ class OLMo(nn.Module):
     # ------------------------------------------------------------------ checkpoints
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None, device: Any = None,
-                        backend: str | None = None) -> OLMo:
-        """Load an HF OLMo directory or an original OLMo checkpoint directory (see `checkpoint.py`)."""
+                        backend: str | None = None, trust_pickle: bool = False) -> OLMo:
+        """Load an HF OLMo directory or an original OLMo checkpoint directory (see `checkpoint.py`). Weights in a
+        pickle (pytorch_model.bin, model.pt) are refused unless `trust_pickle`: reading a pickle can run code."""
         from .checkpoint import load_model
 
-        return load_model(cls, path, dtype=dtype, device=device, backend=backend)
+        return load_model(cls, path, dtype=dtype, device=device, backend=backend, trust_pickle=trust_pickle)
 
     def save_pretrained(self, path: str | Path, max_shard_bytes: int = 5 * 2**30) -> None:
         """Write the HF layout (`config.json` + safetensors), loadable by `OlmoForCausalLM.from_pretrained`."""

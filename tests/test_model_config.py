@@ -126,6 +126,7 @@ def test_missing_or_corrupt_weights(tmp_path):
     ("config.yaml", "model.pt", "tensor-only"), ("config.json", "pytorch_model.bin", "tensor-only"),
     ("config.json", "model.safetensors", "cannot read"), ("config.yaml", "model.safetensors", "cannot read")])
 def test_pickled_weights_are_never_unpickled(tmp_path, config, weights, match):
+    """A pickle is refused unread unless trusted; trusted, torch's tensor-only loader still refuses the payload."""
     from test_train_state import payload
 
     marker = tmp_path / "marker"
@@ -133,9 +134,33 @@ def test_pickled_weights_are_never_unpickled(tmp_path, config, weights, match):
     text = json.dumps(test.to_hf()) if config == "config.json" else yaml.safe_dump({"model": test.to_olmo()})
     (tmp_path / config).write_text(text)
     (tmp_path / weights).write_bytes(payload(marker))
+    if weights != "model.safetensors":
+        with pytest.raises(CheckpointError, match="is a pickle .* trust_pickle=True"):
+            OLMo.from_pretrained(tmp_path)
     with pytest.raises(CheckpointError, match=match):
-        OLMo.from_pretrained(tmp_path)
+        OLMo.from_pretrained(tmp_path, trust_pickle=True)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("layout", ["hf", "olmo"])
+def test_trusted_pickled_weights_load(tmp_path, layout):
+    """pytorch_model.bin (HF) and model.pt (allenai/OLMo) of plain tensors load when the caller trusts them."""
+    model = OLMo(ModelConfig.preset("test"))
+    model.save_pretrained(tmp_path / "hf")
+    from olmo_fast.checkpoint import read_weights, save_olmo
+
+    if layout == "hf":
+        folder, name = tmp_path / "hf", "pytorch_model.bin"
+    else:
+        folder, name = tmp_path / "olmo", "model.pt"
+        save_olmo(model, folder)
+    tensors = read_weights(folder)
+    for file in folder.glob("model*.safetensors*"):
+        file.unlink()
+    torch.save(tensors, folder / name)
+    loaded = OLMo.from_pretrained(folder, trust_pickle=True)
+    for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), n
 
 
 def test_backend_errors_are_clear():

@@ -15,7 +15,17 @@ from pathlib import Path
 
 import torch
 
-from .generate import DTYPES, UsageError, _check_backend, _device, check_model_name, load, model_dtype, model_tokenizer
+from .generate import (
+    DTYPES,
+    UsageError,
+    _check_backend,
+    _device,
+    add_trust_pickle_flag,
+    check_model_name,
+    load,
+    model_dtype,
+    model_tokenizer,
+)
 
 
 def _tasks(spec: str) -> list[str]:
@@ -46,12 +56,13 @@ def _checked(args: argparse.Namespace):
     return [t.name for t in tasks], device
 
 
-def load_model(model: str, device: str, dtype: torch.dtype, backend: str | None):
-    """A model folder (training checkpoint, HF or OLMo layout), else a preset with random weights."""
+def load_model(model: str, device: str, dtype: torch.dtype, backend: str | None, trust_pickle: bool = False):
+    """A model folder (training checkpoint, HF or OLMo layout; pickled weights only with `trust_pickle`), else a
+    preset with random weights."""
     from ..eval.loading import load_checkpoint
 
     if Path(model).is_dir():
-        return load_checkpoint(model, dtype=dtype, device=device, backend=backend)
+        return load_checkpoint(model, dtype=dtype, device=device, backend=backend, trust_pickle=trust_pickle)
     return load(model, device, dtype, backend)
 
 
@@ -83,7 +94,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         tasks, device = _checked(args)
         tokenizer = model_tokenizer(args.model, args.tokenizer)
-        model = load_model(args.model, device, model_dtype(args.dtype, device), args.backend).eval()
+        model = load_model(args.model, device, model_dtype(args.dtype, device), args.backend,
+                           args.trust_pickle_checkpoint).eval()
         start = time.perf_counter()
         results = evaluate(model, tasks, tokenizer=tokenizer, limit=args.limit, batch_tokens=args.batch_tokens,
                            compare_naive=args.compare_naive, progress=not args.no_progress, on_result=on_result)
@@ -120,6 +132,7 @@ def add_parser(sub) -> None:
                                    "the four 5-shot multiple-choice categories.")
     p.add_argument("--model", required=True, help="HF or original OLMo model directory, a training checkpoint "
                                                    "(stepN/), or a preset name with random weights")
+    add_trust_pickle_flag(p)
     p.add_argument("--tasks", required=True, help="comma-separated task names")
     p.add_argument("--limit", type=int, default=None, help="score the first N documents of each task")
     p.add_argument("--out", default=None, help="results JSON, rewritten after every task")

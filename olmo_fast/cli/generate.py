@@ -28,14 +28,15 @@ def check_model_name(model: str) -> None:
     raise UsageError(f"--model {model!r} is neither a checkpoint directory nor a preset ({', '.join(PRESETS)})")
 
 
-def load(model: str, device: str, dtype: torch.dtype, backend: str | None):
-    """An HF / original OLMo checkpoint directory, or a preset name (random weights, the preset's init)."""
+def load(model: str, device: str, dtype: torch.dtype, backend: str | None, trust_pickle: bool = False):
+    """An HF / original OLMo checkpoint directory (pickled weights only with `trust_pickle`), or a preset name
+    (random weights, the preset's init)."""
     from ..config import ModelConfig
     from ..model import OLMo
 
     check_model_name(model)
     if Path(model).is_dir():
-        return OLMo.from_pretrained(model, dtype=dtype, device=device, backend=backend)
+        return OLMo.from_pretrained(model, dtype=dtype, device=device, backend=backend, trust_pickle=trust_pickle)
     with torch.device("meta"):
         olmo = OLMo(ModelConfig.preset(model), backend=backend, init=False)
     olmo = olmo.to(dtype).to_empty(device=device)
@@ -152,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
         prompts, device = _checked_inputs(args)
         dtype = model_dtype(args.dtype, device)
         tokenizer = model_tokenizer(args.model, args.tokenizer, optional=args.token_ids)
-        model = load(args.model, device, dtype, args.backend).eval()
+        model = load(args.model, device, dtype, args.backend, args.trust_pickle_checkpoint).eval()
         eos = None if args.ignore_eos else model.config.eos_token_id
         single = len(prompts) == 1 and not args.json
 
@@ -200,6 +201,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_trust_pickle_flag(parser) -> None:
+    parser.add_argument("--trust-pickle-checkpoint", action="store_true",
+                        help="read weights from pytorch_model.bin / model.pt, which are pickles (reading one can run "
+                             "code it holds): only for a folder you trust; safetensors never need it")
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("generate", help="generate text from prompts",
                        description="Continue each prompt with an OLMo model; one prompt streams to the terminal. "
@@ -207,6 +214,7 @@ def add_parser(sub) -> None:
     p.add_argument("prompts", nargs="*", help="prompt strings (or token ids with --token-ids)")
     p.add_argument("--model", required=True,
                    help="HF or original OLMo checkpoint directory, or a preset name with random weights")
+    add_trust_pickle_flag(p)
     p.add_argument("--tokenizer", help="tokenizer.json (default: the model directory's, else OLMo's dolma-v1_5)")
     p.add_argument("--token-ids", action="store_true", help="prompts are token ids separated by spaces or commas")
     p.add_argument("--max-new-tokens", type=int, default=128)

@@ -118,7 +118,7 @@ class TrainConfig:
     reset_trainer_state: bool = False  # with load_path: restart step, tokens and data order (keep optimizer)
     reset_optimizer_state: bool = False
     try_load_latest_save: bool = False  # `--resume`: continue from the newest complete checkpoint
-    trust_pickle_checkpoint: bool = False  # read an old pickle-based checkpoint (can run code the file holds)
+    trust_pickle_checkpoint: bool = False  # read pickles (an old checkpoint, load_path's pytorch_model.bin / model.pt)
     max_duration: Any = 1000  # steps (int), "NT" tokens, or "Nep" epochs
     stop_at: int | None = None  # stop after this step, whatever the schedule says
     time_limit: float | None = None  # seconds

@@ -112,7 +112,7 @@ class Trainer:
         if weights_only:  # read by rank 0 only, then scattered to the shards
             weights = {}
             if self.dist.main:
-                _, weights = load_state(load_from)
+                _, weights = load_state(load_from, self.cfg.trust_pickle_checkpoint)
                 check_state(self.model, weights)
             state.load_full_model_state(self.model, weights, self.dist)
         self.optimizer = build_optimizer(self.model, config.optimizer, self.device)
