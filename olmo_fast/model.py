@@ -212,7 +212,7 @@ class OLMo(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, *, reduction: str = "mean",
                 fused: bool = False, check_inputs: bool = True, cache: KVCache | None = None,
-                positions: torch.Tensor | None = None, z_loss: float = 0.0):
+                positions: torch.Tensor | None = None, z_loss: float = 0.0, return_z_loss: bool = False):
         """`model(ids)` -> logits `[B, T, embedding_size]`; `model(ids, labels)` -> `(logits, loss)`.
 
         `labels` are aligned with `input_ids` (as in HF): position t is scored against `labels[:, t + 1]`, -100
@@ -225,7 +225,7 @@ class OLMo(nn.Module):
         shape, or a sequence longer than the context; callers that checked their data once (the trainer, the
         generator) pass False. `cache` / `positions`: decoding with a KV cache, explicit RoPE positions.
         `z_loss`: OLMo-core's z-loss multiplier, `z_loss * logsumexp(logits)^2` per scored token added to the loss
-        (same reduction); passed to the loss only when set, so a loss without z-loss support runs every other call.
+        (same reduction); `return_z_loss`: `(logits, loss, z_term)`, z_term that part of the loss alone (detached).
         """
         if check_inputs:
             self.check_inputs(input_ids, labels)
@@ -233,7 +233,7 @@ class OLMo(nn.Module):
         if labels is None:
             return F.linear(h, self.head_weight)
         return self.loss(h, self.head_weight, labels, reduction=reduction, fused=fused, check_labels=False,
-                         z_loss=z_loss)
+                         z_loss=z_loss, return_z_loss=return_z_loss)
 
     # ------------------------------------------------------------------ checkpoints
     @classmethod

@@ -340,3 +340,8 @@ def test_z_loss_multiplier_adds_the_z_term(tmp_path):
               f"--z_loss_multiplier={z}")
     plain_step, z_step = (step_losses(tmp_path / f"z{z}")[1] for z in (0, 0.5))
     assert z_step > plain_step + 0.5 * 1.0, (plain_step, z_step)  # logsumexp over 256 logits is above 1
+    # the z part is logged apart (OLMo's train/ZLoss): the first step's loss grew by exactly it
+    records = {z: [json.loads(line) for line in (tmp_path / f"z{z}" / "metrics.jsonl").read_text().splitlines()
+                   if "train/loss" in line] for z in (0, 0.5)}
+    assert all("train/z_loss" not in r for r in records[0])
+    assert records[0.5][0]["train/z_loss"] == pytest.approx(z_step - plain_step, rel=1e-4)

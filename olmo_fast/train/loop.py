@@ -290,29 +290,33 @@ class Trainer:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _loss_sum(self, input_ids: torch.Tensor, labels: torch.Tensor, z_loss: float = 0.0) -> torch.Tensor:
-        """Sum over positions t of CE(prediction at t, labels[t + 1]) (+ `z_loss` x logsumexp^2 of its logits),
-        -100 skipped; fp32. `OLMo.forward`'s loss: fused, the logits are never held."""
+    def _loss_sum(self, input_ids: torch.Tensor, labels: torch.Tensor, z_loss: float = 0.0
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, z part): the sum over positions t of CE(prediction at t, labels[t + 1]) (+ `z_loss` x
+        logsumexp^2 of its logits), -100 skipped, fp32, and the z-loss part of it alone (detached).
+        `OLMo.forward`'s loss: fused, the logits are never held."""
         with self._autocast():
-            _, loss = self.model(input_ids, labels, reduction="sum", fused=self.fused_loss,
-                                 check_inputs=self.check_batches, z_loss=z_loss)
-        return loss
+            _, loss, z_part = self.model(input_ids, labels, reduction="sum", fused=self.fused_loss,
+                                         check_inputs=self.check_batches, z_loss=z_loss, return_z_loss=True)
+        return loss, z_part
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """One optimizer step on this rank's part of a global batch; returns (loss, grad norm) on the device."""
+    def train_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One optimizer step on this rank's part of a global batch; returns (loss, grad norm, the loss's z-loss
+        part) on the device."""
         if self.device.type == "cuda":
             batch = {k: v.pin_memory() for k, v in batch.items()}
         ids = batch["input_ids"].to(self.device, non_blocking=True)
         labels = batch["labels"].to(self.device, non_blocking=True)
         micro = ids.split(self.cfg.device_train_microbatch_size)
         micro_labels = labels.split(self.cfg.device_train_microbatch_size)
-        loss = torch.zeros((), device=self.device)
+        loss, z_loss = torch.zeros((), device=self.device), torch.zeros((), device=self.device)
         for i, (m_ids, m_labels) in enumerate(zip(micro, micro_labels)):
             if self.dist.sharded:  # reduce-scatter gradients once, after the last micro-batch
                 self.model.set_requires_gradient_sync(i == len(micro) - 1)
-            part = self._loss_sum(m_ids, m_labels, z_loss=self.cfg.z_loss_multiplier or 0.0) / ids.numel()
-            part.backward()
-            loss += part.detach()
+            part, z_part = self._loss_sum(m_ids, m_labels, z_loss=self.cfg.z_loss_multiplier or 0.0)
+            (part / ids.numel()).backward()
+            loss += part.detach() / ids.numel()
+            z_loss += z_part / ids.numel()
         t, total = self._schedule_position()
         limit = self.schedule.grad_norm_limit(t)
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -322,7 +326,7 @@ class Trainer:
             group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss, norm
+        return loss, norm, z_loss
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -335,7 +339,7 @@ class Trainer:
                                       self.dist.world, ev.subset_num_batches):
                 ids = batch["input_ids"].to(self.device)
                 labels = batch["labels"].to(self.device)
-                total[0] += self._loss_sum(ids, labels).double()
+                total[0] += self._loss_sum(ids, labels)[0].double()
                 total[1] += (labels[:, 1:] != -100).sum()
             total = self.dist.sum(total)
             out[f"eval/{ev.label}/loss"] = (total[0] / total[1].clamp(min=1)).item()
@@ -456,7 +460,7 @@ class Trainer:
         cfg = self.cfg
         peak = cfg.flops_peak or device_peak_flops(self.device)
         flops_per_token = self.model_config.flops_per_token(self.seq_len)
-        pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        pending: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         last_time, last_tokens = time.monotonic(), self.tokens
         last: dict[str, Any] = {}
         stop, vote = None, _StopVote(self.dist)
@@ -486,9 +490,10 @@ class Trainer:
                       flops_per_token: float) -> dict[str, Any]:
         """Log the steps of `pending` (the one host sync of the interval); TrainingError at the first step whose
         loss or gradient norm is not finite, before anything of it is saved."""
-        losses = self.dist.mean(torch.stack([loss for loss, _ in pending]))
-        norms = torch.stack([n.full_tensor() if hasattr(n, "full_tensor") else n for _, n in pending])
-        losses, norms = torch.stack([losses.float(), norms.float()]).tolist()  # the one host sync
+        losses = self.dist.mean(torch.stack([loss for loss, _, _ in pending]))
+        z_losses = self.dist.mean(torch.stack([z for _, _, z in pending]))
+        norms = torch.stack([n.full_tensor() if hasattr(n, "full_tensor") else n for _, n, _ in pending])
+        losses, norms, z_losses = torch.stack([losses.float(), norms.float(), z_losses.float()]).tolist()  # one sync
         first = self.step - len(pending) + 1
         for step, loss, norm in zip(range(first, self.step + 1), losses, norms):
             if not math.isfinite(loss) or not math.isfinite(norm):
@@ -503,6 +508,8 @@ class Trainer:
                   "train/step_losses": losses, "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": norm,
                   "grad_norm_limit": self.schedule.grad_norm_limit(t), "tokens_per_sec_per_device": tps,
                   "mfu": tps * flops_per_token / peak if peak else None, "memory_gib": memory_gib(self.device)}
+        if self.cfg.z_loss_multiplier:  # the loss includes it; OLMo logs it apart as train/ZLoss
+            record["train/z_loss"] = sum(z_losses) / len(z_losses)
         self._write_metrics(record)
         if self.dist.main:
             mfu = f" | MFU {100 * record['mfu']:.1f}%" if record["mfu"] is not None else ""
