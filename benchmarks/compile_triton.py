@@ -122,6 +122,8 @@ def _cases(dtype) -> dict[str, Callable[[], object]]:
         **{f"qk_norm_rope_{name}": call for name, call in _qk_norm_rope_cases(r, seq, head_dim).items()},
         "attention_fwd": lambda: attention.attention_fwd(q, q, q, True, 8.0, scale),
         "attention_fwd_tma": lambda: attention_tma.attention_fwd_tma(q, q, q, True, 8.0, scale),  # "fa2" pre-sm_90
+        "attention_fwd_tma_persistent": lambda: attention_tma.attention_fwd_tma(q, q, q, True, 8.0, scale,
+                                                                                persistent=True),
         "attention_bwd": lambda: attention.attention_bwd(q, q, q, q, q, lse, True, 8.0, scale),
         "attention_bwd_atomic": lambda: attention.attention_bwd(q, q, q, q, q, lse, True, 8.0, scale, atomic_dq=True),
         # sliding windows (OLMo 3's local layers; a window shorter than the sequence): the windowed kernels

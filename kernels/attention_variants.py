@@ -11,6 +11,8 @@ kernels/attention.py (sliding `window` included) plus the variant's name:
   "tma-atomic": "tma"'s forward and FlashAttention-2's backward: dQ summed in fp32 by the dK/dV pass with
          atomics (5 products per tile pair instead of 7), then scaled, clamp-gradded and cast by a small pass;
          not bitwise deterministic ("fa2" and "tma" are the deterministic mode).
+  "tma-persistent": "tma"'s forward on a persistent grid (a few programs per SM walking the query blocks
+         longest first; kernels/attention_tma.py) and "fa2"'s backward.
 No memory traffic of its own.
 """
 from __future__ import annotations
@@ -27,6 +29,7 @@ VARIANTS: dict[str, tuple[Callable, Callable]] = {
     "fa2": (attention_fwd, attention_bwd),
     "tma": (attention_fwd_tma, attention_bwd),
     "tma-atomic": (attention_fwd_tma, functools.partial(attention_bwd, atomic_dq=True)),
+    "tma-persistent": (functools.partial(attention_fwd_tma, persistent=True), attention_bwd),
 }
 
 

@@ -73,10 +73,11 @@ def test_attention_forward_uses_wgmma_on_sm90(tmp_path):
 
 def test_attention_variants_on_sm90_use_tma_and_never_spill(tmp_path):
     """Every attention kernel variant compiles for sm_90 with no register spilled (every config its prune keeps);
-    the "tma" forward copies its tiles with TMA (`cp.async.bulk.tensor`) and multiplies with wgmma; on sm_80,
+    the "tma" forwards (one program per block, and persistent) copy their tiles with TMA (`cp.async.bulk.tensor`)
+    and multiply with wgmma; on sm_80,
     which has no TMA, the same host function compiles the "fa2" forward instead."""
     report = tmp_path / "report.json"
-    cases = "attention_fwd,attention_fwd_tma,attention_bwd,attention_bwd_atomic"
+    cases = "attention_fwd,attention_fwd_tma,attention_fwd_tma_persistent,attention_bwd,attention_bwd_atomic"
     args = ["--targets", "sm_90", "--cases", cases, "--json", str(report)]
     done = subprocess.run([sys.executable, "-m", "olmo_fast.benchmarks.compile_triton", *args],
                           env={**os.environ, "TRITON_INTERPRET": "0"}, capture_output=True, text=True, timeout=900)
@@ -85,8 +86,8 @@ def test_attention_variants_on_sm90_use_tma_and_never_spill(tmp_path):
     assert {v["case"] for v in variants} == set(cases.split(","))
     for variant in variants:
         assert variant["error"] is None and variant["spill_bytes"] == 0, variant
-    tma = [v for v in variants if v["case"] == "attention_fwd_tma"]
-    assert tma and all(v["kernel"] == "_attn_fwd_tma" for v in tma)
+    tma = [v for v in variants if v["case"].startswith("attention_fwd_tma")]
+    assert {v["kernel"] for v in tma} == {"_attn_fwd_tma", "_attn_fwd_tma_persistent"}
     for variant in tma:
         assert variant["instructions"]["tma"] > 0 and variant["instructions"]["wgmma"] > 0, variant
         assert variant["instructions"]["mma"] == 0, variant

@@ -21,7 +21,7 @@ import torch
 from . import dispatch, reference
 from ._library import kernel
 
-ATTENTION_VARIANTS = ("fa2", "tma", "tma-atomic")
+ATTENTION_VARIANTS = ("fa2", "tma", "tma-atomic", "tma-persistent")
 DEFAULT_VARIANT = "fa2"  # on every target until a GPU run shows another one faster (benchmarks/results/)
 VARIANT_ENV = "OLMO_FAST_ATTENTION"
 
