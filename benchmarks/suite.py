@@ -35,7 +35,8 @@ CHECK_TOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 CPU_DESELECTED = {"torch-compile": "not selected: compiling costs seconds per shape on a CPU (name it in "
                                    "--providers to include it)"}
 EXPENSIVE, SOFT_BUDGET = {"torch-compile"}, 0.6
-N_OUTPUTS = {"layer_norm": None, "swiglu": 1, "rope": 2, "qkv_rope": 3, "attention": 1, "decode_attention": 1}
+N_OUTPUTS = {"layer_norm": None, "swiglu": 1, "rope": 2, "qkv_rope": 3, "attention": 1, "decode_attention": 1,
+             "linear_cross_entropy": 1}
 
 
 def environment(device: torch.device) -> dict:
