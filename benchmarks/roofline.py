@@ -82,7 +82,8 @@ def matmul_flops(m: int, n: int, k: int) -> int:
 
 def work(op: str, p: dict, itemsize: int, mode: str) -> tuple[int | None, float | None]:
     """`(bytes, flops)` of one benchmark case (`p`: its parameters, see `cases.py`); the one the op is scored
-    by is not None. Attention and the linear cross-entropy are compute-bound (FLOPs); the others memory-bound (bytes)."""
+    by is not None. Attention and the linear cross-entropy are compute-bound (FLOPs); the others memory-bound
+    (bytes)."""
     s = itemsize
     if op == "layer_norm":
         return layer_norm_bytes(p["n"], p["c"], s, mode, p.get("residual", False)), None
