@@ -74,13 +74,46 @@ OLMO_FAST_INLINE void write_grad(const float* src, float scale, const T* x, bool
   }
 }
 
+// The per-row part of the backward for R rows `r` of a key block (row r[x] sees `seen[x]` of its keys, count =
+// the largest): p = exp(q K^T - lse), ds = p (dO V^T - delta) into p[x], ds[x] (0 from seen[x] to count), and
+// dQ += ds K. Scores of the R rows share each loaded K^T / V^T vector (block_scores<R>), dQ each K row.
+template <int R>
+OLMO_FAST_INLINE void block_row_grads(const int64_t* r, const int64_t* seen, int64_t count, const float* qs,
+                                      const float* dout, const float* lse, const float* delta, const float* kt,
+                                      const float* vt, const float* kb, int64_t D, float* const* p,
+                                      float* const* ds, float* dq) {
+  const float* qr[R];
+  const float* dor[R];
+  float* dqr[R];
+  for (int x = 0; x < R; ++x) {
+    qr[x] = qs + r[x] * D;
+    dor[x] = dout + r[x] * D;
+    dqr[x] = dq + r[x] * D;
+  }
+  block_scores<R>(qr, kt, D, p);
+  block_scores<R>(dor, vt, D, ds);  // dp
+  for (int x = 0; x < R; ++x) {
+    float* px = p[x];
+    float* dsx = ds[x];
+    const float lse_r = lse[r[x]], delta_r = delta[r[x]];
+    const int64_t n_seen = seen[x];
+    OLMO_FAST_IVDEP
+    for (int64_t n = 0; n < n_seen; ++n) {
+      px[n] = exp_f32(px[n] - lse_r);
+      dsx[n] = px[n] * (dsx[n] - delta_r);
+    }
+    for (int64_t n = n_seen; n < count; ++n) px[n] = dsx[n] = 0.0f;
+  }
+  add_weighted_rows<R>(dqr, ds, count, kb, D, D);
+}
+
 template <class T>
 OLMO_FAST_CPU_CLONES void attention_bwd_pairs(const olmo_fast_attention_bwd_args& a, int64_t pair_begin,
                                               int64_t pair_end) {
   const int64_t D = a.head_dim, Tq = a.q_len, Tk = a.kv_len, group = a.heads / a.kv_heads, rows = group * Tq;
   const bool has_clip = a.has_clip != 0;
   const Clamp clamp{has_clip ? a.clip : INFINITY};
-  std::vector<float> buffers(3 * rows * D + 2 * rows + 5 * kKeys * D + 2 * kKeys + 2 * kKeys * kQueries, 0.0f);
+  std::vector<float> buffers(3 * rows * D + 2 * rows + 5 * kKeys * D + 4 * kKeys + 2 * kKeys * kQueries, 0.0f);
   float* qs = buffers.data();  // [rows][D]: row r = g * Tq + i, query i of head kh * group + g
   float* dout = qs + rows * D;
   float* dq = dout + rows * D;
@@ -91,9 +124,9 @@ OLMO_FAST_CPU_CLONES void attention_bwd_pairs(const olmo_fast_attention_bwd_args
   float* vt = kt + kKeys * D;  // V block transposed
   float* dk = vt + kKeys * D;
   float* dv = dk + kKeys * D;
-  float* p = dv + kKeys * D;
-  float* ds = p + kKeys;
-  float* pt = ds + kKeys;          // [kKeys][kQueries]: P of a chunk of rows, transposed
+  float* const p[2] = {dv + kKeys * D, dv + kKeys * D + kKeys};  // two rows of P and of dS
+  float* const ds[2] = {p[1] + kKeys, p[1] + 2 * kKeys};
+  float* pt = ds[1] + kKeys;           // [kKeys][kQueries]: P of a chunk of rows, transposed
   float* dst = pt + kKeys * kQueries;  // dS likewise
   for (int64_t pair = pair_begin; pair < pair_end; ++pair) {
     const int64_t b = pair / a.kv_heads, kh = pair - b * a.kv_heads;
@@ -124,26 +157,26 @@ OLMO_FAST_CPU_CLONES void attention_bwd_pairs(const olmo_fast_attention_bwd_args
       for (int64_t r0 = 0; r0 < rows; r0 += kQueries) {  // a chunk of rows: P and dS kept, transposed
         const int64_t nr = std::min(kQueries, rows - r0);
         bool any = false;
-        for (int64_t c = 0; c < nr; ++c) {
-          const int64_t r = r0 + c;
-          const int64_t seen = std::max<int64_t>(std::min(nk, key_limit(r % Tq, Tq, Tk, a.causal != 0) - n0), 0);
-          if (seen > 0) {
-            any = true;
-            const float* const qr = qs + r * D;
-            const float* const dor = dout + r * D;
-            block_scores<1>(&qr, kt, D, &p);
-            block_scores<1>(&dor, vt, D, &ds);  // dp
-            const float lse_r = lse[r], delta_r = delta[r];
-            OLMO_FAST_IVDEP
-            for (int64_t n = 0; n < seen; ++n) {
-              p[n] = exp_f32(p[n] - lse_r);
-              ds[n] = p[n] * (ds[n] - delta_r);
-            }
-            add_weighted_row(dq + r * D, ds, seen, kb, D, D);
+        for (int64_t c = 0; c < nr; c += 2) {  // rows in pairs (the odd one left alone)
+          const int64_t width = std::min<int64_t>(2, nr - c);
+          int64_t r[2] = {r0 + c, r0 + c + 1}, seen[2] = {0, 0};
+          for (int64_t x = 0; x < width; ++x) {
+            seen[x] = std::max<int64_t>(std::min(nk, key_limit(r[x] % Tq, Tq, Tk, a.causal != 0) - n0), 0);
           }
-          for (int64_t n = 0; n < nk; ++n) {
-            pt[n * kQueries + c] = n < seen ? p[n] : 0.0f;
-            dst[n * kQueries + c] = n < seen ? ds[n] : 0.0f;
+          const int64_t count = std::max(seen[0], seen[1]);
+          if (count > 0) {
+            any = true;
+            if (width == 2) {
+              block_row_grads<2>(r, seen, count, qs, dout, lse, delta, kt, vt, kb, D, p, ds, dq);
+            } else {
+              block_row_grads<1>(r, seen, count, qs, dout, lse, delta, kt, vt, kb, D, p, ds, dq);
+            }
+          }
+          for (int64_t x = 0; x < width; ++x) {
+            for (int64_t n = 0; n < nk; ++n) {
+              pt[n * kQueries + c + x] = n < seen[x] ? p[x][n] : 0.0f;
+              dst[n * kQueries + c + x] = n < seen[x] ? ds[x][n] : 0.0f;
+            }
           }
         }
         if (!any) continue;
