@@ -94,12 +94,6 @@ OLMO_FAST_INLINE void add_weighted_rows(float* const* out, const float* const* w
   }
 }
 
-// One output row: add_weighted_rows<1>.
-OLMO_FAST_INLINE void add_weighted_row(float* out, const float* w, int64_t count, const float* rows, int64_t stride,
-                                       int64_t D) {
-  add_weighted_rows<1>(&out, &w, count, rows, stride, D);
-}
-
 // Workspace of `attend_rows` for up to `rows` rows of head dim D (zeroed: stale lanes stay finite).
 struct AttendBuffers {
   AttendBuffers(int64_t rows, int64_t D) : data(2 * kKeys * D + 2 * kKeys + rows * (D + 2), 0.0f) {

@@ -107,13 +107,49 @@ OLMO_FAST_INLINE void block_row_grads(const int64_t* r, const int64_t* seen, int
   add_weighted_rows<R>(dqr, ds, count, kb, D, D);
 }
 
+// Rows (and keys) per group of the backward's products: 4 where the CPU has AVX-512, whose 32 vector registers
+// hold the 16 accumulators of a group (and its clone runs), else 2 (AVX2's 16 registers would spill).
+inline int64_t backward_group() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const int64_t group = __builtin_cpu_supports("avx512f") ? 4 : 2;
+  return group;
+#else
+  return 2;
+#endif
+}
+
+// block_row_grads<R> for a group of 1 to 4 rows.
+OLMO_FAST_INLINE void group_row_grads(int64_t width, const int64_t* r, const int64_t* seen, int64_t count,
+                                      const float* qs, const float* dout, const float* lse, const float* delta,
+                                      const float* kt, const float* vt, const float* kb, int64_t D,
+                                      float* const* p, float* const* ds, float* dq) {
+  switch (width) {
+    case 4: block_row_grads<4>(r, seen, count, qs, dout, lse, delta, kt, vt, kb, D, p, ds, dq); break;
+    case 3: block_row_grads<3>(r, seen, count, qs, dout, lse, delta, kt, vt, kb, D, p, ds, dq); break;
+    case 2: block_row_grads<2>(r, seen, count, qs, dout, lse, delta, kt, vt, kb, D, p, ds, dq); break;
+    default: block_row_grads<1>(r, seen, count, qs, dout, lse, delta, kt, vt, kb, D, p, ds, dq); break;
+  }
+}
+
+// out[x] += sum_i w[x][i] rows[i] for a group of 1 to 4 outputs (add_weighted_rows<R>).
+OLMO_FAST_INLINE void group_weighted_rows(int64_t width, float* const* out, const float* const* w, int64_t count,
+                                          const float* rows, int64_t D) {
+  switch (width) {
+    case 4: add_weighted_rows<4>(out, w, count, rows, D, D); break;
+    case 3: add_weighted_rows<3>(out, w, count, rows, D, D); break;
+    case 2: add_weighted_rows<2>(out, w, count, rows, D, D); break;
+    default: add_weighted_rows<1>(out, w, count, rows, D, D); break;
+  }
+}
+
 template <class T>
 OLMO_FAST_CPU_CLONES void attention_bwd_pairs(const olmo_fast_attention_bwd_args& a, int64_t pair_begin,
                                               int64_t pair_end) {
   const int64_t D = a.head_dim, Tq = a.q_len, Tk = a.kv_len, group = a.heads / a.kv_heads, rows = group * Tq;
   const bool has_clip = a.has_clip != 0;
   const Clamp clamp{has_clip ? a.clip : INFINITY};
-  std::vector<float> buffers(3 * rows * D + 2 * rows + 5 * kKeys * D + 4 * kKeys + 2 * kKeys * kQueries, 0.0f);
+  const int64_t group_size = backward_group();
+  std::vector<float> buffers(3 * rows * D + 2 * rows + 5 * kKeys * D + 8 * kKeys + 2 * kKeys * kQueries, 0.0f);
   float* qs = buffers.data();  // [rows][D]: row r = g * Tq + i, query i of head kh * group + g
   float* dout = qs + rows * D;
   float* dq = dout + rows * D;
@@ -124,9 +160,10 @@ OLMO_FAST_CPU_CLONES void attention_bwd_pairs(const olmo_fast_attention_bwd_args
   float* vt = kt + kKeys * D;  // V block transposed
   float* dk = vt + kKeys * D;
   float* dv = dk + kKeys * D;
-  float* const p[2] = {dv + kKeys * D, dv + kKeys * D + kKeys};  // two rows of P and of dS
-  float* const ds[2] = {p[1] + kKeys, p[1] + 2 * kKeys};
-  float* pt = ds[1] + kKeys;           // [kKeys][kQueries]: P of a chunk of rows, transposed
+  float* const p[4] = {dv + kKeys * D, dv + kKeys * D + kKeys, dv + kKeys * D + 2 * kKeys,
+                       dv + kKeys * D + 3 * kKeys};  // a group's rows of P and of dS
+  float* const ds[4] = {p[3] + kKeys, p[3] + 2 * kKeys, p[3] + 3 * kKeys, p[3] + 4 * kKeys};
+  float* pt = ds[3] + kKeys;           // [kKeys][kQueries]: P of a chunk of rows, transposed
   float* dst = pt + kKeys * kQueries;  // dS likewise
   for (int64_t pair = pair_begin; pair < pair_end; ++pair) {
     const int64_t b = pair / a.kv_heads, kh = pair - b * a.kv_heads;
@@ -157,20 +194,17 @@ OLMO_FAST_CPU_CLONES void attention_bwd_pairs(const olmo_fast_attention_bwd_args
       for (int64_t r0 = 0; r0 < rows; r0 += kQueries) {  // a chunk of rows: P and dS kept, transposed
         const int64_t nr = std::min(kQueries, rows - r0);
         bool any = false;
-        for (int64_t c = 0; c < nr; c += 2) {  // rows in pairs (the odd one left alone)
-          const int64_t width = std::min<int64_t>(2, nr - c);
-          int64_t r[2] = {r0 + c, r0 + c + 1}, seen[2] = {0, 0};
+        for (int64_t c = 0; c < nr; c += group_size) {  // rows in groups (the last one may be short)
+          const int64_t width = std::min(group_size, nr - c);
+          int64_t r[4], seen[4], count = 0;
           for (int64_t x = 0; x < width; ++x) {
+            r[x] = r0 + c + x;
             seen[x] = std::max<int64_t>(std::min(nk, key_limit(r[x] % Tq, Tq, Tk, a.causal != 0) - n0), 0);
+            count = std::max(count, seen[x]);
           }
-          const int64_t count = std::max(seen[0], seen[1]);
           if (count > 0) {
             any = true;
-            if (width == 2) {
-              block_row_grads<2>(r, seen, count, qs, dout, lse, delta, kt, vt, kb, D, p, ds, dq);
-            } else {
-              block_row_grads<1>(r, seen, count, qs, dout, lse, delta, kt, vt, kb, D, p, ds, dq);
-            }
+            group_row_grads(width, r, seen, count, qs, dout, lse, delta, kt, vt, kb, D, p, ds, dq);
           }
           for (int64_t x = 0; x < width; ++x) {
             for (int64_t n = 0; n < nk; ++n) {
@@ -180,18 +214,20 @@ OLMO_FAST_CPU_CLONES void attention_bwd_pairs(const olmo_fast_attention_bwd_args
           }
         }
         if (!any) continue;
-        int64_t n = 0;
-        for (; n + 2 <= nk; n += 2) {  // two keys at a time: each row of dO / Q loaded once for both
-          float* const dvs[2] = {dv + n * D, dv + (n + 1) * D};
-          float* const dks[2] = {dk + n * D, dk + (n + 1) * D};
-          const float* const ps[2] = {pt + n * kQueries, pt + (n + 1) * kQueries};
-          const float* const dss[2] = {dst + n * kQueries, dst + (n + 1) * kQueries};
-          add_weighted_rows<2>(dvs, ps, nr, dout + r0 * D, D, D);
-          add_weighted_rows<2>(dks, dss, nr, qs + r0 * D, D, D);
-        }
-        if (n < nk) {
-          add_weighted_row(dv + n * D, pt + n * kQueries, nr, dout + r0 * D, D, D);
-          add_weighted_row(dk + n * D, dst + n * kQueries, nr, qs + r0 * D, D, D);
+        for (int64_t n = 0; n < nk; n += group_size) {  // keys in groups: each row of dO / Q loaded once for all
+          const int64_t width = std::min(group_size, nk - n);
+          float* dvs[4];
+          float* dks[4];
+          const float* ps[4];
+          const float* dss[4];
+          for (int64_t x = 0; x < width; ++x) {
+            dvs[x] = dv + (n + x) * D;
+            dks[x] = dk + (n + x) * D;
+            ps[x] = pt + (n + x) * kQueries;
+            dss[x] = dst + (n + x) * kQueries;
+          }
+          group_weighted_rows(width, dvs, ps, nr, dout + r0 * D, D);
+          group_weighted_rows(width, dks, dss, nr, qs + r0 * D, D);
         }
       }
       for (int64_t n = 0; n < nk; ++n) {
