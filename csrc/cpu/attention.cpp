@@ -107,17 +107,6 @@ OLMO_FAST_INLINE void block_row_grads(const int64_t* r, const int64_t* seen, int
   add_weighted_rows<R>(dqr, ds, count, kb, D, D);
 }
 
-// Rows (and keys) per group of the backward's products: 4 where the CPU has AVX-512, whose 32 vector registers
-// hold the 16 accumulators of a group (and its clone runs), else 2 (AVX2's 16 registers would spill).
-inline int64_t backward_group() {
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  static const int64_t group = __builtin_cpu_supports("avx512f") ? 4 : 2;
-  return group;
-#else
-  return 2;
-#endif
-}
-
 // block_row_grads<R> for a group of 1 to 4 rows.
 OLMO_FAST_INLINE void group_row_grads(int64_t width, const int64_t* r, const int64_t* seen, int64_t count,
                                       const float* qs, const float* dout, const float* lse, const float* delta,
@@ -148,7 +137,7 @@ OLMO_FAST_CPU_CLONES void attention_bwd_pairs(const olmo_fast_attention_bwd_args
   const int64_t D = a.head_dim, Tq = a.q_len, Tk = a.kv_len, group = a.heads / a.kv_heads, rows = group * Tq;
   const bool has_clip = a.has_clip != 0;
   const Clamp clamp{has_clip ? a.clip : INFINITY};
-  const int64_t group_size = backward_group();
+  const int64_t group_size = row_group();
   std::vector<float> buffers(3 * rows * D + 2 * rows + 5 * kKeys * D + 8 * kKeys + 2 * kKeys * kQueries, 0.0f);
   float* qs = buffers.data();  // [rows][D]: row r = g * Tq + i, query i of head kh * group + g
   float* dout = qs + rows * D;
