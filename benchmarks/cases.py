@@ -5,7 +5,7 @@ convert them outside the timed region (see `providers.py`). OLMo-7B targets (the
 3-4): 16k tokens x 4096 for LayerNorm, RoPE as `[B, T, 32, 128]` (OLMo 2 7B's QK-norm prologue alike), x 11008
 for SwiGLU; attention with B*T = 16k
 tokens, 32 heads of 128, causal, T 512..8192 (and OLMo 1.7's clip 8 at T 4096); decoding at batch 1 and 16
-over a 4096-token cache.
+over a 4096-token cache; the fused linear cross-entropy over OLMo's 50304-token vocabulary (4096 tokens).
 """
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-OPS = ("swiglu", "layer_norm", "rope", "qkv_rope", "qk_norm_rope", "attention", "decode_attention")
+OPS = ("swiglu", "layer_norm", "rope", "qkv_rope", "qk_norm_rope", "attention", "decode_attention",
+       "linear_cross_entropy")
 SHAPE_SETS = ("olmo-7b", "olmo-1b", "quick", "sweep", "cpu-small")
+VOCAB = 50304  # OLMo's (padded) vocabulary
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
@@ -22,7 +24,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 class Case:
     op: str
     params: dict = field(hash=False)
-    size: int  # the x axis of the sweep plots: tokens (memory-bound ops), T (attention), cache length (decode)
+    size: int  # the x axis of the sweep plots: tokens (memory-bound ops, cross-entropy), T (attention), cache length
 
     @property
     def variant(self) -> str:
@@ -38,6 +40,8 @@ class Case:
             text = f"{p['n']}x{p['c']}" + (" +res" if p["residual"] else "")
         elif self.op == "swiglu":
             text = f"{p['n']}x{2 * p['h']}->{p['h']}"
+        elif self.op == "linear_cross_entropy":
+            text = f"{p['n']}x{p['d']} V{p['v']}"
         elif self.op in ("rope", "qkv_rope", "qk_norm_rope", "attention"):
             heads = f"{p['hq']}" if p["hq"] == p["hk"] else f"{p['hq']}/{p['hk']}"
             text = f"B{p['b']} T{p['t']} H{heads} D{p['d']}"
@@ -49,7 +53,11 @@ class Case:
 
 
 def modes(op: str) -> tuple[str, ...]:
-    return ("fwd",) if op == "decode_attention" else ("fwd", "bwd", "fwd+bwd")
+    if op == "decode_attention":
+        return ("fwd",)
+    if op == "linear_cross_entropy":  # its gradients are computed in the forward: no backward of its own to time
+        return ("fwd", "fwd+bwd")
+    return ("fwd", "bwd", "fwd+bwd")
 
 
 def differentiable(op: str, params: dict) -> tuple[int, ...]:
@@ -57,7 +65,7 @@ def differentiable(op: str, params: dict) -> tuple[int, ...]:
     if op == "layer_norm":
         return (0, 1) if params["residual"] else (0,)
     return {"swiglu": (0,), "rope": (0, 1), "qkv_rope": (0,), "qk_norm_rope": (0, 1, 2), "attention": (0, 1, 2),
-            "decode_attention": ()}[op]
+            "decode_attention": (), "linear_cross_entropy": (0, 1)}[op]
 
 
 def make_inputs(op: str, p: dict, dtype: torch.dtype, device: torch.device) -> tuple:
@@ -84,6 +92,10 @@ def make_inputs(op: str, p: dict, dtype: torch.dtype, device: torch.device) -> t
         seqlens = torch.full((p["b"],), p["cached"], dtype=torch.int32, device=device)
         return (rand(p["b"], p["tq"], p["hq"], p["d"]), rand(p["b"], p["slots"], p["hk"], p["d"]),
                 rand(p["b"], p["slots"], p["hk"], p["d"]), seqlens)
+    if op == "linear_cross_entropy":  # x, weight (logits of about unit scale), labels with every 5th ignored
+        labels = torch.randint(0, p["v"], (p["n"],), device=device)
+        labels[::5] = -100
+        return rand(p["n"], p["d"]), rand(p["v"], p["d"], scale=p["d"] ** -0.5), labels
     raise ValueError(f"unknown op {op!r}; choose from {OPS}")
 
 
@@ -93,6 +105,10 @@ def _ln(n, c, residual):
 
 def _swiglu(n, h):
     return Case("swiglu", {"n": n, "h": h}, n)
+
+
+def _lce(n, d, v):
+    return Case("linear_cross_entropy", {"n": n, "d": d, "v": v}, n)
 
 
 def _heads(op, b, t, h, d, clip=None, hk=None, size=None):
@@ -119,7 +135,7 @@ def _model_set(d_model: int, heads: int, hidden: int, tokens: int, seq_lens: tup
     cases += [_heads("attention", tokens // t, t, heads, hd) for t in seq_lens]
     cases += [_heads("attention", b, clip_t, heads, hd, clip=8.0)]
     cases += [_decode(batch, cache, heads, hd) for batch in (1, 16)]
-    return cases
+    return cases + [_lce(4096, d_model, VOCAB)]
 
 
 def shape_set(name: str) -> list[Case]:
@@ -135,11 +151,11 @@ def shape_set(name: str) -> list[Case]:
         cases += [_heads(op, 1, n, 32, 128) for op in ("rope", "qkv_rope", "qk_norm_rope") for n in tokens]
         cases += [_heads("attention", 16384 // t, t, 32, 128) for t in (512, 1024, 2048, 4096, 8192, 16384)]
         cases += [_decode(1, s, 32, 128) for s in (512, 2048, 8192, 32768)]
-        return cases
+        return cases + [_lce(n, 4096, VOCAB) for n in (1024, 4096, 16384)]
     if name == "cpu-small":  # odd sizes (not multiples of any block), GQA, a clip that bites: cheap on 2 cores
         return [_swiglu(67, 96), _ln(67, 129, False), _ln(67, 129, True),
                 _heads("rope", 2, 17, 3, 16), _heads("qkv_rope", 2, 17, 4, 16, clip=2.0),
                 _heads("qk_norm_rope", 2, 17, 3, 16, hk=1),
                 _heads("attention", 1, 33, 4, 16, hk=2), _heads("attention", 1, 33, 2, 16, clip=2.0),
-                _decode(2, 37, 4, 16, slots=40, hk=2)]
+                _decode(2, 37, 4, 16, slots=40, hk=2), _lce(67, 48, 515)]
     raise ValueError(f"unknown shape set {name!r}; choose from {SHAPE_SETS}")

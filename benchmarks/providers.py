@@ -85,6 +85,8 @@ def op_fn(case: Case, backend: str, variant: str | None = None) -> Callable[...,
                                              variant=variant)
     if case.op == "decode_attention":
         return lambda q, kc, vc, seqlens: ops.decode_attention(q, kc, vc, seqlens, backend=backend)
+    if case.op == "linear_cross_entropy":
+        return lambda x, w, labels: ops.linear_cross_entropy(x, w, labels, backend=backend)
     raise ValueError(case.op)
 
 
@@ -174,6 +176,11 @@ def _apex_layer_norm(case: Case, device: torch.device) -> Impl:
 
     module = FusedLayerNorm(case.params["c"], eps=EPS, elementwise_affine=False)
     return _norm(case, module, "apex FusedLayerNorm(elementwise_affine=False)")
+
+
+def _torch_cross_entropy(case: Case, device: torch.device) -> Impl:
+    return Impl(lambda x, w, labels: F.cross_entropy((x @ w.t()).float(), labels),
+                note="F.cross_entropy of the whole [tokens, vocab] logits (x's dtype, the loss in fp32)")
 
 
 def _liger_swiglu(case: Case, device: torch.device) -> Impl:
@@ -286,5 +293,6 @@ def registry() -> dict[str, list[Provider]]:
         "qk_norm_rope": list(ours),
         "attention": ours[:1] + attention_variants() + ours[1:] + sdpa + flash_attn,
         "decode_attention": ours[:1] + decode_split_variants() + ours[1:] + sdpa + flash_attn,
+        "linear_cross_entropy": ours + [Provider("torch-native", _torch_cross_entropy)],
     }
 

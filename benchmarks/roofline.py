@@ -4,7 +4,8 @@ Every provider of an op is scored against the same number, so GB/s and TFLOP/s c
 provider that moves more (an extra pass, a saved input) simply shows a lower rate. Bytes count each tensor the
 op's contract reads or writes once (`s` = bytes per element of the input dtype); the fp32 `rstd` a LayerNorm
 forward saves for its backward is counted (4 bytes a row). The attention FLOPs follow FlashAttention's
-convention: 4·B·Tq·Tk·H·D for QKᵀ and PV, halved when causal, the backward 2.5× the forward.
+convention: 4·B·Tq·Tk·H·D for QKᵀ and PV, halved when causal, the backward 2.5× the forward. The fused linear
+cross-entropy is scored by its matmuls' FLOPs too.
 """
 from __future__ import annotations
 
@@ -71,6 +72,15 @@ def attention_flops(b: int, tq: int, tk: int, h: int, d: int, mode: str, causal:
     return _split(mode, fwd, 2.5 * fwd)
 
 
+def linear_cross_entropy_flops(n: int, d: int, v: int, mode: str) -> float:
+    """`[n, d]` tokens against a `[v, d]` head: the logits matmul (2·n·v·d) alone without gradients; with them, the
+    forward also computes dx and dW (3 matmuls), and the backward only scales those, so it has no mode "bwd"."""
+    _check_mode(mode)
+    if mode == "bwd":
+        raise ValueError("linear_cross_entropy computes its gradients in the forward: it has no backward to time")
+    return 2.0 * n * v * d * (1 if mode == "fwd" else 3)
+
+
 def copy_bytes(nbytes: int) -> int:
     """A device-to-device copy of `nbytes` reads and writes each byte: the bandwidth ceiling's count."""
     return 2 * nbytes
@@ -83,7 +93,8 @@ def matmul_flops(m: int, n: int, k: int) -> int:
 
 def work(op: str, p: dict, itemsize: int, mode: str) -> tuple[int | None, float | None]:
     """`(bytes, flops)` of one benchmark case (`p`: its parameters, see `cases.py`); the one the op is scored
-    by is not None. Attention is compute-bound (FLOPs); every other op is memory-bound (bytes)."""
+    by is not None. Attention and the linear cross-entropy are compute-bound (FLOPs); the others memory-bound
+    (bytes)."""
     s = itemsize
     if op == "layer_norm":
         return layer_norm_bytes(p["n"], p["c"], s, mode, p.get("residual", False)), None
@@ -97,6 +108,8 @@ def work(op: str, p: dict, itemsize: int, mode: str) -> tuple[int | None, float 
         return qk_norm_rope_bytes(p["b"], p["t"], p["hq"], p["hk"], p["d"], s, mode), None
     if op == "attention":
         return None, attention_flops(p["b"], p["t"], p["t"], p["hq"], p["d"], mode, p.get("causal", True))
+    if op == "linear_cross_entropy":
+        return None, linear_cross_entropy_flops(p["n"], p["d"], p["v"], mode)
     if op == "decode_attention":
         _check_mode(mode)
         if mode != "fwd":

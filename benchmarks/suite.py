@@ -36,7 +36,7 @@ CPU_DESELECTED = {"torch-compile": "not selected: compiling costs seconds per sh
                                    "--providers to include it)"}
 EXPENSIVE, SOFT_BUDGET = {"torch-compile"}, 0.6
 N_OUTPUTS = {"layer_norm": None, "swiglu": 1, "rope": 2, "qkv_rope": 3, "qk_norm_rope": 3, "attention": 1,
-             "decode_attention": 1}
+             "decode_attention": 1, "linear_cross_entropy": 1}
 
 
 def environment(device: torch.device) -> dict:

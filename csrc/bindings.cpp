@@ -473,7 +473,7 @@ std::tuple<Tensor, Tensor, Tensor> qkv_rope_fwd(const Tensor& qkv_in, int64_t n_
   args.q = q.data_ptr();
   args.k = k.data_ptr();
   args.v = v.data_ptr();
-  run_cpu(args, batch * seq, heads * head_dim, olmo_fast_qkv_rope_fwd_cpu);
+  run(op, qkv, args, batch * seq, heads * head_dim, olmo_fast_qkv_rope_fwd_cpu, olmo_fast_qkv_rope_fwd_gpu);
   return {q, k, v};
 }
 
@@ -519,7 +519,7 @@ Tensor qkv_rope_bwd(const Tensor& dq, const Tensor& dk, const Tensor& dv, const 
   args.theta = float(theta);
   Tensor dqkv = output({batch, seq, width}, dq.options());
   args.dqkv = dqkv.data_ptr();
-  run_cpu(args, batch * seq, 2 * width, olmo_fast_qkv_rope_bwd_cpu);
+  run(op, dq, args, batch * seq, 2 * width, olmo_fast_qkv_rope_bwd_cpu, olmo_fast_qkv_rope_bwd_gpu);
   return dqkv;
 }
 
@@ -673,7 +673,7 @@ std::tuple<Tensor, Tensor> cross_entropy_chunk(Tensor& logits, const Tensor& lab
   args.ignore_index = ignore_index;
   args.compute_grad = compute_grad ? 1 : 0;
   args.z_loss = float(z_loss);
-  run_cpu(args, rows, 3 * vocab, olmo_fast_cross_entropy_chunk_cpu);
+  run(op, logits, args, rows, 3 * vocab, olmo_fast_cross_entropy_chunk_cpu, olmo_fast_cross_entropy_chunk_gpu);
   return {loss, lse};
 }
 
@@ -864,27 +864,27 @@ TORCH_LIBRARY(olmo_fast_C, m) {
   m.def("poison_outputs(bool on) -> ()", &poison_outputs);
 }
 
-#define OLMO_FAST_IMPLS(m)                         \
-  m.impl("layer_norm_fwd", &layer_norm_fwd);       \
-  m.impl("layer_norm_bwd", &layer_norm_bwd);       \
-  m.impl("norm_fwd", &norm_fwd);                   \
-  m.impl("norm_bwd", &norm_bwd);                   \
-  m.impl("rms_norm_add_fwd", &rms_norm_add_fwd);   \
-  m.impl("rms_norm_add_bwd", &rms_norm_add_bwd);   \
-  m.impl("swiglu_fwd", &swiglu_fwd);               \
-  m.impl("swiglu_bwd", &swiglu_bwd);               \
-  m.impl("silu_mul_fwd", &silu_mul_fwd);           \
-  m.impl("silu_mul_bwd", &silu_mul_bwd);           \
-  m.impl("rope", &rope);                           \
-  m.impl("rope_interleaved", &rope_interleaved);   \
-  m.impl("qk_norm_rope_fwd", &qk_norm_rope_fwd);   \
-  m.impl("qk_norm_rope_bwd", &qk_norm_rope_bwd)
-
-// Kernels with CPU loops only (no CUDA/HIP kernel yet).
-#define OLMO_FAST_CPU_ONLY_IMPLS(m)                      \
+#define OLMO_FAST_IMPLS(m)                             \
+  m.impl("layer_norm_fwd", &layer_norm_fwd);           \
+  m.impl("layer_norm_bwd", &layer_norm_bwd);           \
+  m.impl("norm_fwd", &norm_fwd);                       \
+  m.impl("norm_bwd", &norm_bwd);                       \
+  m.impl("rms_norm_add_fwd", &rms_norm_add_fwd);       \
+  m.impl("rms_norm_add_bwd", &rms_norm_add_bwd);       \
+  m.impl("swiglu_fwd", &swiglu_fwd);                   \
+  m.impl("swiglu_bwd", &swiglu_bwd);                   \
+  m.impl("silu_mul_fwd", &silu_mul_fwd);               \
+  m.impl("silu_mul_bwd", &silu_mul_bwd);               \
+  m.impl("rope", &rope);                               \
+  m.impl("rope_interleaved", &rope_interleaved);       \
   m.impl("qkv_rope_fwd", &qkv_rope_fwd);               \
   m.impl("qkv_rope_bwd", &qkv_rope_bwd);               \
-  m.impl("cross_entropy_chunk", &cross_entropy_chunk); \
+  m.impl("qk_norm_rope_fwd", &qk_norm_rope_fwd);       \
+  m.impl("qk_norm_rope_bwd", &qk_norm_rope_bwd);       \
+  m.impl("cross_entropy_chunk", &cross_entropy_chunk)
+
+// Kernels with CPU loops only (no CUDA/HIP kernel yet).
+#define OLMO_FAST_CPU_ONLY_IMPLS(m)                    \
   m.impl("decode_attention", &decode_attention);       \
   m.impl("attention_fwd", &attention_fwd);             \
   m.impl("attention_bwd", &attention_bwd)

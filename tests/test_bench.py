@@ -41,6 +41,11 @@ def test_flops_hand_computed():
     assert roofline.attention_flops(4, 4096, 4096, 32, 128, "fwd+bwd") == 3.5 * 2**39
     assert roofline.attention_flops(4, 4096, 4096, 32, 128, "fwd", causal=False) == 2**40
     assert roofline.matmul_flops(8192, 8192, 8192) == 2 * 8192**3
+    # 4096 tokens of 4096 against OLMo's 50304 vocab: 2 * 2^24 * 50304 = 1,687,922,147,328 for the logits.
+    assert roofline.linear_cross_entropy_flops(4096, 4096, 50304, "fwd") == 1_687_922_147_328
+    assert roofline.linear_cross_entropy_flops(4096, 4096, 50304, "fwd+bwd") == 3 * 1_687_922_147_328
+    with pytest.raises(ValueError, match="in the forward"):
+        roofline.linear_cross_entropy_flops(1, 1, 1, "bwd")
 
 
 def test_work_dispatch_matches_formulas_and_rejects_nonsense():
@@ -117,7 +122,7 @@ def test_cli_cpu_small_end_to_end(cpu_run):
         assert r["check"] == "ok", r  # every measured provider computes the same function as eager
         assert 0 < r["p20_ms"] <= r["median_ms"] <= r["p80_ms"]
         seconds = r["median_ms"] * 1e-3
-        if r["op"] == "attention":
+        if r["op"] in ("attention", "linear_cross_entropy"):
             assert r["tflops"] == pytest.approx(r["flops"] / seconds / 1e12)
             assert r["pct_matmul"] == pytest.approx(100 * r["tflops"] / data["ceilings"]["matmul_tflops"])
         else:

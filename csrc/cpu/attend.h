@@ -94,24 +94,30 @@ OLMO_FAST_INLINE void add_weighted_rows(float* const* out, const float* const* w
   }
 }
 
-// One output row: add_weighted_rows<1>.
-OLMO_FAST_INLINE void add_weighted_row(float* out, const float* w, int64_t count, const float* rows, int64_t stride,
-                                       int64_t D) {
-  add_weighted_rows<1>(&out, &w, count, rows, stride, D);
+// Rows (or keys) that the products take at a time: 4 where the CPU has AVX-512, whose 32 vector registers hold
+// the 16 accumulators of block_scores<4> / add_weighted_rows<4> (and its clone runs), else 2 (AVX2's 16 would
+// spill).
+inline int64_t row_group() {
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+  static const int64_t group = __builtin_cpu_supports("avx512f") ? 4 : 2;
+  return group;
+#else
+  return 2;
+#endif
 }
 
 // Workspace of `attend_rows` for up to `rows` rows of head dim D (zeroed: stale lanes stay finite).
 struct AttendBuffers {
-  AttendBuffers(int64_t rows, int64_t D) : data(2 * kKeys * D + 2 * kKeys + rows * (D + 2), 0.0f) {
+  AttendBuffers(int64_t rows, int64_t D) : data(2 * kKeys * D + 4 * kKeys + rows * (D + 2), 0.0f) {
     kt = data.data();
     vb = kt + kKeys * D;
     scores = vb + kKeys * D;
-    acc = scores + 2 * kKeys;
+    acc = scores + 4 * kKeys;
     m = acc + rows * D;
     l = m + rows;
   }
   std::vector<float> data;
-  float *kt, *vb, *scores, *acc, *m, *l;  // scores: two rows of kKeys
+  float *kt, *vb, *scores, *acc, *m, *l;  // scores: four rows of kKeys
 };
 
 // The online-softmax step of rows `r` (R of them; row r[x] sees lanes [skip[x], seen[x]) of the block, scores
@@ -145,11 +151,23 @@ OLMO_FAST_INLINE void softmax_block(const int64_t* r, const int64_t* skip, const
   add_weighted_rows<R>(acc, s, count, vb, D, D);
 }
 
+// block_scores<R> then softmax_block<R> for a group of 1 to 4 rows.
+OLMO_FAST_INLINE void attend_group(int64_t width, const int64_t* r, const int64_t* skip, const int64_t* seen,
+                                   int64_t count, const float* const* q, float* const* s, int64_t D,
+                                   AttendBuffers& w) {
+  switch (width) {
+    case 4: block_scores<4>(q, w.kt, D, s); softmax_block<4>(r, skip, seen, count, s, w.vb, D, w); break;
+    case 3: block_scores<3>(q, w.kt, D, s); softmax_block<3>(r, skip, seen, count, s, w.vb, D, w); break;
+    case 2: block_scores<2>(q, w.kt, D, s); softmax_block<2>(r, skip, seen, count, s, w.vb, D, w); break;
+    default: block_scores<1>(q, w.kt, D, s); softmax_block<1>(r, skip, seen, count, s, w.vb, D, w); break;
+  }
+}
+
 // Rows r < n_rows of q (fp32 [n_rows][D], clamped and pre-scaled) against keys [first[r], limit[r]) of k, v (rows
 // k_stride / v_stride apart; limit[r] <= n_keys; first[r] = 0 without a sliding window, and may be negative):
 // running max w.m[r], sum w.l[r] and unnormalised output w.acc[r] (fp32). Key blocks start at the smallest
-// first[r]: the keys before every row's window are never loaded. Rows go in pairs (each key vector loaded once
-// for both). A row without keys keeps l = 0.
+// first[r]: the keys before every row's window are never loaded. Rows go in groups of row_group() (each key
+// vector loaded once for the group). A row without keys keeps l = 0.
 template <class T>
 OLMO_FAST_INLINE void attend_rows(const float* q, int64_t n_rows, const int64_t* first, const int64_t* limit,
                                   int64_t n_keys, const T* k, int64_t k_stride, const T* v, int64_t v_stride,
@@ -161,28 +179,26 @@ OLMO_FAST_INLINE void attend_rows(const float* q, int64_t n_rows, const int64_t*
     start = std::min(start, first[r]);
   }
   for (int64_t i = 0; i < n_rows * D; ++i) w.acc[i] = 0.0f;
-  float* const s[2] = {w.scores, w.scores + kKeys};
+  float* const s[4] = {w.scores, w.scores + kKeys, w.scores + 2 * kKeys, w.scores + 3 * kKeys};
+  const int64_t group = row_group();
   for (int64_t n0 = std::max<int64_t>(start, 0); n0 < n_keys; n0 += kKeys) {
     const int64_t nk = std::min(kKeys, n_keys - n0);
     load_keys(k + n0 * k_stride, k_stride, nk, D, clamp, nullptr, w.kt);
     load_keys(v + n0 * v_stride, v_stride, nk, D, clamp, w.vb, nullptr);
-    int64_t r = 0;
-    for (; r + 2 <= n_rows; r += 2) {
-      const int64_t rows[2] = {r, r + 1};
-      const int64_t skip[2] = {first[r] - n0, first[r + 1] - n0};
-      const int64_t seen[2] = {std::min(nk, limit[r] - n0), std::min(nk, limit[r + 1] - n0)};
-      const int64_t count = std::max(seen[0], seen[1]);
-      if (count <= 0 || (skip[0] >= seen[0] && skip[1] >= seen[1])) continue;
-      const float* const qs[2] = {q + r * D, q + (r + 1) * D};
-      block_scores<2>(qs, w.kt, D, s);
-      softmax_block<2>(rows, skip, seen, count, s, w.vb, D, w);
-    }
-    const int64_t skip = r < n_rows ? first[r] - n0 : 0;  // the odd row left
-    const int64_t seen = r < n_rows ? std::min(nk, limit[r] - n0) : 0;
-    if (seen > 0 && skip < seen) {
-      const float* const qs = q + r * D;
-      block_scores<1>(&qs, w.kt, D, s);
-      softmax_block<1>(&r, &skip, &seen, seen, s, w.vb, D, w);
+    for (int64_t r = 0; r < n_rows; r += group) {  // the last group may be short
+      const int64_t width = std::min(group, n_rows - r);
+      int64_t rows[4], skip[4], seen[4], count = 0;
+      bool any = false;
+      const float* qs[4];
+      for (int64_t x = 0; x < width; ++x) {
+        rows[x] = r + x;
+        skip[x] = first[r + x] - n0;
+        seen[x] = std::min(nk, limit[r + x] - n0);
+        count = std::max(count, seen[x]);
+        any = any || skip[x] < seen[x];
+        qs[x] = q + (r + x) * D;
+      }
+      if (count > 0 && any) attend_group(width, rows, skip, seen, count, qs, s, D, w);
     }
   }
 }

@@ -79,13 +79,74 @@ OLMO_FAST_INLINE void write_grad(const float* src, float scale, const T* x, bool
   }
 }
 
+// The per-row part of the backward for R rows `r` of a key block (row r[x] sees lanes [skip[x], seen[x]) of it:
+// skip[x] > 0 only under a sliding window; count = the largest seen): p = exp(q K^T - lse), ds = p (dO V^T -
+// delta) into p[x], ds[x] (0 on the other lanes up to count), and dQ += ds K. Scores of the R rows share each
+// loaded K^T / V^T vector (block_scores<R>), dQ each K row.
+template <int R>
+OLMO_FAST_INLINE void block_row_grads(const int64_t* r, const int64_t* skip, const int64_t* seen, int64_t count,
+                                      const float* qs,
+                                      const float* dout, const float* lse, const float* delta, const float* kt,
+                                      const float* vt, const float* kb, int64_t D, float* const* p,
+                                      float* const* ds, float* dq) {
+  const float* qr[R];
+  const float* dor[R];
+  float* dqr[R];
+  for (int x = 0; x < R; ++x) {
+    qr[x] = qs + r[x] * D;
+    dor[x] = dout + r[x] * D;
+    dqr[x] = dq + r[x] * D;
+  }
+  block_scores<R>(qr, kt, D, p);
+  block_scores<R>(dor, vt, D, ds);  // dp
+  for (int x = 0; x < R; ++x) {
+    float* px = p[x];
+    float* dsx = ds[x];
+    const float lse_r = lse[r[x]], delta_r = delta[r[x]];
+    const int64_t n_skip = std::min(skip[x], count), n_seen = std::max(seen[x], n_skip);
+    for (int64_t n = 0; n < n_skip; ++n) px[n] = dsx[n] = 0.0f;
+    OLMO_FAST_IVDEP
+    for (int64_t n = n_skip; n < n_seen; ++n) {
+      px[n] = exp_f32(px[n] - lse_r);
+      dsx[n] = px[n] * (dsx[n] - delta_r);
+    }
+    for (int64_t n = n_seen; n < count; ++n) px[n] = dsx[n] = 0.0f;
+  }
+  add_weighted_rows<R>(dqr, ds, count, kb, D, D);
+}
+
+// block_row_grads<R> for a group of 1 to 4 rows.
+OLMO_FAST_INLINE void group_row_grads(int64_t width, const int64_t* r, const int64_t* skip, const int64_t* seen,
+                                      int64_t count, const float* qs, const float* dout, const float* lse,
+                                      const float* delta, const float* kt, const float* vt, const float* kb,
+                                      int64_t D, float* const* p, float* const* ds, float* dq) {
+  switch (width) {
+    case 4: block_row_grads<4>(r, skip, seen, count, qs, dout, lse, delta, kt, vt, kb, D, p, ds, dq); break;
+    case 3: block_row_grads<3>(r, skip, seen, count, qs, dout, lse, delta, kt, vt, kb, D, p, ds, dq); break;
+    case 2: block_row_grads<2>(r, skip, seen, count, qs, dout, lse, delta, kt, vt, kb, D, p, ds, dq); break;
+    default: block_row_grads<1>(r, skip, seen, count, qs, dout, lse, delta, kt, vt, kb, D, p, ds, dq); break;
+  }
+}
+
+// out[x] += sum_i w[x][i] rows[i] for a group of 1 to 4 outputs (add_weighted_rows<R>).
+OLMO_FAST_INLINE void group_weighted_rows(int64_t width, float* const* out, const float* const* w, int64_t count,
+                                          const float* rows, int64_t D) {
+  switch (width) {
+    case 4: add_weighted_rows<4>(out, w, count, rows, D, D); break;
+    case 3: add_weighted_rows<3>(out, w, count, rows, D, D); break;
+    case 2: add_weighted_rows<2>(out, w, count, rows, D, D); break;
+    default: add_weighted_rows<1>(out, w, count, rows, D, D); break;
+  }
+}
+
 template <class T>
 OLMO_FAST_CPU_CLONES void attention_bwd_pairs(const olmo_fast_attention_bwd_args& a, int64_t pair_begin,
                                               int64_t pair_end) {
   const int64_t D = a.head_dim, Tq = a.q_len, Tk = a.kv_len, group = a.heads / a.kv_heads, rows = group * Tq;
   const bool has_clip = a.has_clip != 0;
   const Clamp clamp{has_clip ? a.clip : INFINITY};
-  std::vector<float> buffers(3 * rows * D + 2 * rows + 5 * kKeys * D + 2 * kKeys + 2 * kKeys * kQueries, 0.0f);
+  const int64_t group_size = row_group();
+  std::vector<float> buffers(3 * rows * D + 2 * rows + 5 * kKeys * D + 8 * kKeys + 2 * kKeys * kQueries, 0.0f);
   float* qs = buffers.data();  // [rows][D]: row r = g * Tq + i, query i of head kh * group + g
   float* dout = qs + rows * D;
   float* dq = dout + rows * D;
@@ -96,9 +157,10 @@ OLMO_FAST_CPU_CLONES void attention_bwd_pairs(const olmo_fast_attention_bwd_args
   float* vt = kt + kKeys * D;  // V block transposed
   float* dk = vt + kKeys * D;
   float* dv = dk + kKeys * D;
-  float* p = dv + kKeys * D;
-  float* ds = p + kKeys;
-  float* pt = ds + kKeys;          // [kKeys][kQueries]: P of a chunk of rows, transposed
+  float* const p[4] = {dv + kKeys * D, dv + kKeys * D + kKeys, dv + kKeys * D + 2 * kKeys,
+                       dv + kKeys * D + 3 * kKeys};  // a group's rows of P and of dS
+  float* const ds[4] = {p[3] + kKeys, p[3] + 2 * kKeys, p[3] + 3 * kKeys, p[3] + 4 * kKeys};
+  float* pt = ds[3] + kKeys;           // [kKeys][kQueries]: P of a chunk of rows, transposed
   float* dst = pt + kKeys * kQueries;  // dS likewise
   for (int64_t pair = pair_begin; pair < pair_end; ++pair) {
     const int64_t b = pair / a.kv_heads, kh = pair - b * a.kv_heads;
@@ -133,44 +195,43 @@ OLMO_FAST_CPU_CLONES void attention_bwd_pairs(const olmo_fast_attention_bwd_args
         for (int64_t i0 = i_lo; i0 < i_hi; i0 += kQueries) {  // a chunk of rows: P and dS kept, transposed
           const int64_t nr = std::min(kQueries, i_hi - i0), r0 = g * Tq + i0;  // row r = g * Tq + i
           bool any = false;
-          for (int64_t c = 0; c < nr; ++c) {
-            const int64_t r = r0 + c, i = i0 + c;
-            const int64_t end = std::max<int64_t>(std::min(nk, key_limit(i, Tq, Tk, a.causal != 0) - n0), 0);
-            const int64_t skip = std::min(std::max<int64_t>(window_first(i + Tk - Tq, a.window) - n0, 0), end);
-            const int64_t seen = skip < end ? end : 0;  // the row sees lanes [skip, seen) of the block
-            if (seen > 0) {
-              any = true;
-              const float* const qr = qs + r * D;
-              const float* const dor = dout + r * D;
-              block_scores<1>(&qr, kt, D, &p);
-              block_scores<1>(&dor, vt, D, &ds);  // dp
-              const float lse_r = lse[r], delta_r = delta[r];
-              for (int64_t n = 0; n < skip; ++n) p[n] = ds[n] = 0.0f;
-              OLMO_FAST_IVDEP
-              for (int64_t n = skip; n < seen; ++n) {
-                p[n] = exp_f32(p[n] - lse_r);
-                ds[n] = p[n] * (ds[n] - delta_r);
-              }
-              add_weighted_row(dq + r * D, ds, seen, kb, D, D);
+          for (int64_t c = 0; c < nr; c += group_size) {  // rows in groups (the last one may be short)
+            const int64_t width = std::min(group_size, nr - c);
+            int64_t r[4], skip[4], seen[4], count = 0;
+            for (int64_t x = 0; x < width; ++x) {
+              const int64_t i = i0 + c + x;
+              const int64_t end = std::max<int64_t>(std::min(nk, key_limit(i, Tq, Tk, a.causal != 0) - n0), 0);
+              r[x] = r0 + c + x;
+              skip[x] = std::min(std::max<int64_t>(window_first(i + Tk - Tq, a.window) - n0, 0), end);
+              seen[x] = skip[x] < end ? end : 0;  // row x sees lanes [skip, seen) of the block
+              count = std::max(count, seen[x]);
             }
-            for (int64_t n = 0; n < nk; ++n) {
-              pt[n * kQueries + c] = n < seen ? p[n] : 0.0f;
-              dst[n * kQueries + c] = n < seen ? ds[n] : 0.0f;
+            if (count > 0) {
+              any = true;
+              group_row_grads(width, r, skip, seen, count, qs, dout, lse, delta, kt, vt, kb, D, p, ds, dq);
+            }
+            for (int64_t x = 0; x < width; ++x) {
+              for (int64_t n = 0; n < nk; ++n) {
+                pt[n * kQueries + c + x] = n < seen[x] ? p[x][n] : 0.0f;
+                dst[n * kQueries + c + x] = n < seen[x] ? ds[x][n] : 0.0f;
+              }
             }
           }
           if (!any) continue;
-          int64_t n = 0;
-          for (; n + 2 <= nk; n += 2) {  // two keys at a time: each row of dO / Q loaded once for both
-            float* const dvs[2] = {dv + n * D, dv + (n + 1) * D};
-            float* const dks[2] = {dk + n * D, dk + (n + 1) * D};
-            const float* const ps[2] = {pt + n * kQueries, pt + (n + 1) * kQueries};
-            const float* const dss[2] = {dst + n * kQueries, dst + (n + 1) * kQueries};
-            add_weighted_rows<2>(dvs, ps, nr, dout + r0 * D, D, D);
-            add_weighted_rows<2>(dks, dss, nr, qs + r0 * D, D, D);
-          }
-          if (n < nk) {
-            add_weighted_row(dv + n * D, pt + n * kQueries, nr, dout + r0 * D, D, D);
-            add_weighted_row(dk + n * D, dst + n * kQueries, nr, qs + r0 * D, D, D);
+          for (int64_t n = 0; n < nk; n += group_size) {  // keys in groups: each row of dO / Q loaded once for all
+            const int64_t width = std::min(group_size, nk - n);
+            float* dvs[4];
+            float* dks[4];
+            const float* ps[4];
+            const float* dss[4];
+            for (int64_t x = 0; x < width; ++x) {
+              dvs[x] = dv + (n + x) * D;
+              dks[x] = dk + (n + x) * D;
+              ps[x] = pt + (n + x) * kQueries;
+              dss[x] = dst + (n + x) * kQueries;
+            }
+            group_weighted_rows(width, dvs, ps, nr, dout + r0 * D, D);
+            group_weighted_rows(width, dks, dss, nr, qs + r0 * D, D);
           }
         }
       }

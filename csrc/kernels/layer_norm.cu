@@ -194,11 +194,11 @@ extern "C" int olmo_fast_norm_fwd_gpu(const olmo_fast_norm_fwd_args* args, void*
       const int threads = row_threads(a.cols / V);
       const gpuStream_t s = static_cast<gpuStream_t>(stream);
       if (a.add_after) {
-        norm_fwd_kernel<T, V, false, true><<<grid, threads, 0, s>>>(a);
+        OF_LAUNCH(grid, threads, 0, s, norm_fwd_kernel<T, V, false, true>)(a);
       } else if (add_before) {
-        norm_fwd_kernel<T, V, true, false><<<grid, threads, 0, s>>>(a);
+        OF_LAUNCH(grid, threads, 0, s, norm_fwd_kernel<T, V, true, false>)(a);
       } else {
-        norm_fwd_kernel<T, V, false, false><<<grid, threads, 0, s>>>(a);
+        OF_LAUNCH(grid, threads, 0, s, norm_fwd_kernel<T, V, false, false>)(a);
       }
       return last_error();
     });
@@ -224,9 +224,9 @@ extern "C" int olmo_fast_norm_bwd_gpu(const olmo_fast_norm_bwd_args* args, void*
       const int threads = row_threads(a.cols / V);
       const gpuStream_t s = static_cast<gpuStream_t>(stream);
       if (a.dh != nullptr) {
-        norm_bwd_kernel<T, V, true><<<grid, threads, 0, s>>>(a);
+        OF_LAUNCH(grid, threads, 0, s, norm_bwd_kernel<T, V, true>)(a);
       } else {
-        norm_bwd_kernel<T, V, false><<<grid, threads, 0, s>>>(a);
+        OF_LAUNCH(grid, threads, 0, s, norm_bwd_kernel<T, V, false>)(a);
       }
       return last_error();
     });

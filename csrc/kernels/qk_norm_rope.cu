@@ -150,8 +150,8 @@ extern "C" int olmo_fast_qk_norm_rope_fwd_gpu(const olmo_fast_qk_norm_rope_fwd_a
   const int64_t heads = a.q_heads > a.kv_heads ? a.q_heads : a.kv_heads;
   return dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
-    qk_norm_rope_fwd_kernel<T><<<grid_for(tokens, 1), token_threads(heads * a.head_dim / 2), 0,
-                                 static_cast<gpuStream_t>(stream)>>>(a);
+    OF_LAUNCH(grid_for(tokens, 1), token_threads(heads * a.head_dim / 2), 0, static_cast<gpuStream_t>(stream),
+              qk_norm_rope_fwd_kernel<T>)(a);
     return last_error();
   });
 }
@@ -167,8 +167,8 @@ extern "C" int olmo_fast_qk_norm_rope_bwd_gpu(const olmo_fast_qk_norm_rope_bwd_a
   const int64_t heads = a.q_heads > a.kv_heads ? a.q_heads : a.kv_heads;
   return dispatch_dtype(a.dtype, [&](auto tag) {
     using T = decltype(tag);
-    qk_norm_rope_bwd_kernel<T><<<unsigned(a.partials), token_threads(heads * a.head_dim / 2), 0,
-                                 static_cast<gpuStream_t>(stream)>>>(a);
+    OF_LAUNCH(unsigned(a.partials), token_threads(heads * a.head_dim / 2), 0, static_cast<gpuStream_t>(stream),
+              qk_norm_rope_bwd_kernel<T>)(a);
     return last_error();
   });
 }

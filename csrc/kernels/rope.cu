@@ -13,7 +13,7 @@ namespace {
 
 template <class T, int V>
 __global__ OF_LAUNCH_BOUNDS void rope_kernel(olmo_fast_rope_args a) {
-  extern __shared__ float inv_freq[];
+  OF_DYNAMIC_SHARED(float, inv_freq);
   const int64_t half = a.head_dim / 2;
   const int tid = threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z);
   for (int64_t i = tid; i < half; i += blockDim.x * blockDim.y * blockDim.z) {
@@ -91,7 +91,7 @@ extern "C" int olmo_fast_rope_gpu(const olmo_fast_rope_args* args, void* stream)
       const int tz = 128 / (tx * ty) < 64 ? 128 / (tx * ty) : 64;  // blockDim.z is at most 64 on NVIDIA
       const dim3 block{unsigned(tx), unsigned(ty), unsigned(tz)};
       const size_t smem = size_t(half) * sizeof(float);
-      rope_kernel<T, V><<<grid_for(tokens, block.z), block, smem, static_cast<gpuStream_t>(stream)>>>(a);
+      OF_LAUNCH(grid_for(tokens, block.z), block, smem, static_cast<gpuStream_t>(stream), rope_kernel<T, V>)(a);
       return last_error();
     });
   });

@@ -79,7 +79,7 @@ extern "C" int olmo_fast_silu_mul_fwd_gpu(const olmo_fast_silu_mul_fwd_args* arg
     return dispatch_vec<T>(vec, [&](auto width) {
       constexpr int V = decltype(width)::value;
       const dim3 block = row_block(a.hidden / V);
-      silu_mul_fwd_kernel<T, V><<<grid_for(a.rows, block.y), block, 0, static_cast<gpuStream_t>(stream)>>>(a);
+      OF_LAUNCH(grid_for(a.rows, block.y), block, 0, static_cast<gpuStream_t>(stream), silu_mul_fwd_kernel<T, V>)(a);
       return last_error();
     });
   });
@@ -98,7 +98,7 @@ extern "C" int olmo_fast_silu_mul_bwd_gpu(const olmo_fast_silu_mul_bwd_args* arg
     return dispatch_vec<T>(vec, [&](auto width) {
       constexpr int V = decltype(width)::value;
       const dim3 block = row_block(a.hidden / V);
-      silu_mul_bwd_kernel<T, V><<<grid_for(a.rows, block.y), block, 0, static_cast<gpuStream_t>(stream)>>>(a);
+      OF_LAUNCH(grid_for(a.rows, block.y), block, 0, static_cast<gpuStream_t>(stream), silu_mul_bwd_kernel<T, V>)(a);
       return last_error();
     });
   });

@@ -9,7 +9,7 @@ import argparse
 import os
 import sys
 
-OPS_DEFAULT = "swiglu,layer_norm,rope,qkv_rope,qk_norm_rope,attention,decode_attention"
+OPS_DEFAULT = "swiglu,layer_norm,rope,qkv_rope,qk_norm_rope,attention,decode_attention,linear_cross_entropy"
 
 
 def _list(text: str) -> list[str]:

@@ -26,11 +26,10 @@ DEVICES = ("cpu", "cuda") if GPU_RUNTIME != "none" else ("cpu",)
 
 KERNELS = {name: getattr(_ops, name) for name in (
     "layer_norm_fwd", "layer_norm_bwd", "norm_fwd", "norm_bwd", "rms_norm_add_fwd", "rms_norm_add_bwd",
-    "swiglu_fwd", "swiglu_bwd", "silu_mul_fwd", "silu_mul_bwd", "rope", "rope_interleaved", "qk_norm_rope_fwd",
-    "qk_norm_rope_bwd")}
+    "swiglu_fwd", "swiglu_bwd", "silu_mul_fwd", "silu_mul_bwd", "rope", "rope_interleaved", "qkv_rope_fwd",
+    "qkv_rope_bwd", "qk_norm_rope_fwd", "qk_norm_rope_bwd", "cross_entropy_chunk")}
 # Kernels with CPU loops only (no CUDA/HIP kernel yet): registered for the CPU whatever the build.
-CPU_KERNELS = {name: getattr(_ops, name) for name in (
-    "qkv_rope_fwd", "qkv_rope_bwd", "cross_entropy_chunk", "decode_attention")}
+CPU_KERNELS = {name: getattr(_ops, name) for name in ("decode_attention",)}
 
 
 # The attention variants (ops/softmax_attention.py) name Triton kernel sets: the C++ backend has one attention,

@@ -4,7 +4,11 @@
 //   OF_HD / OF_DEVICE      function qualifiers (plain `inline` for a host compiler)
 //   OF_DEVICE_PASS         defined while device code is being compiled
 //   OF_WARP_SIZE           32 on NVIDIA, the wavefront size (64 on MI250X) on AMD
+//   OF_LAUNCH, OF_DYNAMIC_SHARED   a kernel launch, a kernel's dynamic shared memory
 //   shfl_xor, launch bounds, runtime API names (gpuStream_t, gpuGetLastError, ...), 16-byte vector type.
+// A third target, the CPU emulation of the GPU kernels (OLMO_FAST_EMULATION; csrc/emulation/emulated_gpu.h),
+// compiles the same kernel sources with a host compiler: threads of a block as host threads, warp size
+// OLMO_FAST_EMULATED_WARP_SIZE (32 or 64).
 #pragma once
 
 #include <stdint.h>
@@ -20,13 +24,21 @@
 #include <cuda_runtime.h>
 #define OF_GPU 1
 #define OF_CUDA 1
+#elif defined(OLMO_FAST_EMULATION)
+#include "emulated_gpu.h"
+#define OF_GPU 1
+#define OF_EMULATED 1
 #endif
 
 #if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
 #define OF_DEVICE_PASS 1
 #endif
 
-#ifdef OF_GPU
+#if defined(OF_EMULATED)
+#define OF_HD inline
+#define OF_DEVICE inline
+#define OF_RESTRICT __restrict__
+#elif defined(OF_GPU)
 #define OF_HD __host__ __device__ __forceinline__
 #define OF_DEVICE __device__ __forceinline__
 #define OF_RESTRICT __restrict__
@@ -47,7 +59,15 @@ struct alignas(sizeof(T) * N) Vec {
 
 #ifdef OF_GPU
 
-#if defined(OF_HIP)
+#if defined(OF_EMULATED)
+#define OF_WARP_SIZE OLMO_FAST_EMULATED_WARP_SIZE
+typedef void* gpuStream_t;
+typedef int gpuError_t;
+#define gpuSuccess 0
+#define gpuGetLastError ::olmo_fast::emu::last_error
+#define gpuGetErrorString ::olmo_fast::emu::error_string
+#define gpuErrorInvalidValue 1
+#elif defined(OF_HIP)
 #if defined(__AMDGCN_WAVEFRONT_SIZE__)
 #define OF_WARP_SIZE __AMDGCN_WAVEFRONT_SIZE__
 #elif defined(__AMDGCN_WAVEFRONT_SIZE)
@@ -75,10 +95,24 @@ typedef cudaError_t gpuError_t;
 #define OF_MAX_THREADS 1024
 #define OF_LAUNCH_BOUNDS __launch_bounds__(OF_MAX_THREADS)
 
+// OF_LAUNCH(grid, block, shared_bytes, stream, kernel)(args): kernel<<<grid, block, shared_bytes, stream>>>(args),
+// or the emulator's launch. The kernel comes last: a template-id's commas stay inside __VA_ARGS__.
+// OF_DYNAMIC_SHARED(T, name): `name`, the T array in the launch's dynamic shared memory.
+#if defined(OF_EMULATED)
+#define OF_LAUNCH(grid, block, shared_bytes, stream, ...) \
+  ::olmo_fast::emu::launch(grid, block, shared_bytes, stream, __VA_ARGS__)
+#define OF_DYNAMIC_SHARED(T, name) T* const name = ::olmo_fast::emu::dynamic_shared<T>()
+#else
+#define OF_LAUNCH(grid, block, shared_bytes, stream, ...) __VA_ARGS__<<<grid, block, shared_bytes, stream>>>
+#define OF_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#endif
+
 namespace olmo_fast {
 
 OF_DEVICE float shfl_xor(float v, int lane_mask) {
-#if defined(OF_HIP)
+#if defined(OF_EMULATED)
+  return emu::shfl_xor(v, lane_mask);
+#elif defined(OF_HIP)
   return __shfl_xor(v, lane_mask, OF_WARP_SIZE);
 #else
   return __shfl_xor_sync(0xffffffffu, v, lane_mask, OF_WARP_SIZE);
