@@ -438,10 +438,12 @@ float clip_bound(double clip, at::ScalarType dtype) {
 // `t` with a unit last stride (copied only when it has none).
 Tensor unit_last_stride(const Tensor& t) { return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous(); }
 
-std::tuple<Tensor, Tensor, Tensor> qkv_rope_fwd(const Tensor& qkv_in, int64_t n_heads, int64_t n_kv_heads,
-                                                std::optional<double> clip, const std::optional<Tensor>& positions_in,
-                                                int64_t offset, double theta) {
-  const char* op = "qkv_rope_fwd";
+// The attention prologues' shared setup (qkv_rope and qk_norm_rope: their arg structs share these fields).
+// Forward: qkv [B, T, (Hq + 2 Hkv) * D] checked and given a unit last stride; the sizes, qkv and the positions set.
+template <class Args>
+Tensor prologue_fwd_args(Args& args, const Tensor& qkv_in, int64_t n_heads, int64_t n_kv_heads,
+                         const std::optional<Tensor>& positions_in, int64_t offset, RopePositions& positions,
+                         const char* op) {
   TORCH_CHECK(qkv_in.dim() == 3, "olmo_fast_C::", op, ": qkv must be [B, T, (Hq + 2 Hkv) * D], got shape ",
               qkv_in.sizes());
   const int64_t heads = n_heads + 2 * n_kv_heads;
@@ -449,21 +451,72 @@ std::tuple<Tensor, Tensor, Tensor> qkv_rope_fwd(const Tensor& qkv_in, int64_t n_
               "olmo_fast_C::", op, ": qkv's last dim ", qkv_in.size(2), " is not (", n_heads, " + 2 x ", n_kv_heads,
               ") heads of an even dim");
   const Tensor qkv = unit_last_stride(qkv_in);
-  const int64_t batch = qkv.size(0), seq = qkv.size(1), head_dim = qkv.size(2) / heads;
-  olmo_fast_qkv_rope_fwd_args args{};
   args.dtype = kernel_dtype(qkv, op, "qkv");
+  args.batch = qkv.size(0);
+  args.seq = qkv.size(1);
+  args.q_heads = n_heads;
+  args.kv_heads = n_kv_heads;
+  args.head_dim = qkv.size(2) / heads;
+  args.qkv = qkv.data_ptr();
+  args.qkv_strides[0] = qkv.stride(0);
+  args.qkv_strides[1] = qkv.stride(1);
+  positions = rope_positions(op, positions_in, qkv, args.batch, args.seq);
+  args.positions = positions.data;
+  args.positions_batch_stride = positions.batch_stride;
+  args.offset = offset;
+  return qkv;
+}
+
+// Backward: dq [B, T, Hq, D], dk and dv [B, T, Hkv, D] (any strides) checked; the sizes, gradients and positions
+// set. Returns the width (Hq + 2 Hkv) * D of the dqkv rows.
+template <class Args>
+int64_t prologue_bwd_args(Args& args, const Tensor& dq, const Tensor& dk, const Tensor& dv,
+                          const std::optional<Tensor>& positions_in, int64_t offset, RopePositions& positions,
+                          const char* op) {
+  TORCH_CHECK(dq.dim() == 4 && dk.dim() == 4, "olmo_fast_C::", op, ": dq, dk, dv must be [B, T, H, D], got shapes ",
+              dq.sizes(), ", ", dk.sizes());
+  const int64_t batch = dq.size(0), seq = dq.size(1), n_heads = dq.size(2), n_kv_heads = dk.size(2);
+  const int64_t head_dim = dq.size(3);
+  TORCH_CHECK(head_dim % 2 == 0, "olmo_fast_C::", op, ": the head dim must be even, got ", head_dim);
+  check_like(dk, dq, {batch, seq, n_kv_heads, head_dim}, op, "dk", "dq");
+  check_like(dv, dq, dk.sizes(), op, "dv", "dk");
+  args.dtype = kernel_dtype(dq, op, "dq");
   args.batch = batch;
   args.seq = seq;
   args.q_heads = n_heads;
   args.kv_heads = n_kv_heads;
   args.head_dim = head_dim;
-  args.qkv = qkv.data_ptr();
-  args.qkv_strides[0] = qkv.stride(0);
-  args.qkv_strides[1] = qkv.stride(1);
-  const RopePositions positions = rope_positions(op, positions_in, qkv, batch, seq);
+  const Tensor* grads[3] = {&dq, &dk, &dv};
+  for (int part = 0; part < 3; ++part) {
+    args.grads[part] = grads[part]->data_ptr();
+    for (int d = 0; d < 4; ++d) args.grad_strides[part][d] = grads[part]->stride(d);
+  }
+  positions = rope_positions(op, positions_in, dq, batch, seq);
   args.positions = positions.data;
   args.positions_batch_stride = positions.batch_stride;
   args.offset = offset;
+  return (n_heads + 2 * n_kv_heads) * head_dim;
+}
+
+// The forward's qkv input of a prologue backward: [B, T, width] like dq, with a unit last stride, into args.
+template <class Args>
+Tensor prologue_saved_qkv(Args& args, const Tensor& qkv_in, const Tensor& dq, int64_t width, const char* op) {
+  const Tensor qkv = unit_last_stride(qkv_in);
+  check_like(qkv, dq, {dq.size(0), dq.size(1), width}, op, "qkv", "dq");
+  args.qkv = qkv.data_ptr();
+  args.qkv_strides[0] = qkv.stride(0);
+  args.qkv_strides[1] = qkv.stride(1);
+  return qkv;
+}
+
+std::tuple<Tensor, Tensor, Tensor> qkv_rope_fwd(const Tensor& qkv_in, int64_t n_heads, int64_t n_kv_heads,
+                                                std::optional<double> clip, const std::optional<Tensor>& positions_in,
+                                                int64_t offset, double theta) {
+  const char* op = "qkv_rope_fwd";
+  olmo_fast_qkv_rope_fwd_args args{};
+  RopePositions positions;
+  const Tensor qkv = prologue_fwd_args(args, qkv_in, n_heads, n_kv_heads, positions_in, offset, positions, op);
+  const int64_t batch = args.batch, seq = args.seq, head_dim = args.head_dim, heads = n_heads + 2 * n_kv_heads;
   args.theta = float(theta);
   args.has_clip = clip.has_value() ? 1 : 0;
   args.clip = clip.has_value() ? clip_bound(*clip, qkv.scalar_type()) : 0.0f;
@@ -481,45 +534,20 @@ Tensor qkv_rope_bwd(const Tensor& dq, const Tensor& dk, const Tensor& dv, const 
                     std::optional<double> clip, const std::optional<Tensor>& positions_in, int64_t offset,
                     double theta) {
   const char* op = "qkv_rope_bwd";
-  TORCH_CHECK(dq.dim() == 4 && dk.dim() == 4, "olmo_fast_C::", op, ": dq, dk, dv must be [B, T, H, D], got shapes ",
-              dq.sizes(), ", ", dk.sizes());
-  const int64_t batch = dq.size(0), seq = dq.size(1), n_heads = dq.size(2), n_kv_heads = dk.size(2);
-  const int64_t head_dim = dq.size(3);
-  TORCH_CHECK(head_dim % 2 == 0, "olmo_fast_C::", op, ": the head dim must be even, got ", head_dim);
-  check_like(dk, dq, {batch, seq, n_kv_heads, head_dim}, op, "dk", "dq");
-  check_like(dv, dq, dk.sizes(), op, "dv", "dk");
-  const int64_t width = (n_heads + 2 * n_kv_heads) * head_dim;
   olmo_fast_qkv_rope_bwd_args args{};
-  args.dtype = kernel_dtype(dq, op, "dq");
-  args.batch = batch;
-  args.seq = seq;
-  args.q_heads = n_heads;
-  args.kv_heads = n_kv_heads;
-  args.head_dim = head_dim;
-  const Tensor* grads[3] = {&dq, &dk, &dv};
-  for (int part = 0; part < 3; ++part) {
-    args.grads[part] = grads[part]->data_ptr();
-    for (int d = 0; d < 4; ++d) args.grad_strides[part][d] = grads[part]->stride(d);
-  }
+  RopePositions positions;
+  const int64_t width = prologue_bwd_args(args, dq, dk, dv, positions_in, offset, positions, op);
   Tensor qkv;
   if (clip.has_value()) {
     TORCH_CHECK(qkv_in.has_value(), "olmo_fast_C::", op, ": the clip's gradient needs the forward's qkv input");
-    qkv = unit_last_stride(*qkv_in);
-    check_like(qkv, dq, {batch, seq, width}, op, "qkv", "dq");
-    args.qkv = qkv.data_ptr();
-    args.qkv_strides[0] = qkv.stride(0);
-    args.qkv_strides[1] = qkv.stride(1);
+    qkv = prologue_saved_qkv(args, *qkv_in, dq, width, op);
     args.has_clip = 1;
     args.clip = clip_bound(*clip, qkv.scalar_type());
   }
-  const RopePositions positions = rope_positions(op, positions_in, dq, batch, seq);
-  args.positions = positions.data;
-  args.positions_batch_stride = positions.batch_stride;
-  args.offset = offset;
   args.theta = float(theta);
-  Tensor dqkv = output({batch, seq, width}, dq.options());
+  Tensor dqkv = output({args.batch, args.seq, width}, dq.options());
   args.dqkv = dqkv.data_ptr();
-  run(op, dq, args, batch * seq, 2 * width, olmo_fast_qkv_rope_bwd_cpu, olmo_fast_qkv_rope_bwd_gpu);
+  run(op, dq, args, args.batch * args.seq, 2 * width, olmo_fast_qkv_rope_bwd_cpu, olmo_fast_qkv_rope_bwd_gpu);
   return dqkv;
 }
 
@@ -545,33 +573,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> qk_norm_rope_fwd(const Tensor& qkv_in
                                                             const std::optional<Tensor>& positions_in, int64_t offset,
                                                             const Tensor& inv_freq_in, double attention_factor) {
   const char* op = "qk_norm_rope_fwd";
-  TORCH_CHECK(qkv_in.dim() == 3, "olmo_fast_C::", op, ": qkv must be [B, T, (Hq + 2 Hkv) * D], got shape ",
-              qkv_in.sizes());
-  const int64_t heads = n_heads + 2 * n_kv_heads;
-  TORCH_CHECK(n_heads > 0 && n_kv_heads > 0 && qkv_in.size(2) % heads == 0 && (qkv_in.size(2) / heads) % 2 == 0,
-              "olmo_fast_C::", op, ": qkv's last dim ", qkv_in.size(2), " is not (", n_heads, " + 2 x ", n_kv_heads,
-              ") heads of an even dim");
-  const Tensor qkv = unit_last_stride(qkv_in);
-  const int64_t batch = qkv.size(0), seq = qkv.size(1), head_dim = qkv.size(2) / heads;
+  olmo_fast_qk_norm_rope_fwd_args args{};
+  RopePositions positions;
+  const Tensor qkv = prologue_fwd_args(args, qkv_in, n_heads, n_kv_heads, positions_in, offset, positions, op);
+  const int64_t batch = args.batch, seq = args.seq, head_dim = args.head_dim, heads = n_heads + 2 * n_kv_heads;
   const Tensor q_weight = fp32_weight(q_weight_in, n_heads * head_dim, qkv, op, "q_weight");
   const Tensor k_weight = fp32_weight(k_weight_in, n_kv_heads * head_dim, qkv, op, "k_weight");
   const Tensor inv_freq = inv_freq_of(inv_freq_in, head_dim, qkv, op);
-  olmo_fast_qk_norm_rope_fwd_args args{};
-  args.dtype = kernel_dtype(qkv, op, "qkv");
-  args.batch = batch;
-  args.seq = seq;
-  args.q_heads = n_heads;
-  args.kv_heads = n_kv_heads;
-  args.head_dim = head_dim;
-  args.qkv = qkv.data_ptr();
-  args.qkv_strides[0] = qkv.stride(0);
-  args.qkv_strides[1] = qkv.stride(1);
   args.q_weight = q_weight.data_ptr<float>();
   args.k_weight = k_weight.data_ptr<float>();
-  const RopePositions positions = rope_positions(op, positions_in, qkv, batch, seq);
-  args.positions = positions.data;
-  args.positions_batch_stride = positions.batch_stride;
-  args.offset = offset;
   args.inv_freq = inv_freq.data_ptr<float>();
   args.attention_factor = float(attention_factor);
   args.eps = float(eps);
@@ -593,16 +603,12 @@ std::tuple<Tensor, Tensor, Tensor> qk_norm_rope_bwd(const Tensor& dq, const Tens
                                                     const std::optional<Tensor>& positions_in, int64_t offset,
                                                     const Tensor& inv_freq_in, double attention_factor) {
   const char* op = "qk_norm_rope_bwd";
-  TORCH_CHECK(dq.dim() == 4 && dk.dim() == 4, "olmo_fast_C::", op, ": dq, dk, dv must be [B, T, H, D], got shapes ",
-              dq.sizes(), ", ", dk.sizes());
-  const int64_t batch = dq.size(0), seq = dq.size(1), n_heads = dq.size(2), n_kv_heads = dk.size(2);
-  const int64_t head_dim = dq.size(3);
-  TORCH_CHECK(head_dim % 2 == 0, "olmo_fast_C::", op, ": the head dim must be even, got ", head_dim);
-  check_like(dk, dq, {batch, seq, n_kv_heads, head_dim}, op, "dk", "dq");
-  check_like(dv, dq, dk.sizes(), op, "dv", "dk");
-  const int64_t width = (n_heads + 2 * n_kv_heads) * head_dim;
-  const Tensor qkv = unit_last_stride(qkv_in);
-  check_like(qkv, dq, {batch, seq, width}, op, "qkv", "dq");
+  olmo_fast_qk_norm_rope_bwd_args args{};
+  RopePositions positions;
+  const int64_t width = prologue_bwd_args(args, dq, dk, dv, positions_in, offset, positions, op);
+  const int64_t batch = args.batch, seq = args.seq, n_heads = args.q_heads, n_kv_heads = args.kv_heads;
+  const int64_t head_dim = args.head_dim;
+  const Tensor qkv = prologue_saved_qkv(args, qkv_in, dq, width, op);  // held: a copy when it was strided
   TORCH_CHECK(rstd_in.scalar_type() == at::kFloat && rstd_in.sizes() == at::IntArrayRef({batch * seq, 2}) &&
                   rstd_in.device() == dq.device(),
               "olmo_fast_C::", op, ": rstd must be float32 [", batch * seq, ", 2], got ", rstd_in.scalar_type(), " ",
@@ -611,28 +617,9 @@ std::tuple<Tensor, Tensor, Tensor> qk_norm_rope_bwd(const Tensor& dq, const Tens
   const Tensor q_weight = fp32_weight(q_weight_in, n_heads * head_dim, dq, op, "q_weight");
   const Tensor k_weight = fp32_weight(k_weight_in, n_kv_heads * head_dim, dq, op, "k_weight");
   const Tensor inv_freq = inv_freq_of(inv_freq_in, head_dim, dq, op);
-  olmo_fast_qk_norm_rope_bwd_args args{};
-  args.dtype = kernel_dtype(dq, op, "dq");
-  args.batch = batch;
-  args.seq = seq;
-  args.q_heads = n_heads;
-  args.kv_heads = n_kv_heads;
-  args.head_dim = head_dim;
-  const Tensor* grads[3] = {&dq, &dk, &dv};
-  for (int part = 0; part < 3; ++part) {
-    args.grads[part] = grads[part]->data_ptr();
-    for (int d = 0; d < 4; ++d) args.grad_strides[part][d] = grads[part]->stride(d);
-  }
-  args.qkv = qkv.data_ptr();
-  args.qkv_strides[0] = qkv.stride(0);
-  args.qkv_strides[1] = qkv.stride(1);
   args.q_weight = q_weight.data_ptr<float>();
   args.k_weight = k_weight.data_ptr<float>();
   args.rstd = rstd.data_ptr<float>();
-  const RopePositions positions = rope_positions(op, positions_in, dq, batch, seq);
-  args.positions = positions.data;
-  args.positions_batch_stride = positions.batch_stride;
-  args.offset = offset;
   args.inv_freq = inv_freq.data_ptr<float>();
   args.attention_factor = float(attention_factor);
   args.partials = partials_for(batch * seq, dq);

@@ -381,8 +381,10 @@ def test_cpp_bf16_against_float64():
     z32 = logits.float().requires_grad_()
     plain_loss = F.cross_entropy(z32, y, reduction="none")
     (plain_grad,) = torch.autograd.grad(plain_loss.sum(), (z32,))
-    losses = kernel(logits, y, -100, True)
-    assert (losses.double() - per_row).abs().max() <= 2 * (plain_loss.double() - per_row).abs().max() + 1e-5
+    losses, _ = kernel(logits, y, -100, True)
+    # the slack: fp32 rounding of losses of magnitude up to max |loss|
+    slack = 4 * torch.finfo(torch.float32).eps * per_row.abs().max()
+    assert (losses.double() - per_row).abs().max() <= 2 * (plain_loss.double() - per_row).abs().max() + slack
     plain_err = (plain_grad.to(torch.bfloat16).double() - grad_ref).abs().max()
     assert (logits.double() - grad_ref).abs().max() <= 2 * plain_err
 

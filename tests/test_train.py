@@ -385,7 +385,8 @@ def test_trainer_loss_is_the_models_summed_loss_over_all_tokens(tmp_path, fused)
     expected = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), reduction="sum") / ids.numel()
     with torch.no_grad():
         _, summed = trainer.model(ids, labels, reduction="sum", fused=trainer.fused_loss)
-    loss, _ = trainer.train_step({"input_ids": ids, "labels": labels})
+    loss, _, z_part = trainer.train_step({"input_ids": ids, "labels": labels})
+    assert z_part == 0  # no z-loss set
     # fp32 logits (~1e-7 relative) summed over ~65 scored tokens of loss ~5.5
     torch.testing.assert_close(summed.double() / ids.numel(), expected, rtol=1e-5, atol=0)
     torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=0)
