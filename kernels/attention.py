@@ -221,6 +221,17 @@ def attend_blocks(acc, m_i, l_i, q, K, V, stride_kt, stride_vt, offs_d, first, l
     return acc, m_i, l_i
 
 
+@triton.jit
+def softmax_result(acc, m_i, l_i, EMPTY_LSE: tl.constexpr):
+    """The end of an online softmax: out = acc / l and its base-2 log-sum-exp m + log2(l); a row that saw no key
+    (l = 0) gives out 0 and lse EMPTY_LSE (+inf for the backward of the training forwards, -inf for decode's split
+    merge)."""
+    empty = l_i == 0.0
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, EMPTY_LSE, m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    return out, lse
+
+
 # ---------------------------------------------------------------------------------------------- forward
 # Configs (BLOCK_M, BLOCK_N, warps, stages). NVIDIA's are pruned per target by `_tuning` (sm_80: 128x128 needs
 # more shared memory than its 163 KB, and the tiles that spill there go); the last, small one is for fp32 inputs,
@@ -263,9 +274,7 @@ def _attn_fwd(Q, K, V, O, LSE,
     acc, m_i, l_i = attend_blocks(acc, m_i, l_i, q, K, V, skt, svt, offs_d, first, limit, n_full, n_end, clip,
                                   qk_scale, HAS_CLIP, True, WINDOWED, HEAD_DIM, BLOCK_N, DOT_PRECISION)
 
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    out, lse = softmax_result(acc, m_i, l_i, float("inf"))
     row_ok = offs_m < Tq
     tl.store(LSE + bh * Tq + offs_m, lse, mask=row_ok)
     o_ptrs = O + b * sob + h * soh + row_offsets(offs_m, sot) + offs_d[None, :]

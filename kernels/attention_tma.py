@@ -36,7 +36,18 @@ import triton.language as tl
 
 from . import _tuning
 from ._clamp import clamp
-from .attention import _KEY, _common, _fwd_footprint, attention_fwd, configs, key_first, key_limit, kv_range, visible
+from .attention import (
+    _KEY,
+    _common,
+    _fwd_footprint,
+    attention_fwd,
+    configs,
+    key_first,
+    key_limit,
+    kv_range,
+    softmax_result,
+    visible,
+)
 
 RESCALE_LOG2 = tl.constexpr(8.0)  # lazy rescaling threshold: log2(256)
 
@@ -109,9 +120,7 @@ def _tma_tile(tile, q_desc, k_desc, v_desc, o_desc, LSE, b, h, BH, GROUP, Tq, Tk
     acc, m_i, l_i = _attend(acc, m_i, l_i, q, k_desc, v_desc, b, kh, offs_n0, first, limit, n_full, n_end, clip,
                             qk_scale, HAS_CLIP, True, WINDOWED, SLAB4D, BLOCK_N, BLOCK_D, DOT_PRECISION)
 
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
-    lse = tl.where(empty, float("inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i)))
+    out, lse = softmax_result(acc, m_i, l_i, float("inf"))
     tl.store(LSE + (tile % BH).to(tl.int64) * Tq + offs_m, lse, mask=offs_m < Tq)
     out = out.to(o_desc.dtype)
     if SLAB4D:

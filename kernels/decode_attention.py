@@ -37,6 +37,7 @@ from .attention import (
     effective_window,
     last_dim_contiguous,
     row_offsets,
+    softmax_result,
 )
 
 CHUNK_ALIGN = 128  # split chunks are multiples of this (and of every BLOCK_N below)
@@ -115,14 +116,13 @@ def _decode_split(Q, K, V, SEQLENS, O, OPART, LPART,
     acc, m_i, l_i = attend_blocks(acc, m_i, l_i, q, K, V, skt, svt, offs_d, first, limit, n_full, hi, 0.0,
                                   qk_scale, False, True, WINDOWED, HEAD_DIM, BLOCK_N, DOT_PRECISION)
 
-    empty = l_i == 0.0
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    out, lse = softmax_result(acc, m_i, l_i, float("-inf"))
     if SINGLE:
         o_ptrs = O + b * sob + row_offsets(i, sot) + row_offsets(h, soh) + offs_d[None, :]
         tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=row_ok[:, None] & d_ok)
     else:
         part = ((b * H + h) * Tq + i) * n_splits + split  # [B, H, Tq, n_splits]
-        tl.store(LPART + part, tl.where(empty, float("-inf"), m_i + tl.log2(tl.where(empty, 1.0, l_i))), mask=row_ok)
+        tl.store(LPART + part, lse, mask=row_ok)
         tl.store(OPART + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None] & d_ok)
 
 
