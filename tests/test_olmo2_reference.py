@@ -6,15 +6,15 @@ import math
 
 import pytest
 import torch
+from tiny_hf import require_transformers
 
 from olmo_fast import ops
 from olmo_fast.errors import ConfigError
 from olmo_fast.rope_scaling import RopeScaling, rope_frequencies
 
-transformers = pytest.importorskip("transformers")
-
 
 def _hf_rope(rope_parameters: dict, head_dim: int, max_positions: int):
+    require_transformers()
     from transformers import Olmo2Config
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
@@ -54,6 +54,7 @@ def test_rope_scaling_rejects_what_it_cannot_run():
 
 @pytest.mark.parametrize("scaled", [False, True])
 def test_qk_norm_rope_reference_matches_olmo2_attention(scaled):
+    require_transformers()
     from transformers import Olmo2Config
     from transformers.models.olmo2 import modeling_olmo2 as hf
 
@@ -82,6 +83,7 @@ def test_qk_norm_rope_reference_matches_olmo2_attention(scaled):
 
 
 def test_rms_norm_add_reference_matches_olmo2_post_norm():
+    require_transformers()
     from transformers.models.olmo2.modeling_olmo2 import Olmo2RMSNorm
 
     norm = Olmo2RMSNorm(100, 1e-6)
