@@ -293,12 +293,13 @@ class Trainer:
     def _loss_sum(self, input_ids: torch.Tensor, labels: torch.Tensor, z_loss: float = 0.0
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """(loss, z part): the sum over positions t of CE(prediction at t, labels[t + 1]) (+ `z_loss` x
-        logsumexp^2 of its logits), -100 skipped, fp32, and the z-loss part of it alone (detached).
-        `OLMo.forward`'s loss: fused, the logits are never held."""
+        logsumexp^2 of its logits), -100 skipped, fp32, and the z-loss part of it alone (detached; 0 without a
+        z-loss, which is then never computed). `OLMo.forward`'s loss: fused, the logits are never held."""
         with self._autocast():
-            _, loss, z_part = self.model(input_ids, labels, reduction="sum", fused=self.fused_loss,
-                                         check_inputs=self.check_batches, z_loss=z_loss, return_z_loss=True)
-        return loss, z_part
+            out = self.model(input_ids, labels, reduction="sum", fused=self.fused_loss,
+                             check_inputs=self.check_batches, z_loss=z_loss, return_z_loss=bool(z_loss))
+        loss = out[1]
+        return loss, out[2] if z_loss else torch.zeros((), device=loss.device)
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One optimizer step on this rank's part of a global batch; returns (loss, grad norm, the loss's z-loss
