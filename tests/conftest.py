@@ -5,6 +5,7 @@ import os
 
 import pytest
 import torch
+from emulated_gpu import gpu  # noqa: F401 - the emulated CUDA/HIP kernels, a session fixture for every test file
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

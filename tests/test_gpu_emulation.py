@@ -10,32 +10,18 @@ the tests of this file skip where there is none.
 """
 from __future__ import annotations
 
-import ctypes
-import os
-import shutil
-import subprocess
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import assert_within_2x
+from emulated_gpu import DTYPE_CODES, DTYPES, f32, i32, i64, ptr
+from emulated_gpu import launch as _launch
+from emulated_gpu import nan as _nan
+from emulated_gpu import p as _p
+from emulated_gpu import struct as _struct
 
 from olmo_fast.ops import reference
 from olmo_fast.rope_scaling import RopeScaling, rope_frequencies
-
-ROOT = Path(__file__).resolve().parent.parent
-CXX = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-WARPS = [32, 64]
-
-i64, f32, i32, ptr = ctypes.c_int64, ctypes.c_float, ctypes.c_int, ctypes.c_void_p
-
-
-def _struct(name: str, fields: list[tuple[str, object]]) -> type:
-    return type(name, (ctypes.Structure,), {"_fields_": fields})
-
 
 # The argument structs of kernels.h, field for field.
 NormFwd = _struct("NormFwd", [("dtype", i32), ("rows", i64), ("cols", i64), ("x", ptr), ("x_stride", i64),
@@ -82,36 +68,6 @@ QkNormRopeBwd = _struct("QkNormRopeBwd", [("dtype", i32), ("batch", i64), ("seq"
 CrossEntropy = _struct("CrossEntropy", [("dtype", i32), ("rows", i64), ("vocab", i64), ("logits", ptr),
                                         ("logits_stride", i64), ("labels", ptr), ("loss", ptr), ("lse", ptr),
                                         ("ignore_index", i64), ("compute_grad", i32), ("z_loss", f32)])
-
-
-@pytest.fixture(scope="session", params=WARPS, ids=lambda w: f"warp{w}")
-def gpu(request, tmp_path_factory) -> ctypes.CDLL:
-    """The kernels compiled for the emulated GPU with this warp size, as a shared library."""
-    if CXX is None:
-        pytest.skip("no host C++ compiler (g++/c++) to build the emulated kernels")
-    warp = request.param
-    lib = tmp_path_factory.mktemp(f"emulated{warp}") / "libolmo_fast_emulated.so"
-    sources = sorted(str(p) for p in (ROOT / "csrc" / "kernels").glob("*.cu"))
-    cmd = [CXX, "-x", "c++", "-std=c++17", "-O1", "-fPIC", "-shared", "-pthread", "-Wall", "-Wextra", "-Werror",
-           "-Wno-unknown-pragmas", "-DOLMO_FAST_EMULATION", f"-DOLMO_FAST_EMULATED_WARP_SIZE={warp}",
-           f"-I{ROOT / 'csrc' / 'include'}", f"-I{ROOT / 'csrc' / 'emulation'}", *sources, "-o", str(lib)]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return ctypes.CDLL(str(lib))
-
-
-def _p(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
-def _launch(gpu: ctypes.CDLL, name: str, args: ctypes.Structure) -> None:
-    fn = getattr(gpu, f"olmo_fast_{name}_gpu")
-    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int
-    assert fn(ctypes.addressof(args), None) == 0, f"{name}: launch failed"
-
-
-def _nan(*shape, dtype) -> torch.Tensor:
-    return torch.full(shape, float("nan"), dtype=dtype)
 
 
 def _rows(n: int, c: int, dtype: torch.dtype, pad: int = 3) -> torch.Tensor:
