@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Compile check of the compiled extension's sources, warnings as errors; exits non-zero on any failure.
-#   1. every csrc/kernels/*.cu with nvcc for sm_80 and sm_90;
+#   1. every csrc/kernels/*.cu (and the test kernels csrc/tests/*.cu) with nvcc for sm_80 and sm_90;
 #   2. every kernel as HIP with Debian's hipcc for gfx90a (installed with apt-get when absent);
 #   3. the CPU loops with CMake (warnings as errors) and csrc/tests/cpu_loops_test.cpp through ctest;
 #   4. the GPU path of setup.py (nvcc objects + the torch binding with OLMO_FAST_WITH_GPU, cudart linked), then
@@ -16,7 +16,7 @@ INC=-Icsrc/include
 WARN=(-Wall -Wextra -Werror)
 
 echo "== nvcc ($("$NVCC" --version | tail -1)): sm_80, sm_90"
-for src in csrc/kernels/*.cu; do
+for src in csrc/kernels/*.cu csrc/tests/*.cu; do
   "$NVCC" -std=c++17 -O3 $INC -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90 \
     --Werror all-warnings -Xcompiler -Wall,-Wextra,-Werror,-fPIC -c "$src" -o "$OUT/$(basename "$src").o" &
 done
@@ -28,7 +28,7 @@ if ! command -v hipcc >/dev/null; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq hipcc) >/dev/null
 fi
 echo "== hipcc ($(hipcc --version 2>/dev/null | head -1)): gfx90a"
-for src in csrc/kernels/*.cu; do
+for src in csrc/kernels/*.cu csrc/tests/*.cu; do
   HIP_PLATFORM=amd hipcc -x hip -std=c++17 -O3 $INC --offload-arch=gfx90a "${WARN[@]}" -fPIC \
     -c "$src" -o "$OUT/$(basename "$src").hip.o" &
 done

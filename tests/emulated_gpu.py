@@ -1,5 +1,5 @@
 """The CPU emulation of the CUDA/HIP kernels (csrc/emulation/emulated_gpu.h) as the tests use it: the `gpu`
-fixture (the kernels of csrc/kernels/*.cu compiled by the host C++ compiler for an emulated warp of 32 and of 64, as
+fixture (the kernels of csrc/kernels/*.cu, and the test kernels of csrc/tests/*.cu, compiled by the host C++ compiler for an emulated warp of 32 and of 64, as
 one shared library, once per session; registered in conftest.py) and the ctypes plumbing to launch them through
 their C ABI (csrc/include/olmo_fast/kernels.h). A test file declares the argument structs of its kernels with
 `struct`, field for field as kernels.h has them."""
@@ -37,7 +37,7 @@ def gpu(request, tmp_path_factory) -> ctypes.CDLL:
     flags = ["-x", "c++", "-std=c++17", "-O1", "-fPIC", "-pthread", "-Wall", "-Wextra", "-Werror",
              "-Wno-unknown-pragmas", "-DOLMO_FAST_EMULATION", f"-DOLMO_FAST_EMULATED_WARP_SIZE={warp}",
              f"-I{ROOT / 'csrc' / 'include'}", f"-I{ROOT / 'csrc' / 'emulation'}"]
-    sources = sorted((ROOT / "csrc" / "kernels").glob("*.cu"))
+    sources = sorted((ROOT / "csrc" / "kernels").glob("*.cu")) + sorted((ROOT / "csrc" / "tests").glob("*.cu"))
     objects = [build / f"{s.stem}.o" for s in sources]
     compiles = [subprocess.Popen([CXX, *flags, "-c", str(s), "-o", str(o)], stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True) for s, o in zip(sources, objects)]

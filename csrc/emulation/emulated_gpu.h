@@ -15,8 +15,10 @@
 //     meets again before the slots are reused;
 //   - gpuGetLastError: a bad launch configuration (no thread, more than OF_MAX_THREADS) is reported, as the
 //     runtime would, and the launch does not run.
-// Not emulated: concurrency between blocks, atomics, memory ordering beyond the barriers, the tensor-core
-// matrix instructions; device math is the host's libm (sincosf, expf, logf) and the kernels' own formulas.
+//   - the tensor-core matrix instructions (csrc/kernels/mma.cuh): warp_gather hands each lane the fragments of its
+//     warp, from which mma.cuh forms the product by the instructions' documented fragment layouts;
+// Not emulated: concurrency between blocks, atomics, memory ordering beyond the barriers; device math is the host's
+// libm (sincosf, expf, logf) and the kernels' own formulas.
 #pragma once
 
 #include <math.h>
@@ -80,7 +82,7 @@ class Barrier {
 // What the threads of the running block share: their barriers, the shuffle slots, the dynamic shared memory.
 struct BlockState {
   BlockState(int threads, size_t shared_bytes)
-      : block(threads), lanes(threads), shared((shared_bytes + sizeof(max_align_t) - 1) / sizeof(max_align_t)) {
+      : block(threads), lanes(threads), exchange(size_t(threads) * kMaxExchange), shared((shared_bytes + sizeof(max_align_t) - 1) / sizeof(max_align_t)) {
     constexpr int W = OLMO_FAST_EMULATED_WARP_SIZE;
     for (int first = 0; first < threads; first += W) {
       warps.emplace_back(new Barrier(threads - first < W ? threads - first : W));
@@ -88,7 +90,9 @@ struct BlockState {
   }
   Barrier block;
   std::vector<std::unique_ptr<Barrier>> warps;
+  static constexpr int kMaxExchange = 32;  // floats per lane that warp_gather moves
   std::vector<float> lanes;
+  std::vector<float> exchange;
   std::vector<max_align_t> shared;
 };
 
@@ -120,6 +124,21 @@ inline float shfl_xor(float v, int lane_mask) {
   const float other = b.lanes[first + ((t - first) ^ lane_mask)];
   warp.wait();
   return other;
+}
+
+// The warp's exchange for the tensor-core instructions: every lane publishes its n floats `mine` (n <= 32), and
+// receives all[l * n + j] = lane l's mine[j] for the lanes l of its warp.
+inline void warp_gather(const float* mine, int n, float* all) {
+  constexpr int W = OLMO_FAST_EMULATED_WARP_SIZE;
+  BlockState& b = *block_state;
+  const int t = linear_thread(), first = t - t % W;
+  Barrier& warp = *b.warps[t / W];
+  for (int j = 0; j < n; ++j) b.exchange[size_t(t) * BlockState::kMaxExchange + j] = mine[j];
+  warp.wait();
+  for (int l = 0; l < W; ++l) {
+    for (int j = 0; j < n; ++j) all[l * n + j] = b.exchange[size_t(first + l) * BlockState::kMaxExchange + j];
+  }
+  warp.wait();
 }
 
 // OF_LAUNCH's emulation: launch(grid, block, shared_bytes, kernel)(args...).
