@@ -36,10 +36,26 @@ def _workspace_floats(gpu: ctypes.CDLL, args: ctypes.Structure) -> int:
     return fn(ctypes.addressof(args))
 
 
-def _cache(B: int, S: int, Hkv: int, D: int, dtype: torch.dtype, pad: int) -> torch.Tensor:
-    """[B, S, Hkv, D], a slice of a larger cache (extra slots, heads and, with pad, head-dim columns: rows that
-    leave 16-byte vectors for the kernel's scalar loads)."""
-    return torch.randn(B, S + 3, Hkv + 1, D + pad).to(dtype)[:, :S, 1:, :D]
+def decode_inputs(B: int, Tq: int, H: int, Hkv: int, S: int, D: int, window: int | None, pad: int,
+                  dtype: torch.dtype, device: str = "cpu") -> tuple[torch.Tensor, ...]:
+    """q [B, Tq, H, D] (strided heads), caches k, v [B, S, Hkv, D] sliced from larger ones (extra slots, heads and,
+    with pad, head-dim columns: rows that leave 16-byte vectors for scalar loads), ragged seqlens in [Tq, S] (the
+    first S, the last Tq), NaN in every slot a kernel must not read (past seqlens; with a window, before the first
+    key any query sees), and the caches without the NaN for the references (a masked softmax still multiplies
+    masked slots by 0). Returns q, k, v, seqlens, clean_k, clean_v."""
+    q = torch.randn(B, Tq, H + 2, D, device=device).to(dtype)[:, :, 1:-1]
+    k, v = (torch.randn(B, S + 3, Hkv + 1, D + pad, device=device).to(dtype)[:, :S, 1:, :D] for _ in range(2))
+    seqlens = torch.randint(Tq, S + 1, (B,), device=device)
+    seqlens[0] = S
+    if B > 1:
+        seqlens[-1] = Tq
+    clean_k, clean_v = k.clone(), v.clone()
+    slot = torch.arange(S, device=device)[None, :]
+    unread = slot >= seqlens[:, None]
+    if window is not None:
+        unread |= slot < (seqlens - Tq - window + 1)[:, None]
+    k[unread], v[unread] = float("nan"), float("nan")
+    return q, k, v, seqlens, clean_k, clean_v
 
 
 def _run(gpu, q, k, v, seqlens, scale, window) -> tuple[torch.Tensor, int]:
@@ -60,12 +76,13 @@ def _run(gpu, q, k, v, seqlens, scale, window) -> tuple[torch.Tensor, int]:
 # (B, Tq, H, Hkv, S, D, window, pad, splits): GQA with 3 new tokens (2 x 3 rows: two row chunks) over 2 splits,
 # ragged seqlens (the full cache, and only the new tokens); MHA, one token, a batch of one, head dim 40 with
 # unaligned rows (scalar loads), 3 splits; a sliding window spanning 2 splits; a short window in one split (no
-# workspace: the split block writes out).
+# workspace: the split block writes out); head dim 256 (fp32: two 16-byte vectors a lane of a warp of 32).
 CASES = [
-    (2, 3, 4, 2, 600, 64, None, 0, 2),
-    (1, 1, 2, 2, 777, 40, None, 1, 3),
+    (2, 3, 4, 2, 520, 64, None, 0, 2),
+    (1, 1, 2, 2, 770, 40, None, 1, 3),
     (2, 3, 2, 1, 900, 80, 520, 0, 2),
     (2, 1, 4, 4, 300, 80, 50, 1, 1),
+    (1, 2, 2, 1, 100, 256, None, 0, 1),
 ]
 
 
@@ -73,18 +90,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-Tq{}-H{}-Hkv{}-S{}-D{}-window{}-pad{}-splits{}".format(*c))
 def test_decode_attention(gpu, dtype, case):
     B, Tq, H, Hkv, S, D, window, pad, splits = case
-    q = torch.randn(B, Tq, H + 2, D).to(dtype)[:, :, 1:-1]  # strided heads
-    k, v = _cache(B, S, Hkv, D, dtype, pad), _cache(B, S, Hkv, D, dtype, pad)
-    seqlens = torch.randint(Tq, S + 1, (B,))
-    seqlens[0] = S
-    if B > 1:
-        seqlens[-1] = Tq
-    clean_k, clean_v = k.clone(), v.clone()
-    slot = torch.arange(S)[None, :]
-    unread = slot >= seqlens[:, None]
-    if window is not None:
-        unread |= slot < (seqlens - Tq - window + 1)[:, None]
-    k[unread], v[unread] = float("nan"), float("nan")
+    q, k, v, seqlens, clean_k, clean_v = decode_inputs(B, Tq, H, Hkv, S, D, window, pad, dtype)
     scale = 0.7 / D ** 0.5
 
     assert not k.is_contiguous()
