@@ -763,6 +763,22 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& dout_in, const Te
   return {dq, dk, dv};
 }
 
+// The GPU launcher of decode_attention with its split-K workspace: the partials it merges, a float tensor on q's
+// device (none with a single split), freed once the launches are enqueued (the caching allocator hands the memory
+// only to this stream's later work).
+void decode_attention_gpu(const char* op, const Tensor& q, olmo_fast_decode_attention_args& args) {
+#ifdef OLMO_FAST_WITH_GPU
+  TORCH_CHECK(args.head_dim <= 256, "olmo_fast_C::", op, ": the GPU kernel takes head_dim <= 256, got ",
+              args.head_dim);
+  Tensor workspace;
+  if (const int64_t floats = olmo_fast_decode_attention_workspace_floats(&args); floats > 0) {
+    workspace = at::empty({floats}, q.options().dtype(at::kFloat));
+    args.workspace = workspace.data_ptr<float>();
+  }
+#endif
+  run_gpu(op, q, args, olmo_fast_decode_attention_gpu);
+}
+
 Tensor decode_attention(const Tensor& q_in, const Tensor& k_in, const Tensor& v_in, const Tensor& seqlens_in,
                         std::optional<double> scale, std::optional<int64_t> window) {
   const char* op = "decode_attention";
@@ -798,8 +814,11 @@ Tensor decode_attention(const Tensor& q_in, const Tensor& k_in, const Tensor& v_
   args.out = out.data_ptr();
   args.scale = float(scale.has_value() ? *scale : 1.0 / std::sqrt(double(head_dim)));
   args.window = window_arg(op, window, true);
-  // a (sequence, kv head) pair reads its whole cache: one pair per task
-  run_cpu(args, batch * kv_heads, int64_t(1) << 15, olmo_fast_decode_attention_cpu);
+  if (q.is_cpu()) {  // a (sequence, kv head) pair reads its whole cache: one pair per task
+    run_cpu(args, batch * kv_heads, int64_t(1) << 15, olmo_fast_decode_attention_cpu);
+    return out;
+  }
+  decode_attention_gpu(op, q, args);
   return out;
 }
 
@@ -868,11 +887,11 @@ TORCH_LIBRARY(olmo_fast_C, m) {
   m.impl("qkv_rope_bwd", &qkv_rope_bwd);               \
   m.impl("qk_norm_rope_fwd", &qk_norm_rope_fwd);       \
   m.impl("qk_norm_rope_bwd", &qk_norm_rope_bwd);       \
-  m.impl("cross_entropy_chunk", &cross_entropy_chunk)
+  m.impl("cross_entropy_chunk", &cross_entropy_chunk); \
+  m.impl("decode_attention", &decode_attention)
 
 // Kernels with CPU loops only (no CUDA/HIP kernel yet).
 #define OLMO_FAST_CPU_ONLY_IMPLS(m)                    \
-  m.impl("decode_attention", &decode_attention);       \
   m.impl("attention_fwd", &attention_fwd);             \
   m.impl("attention_bwd", &attention_bwd)
 

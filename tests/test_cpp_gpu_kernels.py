@@ -1,8 +1,9 @@
-"""The "cpp" backend's CUDA/HIP kernels for the attention prologue (`qkv_rope` forward and backward) and the
-cross-entropy chunk (csrc/kernels/qkv_rope.cu, cross_entropy.cu), on a GPU: against float64 PyTorch by the
-suite's rule (`conftest.assert_within_2x`: at most 2x plain PyTorch's error in the same dtype), with NaN-poisoned
-outputs, on shapes that exercise the kernels' launch choices (many tokens per block through the grid-stride
-loop; a vocabulary above and below the 16384 that switches 256 -> 1024 threads a row).
+"""The "cpp" backend's CUDA/HIP kernels for the attention prologue (`qkv_rope` forward and backward), the
+cross-entropy chunk and decode attention (csrc/kernels/qkv_rope.cu, cross_entropy.cu, decode_attention.cu), on a
+GPU: against float64 PyTorch by the suite's rule (`conftest.assert_within_2x`: at most 2x plain PyTorch's error in
+the same dtype), with NaN-poisoned outputs, on shapes that exercise the kernels' launch choices (many tokens per
+block through the grid-stride loop; a vocabulary above and below the 16384 that switches 256 -> 1024 threads a
+row; decode attention's split counts, row chunks and vector widths).
 
 The shared op tests (tests/test_qkv_rope.py, tests/test_linear_cross_entropy.py) also run the "cpp" backend on
 the GPU when one is present. Everything here is GPU-marked and skipped without CUDA/ROCm.
@@ -13,8 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import assert_within_2x
+from test_gpu_emulation_decode import decode_inputs
 
 from olmo_fast import ops
+from olmo_fast.ops import reference
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA/ROCm GPU")]
@@ -102,3 +105,29 @@ def test_cross_entropy_chunk_gpu_bad_label_is_nan():
     logits = torch.randn(3, 100, device="cuda")
     losses, _ = kernel(logits, torch.tensor([5, 100, -100], device="cuda"), -100, False)
     assert not losses[0].isnan() and losses[1].isnan() and losses[2] == 0
+
+
+# (B, Tq, H, Hkv, S, D, window, pad) with the launcher's choice: OLMo 7B's MHA decode step (1 row per block, 9
+# splits of 4096 slots); a GQA group of 5 x 3 new tokens (15 rows: 4 row chunks, 3 splits); head dim 256 in fp32
+# (two 16-byte vectors a lane) under a window of 700 (2 splits of its span); head dim 80 with unaligned rows (scalar
+# loads), one split (the block writes out, no workspace); head dim 40, 3 splits.
+DECODE_CASES = [
+    (1, 1, 32, 32, 4096, 128, None, 0),
+    (3, 3, 40, 8, 2048, 128, None, 0),
+    (2, 1, 8, 2, 1500, 256, 700, 0),
+    (4, 2, 6, 3, 300, 80, None, 1),
+    (2, 1, 4, 1, 900, 40, None, 0),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", DECODE_CASES, ids=str)
+def test_decode_attention_gpu_against_float64(case, dtype):
+    """Cache slots the kernel must not read hold NaN (past each sequence's length; before a window)."""
+    kernel = _cpp_kernel("decode_attention")
+    B, Tq, H, Hkv, S, D, window, pad = case
+    q, k, v, seqlens, clean_k, clean_v = decode_inputs(B, Tq, H, Hkv, S, D, window, pad, dtype, device="cuda")
+    got = kernel(q, k, v, seqlens, None, window)
+    same = reference.decode_attention(q, clean_k, clean_v, seqlens, None, window)
+    ref = reference.decode_attention(q.double(), clean_k.double(), clean_v.double(), seqlens, None, window)
+    assert_within_2x("out", got, same, ref)

@@ -232,7 +232,10 @@ typedef struct {
  * ones last: query i of b, at position p = seqlens[b] - q_len + i, sees keys 0 .. p, with window > 0 only keys
  * p - window + 1 .. p (slots past seqlens[b] are never read; a query that sees no key gets 0). Query head h
  * reads kv head h / (heads / kv_heads). Out [batch, q_len, heads, head_dim] contiguous, softmax(scale q k^T) v in
- * fp32. A "row" of the CPU loop is one (b, kv head) pair. */
+ * fp32. A "row" of the CPU loop is one (b, kv head) pair.
+ * The GPU launcher (head_dim <= 256) splits the cache into spans whose partial results it merges through `workspace`:
+ * olmo_fast_decode_attention_workspace_floats(args) fp32 values on the device (NULL when that is 0; the CPU loop
+ * ignores it). */
 typedef struct {
   olmo_fast_dtype dtype;
   int64_t batch, q_len, heads, kv_heads, head_dim, slots;
@@ -245,7 +248,8 @@ typedef struct {
   const int64_t* seqlens; /* [batch] */
   void* out;
   float scale;
-  int64_t window; /* sliding window in keys; 0 = unlimited */
+  int64_t window;   /* sliding window in keys; 0 = unlimited */
+  float* workspace; /* GPU only: see above */
 } olmo_fast_decode_attention_args;
 
 /* Training attention (flash style), per batch b and query head h (kv head h / (heads / kv_heads), never
@@ -315,6 +319,9 @@ int olmo_fast_qk_norm_rope_bwd_gpu(const olmo_fast_qk_norm_rope_bwd_args* args, 
 int olmo_fast_qkv_rope_fwd_gpu(const olmo_fast_qkv_rope_fwd_args* args, void* stream);
 int olmo_fast_qkv_rope_bwd_gpu(const olmo_fast_qkv_rope_bwd_args* args, void* stream);
 int olmo_fast_cross_entropy_chunk_gpu(const olmo_fast_cross_entropy_chunk_args* args, void* stream);
+int olmo_fast_decode_attention_gpu(const olmo_fast_decode_attention_args* args, void* stream);
+/* the fp32 workspace the GPU launcher needs for `args` (its shapes, window and head_dim; no pointer is read) */
+int64_t olmo_fast_decode_attention_workspace_floats(const olmo_fast_decode_attention_args* args);
 const char* olmo_fast_gpu_error_string(int error);
 
 void olmo_fast_norm_fwd_cpu(const olmo_fast_norm_fwd_args* args, int64_t row_begin, int64_t row_end);
