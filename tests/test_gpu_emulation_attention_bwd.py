@@ -58,13 +58,13 @@ def _inputs(B, Tq, Tk, H, Hkv, D, dtype):
     return q, k, v
 
 
-def _lse(q, k, causal, clip, scale, window):
+def reference_lse(q, k, causal, clip, scale, window):
     """float64 natural log-sum-exp of the scaled, clamped scores [B, H, Tq]; +inf for a row without keys."""
     q, k = (reference.clip_qkv(t.double(), clip) for t in (q, k))
     k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
     scores = scale * torch.einsum("bihd,bjhd->bhij", q, k)
     Tq, Tk = q.shape[1], k.shape[1]
-    visible = torch.ones(Tq, Tk, dtype=torch.bool)
+    visible = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device)
     if causal:
         visible = visible.tril(diagonal=Tk - Tq)
     if window is not None:
@@ -73,7 +73,8 @@ def _lse(q, k, causal, clip, scale, window):
     return lse.masked_fill(lse == float("-inf"), float("inf"))
 
 
-def _grads(q, k, v, dout, causal, clip, scale, window):
+def reference_grads(q, k, v, dout, causal, clip, scale, window):
+    """out and dq, dk, dv of ops.reference.attention (clamp + SDPA) in q's dtype, by autograd."""
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     out = reference.attention(q, k, v, causal, clip, scale, window)
     return (out.detach(), *torch.autograd.grad(out, (q, k, v), dout.to(out.dtype)))
@@ -97,10 +98,10 @@ def test_attention_bwd_against_float64(gpu, dtype, case):
     scale = D ** -0.5
     q, k, v = _inputs(B, Tq, Tk, H, Hkv, D, dtype)
     dout = torch.randn(B, Tq, H, D).to(dtype)
-    ref = _grads(q.double(), k.double(), v.double(), dout.double(), causal, clip, scale, window)
-    same = _grads(q, k, v, dout, causal, clip, scale, window)
+    ref = reference_grads(q.double(), k.double(), v.double(), dout.double(), causal, clip, scale, window)
+    same = reference_grads(q, k, v, dout, causal, clip, scale, window)
     out = ref[0].to(dtype)
-    lse = _lse(q, k, causal, clip, scale, window).float().contiguous()
+    lse = reference_lse(q, k, causal, clip, scale, window).float().contiguous()
     dq, dk, dv = nan(B, Tq, H, D, dtype=dtype), nan(B, Tk, Hkv, D, dtype=dtype), nan(B, Tk, Hkv, D, dtype=dtype)
     args = AttentionBwd(DTYPE_CODES[dtype], B, Tq, Tk, H, Hkv, D, p(dout), _strides(dout), p(q), _strides(q), p(k),
                         _strides(k), p(v), _strides(v), p(out), _strides(out), p(lse), p(dq), p(dk), p(dv), scale,

@@ -63,6 +63,7 @@ struct BwdTiling {
 
   static constexpr BwdShape kShape = pick();
   static constexpr int kWarps = kShape.warps;
+  static constexpr int kThreads = kWarps * OF_WARP_SIZE;  // the launch bounds: the register budget follows
   static constexpr int kOwn = 16 * kWarps;      // rows the warps own (16 each)
   static constexpr int kOther = kShape.other;   // rows of a streamed tile
   static constexpr bool kStream = kShape.stream;
@@ -103,14 +104,15 @@ template <int kTilesN, int kTilesK, class T>
 OF_DEVICE void mma_rows_by_rows(Acc (&c)[kTilesN], const T* a, int lda, const T* b, int ldb, int dim_tiles) {
 #pragma unroll
   for (int kt = 0; kt < kTilesK; ++kt) {
-    if (kt >= dim_tiles) break;
-    OperandA<T> fa;
-    load_a(fa, a + kt * kMmaTile, lda, 1);
+    if (kt < dim_tiles) {  // a guard, not a break: the loop stays unrollable
+      OperandA<T> fa;
+      load_a(fa, a + kt * kMmaTile, lda, 1);
 #pragma unroll
-    for (int nt = 0; nt < kTilesN; ++nt) {
-      OperandB<T> fb;
-      load_b(fb, b + nt * kMmaTile * ldb + kt * kMmaTile, 1, ldb);  // B(k = dim, n = row) = b[row][dim]
-      mma(c[nt], fa, fb);
+      for (int nt = 0; nt < kTilesN; ++nt) {
+        OperandB<T> fb;
+        load_b(fb, b + nt * kMmaTile * ldb + kt * kMmaTile, 1, ldb);  // B(k = dim, n = row) = b[row][dim]
+        mma(c[nt], fa, fb);
+      }
     }
   }
 }
@@ -125,10 +127,11 @@ OF_DEVICE void mma_weights_by_rows(Acc (&c)[kTilesN], const T* w, int ldw, const
     load_a(fa, w + kt * kMmaTile, ldw, 1);
 #pragma unroll
     for (int nt = 0; nt < kTilesN; ++nt) {
-      if (nt >= dim_tiles) break;
-      OperandB<T> fb;
-      load_b(fb, b + kt * kMmaTile * ldb + nt * kMmaTile, ldb, 1);  // B(k = row, n = dim) = b[row][dim]
-      mma(c[nt], fa, fb);
+      if (nt < dim_tiles) {
+        OperandB<T> fb;
+        load_b(fb, b + kt * kMmaTile * ldb + nt * kMmaTile, ldb, 1);  // B(k = row, n = dim) = b[row][dim]
+        mma(c[nt], fa, fb);
+      }
     }
   }
 }
@@ -139,7 +142,9 @@ OF_DEVICE void store_acc(T* tile, int ld, const Acc (&c)[kTiles]) {
 #pragma unroll
   for (int nt = 0; nt < kTiles; ++nt) {
 #pragma unroll
-    for (int i = 0; i < kAccPerLane; ++i) tile[acc_row(i) * ld + nt * kMmaTile + acc_col(i)] = from_float<T>(c[nt].v[i]);
+    for (int i = 0; i < kAccPerLane; ++i) {
+      tile[acc_row(i) * ld + nt * kMmaTile + acc_col(i)] = from_float<T>(c[nt].v[i]);
+    }
   }
 }
 
@@ -193,7 +198,8 @@ __global__ OF_LAUNCH_BOUNDS void attention_bwd_delta_kernel(const olmo_fast_atte
 
 // 2. dK, dV of key block blockIdx.x of (b, kv head) = blockIdx.y.
 template <class T, int kD>
-__global__ OF_LAUNCH_BOUNDS void attention_bwd_dkdv_kernel(const olmo_fast_attention_bwd_args a) {
+__global__ __launch_bounds__((BwdTiling<T, kD>::kThreads)) void attention_bwd_dkdv_kernel(
+    const olmo_fast_attention_bwd_args a) {
   using Tiling = BwdTiling<T, kD>;
   constexpr int kOwn = Tiling::kOwn, kOther = Tiling::kOther, kLd = Tiling::kLd, kLdp = Tiling::kLdp;
   constexpr int kDimTiles = kD / kMmaTile, kOtherTiles = kOther / kMmaTile;
@@ -229,7 +235,9 @@ __global__ OF_LAUNCH_BOUNDS void attention_bwd_dkdv_kernel(const olmo_fast_atten
       const T* dout = head_rows<T>(a.dout, a.dout_strides, b, i0, h);
       __syncthreads();  // the previous step's readers are done
       stage_rows(sm.other[0], kLd, kOther, q, a.q_strides[1], queries, a.head_dim, clip, a.clip);
-      if (!Tiling::kStream) stage_rows(sm.other[1], kLd, kOther, dout, a.dout_strides[1], queries, a.head_dim, false, 0.0f);
+      if (!Tiling::kStream) {
+        stage_rows(sm.other[1], kLd, kOther, dout, a.dout_strides[1], queries, a.head_dim, false, 0.0f);
+      }
       if (Tiling::kStream) stage_keys(sm.own[0], k, a.k_strides[1]);
       for (int e = threadIdx.x; e < kOther; e += blockDim.x) {
         const int64_t row = (b * a.heads + h) * a.q_len + i0 + e;
@@ -262,7 +270,9 @@ __global__ OF_LAUNCH_BOUNDS void attention_bwd_dkdv_kernel(const olmo_fast_atten
 #pragma unroll
       for (int t = 0; t < kOtherTiles; ++t) {
 #pragma unroll
-        for (int i = 0; i < kAccPerLane; ++i) dp[t].v[i] = p[t].v[i] * (dp[t].v[i] - sm.delta[t * kMmaTile + acc_col(i)]);
+        for (int i = 0; i < kAccPerLane; ++i) {
+          dp[t].v[i] = p[t].v[i] * (dp[t].v[i] - sm.delta[t * kMmaTile + acc_col(i)]);
+        }
       }
       __syncthreads();  // P^T stored
       mma_weights_by_rows<kDimTiles, kOtherTiles>(dv, own_ps, kLdp, sm.other[1], kLd, dim_tiles);  // dV += P^T dO
@@ -283,7 +293,8 @@ __global__ OF_LAUNCH_BOUNDS void attention_bwd_dkdv_kernel(const olmo_fast_atten
 
 // 3. dQ of query block blockIdx.x of (b, head) = blockIdx.y.
 template <class T, int kD>
-__global__ OF_LAUNCH_BOUNDS void attention_bwd_dq_kernel(const olmo_fast_attention_bwd_args a) {
+__global__ __launch_bounds__((BwdTiling<T, kD>::kThreads)) void attention_bwd_dq_kernel(
+    const olmo_fast_attention_bwd_args a) {
   using Tiling = BwdTiling<T, kD>;
   constexpr int kOwn = Tiling::kOwn, kOther = Tiling::kOther, kLd = Tiling::kLd, kLdp = Tiling::kLdp;
   constexpr int kDimTiles = kD / kMmaTile, kOtherTiles = kOther / kMmaTile;
@@ -406,7 +417,7 @@ extern "C" int olmo_fast_attention_bwd_gpu(const olmo_fast_attention_bwd_args* a
     using T = decltype(tag);
     return dispatch_head_dim(a.head_dim, [&](auto dim) {
       using Tiling = BwdTiling<T, decltype(dim)::value>;
-      constexpr int threads = Tiling::kWarps * OF_WARP_SIZE;
+      constexpr int threads = Tiling::kThreads;
       if (a.q_len > 0) {
         constexpr int kDeltaWarps = 256 / OF_WARP_SIZE;
         OF_LAUNCH(grid_for(a.batch * a.heads * a.q_len, kDeltaWarps), kDeltaWarps * OF_WARP_SIZE, 0, s,
