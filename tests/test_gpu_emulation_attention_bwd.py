@@ -6,9 +6,10 @@ dq, dk, dv are checked against float64 PyTorch autograd of `ops.reference.attent
 rule (`conftest.assert_within_2x`: at most 2x the error of the same op run by PyTorch in the inputs' dtype). The
 kernel's `out` and `lse` come from float64 (out rounded to the dtype, lse in fp32, +inf for a row without keys),
 not from a GPU forward. Outputs start as NaN. The cases cover GQA and MHA, causal or not, q_len != kv_len both
-ways (queries that see no key), a clip with inputs beyond it (their gradient exactly 0), a sliding window, head
-dims 64, 40, 80 and 160 (padded to 64, 96 and 192: every tiling, the streamed one of fp32 included), odd lengths,
-several key and query blocks, strided inputs (q, k, v slices of one packed qkv) and a batch of one.
+ways (queries that see no key), a clip with inputs beyond it (their gradient exactly 0) and exactly at it (the
+gradient passes), a sliding window, head dims 64, 40, 80 and 160 (padded to 64, 96 and 192: every tiling, the
+streamed one of fp32 included), odd lengths, several key and query blocks, strided inputs (q, k, v slices of one
+packed qkv) and a batch of one.
 """
 from __future__ import annotations
 
@@ -43,18 +44,25 @@ CASES = [
 ]
 
 
-def _inputs(B, Tq, Tk, H, Hkv, D, dtype):
+def _at_edges(t, clip):
+    """t with ~10% of its entries exactly +-clip (where the clamp's gradient still passes)."""
+    if clip is None:
+        return t
+    return torch.where(torch.rand(t.shape) < 0.1, torch.sign(torch.randn(t.shape)) * clip, t)
+
+
+def _inputs(B, Tq, Tk, H, Hkv, D, dtype, clip):
     """q, k, v as strided views: slices of one packed qkv [B, T, (H + 2 Hkv) D] when Tq == Tk, else q a slice of
-    a wider buffer and k, v head-major."""
+    a wider buffer and k, v head-major; N(0, 1) with some entries at +-clip."""
     if Tq == Tk:
-        qkv = torch.randn(B, Tq, (H + 2 * Hkv) * D).to(dtype)
+        qkv = _at_edges(torch.randn(B, Tq, (H + 2 * Hkv) * D), clip).to(dtype)
         q = qkv[..., :H * D].view(B, Tq, H, D)
         k = qkv[..., H * D:(H + Hkv) * D].view(B, Tk, Hkv, D)
         v = qkv[..., (H + Hkv) * D:].view(B, Tk, Hkv, D)
         return q, k, v
-    q = torch.randn(B, Tq, H + 1, D)[:, :, 1:].to(dtype)
-    k = torch.randn(B, Hkv, Tk, D).transpose(1, 2).to(dtype)
-    v = torch.randn(B, Hkv, Tk, D).transpose(1, 2).to(dtype)
+    q = _at_edges(torch.randn(B, Tq, H + 1, D), clip)[:, :, 1:].to(dtype)
+    k = _at_edges(torch.randn(B, Hkv, Tk, D), clip).transpose(1, 2).to(dtype)
+    v = _at_edges(torch.randn(B, Hkv, Tk, D), clip).transpose(1, 2).to(dtype)
     return q, k, v
 
 
@@ -96,7 +104,7 @@ def _strides(t):
 def test_attention_bwd_against_float64(gpu, dtype, case):
     B, Tq, Tk, H, Hkv, D, causal, clip, window = case
     scale = D ** -0.5
-    q, k, v = _inputs(B, Tq, Tk, H, Hkv, D, dtype)
+    q, k, v = _inputs(B, Tq, Tk, H, Hkv, D, dtype, clip)
     dout = torch.randn(B, Tq, H, D).to(dtype)
     ref = reference_grads(q.double(), k.double(), v.double(), dout.double(), causal, clip, scale, window)
     same = reference_grads(q, k, v, dout, causal, clip, scale, window)
