@@ -7,9 +7,9 @@ rule (`conftest.assert_within_2x`: at most 2x the error of the same op run by Py
 kernel's `out` and `lse` come from float64 (out rounded to the dtype, lse in fp32, +inf for a row without keys),
 not from a GPU forward. Outputs start as NaN. The cases cover GQA and MHA, causal or not, q_len != kv_len both
 ways (queries that see no key), a clip with inputs beyond it (their gradient exactly 0) and exactly at it (the
-gradient passes), a sliding window, head dims 64, 40, 80 and 160 (padded to 64, 96 and 192: every tiling, the
-streamed one of fp32 included), odd lengths, several key and query blocks, strided inputs (q, k, v slices of one
-packed qkv) and a batch of one.
+gradient passes), a sliding window, head dims 64, 40, 80, 128 and 160 (padded to 64, 96, 128 and 192: the tilings
+of both element sizes, fp32's streamed one included), odd lengths, several key and query blocks, strided inputs
+(q, k, v slices of one packed qkv) and a batch of one.
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ CASES = [
     (2, 17, 45, 2, 2, 80, True, None, None),     # fewer queries than keys, D padded to 96
     (1, 100, 100, 2, 1, 64, True, CLIP, 24),     # sliding window over several key and query blocks
     (1, 21, 21, 2, 1, 160, True, CLIP, None),    # D padded to 192 (fp32: streamed tiles)
+    (1, 33, 48, 4, 1, 128, True, CLIP, None),    # OLMo's head dim, a group of 4 query heads per kv head
 ]
 
 
