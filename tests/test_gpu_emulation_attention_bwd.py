@@ -42,6 +42,7 @@ CASES = [
     (1, 100, 100, 2, 1, 64, True, CLIP, 24),     # sliding window over several key and query blocks
     (1, 21, 21, 2, 1, 160, True, CLIP, None),    # D padded to 192 (fp32: streamed tiles)
     (1, 33, 48, 4, 1, 128, True, CLIP, None),    # OLMo's head dim, a group of 4 query heads per kv head
+    (2, 1, 5, 2, 1, 64, True, None, None),       # a single query per sequence
 ]
 
 

@@ -21,7 +21,8 @@
 // `other` rows of the other side; the shapes are picked per (dtype, kD) so that shared memory stays <= 48 KiB:
 // own tiles [2][own][kD + pad] (K and V, or Q and dO), other tiles [2][other][kD + pad], the per-warp P/dS tile
 // [own][other + pad] and lse/delta of the other rows. Where even one warp's tiles do not fit (fp32 with
-// kD >= 192), `stream` keeps one tile of each side and restages them in turn (K then V, Q then dO then Q).
+// kD >= 192), `stream` keeps one tile of each side and restages them in turn (2.: K, V and Q, dO, Q per step;
+// 3.: Q, dO and K, V, K per step).
 // Memory traffic (E bytes per element, G = heads / kv_heads): 1. reads 2 B H Tq D E; 2. reads K, V once and, per
 // key block, the G heads' Q, dO of its query band (G Tq D E each, times kv_len / own for dense masks) and writes
 // dK, dV; 3. reads Q, dO once and, per query block, K, V of its key span (Tk D E times q_len / own), writes dQ.
