@@ -759,7 +759,16 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& dout_in, const Te
   args.dq = dq.data_ptr();
   args.dk = dk.data_ptr();
   args.dv = dv.data_ptr();
-  run_cpu(args, args.batch * args.kv_heads, int64_t(1) << 15, olmo_fast_attention_bwd_cpu);
+  if (q.is_cpu()) {
+    run_cpu(args, args.batch * args.kv_heads, int64_t(1) << 15, olmo_fast_attention_bwd_cpu);
+    return {dq, dk, dv};
+  }
+#ifdef OLMO_FAST_WITH_GPU
+  // dout . out per query row; the caching allocator is stream-ordered, so it may be freed before the kernels ran
+  const Tensor workspace = at::empty({olmo_fast_attention_bwd_workspace_floats(&args)}, q.options().dtype(at::kFloat));
+  args.workspace = workspace.data_ptr<float>();
+#endif
+  run_gpu(op, q, args, olmo_fast_attention_bwd_gpu);
   return {dq, dk, dv};
 }
 
@@ -888,12 +897,12 @@ TORCH_LIBRARY(olmo_fast_C, m) {
   m.impl("qk_norm_rope_fwd", &qk_norm_rope_fwd);       \
   m.impl("qk_norm_rope_bwd", &qk_norm_rope_bwd);       \
   m.impl("cross_entropy_chunk", &cross_entropy_chunk); \
-  m.impl("decode_attention", &decode_attention)
+  m.impl("decode_attention", &decode_attention);       \
+  m.impl("attention_bwd", &attention_bwd)
 
 // Kernels with CPU loops only (no CUDA/HIP kernel yet).
 #define OLMO_FAST_CPU_ONLY_IMPLS(m)                    \
-  m.impl("attention_fwd", &attention_fwd);             \
-  m.impl("attention_bwd", &attention_bwd)
+  m.impl("attention_fwd", &attention_fwd)
 
 TORCH_LIBRARY_IMPL(olmo_fast_C, CPU, m) {
   OLMO_FAST_IMPLS(m);

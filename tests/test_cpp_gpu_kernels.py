@@ -1,9 +1,10 @@
 """The "cpp" backend's CUDA/HIP kernels for the attention prologue (`qkv_rope` forward and backward), the
-cross-entropy chunk and decode attention (csrc/kernels/qkv_rope.cu, cross_entropy.cu, decode_attention.cu), on a
-GPU: against float64 PyTorch by the suite's rule (`conftest.assert_within_2x`: at most 2x plain PyTorch's error in
-the same dtype), with NaN-poisoned outputs, on shapes that exercise the kernels' launch choices (many tokens per
-block through the grid-stride loop; a vocabulary above and below the 16384 that switches 256 -> 1024 threads a
-row; decode attention's split counts, row chunks and vector widths).
+cross-entropy chunk, decode attention and the training attention's backward (csrc/kernels/qkv_rope.cu,
+cross_entropy.cu, decode_attention.cu, attention_bwd.cu), on a GPU: against float64 PyTorch by the suite's rule
+(`conftest.assert_within_2x`: at most 2x plain PyTorch's error in the same dtype), with NaN-poisoned outputs, on
+shapes that exercise the kernels' launch choices (many tokens per block through the grid-stride loop; a vocabulary
+above and below the 16384 that switches 256 -> 1024 threads a row; decode attention's split counts, row chunks and
+vector widths; the backward's tilings).
 
 The shared op tests (tests/test_qkv_rope.py, tests/test_linear_cross_entropy.py) also run the "cpp" backend on
 the GPU when one is present. Everything here is GPU-marked and skipped without CUDA/ROCm.
@@ -131,3 +132,29 @@ def test_decode_attention_gpu_against_float64(case, dtype):
     same = reference.decode_attention(q, clean_k, clean_v, seqlens, None, window)
     ref = reference.decode_attention(q.double(), clean_k.double(), clean_v.double(), seqlens, None, window)
     assert_within_2x("out", got, same, ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", [(2, 301, 301, 8, 2, 128, True, 0.75, None), (1, 77, 200, 4, 4, 64, True, None, 64),
+                                  (1, 200, 77, 4, 1, 80, False, 0.75, None),
+                                  (1, 129, 129, 2, 2, 256, True, None, None)], ids=str)
+def test_attention_bwd_gpu_against_float64(case, dtype):
+    """The tensor-core backward (csrc/kernels/attention_bwd.cu) through the binding, its out and lse from float64
+    (not from a GPU forward): several key/query blocks, GQA, rows without keys, a window, every tiling class."""
+    from test_gpu_emulation_attention_bwd import reference_grads, reference_lse
+
+    B, Tq, Tk, H, Hkv, D, causal, clip, window = case
+    scale = D ** -0.5
+    q = torch.randn(B, Tq, H + 1, D, device="cuda")[:, :, 1:].to(dtype)  # strided heads
+    k = torch.randn(B, Hkv, Tk, D, device="cuda").transpose(1, 2).to(dtype)  # head-major
+    v = torch.randn(B, Hkv, Tk, D, device="cuda").transpose(1, 2).to(dtype)
+    dout = torch.randn(B, Tq, H, D, device="cuda").to(dtype)
+    ref = reference_grads(q.double(), k.double(), v.double(), dout.double(), causal, clip, scale, window)
+    same = reference_grads(q, k, v, dout, causal, clip, scale, window)
+    lse = reference_lse(q, k, causal, clip, scale, window).float().contiguous()
+    got = torch.ops.olmo_fast_C.attention_bwd(dout, q, k, v, ref[0].to(dtype), lse, causal, clip, scale, window)
+    for name, g, s, r in zip(("dq", "dk", "dv"), got, same[1:], ref[1:]):
+        assert_within_2x(name, g, s, r)
+    if clip is not None:
+        for x, grad in zip((q, k, v), got):
+            assert (grad[x.abs() > clip] == 0).all()

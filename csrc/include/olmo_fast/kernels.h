@@ -284,7 +284,9 @@ typedef struct {
 /* Backward: dq, dk, dv (contiguous, the inputs' shapes) from dout and the forward's out and lse, the clamp's
  * gradient applied (0 where the raw input lies outside [-clip, clip] or is NaN). A "row" of the CPU loop is one
  * (b, kv head) pair: it owns dk, dv of that head and dq of its group of query heads (no atomics), holding fp32
- * copies of its group's q, dout and dq ([heads / kv_heads * q_len, head_dim] each). */
+ * copies of its group's q, dout and dq ([heads / kv_heads * q_len, head_dim] each); it ignores `workspace`.
+ * The GPU launcher needs head_dim <= 256 and a float workspace of olmo_fast_attention_bwd_workspace_floats(args)
+ * elements on the device (dout . out per query row; no zeroing needed). */
 typedef struct {
   olmo_fast_dtype dtype;
   int64_t batch, q_len, kv_len, heads, kv_heads, head_dim;
@@ -306,7 +308,8 @@ typedef struct {
   float clip;
   int has_clip;
   int causal;
-  int64_t window; /* as the forward's */
+  int64_t window;   /* as the forward's */
+  float* workspace; /* GPU only: [olmo_fast_attention_bwd_workspace_floats(args)] */
 } olmo_fast_attention_bwd_args;
 
 int olmo_fast_norm_fwd_gpu(const olmo_fast_norm_fwd_args* args, void* stream);
@@ -322,6 +325,9 @@ int olmo_fast_cross_entropy_chunk_gpu(const olmo_fast_cross_entropy_chunk_args* 
 int olmo_fast_decode_attention_gpu(const olmo_fast_decode_attention_args* args, void* stream);
 /* the fp32 workspace the GPU launcher needs for `args` (its shapes, window and head_dim; no pointer is read) */
 int64_t olmo_fast_decode_attention_workspace_floats(const olmo_fast_decode_attention_args* args);
+int olmo_fast_attention_bwd_gpu(const olmo_fast_attention_bwd_args* args, void* stream); /* needs `workspace` */
+/* floats of the backward's GPU workspace: batch * heads * q_len */
+int64_t olmo_fast_attention_bwd_workspace_floats(const olmo_fast_attention_bwd_args* args);
 const char* olmo_fast_gpu_error_string(int error);
 
 void olmo_fast_norm_fwd_cpu(const olmo_fast_norm_fwd_args* args, int64_t row_begin, int64_t row_end);
