@@ -1,12 +1,13 @@
 """The training attention forward on tensor cores (csrc/kernels/attention_fwd.cu) under the CPU emulation
 (csrc/emulation/emulated_gpu.h): warp 32 runs NVIDIA's mma.sync fragment layouts, warp 64 AMD's MFMA ones, fp32
 the SIMT path. Called through its C ABI launcher with ctypes; out and lse checked against float64 PyTorch by the
-suite's rule (`conftest.assert_within_2x`: at most 2x plain PyTorch's error in the same dtype; lse's "same" is the
-log-sum-exp of scores multiplied in that dtype), outputs NaN-poisoned so an unwritten element fails.
+suite's rule (`conftest.assert_within_2x`: at most 2x plain PyTorch's error in the same dtype; lse is fp32 whatever
+the inputs, so its "same" is PyTorch's fp32 on the inputs' values), outputs NaN-poisoned so an unwritten element
+fails.
 
 Cases: causal and not, GQA (a kv head shared, never repeated) and MHA, bottom-right causal masks with q_len < kv_len
 and q_len > kv_len (rows that see no key: out 0, lse +inf), clip with inputs beyond it, a sliding window across
-query blocks, head dims 64 and odd ones (24, 40, 80, 200: each tile-size instance of the kernel, zero-padded
+query blocks, head dims 64 and others (24, 40, 80, 200: each tile-size instance of the kernel, zero-padded
 dims), lengths that are no multiple of the blocks, strided q/k/v (slices of a packed qkv, heads-major tensors), a
 batch of one, a single query.
 """
@@ -27,19 +28,55 @@ AttentionFwd = struct("AttentionFwd", [("dtype", i32), ("batch", i64), ("q_len",
                                        ("clip", f32), ("has_clip", i32), ("causal", i32), ("window", i64)])
 
 
-def _inputs(B, Tq, Tk, H, Hkv, D, dtype, layout, spread):
+def attention_inputs(B, Tq, Tk, H, Hkv, D, dtype, layout, spread, device="cpu"):
     """q [B, Tq, H, D], k, v [B, Tk, Hkv, D], N(0, spread^2), in one of the layouts the model hands over."""
     if layout == "packed":  # slices of one fused projection [B, T, (H + 2 Hkv), D], as the model's qkv
         assert Tq == Tk
-        qkv = spread * torch.randn(B, Tq, H + 2 * Hkv, D)
+        qkv = spread * torch.randn(B, Tq, H + 2 * Hkv, D, device=device)
         return [t.to(dtype) for t in (qkv[:, :, :H], qkv[:, :, H:H + Hkv], qkv[:, :, H + Hkv:])]
     if layout == "heads-major":  # [B, H, T, D] transposed: token rows D apart, heads T * D apart
         shapes = ((B, H, Tq, D), (B, Hkv, Tk, D), (B, Hkv, Tk, D))
-        return [(spread * torch.randn(s)).transpose(1, 2).to(dtype) for s in shapes]
-    return [(spread * torch.randn(s)).to(dtype) for s in ((B, Tq, H, D), (B, Tk, Hkv, D), (B, Tk, Hkv, D))]
+        return [(spread * torch.randn(s, device=device)).transpose(1, 2).to(dtype) for s in shapes]
+    shapes = ((B, Tq, H, D), (B, Tk, Hkv, D), (B, Tk, Hkv, D))
+    return [(spread * torch.randn(s, device=device)).to(dtype) for s in shapes]
+
+
+def _visible(Tq, Tk, causal, window, device):
+    """[Tq, Tk]: which keys each query sees (bottom-right causal, the window's last keys), written out."""
+    i = torch.arange(Tq, device=device)[:, None] + Tk - Tq
+    j = torch.arange(Tk, device=device)[None, :]
+    seen = (j <= i) if causal else torch.ones(Tq, Tk, dtype=torch.bool, device=device)
+    return seen & (j > i - window) if window else seen
+
+
+def _lse(q, k, causal, clip, window):
+    """[B, H, Tq]: the natural log-sum-exp of the scaled scores in q's dtype, -inf for a query without keys."""
+    q, k = reference.clip_qkv(q, clip), reference.clip_qkv(k, clip)
+    k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * q.shape[-1] ** -0.5
+    hidden = ~_visible(q.shape[1], k.shape[1], causal, window, q.device)
+    return scores.masked_fill(hidden, float("-inf")).logsumexp(-1)
+
+
+def check_attention_fwd(out, lse, q, k, v, causal, clip, window):
+    """The kernel's out and lse of attention(q, k, v) (scale D^-1/2) against float64 by the suite's rule; a query
+    that sees no key: out 0 and lse +inf."""
+    B, Tq, H, _ = q.shape
+
+    def attention(*t):
+        return reference.attention(*t, causal=causal, clip_value=clip, window=window)
+
+    assert_within_2x("out", out, attention(q, k, v), attention(q.double(), k.double(), v.double()))
+    ref_lse = _lse(q.double(), k.double(), causal, clip, window)
+    seen = ref_lse.isfinite()
+    assert_within_2x("lse", lse[seen], _lse(q.float(), k.float(), causal, clip, window)[seen], ref_lse[seen])
+    empty = ~_visible(Tq, k.shape[1], causal, window, q.device).any(-1)  # queries that see no key
+    assert (lse[:, :, empty] == float("inf")).all() and (out[:, empty] == 0).all()
+    assert seen.sum() == B * H * (Tq - empty.sum())
 
 
 def _run(gpu, q, k, v, causal, clip, window):
+    """out, lse of the emulated kernel (scale D^-1/2), both NaN before it runs."""
     B, Tq, H, D = q.shape
     out, lse = nan(B, Tq, H, D, dtype=q.dtype), nan(B, H, Tq, dtype=torch.float32)
     bound = 0.0 if clip is None else float(torch.tensor(clip, dtype=q.dtype))  # the clip rounded to the dtype
@@ -50,31 +87,15 @@ def _run(gpu, q, k, v, causal, clip, window):
     return out, lse
 
 
-def _visible(Tq, Tk, causal, window):
-    """[Tq, Tk]: which keys each query sees (bottom-right causal, the window's last keys), written out."""
-    i = torch.arange(Tq)[:, None] + Tk - Tq
-    j = torch.arange(Tk)[None, :]
-    seen = (j <= i) if causal else torch.ones(Tq, Tk, dtype=torch.bool)
-    return seen & (j > i - window) if window else seen
-
-
-def _lse(q, k, causal, clip, window):
-    """[B, H, Tq]: the natural log-sum-exp of the scaled scores (q k^T multiplied in q's dtype), -inf without keys."""
-    q, k = reference.clip_qkv(q, clip), reference.clip_qkv(k, clip)
-    k = k.repeat_interleave(q.shape[2] // k.shape[2], dim=2)
-    scores = torch.einsum("bqhd,bkhd->bhqk", q, k).to(torch.float64 if q.dtype == torch.float64 else torch.float32)
-    scores = scores * q.shape[-1] ** -0.5
-    hidden = ~_visible(q.shape[1], k.shape[1], causal, window)
-    return scores.masked_fill(hidden, float("-inf")).logsumexp(-1)
-
-
 # (B, Tq, Tk, H, Hkv, D, causal, clip, window, layout)
 CASES = {
     "gqa-causal-clip-packed-B1": (1, 37, 37, 4, 2, 64, True, 0.75, None, "packed"),
     "mha-full-D40": (2, 37, 37, 2, 2, 40, False, None, None, "contiguous"),
-    "q<kv-causal-D80-heads-major": (1, 20, 70, 4, 2, 80, True, None, None, "heads-major"),
+    "q<kv-causal-D24-heads-major": (1, 20, 70, 4, 2, 24, True, None, None, "heads-major"),
     "q>kv-causal-clip-empty-rows": (2, 45, 19, 2, 1, 64, True, 0.75, None, "contiguous"),
-    "window-across-query-blocks": (1, 70, 70, 2, 1, 24, True, None, 20, "packed"),
+    # window 40: in the second query block a key block lies below the diagonal, but only some rows' windows
+    # reach back to its first key (masked all the same)
+    "window-D80-across-query-blocks": (1, 83, 83, 2, 1, 80, True, None, 40, "packed"),
     "D200-gqa-clip": (1, 19, 23, 2, 1, 200, True, 0.75, None, "heads-major"),
     "single-query": (1, 1, 33, 4, 1, 64, True, None, None, "contiguous"),
 }
@@ -84,18 +105,7 @@ CASES = {
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
 def test_attention_fwd_against_float64(gpu, dtype, case):
     B, Tq, Tk, H, Hkv, D, causal, clip, window, layout = case
-    q, k, v = _inputs(B, Tq, Tk, H, Hkv, D, dtype, layout, spread=2.0 if clip else 1.0)
+    q, k, v = attention_inputs(B, Tq, Tk, H, Hkv, D, dtype, layout, spread=2.0 if clip else 1.0)
     if clip is not None:
         assert (q.abs() > clip).any() and (k.abs() > clip).any() and (v.abs() > clip).any()
-    out, lse = _run(gpu, q, k, v, causal, clip, window)
-
-    def attention(*t):
-        return reference.attention(*t, causal=causal, clip_value=clip, window=window)
-
-    assert_within_2x("out", out, attention(q, k, v), attention(q.double(), k.double(), v.double()))
-    ref_lse = _lse(q.double(), k.double(), causal, clip, window)
-    seen = ref_lse.isfinite()
-    assert_within_2x("lse", lse[seen], _lse(q, k, causal, clip, window)[seen], ref_lse[seen])
-    empty = ~_visible(Tq, Tk, causal, window).any(-1)  # queries that see no key
-    assert (lse[:, :, empty] == float("inf")).all() and (out[:, empty] == 0).all()
-    assert seen.sum() == B * H * (Tq - empty.sum())
+    check_attention_fwd(*_run(gpu, q, k, v, causal, clip, window), q, k, v, causal, clip, window)

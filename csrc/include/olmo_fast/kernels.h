@@ -315,6 +315,7 @@ int olmo_fast_qk_norm_rope_bwd_gpu(const olmo_fast_qk_norm_rope_bwd_args* args, 
 int olmo_fast_qkv_rope_fwd_gpu(const olmo_fast_qkv_rope_fwd_args* args, void* stream);
 int olmo_fast_qkv_rope_bwd_gpu(const olmo_fast_qkv_rope_bwd_args* args, void* stream);
 int olmo_fast_cross_entropy_chunk_gpu(const olmo_fast_cross_entropy_chunk_args* args, void* stream);
+int olmo_fast_attention_fwd_gpu(const olmo_fast_attention_fwd_args* args, void* stream);
 const char* olmo_fast_gpu_error_string(int error);
 
 void olmo_fast_norm_fwd_cpu(const olmo_fast_norm_fwd_args* args, int64_t row_begin, int64_t row_end);
