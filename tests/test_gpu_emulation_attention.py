@@ -7,9 +7,10 @@ fails.
 
 Cases: causal and not, GQA (a kv head shared, never repeated) and MHA, bottom-right causal masks with q_len < kv_len
 and q_len > kv_len (rows that see no key: out 0, lse +inf), clip with inputs beyond it, a sliding window across
-query blocks, head dims 64 and others (24, 40, 80, 200: each tile-size instance of the kernel, zero-padded
-dims), lengths that are no multiple of the blocks, strided q/k/v (slices of a packed qkv, heads-major tensors), a
-batch of one, a single query.
+query blocks and a window of one key, head dims 64 and others (24, 40, 80, 128, 200: each tile-size instance of
+the kernel, zero-padded dims), lengths that are no multiple of the blocks, several query and key blocks, strided
+q/k/v (slices of a packed qkv, heads-major tensors), a batch of one, a single query. The whole file takes about
+half a minute (most of it compiling the emulated kernels).
 """
 from __future__ import annotations
 
@@ -98,6 +99,8 @@ CASES = {
     "window-D80-across-query-blocks": (1, 83, 83, 2, 1, 80, True, None, 40, "packed"),
     "D200-gqa-clip": (1, 19, 23, 2, 1, 200, True, 0.75, None, "heads-major"),
     "single-query": (1, 1, 33, 4, 1, 64, True, None, None, "contiguous"),
+    "window-1-D40": (1, 100, 100, 2, 1, 40, True, None, 1, "contiguous"),  # each query sees itself only
+    "many-blocks-D128-q<kv": (1, 150, 230, 2, 1, 128, True, 0.75, None, "heads-major"),
 }
 
 
