@@ -7,9 +7,9 @@ fails.
 
 Cases: causal and not, GQA (a kv head shared, never repeated) and MHA, bottom-right causal masks with q_len < kv_len
 and q_len > kv_len (rows that see no key: out 0, lse +inf), clip with inputs beyond it, a sliding window across
-query blocks and a window of one key, head dims 64 and others (24, 40, 80, 128, 200: each tile-size instance of
+query blocks and a window of one key, head dims 64 and others (24, 36, 40, 80, 128, 200: each tile-size instance of
 the kernel, zero-padded dims), lengths that are no multiple of the blocks, several query and key blocks, strided
-q/k/v (slices of a packed qkv, heads-major tensors), a batch of one, a single query. The whole file takes about
+q/k/v (slices of a packed qkv, heads-major tensors, rows off 16-byte boundaries), a batch of one, a single query. The whole file takes about
 half a minute (most of it compiling the emulated kernels).
 """
 from __future__ import annotations
@@ -38,6 +38,10 @@ def attention_inputs(B, Tq, Tk, H, Hkv, D, dtype, layout, spread, device="cpu"):
     if layout == "heads-major":  # [B, H, T, D] transposed: token rows D apart, heads T * D apart
         shapes = ((B, H, Tq, D), (B, Hkv, Tk, D), (B, Hkv, Tk, D))
         return [(spread * torch.randn(s, device=device)).transpose(1, 2).to(dtype) for s in shapes]
+    if layout == "unaligned":  # token rows H * D + 1 apart, the data one element past a 16-byte boundary
+        sizes = ((B, Tq, H), (B, Tk, Hkv), (B, Tk, Hkv))
+        return [(spread * torch.randn(b, t, h * D + 1, device=device)).to(dtype)[..., 1:].view(b, t, h, D)
+                for b, t, h in sizes]
     shapes = ((B, Tq, H, D), (B, Tk, Hkv, D), (B, Tk, Hkv, D))
     return [(spread * torch.randn(s, device=device)).to(dtype) for s in shapes]
 
@@ -91,7 +95,7 @@ def _run(gpu, q, k, v, causal, clip, window):
 # (B, Tq, Tk, H, Hkv, D, causal, clip, window, layout)
 CASES = {
     "gqa-causal-clip-packed-B1": (1, 37, 37, 4, 2, 64, True, 0.75, None, "packed"),
-    "mha-full-D40": (2, 37, 37, 2, 2, 40, False, None, None, "contiguous"),
+    "mha-full-D36-unaligned": (2, 37, 37, 2, 2, 36, False, None, None, "unaligned"),  # element-wise tile moves
     "q<kv-causal-D24-heads-major": (1, 20, 70, 4, 2, 24, True, None, None, "heads-major"),
     "q>kv-causal-clip-empty-rows": (2, 45, 19, 2, 1, 64, True, 0.75, None, "contiguous"),
     # window 40: in the second query block a key block lies below the diagonal, but only some rows' windows

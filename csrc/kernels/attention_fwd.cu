@@ -14,7 +14,8 @@
 //     P -> the warp's shared tile [16][BN] in the storage type (fp32 for fp32)
 //     O += P V                         (mma: A(r, k = key) = P[r][key], B(k = key, n = dim) = V[key][dim])
 //   out = O / l (0 for a row that sees no key, l = 0), lse = ln 2 (m + log2 l) (+inf for such a row); O goes
-//   through the Q tile (each warp's own rows) so the block writes out's rows coalesced.
+//   through the Q tile (each warp's own rows) so the block writes out's rows coalesced (store_rows).
+// Tiles move between global and shared memory in 16-byte vectors where pointers, strides and D allow.
 // Softmax statistics and accumulators are fp32; m, l per accumulator row slot, l summed per lane over its own
 // columns and reduced over the row's lanes once, at the end. head_dim D <= 256 is padded to a multiple of 16 in
 // shared memory (zero columns add nothing); the kernel is instantiated for D <= 64, 128, 256 (the O accumulators,
@@ -245,11 +246,7 @@ __global__ __launch_bounds__((FwdTiles<T, kMaxDim>::kThreads)) void attention_fw
       }
     }
     __syncthreads();
-    T* const out = static_cast<T*>(a.out) + ((b * a.q_len + i0) * a.heads + h) * D;
-    for (int64_t e = threadIdx.x; e < rows * D; e += blockDim.x) {
-      const int64_t r = e / D, d = e - r * D;
-      out[r * a.heads * D + d] = q_tile[r * ld + d];
-    }
+    store_rows(static_cast<T*>(a.out) + ((b * a.q_len + i0) * a.heads + h) * D, a.heads * D, q_tile, ld, rows, D);
     __syncthreads();  // the next task stages its Q over the tile
   }
 }
