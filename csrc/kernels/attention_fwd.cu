@@ -17,10 +17,11 @@
 //   through the Q tile (each warp's own rows) so the block writes out's rows coalesced (store_rows).
 // Tiles move between global and shared memory in 16-byte vectors where pointers, strides and D allow.
 // Softmax statistics and accumulators are fp32; m, l per accumulator row slot, l summed per lane over its own
-// columns and reduced over the row's lanes once, at the end. head_dim D <= 256 is padded to a multiple of 16 in
-// shared memory (zero columns add nothing); the kernel is instantiated for D <= 64, 128, 256 (the O accumulators,
-// D / 16 tiles per warp, are registers) and loops over the ceil(D / 16) dim tiles actually present.
-// Tiles: the largest of (W, BN) = (4, 64), (4, 32), (4, 16), (2, 16), (1, 16), with K and V in one buffer (V
+// columns and reduced over the row's lanes once, at the end. The kernel is instantiated for D <= 64, 128, 256
+// (D_max; its O accumulators, D_max / 16 tiles per warp, are registers): shared rows hold D_max + 16 bytes of
+// elements (the padding spreads a fragment's rows over the banks), zero past D, and the products loop over the
+// ceil(D / 16) dim tiles actually present (odd head dims such as 40, 80, 96 included).
+// Tiles: the first of (W, BN) = (4, 64), (4, 32), (4, 16), (2, 16), (1, 16), with K and V in one buffer (V
 // staged after S) when two do not fit, whose shared memory fits 48 KiB (no opt-in on any target): bf16/fp16
 // W = 4 and BN = 64 (D <= 64), 32 (D <= 128), 16 with one K/V buffer (D <= 256); fp32 BN = 32 (D <= 64), 16 with
 // one buffer (D <= 128), and W = 1 for D <= 256.
