@@ -6,13 +6,16 @@ the inputs, so its "same" is PyTorch's fp32 on the inputs' values), outputs NaN-
 fails.
 
 Cases: causal and not, GQA (a kv head shared, never repeated) and MHA, bottom-right causal masks with q_len < kv_len
-and q_len > kv_len (rows that see no key: out 0, lse +inf), clip with inputs beyond it, a sliding window across
-query blocks and a window of one key, head dims 64 and others (24, 36, 40, 80, 128, 200: each tile-size instance of
-the kernel, zero-padded dims), lengths that are no multiple of the blocks, several query and key blocks, strided
-q/k/v (slices of a packed qkv, heads-major tensors, rows off 16-byte boundaries), a batch of one, a single query. The whole file takes about
-half a minute (most of it compiling the emulated kernels).
+and q_len > kv_len (rows that see no key: out 0, lse +inf), no key at all, clip with inputs beyond it, a sliding
+window across query blocks and a window of one key, head dims 64 and others (24, 36, 40, 80, 128, 200: each
+tile-size instance of the kernel, zero-padded dims), lengths that are no multiple of the blocks, several query and
+key blocks, strided q/k/v (slices of a packed qkv, heads-major tensors, rows off 16-byte boundaries), a batch of
+one, a single query; and the launcher's refusals. The whole file takes under a minute on 2 busy cores, most of it
+compiling the emulated kernels.
 """
 from __future__ import annotations
+
+import ctypes
 
 import pytest
 import torch
@@ -116,3 +119,27 @@ def test_attention_fwd_against_float64(gpu, dtype, case):
     if clip is not None:
         assert (q.abs() > clip).any() and (k.abs() > clip).any() and (v.abs() > clip).any()
     check_attention_fwd(*_run(gpu, q, k, v, causal, clip, window), q, k, v, causal, clip, window)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_fwd_without_keys(gpu, causal):
+    """kv_len = 0: no key block to visit, every row is a row without keys (out 0, lse +inf)."""
+    q, k, v = attention_inputs(2, 5, 0, 2, 1, 24, torch.bfloat16, "contiguous", spread=1.0)
+    out, lse = _run(gpu, q, k, v, causal, None, None)
+    assert (out == 0).all() and (lse == float("inf")).all()
+
+
+@pytest.mark.parametrize("bad", ["head_dim", "heads", "window"])
+def test_attention_fwd_rejects_bad_args(gpu, bad):
+    """The launcher refuses what the kernel cannot run (the binding checks first) instead of launching it: head_dim
+    past 256, query heads no multiple of the kv heads, a window without the causal mask."""
+    D, H, causal, window = (257, 2, 1, 0) if bad == "head_dim" else (8, 3, 1, 0) if bad == "heads" else (8, 2, 0, 4)
+    q, k = torch.zeros(1, 3, H, D), torch.zeros(1, 3, 2, D)
+    out, lse = nan(1, 3, H, D, dtype=torch.float32), nan(1, H, 3, dtype=torch.float32)
+    args = AttentionFwd(DTYPE_CODES[torch.float32], 1, 3, 3, H, 2, D, p(q), (i64 * 3)(*q.stride()[:3]), p(k),
+                        (i64 * 3)(*k.stride()[:3]), p(k), (i64 * 3)(*k.stride()[:3]), p(out), p(lse), 1.0, 0.0, 0,
+                        causal, window)
+    fn = gpu.olmo_fast_attention_fwd_gpu
+    fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_void_p], ctypes.c_int
+    assert fn(ctypes.addressof(args), None) != 0
+    assert out.isnan().all() and lse.isnan().all()  # nothing ran
