@@ -716,6 +716,8 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q_in, const Tensor& k_in,
   check_attention_inputs(op, q, k, v);
   olmo_fast_attention_fwd_args args{};
   fill_attention_args(args, op, q, k, v, causal, clip, scale, window);
+  TORCH_CHECK(q.is_cpu() || args.head_dim <= 256, "olmo_fast_C::", op, ": the GPU kernel takes head_dim <= 256, got ",
+              args.head_dim);
   Tensor out = output(q.sizes(), q.options());
   Tensor lse = output({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
   args.out = out.data_ptr();
@@ -725,7 +727,8 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q_in, const Tensor& k_in,
     return {out, lse};
   }
   const int64_t blocks = (args.q_len + OLMO_FAST_ATTENTION_CPU_QUERIES - 1) / OLMO_FAST_ATTENTION_CPU_QUERIES;
-  run_cpu(args, args.batch * args.heads * blocks, int64_t(1) << 15, olmo_fast_attention_fwd_cpu);
+  run(op, q, args, args.batch * args.heads * blocks, int64_t(1) << 15, olmo_fast_attention_fwd_cpu,
+      olmo_fast_attention_fwd_gpu);
   return {out, lse};
 }
 
@@ -898,16 +901,10 @@ TORCH_LIBRARY(olmo_fast_C, m) {
   m.impl("qk_norm_rope_bwd", &qk_norm_rope_bwd);       \
   m.impl("cross_entropy_chunk", &cross_entropy_chunk); \
   m.impl("decode_attention", &decode_attention);       \
+  m.impl("attention_fwd", &attention_fwd);             \
   m.impl("attention_bwd", &attention_bwd)
 
-// Kernels with CPU loops only (no CUDA/HIP kernel yet).
-#define OLMO_FAST_CPU_ONLY_IMPLS(m)                    \
-  m.impl("attention_fwd", &attention_fwd)
-
-TORCH_LIBRARY_IMPL(olmo_fast_C, CPU, m) {
-  OLMO_FAST_IMPLS(m);
-  OLMO_FAST_CPU_ONLY_IMPLS(m);
-}
+TORCH_LIBRARY_IMPL(olmo_fast_C, CPU, m) { OLMO_FAST_IMPLS(m); }
 
 #ifdef OLMO_FAST_WITH_GPU
 TORCH_LIBRARY_IMPL(olmo_fast_C, CUDA, m) { OLMO_FAST_IMPLS(m); }

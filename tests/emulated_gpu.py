@@ -1,8 +1,8 @@
 """The CPU emulation of the CUDA/HIP kernels (csrc/emulation/emulated_gpu.h) as the tests use it: the `gpu`
-fixture (the kernels of csrc/kernels/*.cu, and the test kernels of csrc/tests/*.cu, compiled by the host C++ compiler for an emulated warp of 32 and of 64, as
-one shared library, once per session; registered in conftest.py) and the ctypes plumbing to launch them through
-their C ABI (csrc/include/olmo_fast/kernels.h). A test file declares the argument structs of its kernels with
-`struct`, field for field as kernels.h has them."""
+fixture (the kernels of csrc/kernels/*.cu and the test kernels of csrc/tests/*.cu, compiled by the host C++
+compiler for an emulated warp of 32 and of 64 into one shared library, once per session; registered in conftest.py)
+and the ctypes plumbing to launch them through their C ABI (csrc/include/olmo_fast/kernels.h). A test file declares
+the argument structs of its kernels with `struct`, field for field as kernels.h has them."""
 from __future__ import annotations
 
 import ctypes

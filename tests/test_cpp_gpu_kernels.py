@@ -1,10 +1,11 @@
 """The "cpp" backend's CUDA/HIP kernels for the attention prologue (`qkv_rope` forward and backward), the
-cross-entropy chunk, decode attention and the training attention's backward (csrc/kernels/qkv_rope.cu,
-cross_entropy.cu, decode_attention.cu, attention_bwd.cu), on a GPU: against float64 PyTorch by the suite's rule
-(`conftest.assert_within_2x`: at most 2x plain PyTorch's error in the same dtype), with NaN-poisoned outputs, on
-shapes that exercise the kernels' launch choices (many tokens per block through the grid-stride loop; a vocabulary
-above and below the 16384 that switches 256 -> 1024 threads a row; decode attention's split counts, row chunks and
-vector widths; the backward's tilings).
+cross-entropy chunk, decode attention and the training attention's forward and backward (csrc/kernels/qkv_rope.cu,
+cross_entropy.cu, decode_attention.cu, attention_fwd.cu, attention_bwd.cu), on a GPU: against float64 PyTorch by
+the suite's rule (`conftest.assert_within_2x`: at most 2x plain PyTorch's error in the same dtype), with NaN-poisoned
+outputs, on shapes that exercise the kernels' launch choices (many tokens per block through the grid-stride loop; a
+vocabulary above and below the 16384 that switches 256 -> 1024 threads a row; decode attention's split counts, row
+chunks and vector widths; attention's three head-dim instances and their tile sizes, many query and key blocks; the
+backward's tilings).
 
 The shared op tests (tests/test_qkv_rope.py, tests/test_linear_cross_entropy.py) also run the "cpp" backend on
 the GPU when one is present. Everything here is GPU-marked and skipped without CUDA/ROCm.
@@ -15,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import assert_within_2x
+from test_gpu_emulation_attention import attention_inputs, check_attention_fwd
 from test_gpu_emulation_decode import decode_inputs
 
 from olmo_fast import ops
@@ -158,3 +160,24 @@ def test_attention_bwd_gpu_against_float64(case, dtype):
     if clip is not None:
         for x, grad in zip((q, k, v), got):
             assert (grad[x.abs() > clip] == 0).all()
+
+
+# (B, Tq, Tk, H, Hkv, D, causal, clip, window, layout): each head-dim instance (D <= 64, 128, 256), GQA groups of
+# 4 and 2, Tq < Tk and Tq > Tk (rows without keys), windows across many key blocks, the model's packed qkv.
+ATTENTION_CASES = [(2, 300, 300, 8, 2, 128, True, 0.75, None, "packed"),
+                   (1, 257, 513, 4, 4, 64, False, None, None, "heads-major"),
+                   (2, 200, 100, 4, 1, 96, True, 0.75, None, "contiguous"),
+                   (1, 1000, 1000, 4, 2, 128, True, None, 256, "packed"),
+                   (1, 130, 130, 2, 1, 256, True, 0.75, None, "heads-major"),
+                   (1, 777, 777, 2, 2, 40, True, None, 1, "contiguous")]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", ATTENTION_CASES, ids=str)
+def test_attention_fwd_gpu_against_float64(case, dtype):
+    """The extension's op itself (the Python dispatch registers cpp attention for the GPU once its backward has a
+    GPU kernel too): out and lse, checked as under the emulation (tests/test_gpu_emulation_attention.py)."""
+    B, Tq, Tk, H, Hkv, D, causal, clip, window, layout = case
+    q, k, v = attention_inputs(B, Tq, Tk, H, Hkv, D, dtype, layout, spread=2.0 if clip else 1.0, device="cuda")
+    out, lse = torch.ops.olmo_fast_C.attention_fwd(q, k, v, causal, clip, D ** -0.5, window)
+    check_attention_fwd(out, lse, q, k, v, causal, clip, window)

@@ -1,5 +1,6 @@
 // What the GPU attention kernels (attention_fwd.cu, attention_bwd.cu) share: the mask of
-// olmo_fast_attention_fwd_args (kernels.h) and the staging of operand tiles into shared memory.
+// olmo_fast_attention_fwd_args (kernels.h), the staging of operand tiles into shared memory and their way back
+// (store_rows).
 //
 // Mask: query i (of q_len) sees key j (of kv_len) unless causal and j > i + kv_len - q_len (bottom-right aligned),
 // or, with a sliding window, j <= i + kv_len - q_len - window. Block skipping uses the spans of whole row ranges.
@@ -8,7 +9,9 @@
 // a shared-memory tile [tile_rows][ld] of the storage type, clamped to [-clip, clip] when has_clip (NaN stays NaN),
 // zero in rows past `rows` and columns past head_dim: a tile's padding adds nothing to a product. The block's
 // threads stride the tile's elements together (consecutive threads: consecutive columns, so global loads coalesce);
-// the caller syncs. Bytes: rows x head_dim elements read from global memory, tile_rows x ld written to shared.
+// the caller syncs. Where the tile and source rows are 16-byte aligned and ld, the row stride and head_dim are
+// multiples of 16 bytes, it moves 16-byte vectors. Bytes: rows x head_dim elements read from global memory,
+// tile_rows x ld written to shared.
 #pragma once
 
 #include "common.cuh"
@@ -54,17 +57,62 @@ OF_DEVICE T clamp_storage(T x, float clip) {
   return v < -clip ? from_float<T>(-clip) : (v > clip ? from_float<T>(clip) : x);
 }
 
+// stage_rows' loop over vectors of N elements (N = 1: element by element); a vector lies wholly inside or outside
+// the rows' head_dim values (head_dim % N == 0 when N > 1).
+template <class T, int N>
+OF_DEVICE void stage_rows_by(T* tile, int ld, int tile_rows, const T* src, int64_t row_stride, int64_t rows,
+                             int64_t head_dim, bool has_clip, float clip) {
+  const int per_row = ld / N;
+  for (int e = threadIdx.x; e < tile_rows * per_row; e += blockDim.x) {
+    const int r = e / per_row, d = e % per_row * N;
+    Vec<T, N> x;
+    if (r < rows && d < head_dim) {
+      x = load_vec<T, N>(src + r * row_stride + d);
+      if (has_clip) {
+#pragma unroll
+        for (int i = 0; i < N; ++i) x.v[i] = clamp_storage(x.v[i], clip);
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < N; ++i) x.v[i] = from_float<T>(0.0f);
+    }
+    store_vec<T, N>(tile + r * ld + d, x);
+  }
+}
+
+// 16-byte loads and stores where the tile, the rows and head_dim allow them (the same tile either way).
 template <class T>
 OF_DEVICE void stage_rows(T* tile, int ld, int tile_rows, const T* src, int64_t row_stride, int64_t rows,
                           int64_t head_dim, bool has_clip, float clip) {
-  for (int e = threadIdx.x; e < tile_rows * ld; e += blockDim.x) {
-    const int r = e / ld, d = e % ld;
-    T x = from_float<T>(0.0f);
-    if (r < rows && d < head_dim) {
-      x = src[r * row_stride + d];
-      if (has_clip) x = clamp_storage(x, clip);
-    }
-    tile[e] = x;
+  constexpr int N = int(16 / sizeof(T));
+  const bool aligned = ((reinterpret_cast<uintptr_t>(tile) | reinterpret_cast<uintptr_t>(src)) & 15u) == 0;
+  if (aligned && ld % N == 0 && row_stride % N == 0 && head_dim % N == 0) {
+    stage_rows_by<T, N>(tile, ld, tile_rows, src, row_stride, rows, head_dim, has_clip, clip);
+  } else {
+    stage_rows_by<T, 1>(tile, ld, tile_rows, src, row_stride, rows, head_dim, has_clip, clip);
+  }
+}
+
+// The way back: rows [0, rows) of a shared tile [.][ld] (their first head_dim values) to global rows
+// `row_stride` elements apart, consecutive threads on consecutive columns, 16-byte vectors where the rows, ld,
+// row_stride and head_dim allow them. The caller syncs before (the tile complete).
+template <class T, int N>
+OF_DEVICE void store_rows_by(T* dst, int64_t row_stride, const T* tile, int ld, int64_t rows, int64_t head_dim) {
+  const int64_t per_row = head_dim / N;
+  for (int64_t e = threadIdx.x; e < rows * per_row; e += blockDim.x) {
+    const int64_t r = e / per_row, d = (e - r * per_row) * N;
+    store_vec<T, N>(dst + r * row_stride + d, load_vec<T, N>(tile + r * ld + d));
+  }
+}
+
+template <class T>
+OF_DEVICE void store_rows(T* dst, int64_t row_stride, const T* tile, int ld, int64_t rows, int64_t head_dim) {
+  constexpr int N = int(16 / sizeof(T));
+  const bool aligned = ((reinterpret_cast<uintptr_t>(tile) | reinterpret_cast<uintptr_t>(dst)) & 15u) == 0;
+  if (aligned && ld % N == 0 && row_stride % N == 0 && head_dim % N == 0) {
+    store_rows_by<T, N>(dst, row_stride, tile, ld, rows, head_dim);
+  } else {
+    store_rows_by<T, 1>(dst, row_stride, tile, ld, rows, head_dim);
   }
 }
 

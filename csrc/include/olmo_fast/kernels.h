@@ -322,6 +322,7 @@ int olmo_fast_qk_norm_rope_bwd_gpu(const olmo_fast_qk_norm_rope_bwd_args* args, 
 int olmo_fast_qkv_rope_fwd_gpu(const olmo_fast_qkv_rope_fwd_args* args, void* stream);
 int olmo_fast_qkv_rope_bwd_gpu(const olmo_fast_qkv_rope_bwd_args* args, void* stream);
 int olmo_fast_cross_entropy_chunk_gpu(const olmo_fast_cross_entropy_chunk_args* args, void* stream);
+int olmo_fast_attention_fwd_gpu(const olmo_fast_attention_fwd_args* args, void* stream);
 int olmo_fast_decode_attention_gpu(const olmo_fast_decode_attention_args* args, void* stream);
 /* the fp32 workspace the GPU launcher needs for `args` (its shapes, window and head_dim; no pointer is read) */
 int64_t olmo_fast_decode_attention_workspace_floats(const olmo_fast_decode_attention_args* args);
