@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import dispatch, reference
-from ._library import as_rows, check_like, kernel, nothing
+from ._library import as_rows, check_like, custom_op, kernel, nothing
 
 
 def layer_norm(x: torch.Tensor, *, eps: float = 1e-5, residual: torch.Tensor | None = None,
@@ -79,7 +79,7 @@ def _parametric(weight: torch.Tensor | None, bias: torch.Tensor | None, rms: boo
     return weight is not None or bias is not None or rms
 
 
-@torch.library.custom_op("olmo_fast::norm_fwd", mutates_args=())
+@custom_op("olmo_fast::norm_fwd")
 def _fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
          eps: float, rms: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (y, h or nothing, mean or nothing, rstd), y and h shaped as x, mean/rstd [N] fp32."""
@@ -102,7 +102,7 @@ def _(x, residual, weight, bias, eps, rms, backend):
             stats.new_empty(rows) if store_mean else nothing(stats), stats)
 
 
-@torch.library.custom_op("olmo_fast::norm_bwd", mutates_args=())
+@custom_op("olmo_fast::norm_bwd")
 def _bwd(dy: torch.Tensor, saved: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor | None,
          rstd: torch.Tensor, dh: torch.Tensor | None, has_bias: bool, rms: bool, backend: str
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -151,7 +151,7 @@ def _dense(weight: torch.Tensor | None) -> torch.Tensor | None:
     return None if weight is None else weight.contiguous()
 
 
-@torch.library.custom_op("olmo_fast::rms_norm_add_fwd", mutates_args=())
+@custom_op("olmo_fast::rms_norm_add_fwd")
 def _add_fwd(x: torch.Tensor, weight: torch.Tensor | None, residual: torch.Tensor, eps: float, backend: str
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (out shaped as x, in the promoted dtype of x and residual; rstd [N] fp32)."""
@@ -166,7 +166,7 @@ def _(x, weight, residual, eps, backend):
     return out, x.new_empty(rows, dtype=torch.float32)
 
 
-@torch.library.custom_op("olmo_fast::rms_norm_add_bwd", mutates_args=())
+@custom_op("olmo_fast::rms_norm_add_bwd")
 def _add_bwd(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor, backend: str
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (dx shaped as x in x's dtype, dweight fp32 or nothing)."""
