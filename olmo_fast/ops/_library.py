@@ -102,6 +102,15 @@ def as_rows(t: torch.Tensor) -> torch.Tensor:
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
 
+def from_rows(rows: torch.Tensor, like: torch.Tensor, width: int | None = None) -> torch.Tensor:
+    """A kernel's `[N, width]` output (`as_rows` of `like`) shaped as `like`'s `[..., width]` (width: like's
+    last dim by default); as it is for a 2-D `like`, where the view would cost about 1 us (a small CPU call's
+    whole kernel)."""
+    if like.dim() == 2:
+        return rows
+    return rows.view(*like.shape[:-1], like.shape[-1] if width is None else width)
+
+
 def check_like(name: str, t: torch.Tensor | None, ref: torch.Tensor, shape: tuple[int, ...] | torch.Size) -> None:
     """Raise a clear error unless `t` (when given) has `shape` and sits on `ref`'s device."""
     if t is not None and (tuple(t.shape) != tuple(shape) or t.device != ref.device):
