@@ -2,7 +2,9 @@
 and score it against the op's least work (`roofline.py`) and the ceilings measured in the same run.
 
 Each (case, provider, mode) gives one row; a provider that cannot run gives rows saying why ("not installed",
-"unavailable: <reason>", "error: <message>"), never silence. With an output folder, bench.json (and bench.csv) are
+"unavailable: <reason>", "error: <message>"), never silence. Once a case's providers have run, our rows get
+their speed-ups over eager and over SDPA measured in that same run (`report.add_speedups`), which the terminal
+table lists at its end. With an output folder, bench.json (and bench.csv) are
 rewritten atomically after every row, so a run cut short (a timeout, SIGINT, SIGTERM, even SIGKILL) leaves valid
 files holding every row measured; `state` says whether the run was complete, interrupted, or cut short
 ("running"). SIGINT/SIGTERM stop the run (see `interrupt.py`); the caller exits 130.
@@ -232,6 +234,7 @@ class Suite:
             return
         sets = input_sets(case, self.dtype, self.device)
         reference, grads = references(case, sets[0], backward=any(m != "fwd" for m in case_modes))
+        first_row = len(self.rows)
         for provider in registry()[case.op]:
             why_not = self.selected(provider.name)
             if why_not is None and self.deadline is not None:
@@ -245,6 +248,8 @@ class Suite:
                     self.row(case, mode, provider.name, "skipped", why_not)
                 continue
             self._run_provider(case, provider, case_modes, sets, reference, grads)
+        report.add_speedups(self.rows[first_row:])  # ours against eager and SDPA, all from this case's run
+        self.on_row()
         del sets, reference, grads
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
