@@ -8,9 +8,9 @@ Why `custom_op` and not `torch.library.custom_op` alone: a call through the torc
 dispatch without autograd and 17 us with it (measured on a 2-core Xeon, torch 2.13: the dispatcher's boxed call
 into Python, its autograd kernel, the generated autograd.Function and the schema's default-filling), more than a
 small op's whole kernel. So in plain eager calls `custom_op` runs the same Python body directly, and under
-autograd through a plain `torch.autograd.Function` made of the same body, setup_context and backward; anything that traces
-or transforms (torch.compile, export, fake/meta tensors, dispatch modes, functorch, tensor subclasses) gets the
-registered torch.library op, as before.
+autograd through a plain `torch.autograd.Function` made of the same body, setup_context and backward; anything
+that traces or transforms (torch.compile, export, torch.fx, fake/meta tensors, dispatch and torch function modes,
+functorch, tensor subclasses) gets the registered torch.library op, as before.
 """
 from __future__ import annotations
 
@@ -25,12 +25,14 @@ _Tensor, _Parameter = torch.Tensor, torch.nn.Parameter
 _is_compiling = torch.compiler.is_compiling
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _functorch_active = torch._C._are_functorch_transforms_active
+_has_torch_function = torch.overrides.has_torch_function
 
 
 def _plain_eager(args: tuple) -> bool:
     """Whether a call on `args` is plain eager work: nothing traces (dynamo, a dispatch mode such as fake tensors
-    or make_fx, a functorch transform) and every tensor argument is a plain tensor off the meta device."""
-    if _is_compiling() or _dispatch_modes() or _functorch_active():
+    or make_fx, a functorch transform, a torch function mode or argument such as torch.fx's Proxy) and every tensor
+    argument is a plain tensor off the meta device."""
+    if _is_compiling() or _dispatch_modes() or _functorch_active() or _has_torch_function(args):
         return False
     for a in args:
         kind = type(a)
