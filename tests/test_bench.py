@@ -174,6 +174,16 @@ def test_cpu_run_scores_every_cpp_op_against_eager_and_attention_against_sdpa(cp
             float(fields[-1]) == pytest.approx(r["speedup_vs_sdpa"], abs=0.006)
 
 
+def test_cpu_default_runs_interpreted_triton_on_the_small_cases_only():
+    cpu = suite.Suite(torch.device("cpu"), torch.float32, None, None, None, None, log=lambda *a: None)
+    small, large = [c for c in cases.shape_set("cpu-small") if c.op == "attention"][::2]
+    assert small.size <= suite.INTERPRETED_MAX_SIZE < large.size
+    assert cpu.selected("ours-triton", small) is None and cpu.selected("ours-cpp", large) is None
+    assert "Triton interpreter" in cpu.selected("ours-triton[tma]", large)
+    named = suite.Suite(torch.device("cpu"), torch.float32, {"ours-triton"}, None, None, None, log=lambda *a: None)
+    assert named.selected("ours-triton", large) is None  # named in --providers: it runs
+
+
 def test_compare_and_markdown(cpu_run, tmp_path, capsys):
     a = json.loads((cpu_run / "bench.json").read_text())
     b = json.loads(json.dumps(a))
