@@ -94,8 +94,8 @@ def test_cpu_run_writes_json_with_scores_and_compares(tmp_path):
 def test_a_provider_computing_another_function_fails_and_one_that_cannot_run_is_skipped(tmp_path, monkeypatch):
     (tmp_path / "extra_providers.py").write_text(EXTRA_PROVIDERS)
     monkeypatch.setenv("PYTHONPATH", f"{ROOT}{os.pathsep}{tmp_path}")
-    done = _pytest_bench(tmp_path, "-p", "extra_providers", selection="swiglu-67x192to96 and (wrong or absent) and not bwd",
-                         code=1)
+    done = _pytest_bench(tmp_path, "-p", "extra_providers",
+                         selection="swiglu-67x192to96 and (wrong or absent) and not bwd", code=1)
     assert "1 failed, 1 skipped" in done.stdout
     assert "test_op[swiglu-67x192to96-wrong-fwd]" in done.stdout  # the failure's header
     assert "wrong swiglu 67x192->96 fwd: error " in done.stdout

@@ -1,7 +1,9 @@
 // The online-softmax core shared by the CPU attention loops (attention.cpp's forward, decode_attention.cpp), and
 // the key-block loading and products that attention's backward reuses.
 // Keys go in blocks of kKeys, converted to fp32 once per block (clamped to +-clip as loaded; clip = +inf: none):
-// K transposed ([D][kKeys]) so that a row's scores are D vectorised multiply-adds over the block, V by rows.
+// K transposed ([D][kKeys]) so that a row's scores are D vectorised multiply-adds over the block, V by rows; a
+// caller gives attend_rows its blocks, converted per use (KeyBlock) or kept for the tasks that reuse them
+// (KeyCache). Per-row softmax steps run over whole 16-lane vectors, the lanes a row does not see masked.
 // Products keep their outputs in vector registers along the sum (block_scores, add_weighted_rows), a few rows at
 // a time so that each loaded vector feeds several multiply-add chains.
 #pragma once
