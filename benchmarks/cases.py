@@ -152,10 +152,13 @@ def shape_set(name: str) -> list[Case]:
         cases += [_heads("attention", 16384 // t, t, 32, 128) for t in (512, 1024, 2048, 4096, 8192, 16384)]
         cases += [_decode(1, s, 32, 128) for s in (512, 2048, 8192, 32768)]
         return cases + [_lce(n, 4096, VOCAB) for n in (1024, 4096, 16384)]
-    if name == "cpu-small":  # odd sizes (not multiples of any block), GQA, a clip that bites: cheap on 2 cores
+    if name == "cpu-small":  # odd sizes (not multiples of any block), GQA, a clip that bites: cheap on 2 cores;
+        # then three model-like shapes (a 1024-wide block, 8 heads of 64 at T 256) where the kernels' work, not
+        # the calls' fixed costs, is what is timed
         return [_swiglu(67, 96), _ln(67, 129, False), _ln(67, 129, True),
                 _heads("rope", 2, 17, 3, 16), _heads("qkv_rope", 2, 17, 4, 16, clip=2.0),
                 _heads("qk_norm_rope", 2, 17, 3, 16, hk=1),
                 _heads("attention", 1, 33, 4, 16, hk=2), _heads("attention", 1, 33, 2, 16, clip=2.0),
-                _decode(2, 37, 4, 16, slots=40, hk=2), _lce(67, 48, 515)]
+                _decode(2, 37, 4, 16, slots=40, hk=2), _lce(67, 48, 515),
+                _swiglu(512, 1024), _ln(512, 1024, True), _heads("attention", 1, 256, 8, 64, hk=4)]
     raise ValueError(f"unknown shape set {name!r}; choose from {SHAPE_SETS}")

@@ -15,7 +15,10 @@ from pathlib import Path
 INTERPRETED = "Triton interpreter: a plumbing check, not a speed"
 COLUMNS = ("op", "shape", "size", "variant", "mode", "dtype", "provider", "status", "median_ms", "p20_ms", "p80_ms",
            "n", "bytes", "flops", "gbps", "tflops", "pct_copy_bw", "pct_matmul", "peak_mem_mb", "check", "check_err",
-           "reason", "note")
+           "speedup_vs_eager", "speedup_vs_sdpa", "reason", "note")
+# The baselines our rows are scored against in the same run: eager PyTorch, and (attention, decoding) the fastest
+# PyTorch SDPA backend measured (on a CPU, sdpa-flash: the CPU's fused SDPA kernel).
+EAGER, SDPA_PREFIX = "eager", "sdpa-"
 
 
 
@@ -62,6 +65,42 @@ def table(results: dict) -> str:
         for r in rows:
             if r["status"] != "ok":
                 lines.append(f"  {r['provider']:<15} {r['status']}: {r.get('reason', '')}")
+    speedups = speedup_table(results)
+    return "\n".join(lines + (["", speedups] if speedups else []))
+
+
+def add_speedups(rows: list[dict]) -> None:
+    """Sets `speedup_vs_eager` (eager's median / ours) and, where an SDPA backend ran, `speedup_vs_sdpa` (the
+    fastest SDPA's median / ours) on each measured row of ours (`is_ours`) among `rows`: > 1, ours is faster.
+    Only rows of one run are compared, per (op, shape, mode, dtype)."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for row in rows:
+        if row["status"] == "ok":
+            groups[(row["op"], row["shape"], row["mode"], row["dtype"])].append(row)
+    for group in groups.values():
+        eager = next((r["median_ms"] for r in group if r["provider"] == EAGER), None)
+        sdpa = min((r["median_ms"] for r in group if r["provider"].startswith(SDPA_PREFIX)), default=None)
+        for row in group:
+            if is_ours(row["provider"]):
+                row["speedup_vs_eager"] = None if eager is None else eager / row["median_ms"]
+                row["speedup_vs_sdpa"] = None if sdpa is None else sdpa / row["median_ms"]
+
+
+def speedup_table(results: dict) -> str:
+    """Our measured rows against eager and SDPA, times from the same run (`add_speedups`), one line each (not the
+    interpreted Triton rows: a plumbing check, not a speed)."""
+    measured = [r for r in results["rows"] if r["status"] == "ok" and is_ours(r["provider"])]
+    ours = [r for r in measured if INTERPRETED not in (r.get("note") or "")]
+    if not ours:
+        return ""
+    interpreted = len(measured) - len(ours)
+    lines = ["ours against eager PyTorch and SDPA, measured in this run (x > 1: ours is faster)" +
+             (f"; {interpreted} interpreted Triton rows left out" if interpreted else ""),
+             f"  {'op':<20} {'shape':<28} {'mode':<8} {'provider':<15} {'ours ms':>9} {'x eager':>8} {'x sdpa':>8}"]
+    for r in ours:
+        ratios = [_num(r.get(k), "8.2f") or f"{'-':>8}" for k in ("speedup_vs_eager", "speedup_vs_sdpa")]
+        lines.append(f"  {r['op']:<20} {r['shape']:<28} {r['mode']:<8} {r['provider']:<15} {r['median_ms']:9.4f} "
+                     f"{ratios[0]} {ratios[1]}")
     return "\n".join(lines)
 
 

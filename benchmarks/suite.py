@@ -2,7 +2,9 @@
 and score it against the op's least work (`roofline.py`) and the ceilings measured in the same run.
 
 Each (case, provider, mode) gives one row; a provider that cannot run gives rows saying why ("not installed",
-"unavailable: <reason>", "error: <message>"), never silence. With an output folder, bench.json (and bench.csv) are
+"unavailable: <reason>", "error: <message>"), never silence. Once a case's providers have run, our rows get
+their speed-ups over eager and over SDPA measured in that same run (`report.add_speedups`), which the terminal
+table lists at its end. With an output folder, bench.json (and bench.csv) are
 rewritten atomically after every row, so a run cut short (a timeout, SIGINT, SIGTERM, even SIGKILL) leaves valid
 files holding every row measured; `state` says whether the run was complete, interrupted, or cut short
 ("running"). SIGINT/SIGTERM stop the run (see `interrupt.py`); the caller exits 130.
@@ -34,6 +36,9 @@ from .timing import peak_memory_mb, time_fn
 CHECK_TOL = {torch.float32: 1e-3, torch.float16: 1e-2, torch.bfloat16: 5e-2}
 CPU_DESELECTED = {"torch-compile": "not selected: compiling costs seconds per shape on a CPU (name it in "
                                    "--providers to include it)"}
+# On a CPU, Triton runs under its interpreter (a plumbing check, not a speed): by default only on the small
+# cases (the model-like ones of cpu-small would take it minutes a case).
+INTERPRETED_MAX_SIZE = 128
 EXPENSIVE, SOFT_BUDGET = {"torch-compile"}, 0.6
 N_OUTPUTS = {"layer_norm": None, "swiglu": 1, "rope": 2, "qkv_rope": 3, "qk_norm_rope": 3, "attention": 1,
              "decode_attention": 1, "linear_cross_entropy": 1}
@@ -211,11 +216,16 @@ class Suite:
         self.ceilings: dict = {}
         self.rows: list[dict] = []
 
-    def selected(self, name: str) -> str | None:
-        """None if `name` runs, else why not."""
+    def selected(self, name: str, case: Case) -> str | None:
+        """None if `name` runs on `case`, else why not."""
         if self.providers is not None:
             return None if name in self.providers else "not selected (--providers)"
-        return CPU_DESELECTED.get(name) if self.device.type == "cpu" else None
+        if self.device.type != "cpu":
+            return None
+        if name.startswith("ours-triton") and case.size > INTERPRETED_MAX_SIZE:
+            return (f"not selected: the Triton interpreter on a CPU case of size > {INTERPRETED_MAX_SIZE} (name it "
+                    f"in --providers to include it)")
+        return CPU_DESELECTED.get(name)
 
     def row(self, case: Case, mode: str, provider: str, status: str, reason: str = "", **extra) -> dict:
         row = {"op": case.op, "shape": case.label, "size": case.size, "variant": case.variant, "mode": mode,
@@ -232,8 +242,9 @@ class Suite:
             return
         sets = input_sets(case, self.dtype, self.device)
         reference, grads = references(case, sets[0], backward=any(m != "fwd" for m in case_modes))
+        first_row = len(self.rows)
         for provider in registry()[case.op]:
-            why_not = self.selected(provider.name)
+            why_not = self.selected(provider.name, case)
             if why_not is None and self.deadline is not None:
                 now = time.monotonic()
                 if now > self.deadline:
@@ -245,6 +256,8 @@ class Suite:
                     self.row(case, mode, provider.name, "skipped", why_not)
                 continue
             self._run_provider(case, provider, case_modes, sets, reference, grads)
+        report.add_speedups(self.rows[first_row:])  # ours against eager and SDPA, all from this case's run
+        self.on_row()
         del sets, reference, grads
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

@@ -70,10 +70,13 @@ def _gpu_plan(torch) -> str:
 
 
 def _host_flags(torch) -> tuple[list[str], list[str]]:
-    """Compile and link flags of the host part: -O3, and OpenMP where torch's at::parallel_for uses it."""
+    """Compile and link flags of the host part: -O3, and OpenMP where torch's at::parallel_for uses it.
+    -fno-wrapv undoes the -fwrapv of Python's CFLAGS (which setuptools puts first): with wrapping signed
+    arithmetic GCC 12 no longer vectorises the 16-lane sums of csrc/cpu/loops.h (measured: LayerNorm forward
+    1.0 -> 0.24 ns per element, fp32, 1024 x 128, AVX-512)."""
     if sys.platform == "win32":
         return ["/O2", "/std:c++17"], []
-    compile_args = ["-O3", "-fno-trapping-math", "-Wall"]
+    compile_args = ["-O3", "-fno-trapping-math", "-fno-wrapv", "-Wall"]
     link_args = []
     if sys.platform.startswith("linux") and torch.backends.openmp.is_available():
         compile_args.append("-fopenmp")

@@ -143,6 +143,47 @@ def test_cli_cpu_small_end_to_end(cpu_run):
     assert not [r for r in rows if r["op"] == "decode_attention" and r["mode"] != "fwd"]
 
 
+def test_cpu_run_scores_every_cpp_op_against_eager_and_attention_against_sdpa(cpu_run, capsys):
+    """Every cpp row of the CPU run carries its speed-up over eager measured in the same run (and attention's and
+    decoding's over SDPA), and the terminal table lists them; what the ratios are is the bench's to show."""
+    data = json.loads((cpu_run / "bench.json").read_text())
+    rows = data["rows"]
+    cpp = {(r["op"], r["shape"], r["mode"]): r for r in rows if r["provider"] == "ours-cpp"}
+    assert {op for op, _, _ in cpp} == set(cases.OPS)  # every op has a cpp kernel on the CPU
+    for (op, shape, mode), r in cpp.items():
+        assert r["status"] == "ok", r
+        same = {x["provider"]: x["median_ms"] for x in rows
+                if (x["op"], x["shape"], x["mode"]) == (op, shape, mode) and x["status"] == "ok"}
+        assert r["speedup_vs_eager"] == pytest.approx(same["eager"] / r["median_ms"])
+        if op in ("attention", "decode_attention"):
+            assert r["speedup_vs_sdpa"] == pytest.approx(same["sdpa-flash"] / r["median_ms"])
+        else:
+            assert r["speedup_vs_sdpa"] is None
+    assert all("speedup_vs_eager" not in r for r in rows if r["provider"] in ("eager", "sdpa-flash"))
+    with open(cpu_run / "bench.csv") as f:
+        csv_cpp = [row for row in csv.DictReader(f) if row["provider"] == "ours-cpp"]
+    assert len(csv_cpp) == len(cpp) and all(float(row["speedup_vs_eager"]) > 0 for row in csv_cpp)
+
+    text = report.table(data)
+    listed = text[text.index("ours against eager PyTorch and SDPA"):].splitlines()[2:]
+    assert len(listed) == len(cpp)
+    for line, r in zip(listed, (r for r in rows if r["provider"] == "ours-cpp")):
+        fields = line.split()
+        assert fields[0] == r["op"] and float(fields[-2]) == pytest.approx(r["speedup_vs_eager"], abs=0.006)
+        assert fields[-1] == "-" if r["speedup_vs_sdpa"] is None else \
+            float(fields[-1]) == pytest.approx(r["speedup_vs_sdpa"], abs=0.006)
+
+
+def test_cpu_default_runs_interpreted_triton_on_the_small_cases_only():
+    cpu = suite.Suite(torch.device("cpu"), torch.float32, None, None, None, None, log=lambda *a: None)
+    small, large = [c for c in cases.shape_set("cpu-small") if c.op == "attention"][::2]
+    assert small.size <= suite.INTERPRETED_MAX_SIZE < large.size
+    assert cpu.selected("ours-triton", small) is None and cpu.selected("ours-cpp", large) is None
+    assert "Triton interpreter" in cpu.selected("ours-triton[tma]", large)
+    named = suite.Suite(torch.device("cpu"), torch.float32, {"ours-triton"}, None, None, None, log=lambda *a: None)
+    assert named.selected("ours-triton", large) is None  # named in --providers: it runs
+
+
 def test_compare_and_markdown(cpu_run, tmp_path, capsys):
     a = json.loads((cpu_run / "bench.json").read_text())
     b = json.loads(json.dumps(a))
@@ -192,14 +233,16 @@ def test_interpreted_triton_kernel_is_checked_and_timed(tmp_path):
     require_kernel("swiglu_fwd", "triton")
     results = suite.run(["swiglu"], "cpu-small", ["fwd"], "fp32", torch.device("cpu"), providers=["ours-triton"],
                         out_dir=tmp_path, warmup_ms=0, rep_ms=0, plots=False, log=lambda *a: None)
-    (row,) = [r for r in results["rows"] if r["provider"] == "ours-triton"]
-    assert row["status"] == "ok" and row["check"] == "ok" and row["check_err"] < 1e-5
-    # Interpreted on the CPU: the JSON, the CSV and the table say it is a plumbing check, not a speed.
-    assert row["note"] == report.INTERPRETED == "Triton interpreter: a plumbing check, not a speed"
+    rows = [r for r in results["rows"] if r["provider"] == "ours-triton"]
+    assert len(rows) == len([c for c in cases.shape_set("cpu-small") if c.op == "swiglu"])
+    for row in rows:
+        assert row["status"] == "ok" and row["check"] == "ok" and row["check_err"] < 1e-5
+        # Interpreted on the CPU: the JSON, the CSV and the table say it is a plumbing check, not a speed.
+        assert row["note"] == report.INTERPRETED == "Triton interpreter: a plumbing check, not a speed"
     assert json.loads((tmp_path / "bench.json").read_text())["rows"][0]["note"] == report.INTERPRETED
     assert report.INTERPRETED in (tmp_path / "bench.csv").read_text()
-    (line,) = [ln for ln in report.table(results).splitlines() if ln.strip().startswith("ours-triton")]
-    assert line.endswith(f"[{report.INTERPRETED}]")
+    lines = [ln for ln in report.table(results).splitlines() if ln.strip().startswith("ours-triton")]
+    assert len(lines) == len(rows) and all(line.endswith(f"[{report.INTERPRETED}]") for line in lines)
 
 
 def test_train_throughput_bench_runs_every_variant(tmp_path):
@@ -280,8 +323,9 @@ def test_time_budget_skips_compilers_first_then_everything(monkeypatch):
     assert [(r["op"], r["provider"], r["status"]) for r in rows[:2]] == [
         ("swiglu", "eager", "ok"), ("swiglu", "torch-compile", "skipped")]
     assert rows[1]["reason"] == "time budget (--budget-s): 60% spent, compilers skipped"
-    assert len(rows) == 6 and all(r["status"] == "skipped" and r["reason"] == "time budget (--budget-s) spent"
-                                  for r in rows[2:])
+    n_cases = len([c for c in cases.shape_set("cpu-small") if c.op in ("swiglu", "layer_norm")])
+    assert len(rows) == 2 * n_cases and all(r["status"] == "skipped" and
+                                            r["reason"] == "time budget (--budget-s) spent" for r in rows[2:])
 
 
 def test_cli_rejects_bad_arguments_clearly(capsys, tmp_path):

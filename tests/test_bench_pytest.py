@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SWIGLU_FWD, SWIGLU_BWD = 3 * 67 * 96 * 4, 5 * 67 * 96 * 4
 # causal attention B1 T33 H4 D16: 4 * B * T * T * H * D / 2 (FlashAttention's count).
 ATTENTION_FWD = 4 * 1 * 33 * 33 * 4 * 16 / 2
-SELECTION = "swiglu and (eager or ours-triton) or B1_T33_H4_2_D16-eager-fwd and not bwd"
+SELECTION = "swiglu-67x192to96 and (eager or ours-triton) or B1_T33_H4_2_D16-eager-fwd and not bwd"
 
 
 # Loaded with -p before benchmarks/conftest.py: adds to swiglu a provider computing another function and one that
@@ -94,8 +94,8 @@ def test_cpu_run_writes_json_with_scores_and_compares(tmp_path):
 def test_a_provider_computing_another_function_fails_and_one_that_cannot_run_is_skipped(tmp_path, monkeypatch):
     (tmp_path / "extra_providers.py").write_text(EXTRA_PROVIDERS)
     monkeypatch.setenv("PYTHONPATH", f"{ROOT}{os.pathsep}{tmp_path}")
-    done = _pytest_bench(tmp_path, "-p", "extra_providers", selection="swiglu and (wrong or absent) and not bwd",
-                         code=1)
+    done = _pytest_bench(tmp_path, "-p", "extra_providers",
+                         selection="swiglu-67x192to96 and (wrong or absent) and not bwd", code=1)
     assert "1 failed, 1 skipped" in done.stdout
     assert "test_op[swiglu-67x192to96-wrong-fwd]" in done.stdout  # the failure's header
     assert "wrong swiglu 67x192->96 fwd: error " in done.stdout

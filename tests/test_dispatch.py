@@ -112,3 +112,32 @@ def test_a_kernel_registered_later_is_found(monkeypatch):
     with pytest.raises(dispatch.BackendError, match=r"runs on \['cpu'\], not on 'cuda'"):
         dispatch.kernel(name, "cpp", "cuda")
     assert dispatch.resolve(name, None, torch.device("cuda")) == "torch"  # registered for the CPU only
+
+
+def test_eager_calls_skip_the_dispatcher_and_tracing_gets_the_registered_op(monkeypatch):
+    """ops._library.custom_op: an eager call (with autograd) runs the op's body through a plain autograd.Function,
+    not the torch.library op, with the op's results and gradients; fake tensors and torch.fx get the op."""
+    from olmo_fast.ops import activations
+
+    require_kernel_where_registered("swiglu_fwd", "cpp")
+    op = activations._swiglu_fwd
+    h = torch.randn(5, 2, 6, device=DEVICE, requires_grad=True)
+    dout = torch.randn(5, 2, 3, device=DEVICE)
+    via_op = op.op(h, "cpp")  # the registered op, its autograd included
+    want = (via_op, *torch.autograd.grad(via_op, [h], dout))
+    calls = []
+    monkeypatch.setattr(op, "op", lambda *args: calls.append(args))
+    got = ops.swiglu(h, backend="cpp")
+    got = (got, *torch.autograd.grad(got, [h], dout))
+    assert calls == [] and got[0].grad_fn is not None
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)  # the same kernels on the same inputs
+    monkeypatch.undo()
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        fake = ops.swiglu(torch.empty(4, 6, device=DEVICE), backend="cpp")
+    assert fake.shape == (4, 3)
+    graph = torch.fx.symbolic_trace(lambda x: activations._swiglu_fwd(x, "cpp")).graph
+    assert torch.ops.olmo_fast.swiglu_fwd.default in {n.target for n in graph.nodes}

@@ -1,7 +1,9 @@
 // The online-softmax core shared by the CPU attention loops (attention.cpp's forward, decode_attention.cpp), and
 // the key-block loading and products that attention's backward reuses.
 // Keys go in blocks of kKeys, converted to fp32 once per block (clamped to +-clip as loaded; clip = +inf: none):
-// K transposed ([D][kKeys]) so that a row's scores are D vectorised multiply-adds over the block, V by rows.
+// K transposed ([D][kKeys]) so that a row's scores are D vectorised multiply-adds over the block, V by rows; a
+// caller gives attend_rows its blocks, converted per use (KeyBlock) or kept for the tasks that reuse them
+// (KeyCache). Per-row softmax steps run over whole 16-lane vectors, the lanes a row does not see masked.
 // Products keep their outputs in vector registers along the sum (block_scores, add_weighted_rows), a few rows at
 // a time so that each loaded vector feeds several multiply-add chains.
 #pragma once
@@ -106,7 +108,8 @@ inline int64_t row_group() {
 #endif
 }
 
-// Workspace of `attend_rows` for up to `rows` rows of head dim D (zeroed: stale lanes stay finite).
+// Workspace of `attend_rows` for up to `rows` rows of head dim D, and a K^T / V block for callers that load key
+// blocks one at a time (`KeyBlock`) (zeroed: stale lanes stay finite).
 struct AttendBuffers {
   AttendBuffers(int64_t rows, int64_t D) : data(2 * kKeys * D + 4 * kKeys + rows * (D + 2), 0.0f) {
     kt = data.data();
@@ -120,6 +123,73 @@ struct AttendBuffers {
   float *kt, *vb, *scores, *acc, *m, *l;  // scores: four rows of kKeys
 };
 
+// A key block as attend_rows reads it: K^T ([D][kKeys], fp32, clamped) and V by rows ([nk][D]).
+struct KeyBlockView {
+  const float* kt;
+  const float* vb;
+};
+
+// The blocks of keys [n0, n0 + nk) of k, v (rows k_stride / v_stride apart), each converted when asked for into
+// the one block of `w` (a caller whose rows see each key block once).
+template <class T>
+struct KeyBlock {
+  const T* k;
+  int64_t k_stride;
+  const T* v;
+  int64_t v_stride;
+  int64_t D;
+  Clamp clamp;
+  AttendBuffers& w;
+  OLMO_FAST_INLINE KeyBlockView operator()(int64_t n0, int64_t nk) const {
+    load_keys(k + n0 * k_stride, k_stride, nk, D, clamp, nullptr, w.kt);
+    load_keys(v + n0 * v_stride, v_stride, nk, D, clamp, w.vb, nullptr);
+    return {w.kt, w.vb};
+  }
+};
+
+// Every key block of one (b, kv head), converted once on first use and kept: for a thread whose tasks visit the
+// same keys again (the forward's query blocks and the query heads of a GQA group, consecutive tasks), so that the
+// conversion (a transpose, clamped) is not repeated per query block. Memory: 2 x ceil(Tk / kKeys) x kKeys x D
+// floats, reused across owners (stale lanes of a last, partial block stay finite: they hold older keys or 0).
+struct KeyCache {
+  std::vector<float> kt, vb;
+  std::vector<char> ready;
+  int64_t owner = -1, keys = 0;
+
+  // Start caching the `n_keys` keys of `new_owner` (an id of (b, kv head)) unless they are the ones held.
+  void own(int64_t new_owner, int64_t n_keys, int64_t D) {
+    if (new_owner == owner) return;
+    owner = new_owner;
+    keys = n_keys;
+    const int64_t blocks = (n_keys + kKeys - 1) / kKeys;
+    if (int64_t(kt.size()) < blocks * kKeys * D) {
+      kt.resize(blocks * kKeys * D, 0.0f);
+      vb.resize(blocks * kKeys * D, 0.0f);
+    }
+    ready.assign(blocks, 0);
+  }
+
+  // The block of keys from n0 (a multiple of kKeys), converted whole (every key of it, whatever part of it the
+  // caller's rows see: a later task may see more of it).
+  template <class T>
+  OLMO_FAST_INLINE KeyBlockView get(const T* k, int64_t k_stride, const T* v, int64_t v_stride, int64_t n0,
+                                    int64_t D, Clamp clamp) {
+    const int64_t block = n0 / kKeys, nk = std::min(kKeys, keys - n0);
+    float* kb = kt.data() + block * kKeys * D;
+    float* vr = vb.data() + block * kKeys * D;
+    if (!ready[block]) {
+      load_keys(k + n0 * k_stride, k_stride, nk, D, clamp, nullptr, kb);
+      load_keys(v + n0 * v_stride, v_stride, nk, D, clamp, vr, nullptr);
+      ready[block] = 1;
+    }
+    return {kb, vr};
+  }
+};
+
+// Lanes [0, count) rounded up to whole 16-lane vectors (at most kKeys): the per-row loops run over these, the
+// lanes a row does not see masked, so that they vectorise without scalar tails.
+OLMO_FAST_INLINE int64_t whole_vectors(int64_t count) { return std::min<int64_t>(kKeys, (count + 15) / 16 * 16); }
+
 // The online-softmax step of rows `r` (R of them; row r[x] sees lanes [skip[x], seen[x]) of the block, scores
 // s[x]) over a block: s[x] becomes p = exp(s - m_new) there and 0 elsewhere up to `count` lanes; m, l, acc updated.
 // skip[x] > 0 only under a sliding window (the keys before a row's window).
@@ -127,51 +197,52 @@ template <int R>
 OLMO_FAST_INLINE void softmax_block(const int64_t* r, const int64_t* skip, const int64_t* seen, int64_t count,
                                     float* const* s, const float* vb, int64_t D, AttendBuffers& w) {
   float* acc[R];
+  const int64_t lanes16 = whole_vectors(count);
   for (int x = 0; x < R; ++x) {
     float* sx = s[x];
     acc[x] = w.acc + r[x] * D;
     const int64_t n_skip = std::min(std::max<int64_t>(skip[x], 0), count), n_seen = std::max(seen[x], n_skip);
     if (n_seen > n_skip) {
-      float* px = sx + n_skip;
-      const int64_t n = n_seen - n_skip;
+      OLMO_FAST_IVDEP
+      for (int64_t i = 0; i < lanes16; ++i) sx[i] = i >= n_skip && i < n_seen ? sx[i] : -INFINITY;
       const float m_old = w.m[r[x]];
-      const float m_new = std::max(m_old, lane_max(n, [&](int64_t i) { return px[i]; }));
+      const float m_new = std::max(m_old, lane_max(lanes16, [&](int64_t i) { return sx[i]; }));
       const float alpha = exp_f32(m_old - m_new);  // 0 on the row's first block (m_old = -inf)
       OLMO_FAST_IVDEP
-      for (int64_t i = 0; i < n; ++i) px[i] = exp_f32(px[i] - m_new);
-      w.l[r[x]] = w.l[r[x]] * alpha + lane_sum(n, [&](int64_t i) { return px[i]; });
+      for (int64_t i = 0; i < lanes16; ++i) sx[i] = exp_f32(sx[i] - m_new);  // exp_f32(-inf) = 0: masked lanes
+      w.l[r[x]] = w.l[r[x]] * alpha + lane_sum(lanes16, [&](int64_t i) { return sx[i]; });
       w.m[r[x]] = m_new;
       float* ax = acc[x];
       OLMO_FAST_IVDEP
       for (int64_t d = 0; d < D; ++d) ax[d] *= alpha;
+    } else {
+      for (int64_t n = 0; n < count; ++n) sx[n] = 0.0f;
     }
-    for (int64_t n = 0; n < n_skip; ++n) sx[n] = 0.0f;
-    for (int64_t n = n_seen; n < count; ++n) sx[n] = 0.0f;
   }
   add_weighted_rows<R>(acc, s, count, vb, D, D);
 }
 
-// block_scores<R> then softmax_block<R> for a group of 1 to 4 rows.
+// block_scores<R> then softmax_block<R> for a group of 1 to 4 rows against the key block `kv`.
 OLMO_FAST_INLINE void attend_group(int64_t width, const int64_t* r, const int64_t* skip, const int64_t* seen,
-                                   int64_t count, const float* const* q, float* const* s, int64_t D,
+                                   int64_t count, const float* const* q, float* const* s, int64_t D, KeyBlockView kv,
                                    AttendBuffers& w) {
   switch (width) {
-    case 4: block_scores<4>(q, w.kt, D, s); softmax_block<4>(r, skip, seen, count, s, w.vb, D, w); break;
-    case 3: block_scores<3>(q, w.kt, D, s); softmax_block<3>(r, skip, seen, count, s, w.vb, D, w); break;
-    case 2: block_scores<2>(q, w.kt, D, s); softmax_block<2>(r, skip, seen, count, s, w.vb, D, w); break;
-    default: block_scores<1>(q, w.kt, D, s); softmax_block<1>(r, skip, seen, count, s, w.vb, D, w); break;
+    case 4: block_scores<4>(q, kv.kt, D, s); softmax_block<4>(r, skip, seen, count, s, kv.vb, D, w); break;
+    case 3: block_scores<3>(q, kv.kt, D, s); softmax_block<3>(r, skip, seen, count, s, kv.vb, D, w); break;
+    case 2: block_scores<2>(q, kv.kt, D, s); softmax_block<2>(r, skip, seen, count, s, kv.vb, D, w); break;
+    default: block_scores<1>(q, kv.kt, D, s); softmax_block<1>(r, skip, seen, count, s, kv.vb, D, w); break;
   }
 }
 
-// Rows r < n_rows of q (fp32 [n_rows][D], clamped and pre-scaled) against keys [first[r], limit[r]) of k, v (rows
-// k_stride / v_stride apart; limit[r] <= n_keys; first[r] = 0 without a sliding window, and may be negative):
-// running max w.m[r], sum w.l[r] and unnormalised output w.acc[r] (fp32). Key blocks start at the smallest
-// first[r]: the keys before every row's window are never loaded. Rows go in groups of row_group() (each key
-// vector loaded once for the group). A row without keys keeps l = 0.
-template <class T>
+// Rows r < n_rows of q (fp32 [n_rows][D], clamped and pre-scaled) against keys [first[r], limit[r]) (limit[r] <=
+// n_keys; first[r] = 0 without a sliding window, and may be negative), whose blocks `blocks(n0, nk)` gives
+// (KeyBlock, or a KeyCache's): running max w.m[r], sum w.l[r] and unnormalised output w.acc[r] (fp32). Key blocks
+// start at the smallest first[r] rounded down to a multiple of `align` (1: the keys before every row's window are
+// never read; kKeys: the blocks of a KeyCache). Rows go in groups of row_group() (each key vector loaded once for
+// the group). A row without keys keeps l = 0.
+template <class Blocks>
 OLMO_FAST_INLINE void attend_rows(const float* q, int64_t n_rows, const int64_t* first, const int64_t* limit,
-                                  int64_t n_keys, const T* k, int64_t k_stride, const T* v, int64_t v_stride,
-                                  int64_t D, Clamp clamp, AttendBuffers& w) {
+                                  int64_t n_keys, int64_t D, int64_t align, Blocks&& blocks, AttendBuffers& w) {
   int64_t start = n_keys;
   for (int64_t r = 0; r < n_rows; ++r) {
     w.m[r] = -INFINITY;
@@ -181,10 +252,9 @@ OLMO_FAST_INLINE void attend_rows(const float* q, int64_t n_rows, const int64_t*
   for (int64_t i = 0; i < n_rows * D; ++i) w.acc[i] = 0.0f;
   float* const s[4] = {w.scores, w.scores + kKeys, w.scores + 2 * kKeys, w.scores + 3 * kKeys};
   const int64_t group = row_group();
-  for (int64_t n0 = std::max<int64_t>(start, 0); n0 < n_keys; n0 += kKeys) {
+  for (int64_t n0 = std::max<int64_t>(start, 0) / align * align; n0 < n_keys; n0 += kKeys) {
     const int64_t nk = std::min(kKeys, n_keys - n0);
-    load_keys(k + n0 * k_stride, k_stride, nk, D, clamp, nullptr, w.kt);
-    load_keys(v + n0 * v_stride, v_stride, nk, D, clamp, w.vb, nullptr);
+    const KeyBlockView kv = blocks(n0, nk);
     for (int64_t r = 0; r < n_rows; r += group) {  // the last group may be short
       const int64_t width = std::min(group, n_rows - r);
       int64_t rows[4], skip[4], seen[4], count = 0;
@@ -198,7 +268,7 @@ OLMO_FAST_INLINE void attend_rows(const float* q, int64_t n_rows, const int64_t*
         any = any || skip[x] < seen[x];
         qs[x] = q + (r + x) * D;
       }
-      if (count > 0 && any) attend_group(width, rows, skip, seen, count, qs, s, D, w);
+      if (count > 0 && any) attend_group(width, rows, skip, seen, count, qs, s, D, kv, w);
     }
   }
 }

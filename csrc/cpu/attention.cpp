@@ -1,8 +1,10 @@
 // Clipped-QKV flash attention for training on the CPU, forward and backward (contract: kernels.h).
 //
 // Forward: a task per block of 64 queries of one (b, h): its rows, clamped and pre-scaled to fp32, run attend.h's
-// online softmax over key blocks of 64 (each converted to fp32 once per task, clamped as loaded), then
-// out = acc / l and lse = m + log(l). Work 4 P FLOPs, P = B H Tq Tk D (halved by a causal mask at Tq = Tk).
+// online softmax over key blocks of 64, then out = acc / l and lse = m + log(l). Key blocks are converted to fp32
+// (clamped as loaded, K transposed) once per thread and kv head (attend.h's KeyCache: a thread's tasks are
+// consecutive, so all the query blocks and GQA heads of a kv head reuse them; converting per task cost ~20% of
+// the forward at T = 512, D = 64). Work 4 P FLOPs, P = B H Tq Tk D (halved by a causal mask at Tq = Tk).
 // A sliding window (query at position i sees keys i - window < j <= i) skips work: a task's key blocks start at
 // its first row's window, and the backward visits, per key block, only the band of queries that see it.
 //
@@ -18,6 +20,8 @@
 // the key block (the diagonal) to the last (the window's far end). Work 10 P FLOPs (scores recomputed once).
 // Memory per task: fp32 copies of the group's q, dO and the dQ accumulator (3 x group x Tq x D floats) and the
 // key block.
+#include <memory>
+
 #include "attend.h"
 
 namespace olmo_fast {
@@ -38,6 +42,7 @@ OLMO_FAST_CPU_CLONES void attention_fwd_rows(const olmo_fast_attention_fwd_args&
   const int64_t blocks = (Tq + kQueries - 1) / kQueries;
   const Clamp clamp{a.has_clip ? a.clip : INFINITY};
   AttendBuffers w(kQueries, D);
+  KeyCache keys;  // this thread's tasks run in order: the query blocks and heads of one kv head in a row
   std::vector<float> q(kQueries * D);
   int64_t first[kQueries], limit[kQueries];
   for (int64_t row = row_begin; row < row_end; ++row) {
@@ -54,7 +59,11 @@ OLMO_FAST_CPU_CLONES void attention_fwd_rows(const olmo_fast_attention_fwd_args&
     const int64_t kh = h / group;
     const T* k = static_cast<const T*>(a.k) + b * a.k_strides[0] + kh * a.k_strides[2];
     const T* v = static_cast<const T*>(a.v) + b * a.v_strides[0] + kh * a.v_strides[2];
-    attend_rows(q.data(), n_rows, first, limit, n_keys, k, a.k_strides[1], v, a.v_strides[1], D, clamp, w);
+    keys.own(b * a.kv_heads + kh, a.kv_len, D);
+    const auto blocks = [&](int64_t n0, int64_t) {  // whole blocks, each converted once (KeyCache)
+      return keys.get(k, a.k_strides[1], v, a.v_strides[1], n0, D, clamp);
+    };
+    attend_rows(q.data(), n_rows, first, limit, n_keys, D, kKeys, blocks, w);
     for (int64_t r = 0; r < n_rows; ++r) {
       const int64_t i = i0 + r;
       T* o = static_cast<T*>(a.out) + ((b * Tq + i) * a.heads + h) * D;
@@ -99,18 +108,19 @@ OLMO_FAST_INLINE void block_row_grads(const int64_t* r, const int64_t* skip, con
   }
   block_scores<R>(qr, kt, D, p);
   block_scores<R>(dor, vt, D, ds);  // dp
+  const int64_t lanes16 = whole_vectors(count);
   for (int x = 0; x < R; ++x) {
     float* px = p[x];
     float* dsx = ds[x];
     const float lse_r = lse[r[x]], delta_r = delta[r[x]];
     const int64_t n_skip = std::min(skip[x], count), n_seen = std::max(seen[x], n_skip);
-    for (int64_t n = 0; n < n_skip; ++n) px[n] = dsx[n] = 0.0f;
     OLMO_FAST_IVDEP
-    for (int64_t n = n_skip; n < n_seen; ++n) {
-      px[n] = exp_f32(px[n] - lse_r);
-      dsx[n] = px[n] * (dsx[n] - delta_r);
+    for (int64_t n = 0; n < lanes16; ++n) {  // whole vectors, the lanes the row does not see set to 0
+      const bool in = n >= n_skip && n < n_seen;
+      const float pn = exp_f32(px[n] - lse_r);
+      px[n] = in ? pn : 0.0f;
+      dsx[n] = in ? pn * (dsx[n] - delta_r) : 0.0f;
     }
-    for (int64_t n = n_seen; n < count; ++n) px[n] = dsx[n] = 0.0f;
   }
   add_weighted_rows<R>(dqr, ds, count, kb, D, D);
 }
@@ -146,8 +156,12 @@ OLMO_FAST_CPU_CLONES void attention_bwd_pairs(const olmo_fast_attention_bwd_args
   const bool has_clip = a.has_clip != 0;
   const Clamp clamp{has_clip ? a.clip : INFINITY};
   const int64_t group_size = row_group();
-  std::vector<float> buffers(3 * rows * D + 2 * rows + 5 * kKeys * D + 8 * kKeys + 2 * kKeys * kQueries, 0.0f);
-  float* qs = buffers.data();  // [rows][D]: row r = g * Tq + i, query i of head kh * group + g
+  // Not zeroed (every part is written before it is read; only the transposed key blocks, whose lanes past a
+  // partial block's keys feed discarded products, and the P / dS rows start at 0, to stay finite): zeroing it all
+  // cost ~2 us a call.
+  std::unique_ptr<float[]> buffers(new float[3 * rows * D + 2 * rows + 5 * kKeys * D + 8 * kKeys +
+                                             2 * kKeys * kQueries]);
+  float* qs = buffers.get();  // [rows][D]: row r = g * Tq + i, query i of head kh * group + g
   float* dout = qs + rows * D;
   float* dq = dout + rows * D;
   float* lse = dq + rows * D;
@@ -162,6 +176,9 @@ OLMO_FAST_CPU_CLONES void attention_bwd_pairs(const olmo_fast_attention_bwd_args
   float* const ds[4] = {p[3] + kKeys, p[3] + 2 * kKeys, p[3] + 3 * kKeys, p[3] + 4 * kKeys};
   float* pt = ds[3] + kKeys;           // [kKeys][kQueries]: P of a chunk of rows, transposed
   float* dst = pt + kKeys * kQueries;  // dS likewise
+  std::fill(kt, kt + kKeys * D, 0.0f);
+  std::fill(vt, vt + kKeys * D, 0.0f);
+  std::fill(p[0], p[0] + 8 * kKeys, 0.0f);
   for (int64_t pair = pair_begin; pair < pair_end; ++pair) {
     const int64_t b = pair / a.kv_heads, kh = pair - b * a.kv_heads;
     const auto row_ptr = [&](const void* base, const int64_t* s, int64_t r) {  // (b, i, h) of row r

@@ -40,7 +40,8 @@ OLMO_FAST_CPU_CLONES void decode_pairs(const olmo_fast_decode_attention_args& a,
         first[r] = window_first(seqlen - Tq + i, a.window);
         n_keys = std::max(n_keys, limit[r]);
       }
-      attend_rows(q.data(), n_rows, first, limit, n_keys, k, a.k_strides[1], v, a.v_strides[1], D, none, w);
+      attend_rows(q.data(), n_rows, first, limit, n_keys, D, 1,
+                  KeyBlock<T>{k, a.k_strides[1], v, a.v_strides[1], D, none, w}, w);
       for (int64_t r = 0; r < n_rows; ++r) {
         const int64_t g = (r0 + r) / Tq, i = (r0 + r) - g * Tq;
         T* o = static_cast<T*>(a.out) + ((b * Tq + i) * a.heads + kh * group + g) * D;

@@ -24,22 +24,31 @@ _ops = torch.ops.olmo_fast_C
 GPU_RUNTIME: str = _ops.gpu_runtime()  # "cuda", "hip" or "none"
 DEVICES = ("cpu", "cuda") if GPU_RUNTIME != "none" else ("cpu",)
 
-KERNELS = {name: getattr(_ops, name) for name in (
+
+def _direct(name: str):
+    """`torch.ops.olmo_fast_C.<name>` as the C++ callable behind the op packet: the packet's `__call__` only
+    forwards to it, a Python frame (0.3 us) per kernel call that the small CPU ops notice."""
+    packet = getattr(_ops, name)
+    return getattr(packet, "_op", packet)  # (an attribute of the packet since torch 1.x; else the packet)
+
+
+KERNELS = {name: _direct(name) for name in (
     "layer_norm_fwd", "layer_norm_bwd", "norm_fwd", "norm_bwd", "rms_norm_add_fwd", "rms_norm_add_bwd",
     "swiglu_fwd", "swiglu_bwd", "silu_mul_fwd", "silu_mul_bwd", "rope", "rope_interleaved", "qkv_rope_fwd",
     "qkv_rope_bwd", "qk_norm_rope_fwd", "qk_norm_rope_bwd", "cross_entropy_chunk")}
 # Kernels with CPU loops only (no CUDA/HIP kernel yet): registered for the CPU whatever the build.
-CPU_KERNELS = {name: getattr(_ops, name) for name in ("decode_attention",)}
+CPU_KERNELS = {name: _direct(name) for name in ("decode_attention",)}
+_attention_fwd_op, _attention_bwd_op = _direct("attention_fwd"), _direct("attention_bwd")
 
 
 # The attention variants (ops/softmax_attention.py) name Triton kernel sets: the C++ backend has one attention,
 # whatever the variant asked for.
 def _attention_fwd(q, k, v, causal, clip, scale, window, variant):
-    return _ops.attention_fwd(q, k, v, causal, clip, scale, window)
+    return _attention_fwd_op(q, k, v, causal, clip, scale, window)
 
 
 def _attention_bwd(dout, q, k, v, out, lse, causal, clip, scale, window, variant):
-    return _ops.attention_bwd(dout, q, k, v, out, lse, causal, clip, scale, window)
+    return _attention_bwd_op(dout, q, k, v, out, lse, causal, clip, scale, window)
 
 
 CPU_KERNELS.update(attention_fwd=_attention_fwd, attention_bwd=_attention_bwd)

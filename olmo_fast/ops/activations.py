@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from . import dispatch, reference
-from ._library import as_rows, kernel
+from ._library import as_rows, custom_op, from_rows, kernel
 
 
 def swiglu(h: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
@@ -38,9 +38,10 @@ def _out_shape(t: torch.Tensor, width: int) -> tuple[int, ...]:
     return (*t.shape[:-1], width)
 
 
-@torch.library.custom_op("olmo_fast::swiglu_fwd", mutates_args=())
+
+@custom_op("olmo_fast::swiglu_fwd")
 def _swiglu_fwd(h: torch.Tensor, backend: str) -> torch.Tensor:
-    return kernel("swiglu_fwd", backend, h)(as_rows(h)).view(_out_shape(h, h.shape[-1] // 2))
+    return from_rows(kernel("swiglu_fwd", backend, h)(as_rows(h)), h, h.shape[-1] // 2)
 
 
 @_swiglu_fwd.register_fake
@@ -48,9 +49,9 @@ def _(h, backend):
     return h.new_empty(_out_shape(h, h.shape[-1] // 2))
 
 
-@torch.library.custom_op("olmo_fast::swiglu_bwd", mutates_args=())
+@custom_op("olmo_fast::swiglu_bwd")
 def _swiglu_bwd(dout: torch.Tensor, h: torch.Tensor, backend: str) -> torch.Tensor:
-    return kernel("swiglu_bwd", backend, h)(as_rows(dout), as_rows(h)).view(h.shape)
+    return from_rows(kernel("swiglu_bwd", backend, h)(as_rows(dout), as_rows(h)), h)
 
 
 @_swiglu_bwd.register_fake
@@ -71,9 +72,9 @@ def _swiglu_backward(ctx, dout):
 _swiglu_fwd.register_autograd(_swiglu_backward, setup_context=_swiglu_setup)
 
 
-@torch.library.custom_op("olmo_fast::silu_mul_fwd", mutates_args=())
+@custom_op("olmo_fast::silu_mul_fwd")
 def _silu_mul_fwd(gate: torch.Tensor, up: torch.Tensor, backend: str) -> torch.Tensor:
-    return kernel("silu_mul_fwd", backend, gate)(as_rows(gate), as_rows(up)).view(gate.shape)
+    return from_rows(kernel("silu_mul_fwd", backend, gate)(as_rows(gate), as_rows(up)), gate)
 
 
 @_silu_mul_fwd.register_fake
@@ -81,11 +82,11 @@ def _(gate, up, backend):
     return gate.new_empty(gate.shape)
 
 
-@torch.library.custom_op("olmo_fast::silu_mul_bwd", mutates_args=())
+@custom_op("olmo_fast::silu_mul_bwd")
 def _silu_mul_bwd(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, backend: str
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     d_gate, d_up = kernel("silu_mul_bwd", backend, gate)(as_rows(dout), as_rows(gate), as_rows(up))
-    return d_gate.view(gate.shape), d_up.view(up.shape)
+    return from_rows(d_gate, gate), from_rows(d_up, up)
 
 
 @_silu_mul_bwd.register_fake

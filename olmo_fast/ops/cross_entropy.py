@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from . import dispatch, reference
-from ._library import kernel, nothing
+from ._library import custom_op, kernel, nothing
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
@@ -79,7 +79,7 @@ def default_chunk_size(n_tokens: int, vocab: int, hidden: int) -> int:
     return 1 << (rows - 1).bit_length()
 
 
-@torch.library.custom_op("olmo_fast::linear_cross_entropy_fwd", mutates_args=())
+@custom_op("olmo_fast::linear_cross_entropy_fwd")
 def _forward(x: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, ignore_index: int, chunk_size: int,
              z_loss: float, grad_x: bool, grad_w: bool, backend: str
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from . import dispatch, reference
-from ._library import as_rows, check_like, kernel, nothing
+from ._library import as_rows, check_like, custom_op, from_rows, kernel, nothing
 
 
 def layer_norm(x: torch.Tensor, *, eps: float = 1e-5, residual: torch.Tensor | None = None,
@@ -79,7 +79,7 @@ def _parametric(weight: torch.Tensor | None, bias: torch.Tensor | None, rms: boo
     return weight is not None or bias is not None or rms
 
 
-@torch.library.custom_op("olmo_fast::norm_fwd", mutates_args=())
+@custom_op("olmo_fast::norm_fwd")
 def _fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, bias: torch.Tensor | None,
          eps: float, rms: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (y, h or nothing, mean or nothing, rstd), y and h shaped as x, mean/rstd [N] fp32."""
@@ -88,7 +88,7 @@ def _fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | 
         y, h, mean, rstd = kernel("norm_fwd", backend, x)(rows, res, weight, bias, eps, rms)
     else:
         (y, h, rstd), mean = kernel("layer_norm_fwd", backend, x)(rows, res, eps), None
-    return (y.view(x.shape), nothing(x) if h is None else h.view(x.shape),
+    return (from_rows(y, x), nothing(x) if h is None else from_rows(h, x),
             nothing(rstd) if mean is None else mean, rstd)
 
 
@@ -102,7 +102,7 @@ def _(x, residual, weight, bias, eps, rms, backend):
             stats.new_empty(rows) if store_mean else nothing(stats), stats)
 
 
-@torch.library.custom_op("olmo_fast::norm_bwd", mutates_args=())
+@custom_op("olmo_fast::norm_bwd")
 def _bwd(dy: torch.Tensor, saved: torch.Tensor, weight: torch.Tensor | None, mean: torch.Tensor | None,
          rstd: torch.Tensor, dh: torch.Tensor | None, has_bias: bool, rms: bool, backend: str
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -112,7 +112,7 @@ def _bwd(dy: torch.Tensor, saved: torch.Tensor, weight: torch.Tensor | None, mea
         dx, dw, db = kernel("norm_bwd", backend, dy)(rows, saved_rows, weight, mean, rstd, dh_rows, has_bias, rms)
     else:
         dx, dw, db = kernel("layer_norm_bwd", backend, dy)(rows, saved_rows, rstd, dh_rows), None, None
-    return dx.view(dy.shape), nothing(rstd) if dw is None else dw, nothing(rstd) if db is None else db
+    return from_rows(dx, dy), nothing(rstd) if dw is None else dw, nothing(rstd) if db is None else db
 
 
 @_bwd.register_fake
@@ -151,12 +151,12 @@ def _dense(weight: torch.Tensor | None) -> torch.Tensor | None:
     return None if weight is None else weight.contiguous()
 
 
-@torch.library.custom_op("olmo_fast::rms_norm_add_fwd", mutates_args=())
+@custom_op("olmo_fast::rms_norm_add_fwd")
 def _add_fwd(x: torch.Tensor, weight: torch.Tensor | None, residual: torch.Tensor, eps: float, backend: str
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (out shaped as x, in the promoted dtype of x and residual; rstd [N] fp32)."""
     out, rstd = kernel("rms_norm_add_fwd", backend, x)(as_rows(x), _dense(weight), as_rows(residual), eps)
-    return out.view(x.shape), rstd
+    return from_rows(out, x), rstd
 
 
 @_add_fwd.register_fake
@@ -166,12 +166,12 @@ def _(x, weight, residual, eps, backend):
     return out, x.new_empty(rows, dtype=torch.float32)
 
 
-@torch.library.custom_op("olmo_fast::rms_norm_add_bwd", mutates_args=())
+@custom_op("olmo_fast::rms_norm_add_bwd")
 def _add_bwd(dout: torch.Tensor, x: torch.Tensor, weight: torch.Tensor | None, rstd: torch.Tensor, backend: str
              ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (dx shaped as x in x's dtype, dweight fp32 or nothing)."""
     dx, dw = kernel("rms_norm_add_bwd", backend, dout)(as_rows(dout), as_rows(x), _dense(weight), rstd)
-    return dx.view(x.shape), nothing(rstd) if dw is None else dw
+    return from_rows(dx, x), nothing(rstd) if dw is None else dw
 
 
 @_add_bwd.register_fake

@@ -21,7 +21,7 @@ import torch
 
 from ..rope_scaling import RopeScaling, rope_frequencies
 from . import dispatch, reference
-from ._library import check_like, check_positions, kernel
+from ._library import check_like, check_positions, custom_op, kernel
 
 
 def qk_norm_rope(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, *, n_heads: int, n_kv_heads: int,
@@ -69,7 +69,7 @@ def _frequencies(head_dim: int, theta: float, scaling: RopeScaling | None, devic
 _cached_frequencies = functools.lru_cache(maxsize=64)(rope_frequencies)
 
 
-@torch.library.custom_op("olmo_fast::qk_norm_rope_fwd", mutates_args=())
+@custom_op("olmo_fast::qk_norm_rope_fwd")
 def _fwd(qkv: torch.Tensor, q_weight: torch.Tensor, k_weight: torch.Tensor, n_heads: int, n_kv_heads: int, eps: float,
          positions: torch.Tensor | None, offset: int, inv_freq: torch.Tensor, attention_factor: float, backend: str
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -88,7 +88,7 @@ def _(qkv, q_weight, k_weight, n_heads, n_kv_heads, eps, positions, offset, inv_
             qkv.new_empty((B * T, 2), dtype=torch.float32))
 
 
-@torch.library.custom_op("olmo_fast::qk_norm_rope_bwd", mutates_args=())
+@custom_op("olmo_fast::qk_norm_rope_bwd")
 def _bwd(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, qkv: torch.Tensor, q_weight: torch.Tensor,
          k_weight: torch.Tensor, rstd: torch.Tensor, positions: torch.Tensor | None, offset: int,
          inv_freq: torch.Tensor, attention_factor: float, backend: str

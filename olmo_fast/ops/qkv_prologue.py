@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from . import dispatch, reference
-from ._library import check_positions, kernel
+from ._library import check_positions, custom_op, kernel
 
 
 def qkv_rope(qkv: torch.Tensor, *, n_heads: int, n_kv_heads: int, clip: float | None = None,
@@ -35,7 +35,7 @@ def qkv_rope(qkv: torch.Tensor, *, n_heads: int, n_kv_heads: int, clip: float | 
                 float(theta), chosen)
 
 
-@torch.library.custom_op("olmo_fast::qkv_rope_fwd", mutates_args=())
+@custom_op("olmo_fast::qkv_rope_fwd")
 def _fwd(qkv: torch.Tensor, n_heads: int, n_kv_heads: int, clip: float | None, positions: torch.Tensor | None,
          offset: int, theta: float, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if qkv.stride(-1) != 1:
@@ -50,7 +50,7 @@ def _(qkv, n_heads, n_kv_heads, clip, positions, offset, theta, backend):
     return qkv.new_empty(B, T, n_heads, D), qkv.new_empty(B, T, n_kv_heads, D), qkv.new_empty(B, T, n_kv_heads, D)
 
 
-@torch.library.custom_op("olmo_fast::qkv_rope_bwd", mutates_args=())
+@custom_op("olmo_fast::qkv_rope_bwd")
 def _bwd(dq: torch.Tensor, dk: torch.Tensor, dv: torch.Tensor, qkv: torch.Tensor | None, clip: float | None,
          positions: torch.Tensor | None, offset: int, theta: float, backend: str) -> torch.Tensor:
     if qkv is not None and qkv.stride(-1) != 1:

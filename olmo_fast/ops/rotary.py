@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from . import dispatch, reference
-from ._library import check_positions, kernel
+from ._library import check_positions, custom_op, kernel
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, *, positions: torch.Tensor | None = None,
@@ -35,7 +35,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, *, positions: torch.Tensor | None = N
     return _rope(q, k, positions, int(offset), float(theta), False, interleaved, chosen)
 
 
-@torch.library.custom_op("olmo_fast::rope", mutates_args=())
+@custom_op("olmo_fast::rope")
 def _rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor | None, offset: int, theta: float,
           inverse: bool, interleaved: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     fn = kernel("rope_interleaved" if interleaved else "rope", backend, q)

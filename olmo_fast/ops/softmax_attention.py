@@ -19,7 +19,7 @@ import os
 import torch
 
 from . import dispatch, reference
-from ._library import kernel
+from ._library import custom_op, kernel
 
 ATTENTION_VARIANTS = ("fa2", "tma", "tma-atomic", "tma-persistent")
 DEFAULT_VARIANT = "fa2"  # on every target until a GPU run shows another one faster (benchmarks/results/)
@@ -95,7 +95,7 @@ def _check_heads_and_dtypes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -
         raise ValueError(f"attention wants q, k, v of one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
 
 
-@torch.library.custom_op("olmo_fast::attention_fwd", mutates_args=())
+@custom_op("olmo_fast::attention_fwd")
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, clip: float | None, scale: float,
                   window: int | None, backend: str, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
     return kernel("attention_fwd", backend, q)(q, k, v, causal, clip, scale, window, variant)
@@ -107,7 +107,7 @@ def _attention_fwd_fake(q, k, v, causal, clip, scale, window, backend, variant):
     return q.new_empty(q.shape), q.new_empty((B, H, Tq), dtype=torch.float32)
 
 
-@torch.library.custom_op("olmo_fast::attention_bwd", mutates_args=())
+@custom_op("olmo_fast::attention_bwd")
 def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                   lse: torch.Tensor, causal: bool, clip: float | None, scale: float, window: int | None, backend: str,
                   variant: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
