@@ -234,8 +234,9 @@ existing() {
     local f
     for f in "$@"; do if [[ -f $f ]]; then echo "$f"; else echo "gpu_check: no $f (renamed?)" >&2; fi; done
 }
-# The gpu-marked tests: bf16/fp16 attention and decode attention against float64, CUDA-graph decoding.
-mapfile -t GPU_TESTS < <(existing tests/test_{attention,decode_attention,generate}.py 2>>"$LOG")
+# The gpu-marked tests: bf16/fp16 attention and decode attention against float64, CUDA-graph decoding, the cpp
+# backend's CUDA kernels (tensor-core attention, decode, prologue, cross-entropy) through the binding.
+mapfile -t GPU_TESTS < <(existing tests/test_{attention,decode_attention,generate,cpp_gpu_kernels}.py 2>>"$LOG")
 if (( ${#GPU_TESTS[@]} )); then
     stage tests "${PYTEST[@]}" -m gpu --junitxml="$SCRATCH/tests.xml" "${GPU_TESTS[@]}"
 else

@@ -35,9 +35,7 @@ def _direct(name: str):
 KERNELS = {name: _direct(name) for name in (
     "layer_norm_fwd", "layer_norm_bwd", "norm_fwd", "norm_bwd", "rms_norm_add_fwd", "rms_norm_add_bwd",
     "swiglu_fwd", "swiglu_bwd", "silu_mul_fwd", "silu_mul_bwd", "rope", "rope_interleaved", "qkv_rope_fwd",
-    "qkv_rope_bwd", "qk_norm_rope_fwd", "qk_norm_rope_bwd", "cross_entropy_chunk")}
-# Kernels with CPU loops only (no CUDA/HIP kernel yet): registered for the CPU whatever the build.
-CPU_KERNELS = {name: _direct(name) for name in ("decode_attention",)}
+    "qkv_rope_bwd", "qk_norm_rope_fwd", "qk_norm_rope_bwd", "cross_entropy_chunk", "decode_attention")}
 _attention_fwd_op, _attention_bwd_op = _direct("attention_fwd"), _direct("attention_bwd")
 
 
@@ -51,11 +49,9 @@ def _attention_bwd(dout, q, k, v, out, lse, causal, clip, scale, window, variant
     return _attention_bwd_op(dout, q, k, v, out, lse, causal, clip, scale, window)
 
 
-CPU_KERNELS.update(attention_fwd=_attention_fwd, attention_bwd=_attention_bwd)
+KERNELS.update(attention_fwd=_attention_fwd, attention_bwd=_attention_bwd)
 for _name, _fn in KERNELS.items():
     register_kernel(_name, "cpp", _fn, DEVICES)
-for _name, _fn in CPU_KERNELS.items():
-    register_kernel(_name, "cpp", _fn, ("cpu",))
 
 
 # Fake implementations: output shapes/dtypes for torch.compile and meta tensors.
