@@ -99,44 +99,6 @@ struct BwdSmem {
   }
 };
 
-// c[n] += A B_n^T: A = 16 rows of `a` (row stride lda) by the head dim, B_n = rows 16 n .. 16 n + 15 of `b` (row
-// stride ldb); k-steps past `dim_tiles` (zero padding) are skipped.
-template <int kTilesN, int kTilesK, class T>
-OF_DEVICE void mma_rows_by_rows(Acc (&c)[kTilesN], const T* a, int lda, const T* b, int ldb, int dim_tiles) {
-#pragma unroll
-  for (int kt = 0; kt < kTilesK; ++kt) {
-    if (kt < dim_tiles) {  // a guard, not a break: the loop stays unrollable
-      OperandA<T> fa;
-      load_a(fa, a + kt * kMmaTile, lda, 1);
-#pragma unroll
-      for (int nt = 0; nt < kTilesN; ++nt) {
-        OperandB<T> fb;
-        load_b(fb, b + nt * kMmaTile * ldb + kt * kMmaTile, 1, ldb);  // B(k = dim, n = row) = b[row][dim]
-        mma(c[nt], fa, fb);
-      }
-    }
-  }
-}
-
-// c[n] += W B[:, 16 n .. 16 n + 15]: W = 16 rows of `w` (row stride ldw) by kTilesK * 16 columns, B = `b` (row
-// stride ldb) by the head dim; column tiles past `dim_tiles` are skipped (their accumulators stay 0).
-template <int kTilesN, int kTilesK, class T>
-OF_DEVICE void mma_weights_by_rows(Acc (&c)[kTilesN], const T* w, int ldw, const T* b, int ldb, int dim_tiles) {
-#pragma unroll
-  for (int kt = 0; kt < kTilesK; ++kt) {
-    OperandA<T> fa;
-    load_a(fa, w + kt * kMmaTile, ldw, 1);
-#pragma unroll
-    for (int nt = 0; nt < kTilesN; ++nt) {
-      if (nt < dim_tiles) {
-        OperandB<T> fb;
-        load_b(fb, b + kt * kMmaTile * ldb + nt * kMmaTile, ldb, 1);  // B(k = row, n = dim) = b[row][dim]
-        mma(c[nt], fa, fb);
-      }
-    }
-  }
-}
-
 // The warp's accumulators (16 rows by kTiles * 16 columns) into its rows of a shared tile, rounded to T.
 template <int kTiles, class T>
 OF_DEVICE void store_acc(T* tile, int ld, const Acc (&c)[kTiles]) {

@@ -149,19 +149,7 @@ __global__ __launch_bounds__((FwdTiles<T, kMaxDim>::kThreads)) void attention_fw
         Acc s[kKeyTiles];
 #pragma unroll
         for (int j = 0; j < kKeyTiles; ++j) acc_fill(s[j], 0.0f);
-#pragma unroll
-        for (int c = 0; c < kDimTiles; ++c) {
-          if (c < dim_tiles) {
-            OperandA<T> qa;
-            load_a(qa, q_warp + c * kMmaTile, ld, 1);
-#pragma unroll
-            for (int j = 0; j < kKeyTiles; ++j) {
-              OperandB<T> kb;
-              load_b(kb, k_tile + j * kMmaTile * ld + c * kMmaTile, 1, ld);
-              mma(s[j], qa, kb);
-            }
-          }
-        }
+        mma_rows_by_rows<kKeyTiles, kDimTiles>(s, q_warp, ld, k_tile, ld, dim_tiles);  // S = Q K^T
         // Only a block that some row of the warp does not fully see needs the mask.
         const bool edge = !(n0 >= mask.key_begin(w1 - 1) && n0 + BN <= mask.key_end(w0));
         float top[kRowsPerLane];
@@ -206,21 +194,7 @@ __global__ __launch_bounds__((FwdTiles<T, kMaxDim>::kThreads)) void attention_fw
         stage_rows(v_tile, ld, BN, v + n0 * a.v_strides[1], a.v_strides[1], keys, D, clip, a.clip);
         __syncthreads();
       }
-      if (active) {
-#pragma unroll
-        for (int j = 0; j < kKeyTiles; ++j) {
-          OperandA<T> pa;
-          load_a(pa, p_tile + j * kMmaTile, ldp, 1);
-#pragma unroll
-          for (int c = 0; c < kDimTiles; ++c) {
-            if (c < dim_tiles) {
-              OperandB<T> vb;
-              load_b(vb, v_tile + j * kMmaTile * ld + c * kMmaTile, ld, 1);
-              mma(o[c], pa, vb);
-            }
-          }
-        }
-      }
+      if (active) mma_weights_by_rows<kDimTiles, kKeyTiles>(o, p_tile, ldp, v_tile, ld, dim_tiles);  // O += P V
       __syncthreads();  // K, V and P are overwritten by the next key block
     }
 

@@ -15,6 +15,7 @@
 #pragma once
 
 #include "common.cuh"
+#include "mma.cuh"
 
 namespace olmo_fast {
 
@@ -113,6 +114,46 @@ OF_DEVICE void store_rows(T* dst, int64_t row_stride, const T* tile, int ld, int
     store_rows_by<T, N>(dst, row_stride, tile, ld, rows, head_dim);
   } else {
     store_rows_by<T, 1>(dst, row_stride, tile, ld, rows, head_dim);
+  }
+}
+
+// ---- warp products over staged tiles ----
+
+// c[n] += A B_n^T: A = 16 rows of `a` (row stride lda) by the head dim, B_n = rows 16 n .. 16 n + 15 of `b` (row
+// stride ldb); k-steps past `dim_tiles` (zero padding) are skipped.
+template <int kTilesN, int kTilesK, class T>
+OF_DEVICE void mma_rows_by_rows(Acc (&c)[kTilesN], const T* a, int lda, const T* b, int ldb, int dim_tiles) {
+#pragma unroll
+  for (int kt = 0; kt < kTilesK; ++kt) {
+    if (kt < dim_tiles) {  // a guard, not a break: the loop stays unrollable
+      OperandA<T> fa;
+      load_a(fa, a + kt * kMmaTile, lda, 1);
+#pragma unroll
+      for (int nt = 0; nt < kTilesN; ++nt) {
+        OperandB<T> fb;
+        load_b(fb, b + nt * kMmaTile * ldb + kt * kMmaTile, 1, ldb);  // B(k = dim, n = row) = b[row][dim]
+        mma(c[nt], fa, fb);
+      }
+    }
+  }
+}
+
+// c[n] += W B[:, 16 n .. 16 n + 15]: W = 16 rows of `w` (row stride ldw) by kTilesK * 16 columns, B = `b` (row
+// stride ldb) by the head dim; column tiles past `dim_tiles` are skipped (their accumulators stay 0).
+template <int kTilesN, int kTilesK, class T>
+OF_DEVICE void mma_weights_by_rows(Acc (&c)[kTilesN], const T* w, int ldw, const T* b, int ldb, int dim_tiles) {
+#pragma unroll
+  for (int kt = 0; kt < kTilesK; ++kt) {
+    OperandA<T> fa;
+    load_a(fa, w + kt * kMmaTile, ldw, 1);
+#pragma unroll
+    for (int nt = 0; nt < kTilesN; ++nt) {
+      if (nt < dim_tiles) {
+        OperandB<T> fb;
+        load_b(fb, b + kt * kMmaTile * ldb + nt * kMmaTile, ldb, 1);  // B(k = row, n = dim) = b[row][dim]
+        mma(c[nt], fa, fb);
+      }
+    }
   }
 }
 
