@@ -4,7 +4,8 @@
 #   2. every kernel as HIP with Debian's hipcc for gfx90a (installed with apt-get when absent);
 #   3. the CPU loops with CMake (warnings as errors) and csrc/tests/cpu_loops_test.cpp through ctest;
 #   4. the GPU path of setup.py (nvcc objects + the torch binding with OLMO_FAST_WITH_GPU, cudart linked), then
-#      the resulting olmo_fast._C loaded into the (CPU) torch: the binding compiles, links and registers.
+#      the resulting olmo_fast._C loaded into the (CPU) torch: the binding compiles, links and registers a
+#      CUDA kernel for every op that has a CPU one.
 # No GPU is needed. Usage: .ci/compile_kernels.sh  (PYTHON=path/to/python with torch for step 4; default .venv).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -54,7 +55,12 @@ assert torch.ops.olmo_fast_C.gpu_runtime() == "cuda"
 x = torch.randn(3, 8)
 y = torch.ops.olmo_fast_C.layer_norm_fwd(x, None, 1e-5)[0]
 torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (8,)))
-print(f"   built in {info['seconds']} s for {info['archs']}; loads, registers CUDA kernels, runs on the CPU")
+ops = [op.split("::")[1] for op in torch._C._dispatch_get_all_op_names() if op.startswith("olmo_fast_C::")]
+kernels = [op for op in ops if torch._C._dispatch_has_kernel_for_dispatch_key(f"olmo_fast_C::{op}", "CPU")]
+missing = [op for op in kernels if not torch._C._dispatch_has_kernel_for_dispatch_key(f"olmo_fast_C::{op}", "CUDA")]
+assert not missing, f"kernels with a CPU loop but no CUDA/HIP kernel: {missing}"
+print(f"   built in {info['seconds']} s for {info['archs']}; loads, registers a CUDA kernel for each of its "
+      f"{len(kernels)} ops, runs on the CPU")
 PY
 else
   echo "== no $PYTHON: skipping the setup.py GPU build (set PYTHON=python-with-torch)" >&2
