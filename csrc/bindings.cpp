@@ -349,6 +349,7 @@ struct LayerNormFunction : torch::autograd::Function<LayerNormFunction> {
     const Tensor dh = has_residual ? grads[1] : Tensor();
     Tensor dx = dh;  // without dy the norm adds nothing
     if (dy.defined()) {
+      const at::AutoDispatchBelowADInplaceOrView below;  // to the kernel, not the boxed autograd fallback (~1 us)
       const torch::autograd::variable_list saved = ctx->get_saved_variables();
       static const auto bwd = op_handle<decltype(layer_norm_bwd)>("olmo_fast_C::layer_norm_bwd");
       const std::optional<Tensor> dh_rows = dh.defined() ? std::optional<Tensor>(flat_rows(dh)) : std::nullopt;
