@@ -66,8 +66,12 @@ def test_a_call_resolves_once_and_fetches_each_kernel_once(op, backend, how, cou
         out = call(backend if how == "explicit" else None)
         out.sum().backward()
     assert counted["resolve"] == {fwd: 1}
-    # the forward's kernel in the forward, the backward's in the backward (rope's backward is itself, inverted)
-    assert counted["kernel"] == ({fwd: 2} if fwd == bwd else {fwd: 1, bwd: 1})
+    # the forward's kernel in the forward, the backward's in the backward (rope's backward is itself, inverted); the
+    # "cpp" LayerNorm in eager mode is one extension op whose C++ autograd node runs the backward's kernel itself
+    if op == "layer_norm" and backend == "cpp":
+        assert counted["kernel"] == {"layer_norm_residual": 1}
+    else:
+        assert counted["kernel"] == ({fwd: 2} if fwd == bwd else {fwd: 1, bwd: 1})
 
 
 def test_linear_cross_entropy_resolves_once(counted):

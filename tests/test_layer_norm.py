@@ -25,6 +25,10 @@ VARIANTS = {  # name -> (rms, has_weight, has_bias)
 }
 
 
+# The autograd node of the "cpp" backend's non-parametric LayerNorm in plain eager calls (csrc/bindings.cpp)
+CPP_NODE = "LayerNormFunction"
+
+
 def kernel_name(rms: bool, weight: bool, bias: bool) -> str:
     return "norm_fwd" if rms or weight or bias else "layer_norm_fwd"
 
@@ -72,6 +76,8 @@ def test_against_float64(backend, dtype, variant, residual, case):
     ref = run(*f64, rms, "torch", eps)
     for i, (g, s, f) in enumerate(zip(got, same, ref)):
         assert_within_2x(f"{variant} output/grad #{i}", g, s, f)
+    if backend == "cpp" and variant == "layer_norm":  # what was checked is the extension's op and C++ node
+        assert CPP_NODE in got[0].grad_fn.name()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -137,3 +143,91 @@ def test_no_rows_give_zero_parameter_gradients(backend, variant):
     assert dx.shape == (0, C) and len(dparams) == 1 + has_bias
     for grad in dparams:
         assert grad.shape == (C,) and torch.equal(grad, torch.zeros(C, device=DEVICE))
+
+
+@pytest.mark.parametrize("used", ["y", "h"])
+def test_cpp_node_with_one_output_used(used):
+    """Only y or only h of the fused residual LayerNorm reaches the loss: the C++ node gets no gradient for the other
+    (not zeros) and x's and the residual's gradients still match float64."""
+    require_kernel_where_registered("layer_norm", "cpp")
+    x, r, d = (make((2, 3), 45, "sliced", torch.bfloat16) for _ in range(3))
+
+    def grads(x, r, d, backend):
+        x, r = x.detach().requires_grad_(), r.detach().requires_grad_()
+        y, h = ops.layer_norm(x, residual=r, backend=backend)
+        return torch.autograd.grad(y if used == "y" else h, (x, r), d)
+
+    got = grads(x, r, d, "cpp")
+    same = grads(x, r, d, "torch")
+    ref = grads(x.double(), r.double(), d.double(), "torch")
+    for i, (g, s, f) in enumerate(zip(got, same, ref)):
+        assert_within_2x(f"only {used}: grad #{i}", g, s, f)
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_cpp_no_grad_call(residual):
+    """Without autograd (no_grad, or no input needing a gradient) the C++ op runs its kernel alone: no node, the same
+    values as with one."""
+    require_kernel_where_registered("layer_norm", "cpp")
+    x, r = make((5,), 33, "transposed", torch.float16), make((5,), 33, "sliced", torch.float16)
+    res, leaf = r if residual else None, x.detach().requires_grad_()
+
+    def outputs(out):
+        return list(out) if residual else [out]
+
+    with_node = outputs(ops.layer_norm(leaf, residual=res, backend="cpp"))
+    with torch.no_grad():
+        no_grad = outputs(ops.layer_norm(leaf, residual=res, backend="cpp"))
+    plain = outputs(ops.layer_norm(x, residual=res, backend="cpp"))
+    for a, b, c in zip(with_node, no_grad, plain):
+        assert b.grad_fn is None and c.grad_fn is None and CPP_NODE in a.grad_fn.name()
+        assert torch.equal(a.detach(), b) and torch.equal(a.detach(), c)
+
+
+def test_cpp_node_has_no_double_backward():
+    require_kernel_where_registered("layer_norm", "cpp")
+    x = torch.randn(3, 10, device=DEVICE, requires_grad=True)
+    y = ops.layer_norm(x, backend="cpp")
+    with pytest.raises(RuntimeError, match="no double backward"):
+        torch.autograd.grad(y.square().sum(), x, create_graph=True)
+
+
+def test_compiled_call_traces_the_custom_op_not_the_cpp_node():
+    """Under torch.compile the "cpp" LayerNorm is the traceable custom op olmo_fast::norm_fwd (with its registered
+    autograd), never the extension's op with the C++ node; values and gradients equal the eager call's."""
+    require_kernel_where_registered("layer_norm", "cpp")
+    torch._dynamo.reset()
+    targets = []
+
+    def record(gm, example_inputs):
+        targets.extend(str(node.target) for node in gm.graph.nodes)
+        return gm.forward
+
+    def run(fn):
+        x, r = make((2, 3), 21, "sliced", torch.float32), make((2, 3), 21, "sliced", torch.float32)
+        x, r = x.requires_grad_(), r.requires_grad_()
+        y, h = fn(x, r)
+        return [y, h, *torch.autograd.grad((y * h).sum(), (x, r))]
+
+    def norm(x, r):
+        return ops.layer_norm(x, residual=r, backend="cpp")
+
+    torch.manual_seed(1)
+    eager = run(norm)
+    torch.manual_seed(1)
+    compiled = run(torch.compile(norm, backend=record, fullgraph=True))
+    assert "olmo_fast.norm_fwd" in str(targets) and "olmo_fast_C" not in str(targets), targets
+    for e, c in zip(eager, compiled):
+        torch.testing.assert_close(c, e, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_cpp_op_opcheck(residual):
+    """The extension's ops: schema, fake kernel, autograd registration and tracing agree with the real kernels."""
+    require_kernel_where_registered("layer_norm", "cpp")
+    x = make((4,), 24, "sliced", torch.bfloat16).requires_grad_()
+    if residual:
+        r = make((4,), 24, "sliced", torch.bfloat16).requires_grad_()
+        torch.library.opcheck(torch.ops.olmo_fast_C.layer_norm_residual, (x, r, 1e-5))
+    else:
+        torch.library.opcheck(torch.ops.olmo_fast_C.layer_norm, (x, 1e-5))

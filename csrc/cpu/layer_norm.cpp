@@ -71,8 +71,10 @@ OLMO_FAST_CPU_CLONES void norm_bwd_rows(const olmo_fast_norm_bwd_args& a, int64_
     const float shift = a.from_input && a.mean != nullptr ? a.mean[row] : 0.0f;
     const auto xhat = [&](int64_t i) { return (to_float(s[i]) - shift) * scale; };
     const auto g = [&](int64_t i) { return w ? to_float(dy[i]) * to_float(w[i]) : to_float(dy[i]); };
-    const float mean_g_xhat = lane_sum(n, [&](int64_t i) { return g(i) * xhat(i); }) / float(n);
-    const float mean_g = a.rms ? 0.0f : lane_sum(n, g) / float(n);
+    float sum_g_xhat, sum_g;
+    lane_sums(n, [&](int64_t i) { return g(i) * xhat(i); }, g, sum_g_xhat, sum_g);
+    const float mean_g_xhat = sum_g_xhat / float(n);
+    const float mean_g = a.rms ? 0.0f : sum_g / float(n);
     T* dx = static_cast<T*>(a.dx) + row * n;
     const T* dh = a.dh != nullptr ? static_cast<const T*>(a.dh) + row * a.dh_stride : nullptr;
     if (dh != nullptr) {

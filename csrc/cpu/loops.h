@@ -56,11 +56,20 @@ void dispatch_dtype(olmo_fast_dtype dtype, F&& f) {
   }
 }
 
+constexpr int kLanes = 16;
+
+// The sum of lane accumulators, by a pairwise fold.
+OLMO_FAST_INLINE float fold_lanes(float (&acc)[kLanes]) {
+  for (int width = kLanes / 2; width > 0; width /= 2) {
+    for (int j = 0; j < width; ++j) acc[j] += acc[j + width];
+  }
+  return acc[0];
+}
+
 // sum_{i < n} term(i) in fp32 over 16 independent lanes (which the compiler maps to SIMD registers: a plain
 // float reduction would stay scalar without -ffast-math), then a pairwise fold; the n % 16 tail is scalar.
 template <class F>
 OLMO_FAST_INLINE float lane_sum(int64_t n, F term) {
-  constexpr int kLanes = 16;
   float acc[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
@@ -68,17 +77,33 @@ OLMO_FAST_INLINE float lane_sum(int64_t n, F term) {
   }
   float tail = 0.0f;
   for (; i < n; ++i) tail += term(i);
-  for (int width = kLanes / 2; width > 0; width /= 2) {
-    for (int j = 0; j < width; ++j) acc[j] += acc[j + width];
+  return fold_lanes(acc) + tail;
+}
+
+// lane_sum of two terms in one pass over the row (their common loads once): sum_a, sum_b as lane_sum gives them.
+template <class A, class B>
+OLMO_FAST_INLINE void lane_sums(int64_t n, A term_a, B term_b, float& sum_a, float& sum_b) {
+  float acc_a[kLanes] = {}, acc_b[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      acc_a[j] += term_a(i + j);
+      acc_b[j] += term_b(i + j);
+    }
   }
-  return acc[0] + tail;
+  float tail_a = 0.0f, tail_b = 0.0f;
+  for (; i < n; ++i) {
+    tail_a += term_a(i);
+    tail_b += term_b(i);
+  }
+  sum_a = fold_lanes(acc_a) + tail_a;
+  sum_b = fold_lanes(acc_b) + tail_b;
 }
 
 // max_{i < n} term(i) (-inf for n = 0), over 16 lanes as lane_sum; a NaN term may be dropped (callers that must
 // see NaN get it from a later sum).
 template <class F>
 OLMO_FAST_INLINE float lane_max(int64_t n, F term) {
-  constexpr int kLanes = 16;
   float acc[kLanes];
   for (int j = 0; j < kLanes; ++j) acc[j] = -INFINITY;
   int64_t i = 0;

@@ -2,7 +2,9 @@
 
 The extension holds C++ loops for the CPU and, when built against a CUDA or ROCm torch, CUDA/HIP kernels for
 the GPU (csrc/). Those ops have the Triton kernels' signatures (kernels/<file>.py) and are registered as the kernels
-themselves; fake (meta) implementations let torch.compile trace through them. If the extension is absent,
+themselves; fake (meta) implementations let torch.compile trace through them. Two are whole ops instead, the
+non-parametric LayerNorm "layer_norm" and "layer_norm_residual" with their autograd node in C++, which ops/norms.py
+calls in plain eager calls. If the extension is absent,
 importing this module raises ImportError saying why (from the build record olmo_fast/_build_info.json), and
 dispatch marks "cpp" unavailable with that reason.
 """
@@ -33,9 +35,10 @@ def _direct(name: str):
 
 
 KERNELS = {name: _direct(name) for name in (
-    "layer_norm_fwd", "layer_norm_bwd", "norm_fwd", "norm_bwd", "rms_norm_add_fwd", "rms_norm_add_bwd",
-    "swiglu_fwd", "swiglu_bwd", "silu_mul_fwd", "silu_mul_bwd", "rope", "rope_interleaved", "qkv_rope_fwd",
-    "qkv_rope_bwd", "qk_norm_rope_fwd", "qk_norm_rope_bwd", "cross_entropy_chunk", "decode_attention")}
+    "layer_norm", "layer_norm_residual", "layer_norm_fwd", "layer_norm_bwd", "norm_fwd", "norm_bwd",
+    "rms_norm_add_fwd", "rms_norm_add_bwd", "swiglu_fwd", "swiglu_bwd", "silu_mul_fwd", "silu_mul_bwd", "rope",
+    "rope_interleaved", "qkv_rope_fwd", "qkv_rope_bwd", "qk_norm_rope_fwd", "qk_norm_rope_bwd", "cross_entropy_chunk",
+    "decode_attention")}
 _attention_fwd_op, _attention_bwd_op = _direct("attention_fwd"), _direct("attention_bwd")
 
 
@@ -55,6 +58,17 @@ for _name, _fn in KERNELS.items():
 
 
 # Fake implementations: output shapes/dtypes for torch.compile and meta tensors.
+@torch.library.register_fake("olmo_fast_C::layer_norm")
+def _(x, eps):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+@torch.library.register_fake("olmo_fast_C::layer_norm_residual")
+def _(x, residual, eps):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
 @torch.library.register_fake("olmo_fast_C::layer_norm_fwd")
 def _(x, residual, eps):
     n, c = x.shape

@@ -3,17 +3,18 @@
 post-norm residual `rms_norm_add` (norm, then add).
 
 OLMo's non-parametric LayerNorm runs the kernels "layer_norm_fwd"/"layer_norm_bwd" (which every compiled
-backend provides) and keeps only its output y and rstd for the backward; with a weight or bias, or RMSNorm, it
-runs "norm_fwd"/"norm_bwd" and keeps the input h (+ mean, rstd). `rms_norm_add` runs "rms_norm_add_fwd" /
-"rms_norm_add_bwd" through the custom ops "olmo_fast::rms_norm_add_fwd/bwd", keeping x and rstd; its residual's
-gradient is the incoming one itself. Signatures: kernels/layer_norm.py.
+backend provides) and keeps only its output y and rstd for the backward (in plain eager calls on the "cpp" backend
+through the extension's ops "layer_norm"/"layer_norm_residual", whose autograd node is C++); with a weight or
+bias, or RMSNorm, it runs "norm_fwd"/"norm_bwd" and keeps the input h (+ mean, rstd). `rms_norm_add` runs
+"rms_norm_add_fwd" / "rms_norm_add_bwd" through the custom ops "olmo_fast::rms_norm_add_fwd/bwd", keeping x and
+rstd; its residual's gradient is the incoming one itself. Signatures: kernels/layer_norm.py.
 """
 from __future__ import annotations
 
 import torch
 
 from . import dispatch, reference
-from ._library import as_rows, check_like, custom_op, from_rows, kernel, nothing
+from ._library import _plain_eager, as_rows, check_like, custom_op, from_rows, kernel, nothing
 
 
 def layer_norm(x: torch.Tensor, *, eps: float = 1e-5, residual: torch.Tensor | None = None,
@@ -28,6 +29,8 @@ def layer_norm(x: torch.Tensor, *, eps: float = 1e-5, residual: torch.Tensor | N
     chosen = dispatch.resolve("norm_fwd" if parametric else "layer_norm_fwd", backend, x.device)
     if chosen == "torch":
         return reference.layer_norm(x, eps, residual, weight, bias)
+    if chosen == "cpp" and not parametric and _plain_eager((x, residual)):
+        return _cpp_layer_norm(x, eps, residual)
     return _norm(x, eps, residual, weight, bias, False, chosen)
 
 
@@ -73,6 +76,15 @@ def _norm(x: torch.Tensor, eps: float, residual: torch.Tensor | None, weight: to
     """A norm on a compiled backend: y, or (y, h) with a residual."""
     y, h, _, _ = _fwd(x, residual, weight, bias, eps, rms, backend)
     return y if residual is None else (y, h)
+
+
+def _cpp_layer_norm(x: torch.Tensor, eps: float, residual: torch.Tensor | None):
+    """The non-parametric LayerNorm in a plain eager call on the "cpp" backend: the extension's whole op, whose
+    autograd node is C++ (a Python one costs more than eager PyTorch's whole LayerNorm on small inputs: the numbers
+    are in csrc/bindings.cpp). y, or (y, h)."""
+    if residual is None:
+        return kernel("layer_norm", "cpp", x)(x, eps)
+    return kernel("layer_norm_residual", "cpp", x)(x, residual, eps)
 
 
 def _parametric(weight: torch.Tensor | None, bias: torch.Tensor | None, rms: bool) -> bool:
