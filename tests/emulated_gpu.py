@@ -41,7 +41,8 @@ def gpu(request, tmp_path_factory) -> ctypes.CDLL:
     objects = [build / f"{s.stem}.o" for s in sources]
     compiles = [subprocess.Popen([CXX, *flags, "-c", str(s), "-o", str(o)], stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True) for s, o in zip(sources, objects)]
-    errors = [c.communicate(timeout=900)[0] for c in compiles if c.wait(timeout=900) != 0]
+    logs = [c.communicate(timeout=900)[0] for c in compiles]  # read as they run: a long log cannot fill the pipe
+    errors = [log for c, log in zip(compiles, logs) if c.returncode != 0]
     assert not errors, "\n".join(errors)[-3000:]
     lib = build / "libolmo_fast_emulated.so"
     done = subprocess.run([CXX, "-shared", "-pthread", *map(str, objects), "-o", str(lib)], capture_output=True,
