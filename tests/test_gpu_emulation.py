@@ -75,6 +75,15 @@ def _rows(n: int, c: int, dtype: torch.dtype, pad: int = 3) -> torch.Tensor:
     return torch.randn(n, c + pad)[:, :c].to(dtype)
 
 
+def _outputs_and_grads(fn, inputs: list[torch.Tensor], grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """fn's outputs on fresh leaves of `inputs`, then the inputs' gradients for the output gradients `grads` (each
+    cast to its output's dtype): the references the kernels' forward and backward are checked against."""
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    outs = fn(*leaves)
+    outs = list(outs) if isinstance(outs, (tuple, list)) else [outs]
+    return [*outs, *torch.autograd.grad(outs, leaves, [g.to(o.dtype) for g, o in zip(grads, outs)])]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("cols,pad", [(300, 3), (256, 0)])
 def test_layer_norm_fwd_bwd(gpu, dtype, cols, pad):
@@ -86,12 +95,8 @@ def test_layer_norm_fwd_bwd(gpu, dtype, cols, pad):
     _launch(gpu, "norm_bwd", NormBwd(DTYPE_CODES[dtype], n, cols, _p(dy), dy.stride(0), _p(y), cols, None, None,
                                      _p(rstd), None, 0, _p(dx), None, None, 0, 0, 0))
 
-    def ln(t):
-        t = t.detach().requires_grad_()
-        out = reference.layer_norm(t)
-        return out, torch.autograd.grad(out, t, dy.to(out.dtype))[0]
-
-    (ref_y, ref_dx), (same_y, same_dx) = ln(x.double()), ln(x)
+    ref_y, ref_dx = _outputs_and_grads(reference.layer_norm, [x.double()], [dy])
+    same_y, same_dx = _outputs_and_grads(reference.layer_norm, [x], [dy])
     assert_within_2x("y", y, same_y, ref_y)
     assert_within_2x("dx", dx, same_dx, ref_dx)
 
@@ -138,13 +143,11 @@ def test_qk_norm_rope_fwd_bwd(gpu, dtype, shape):
                                                    (i64 * 2)(*qkv.stride()[:2]), _p(q_weight), _p(k_weight),
                                                    _p(rstd), _p(dqkv), _p(dq_w), _p(dk_w), 3, *pos))
 
-    def prologue(t, qw, kw):
-        inputs = [x.detach().requires_grad_() for x in (t, qw, kw)]
-        outs = reference.qk_norm_rope(*inputs, Hq, Hkv, 1e-6, positions, offset, 500000.0, scaling)
-        return [*outs, *torch.autograd.grad(outs, inputs, [g.to(t.dtype) for g in grads])]
+    def prologue(*inputs):
+        return reference.qk_norm_rope(*inputs, Hq, Hkv, 1e-6, positions, offset, 500000.0, scaling)
 
-    ref = prologue(qkv.double(), q_weight.double(), k_weight.double())
-    same = prologue(qkv, q_weight.to(dtype), k_weight.to(dtype))
+    ref = _outputs_and_grads(prologue, [qkv.double(), q_weight.double(), k_weight.double()], grads)
+    same = _outputs_and_grads(prologue, [qkv, q_weight.to(dtype), k_weight.to(dtype)], grads)
     got = [q, k, v, dqkv, dq_w.sum(0), dk_w.sum(0)]
     for name, g, s_, r in zip(("q", "k", "v", "dqkv", "dq_weight", "dk_weight"), got, same, ref):
         assert_within_2x(name, g, s_.to(g.dtype), r)
@@ -164,12 +167,8 @@ def test_swiglu_fwd_bwd(gpu, dtype, hidden):
                                             _p(h) + hidden * size, h.stride(0), _p(h), h.stride(0),
                                             _p(dh) + hidden * size, 2 * hidden, _p(dh), 2 * hidden))
 
-    def swiglu(t):
-        t = t.detach().requires_grad_()
-        o = reference.swiglu(t)
-        return o, torch.autograd.grad(o, t, dout.to(o.dtype))[0]
-
-    (ref_o, ref_dh), (same_o, same_dh) = swiglu(h.double()), swiglu(h)
+    ref_o, ref_dh = _outputs_and_grads(reference.swiglu, [h.double()], [dout])
+    same_o, same_dh = _outputs_and_grads(reference.swiglu, [h], [dout])
     assert_within_2x("out", out, same_o, ref_o)
     assert_within_2x("dh", dh, same_dh, ref_dh)
 
@@ -212,11 +211,11 @@ def test_qkv_rope_fwd_bwd(gpu, dtype, case):
                                             int(clip is not None)))
 
     def prologue(t):
-        t = t.detach().requires_grad_()
-        outs = reference.qkv_rope(t, Hq, Hkv, clip, offset=3)
-        return [*outs, torch.autograd.grad(outs, t, [g.to(t.dtype) for g in grads])[0]]
+        return reference.qkv_rope(t, Hq, Hkv, clip, offset=3)
 
-    for name, got, same, ref in zip(("q", "k", "v", "dqkv"), (q, k, v, dqkv), prologue(qkv), prologue(qkv.double())):
+    same_outs = _outputs_and_grads(prologue, [qkv], grads)
+    ref_outs = _outputs_and_grads(prologue, [qkv.double()], grads)
+    for name, got, same, ref in zip(("q", "k", "v", "dqkv"), (q, k, v, dqkv), same_outs, ref_outs):
         assert_within_2x(name, got, same, ref)
 
 
