@@ -333,7 +333,10 @@ struct LayerNormFunction : torch::autograd::Function<LayerNormFunction> {
                                                 const std::optional<Tensor>& residual, double eps) {
     static const auto fwd = op_handle<decltype(layer_norm_fwd)>("olmo_fast_C::layer_norm_fwd");
     auto [y, h, rstd] = fwd.call(flat_rows(x), flat_rows(residual), eps);
-    ctx->save_for_backward({y, rstd});
+    // y itself is this node's output, which a SavedVariable keeps without its grad_fn and rebuilds into a new
+    // tensor at every unpack; a detached alias (same storage and version counter, so an in-place change of y is
+    // still caught) unpacks as it is.
+    ctx->save_for_backward({y.detach(), rstd});
     ctx->set_materialize_grads(false);  // an unused output's gradient stays undefined: no zeros to read
     if (!h.has_value()) return {shaped_as(y, x)};
     return {shaped_as(y, x), shaped_as(*h, x)};

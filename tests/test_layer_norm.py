@@ -115,6 +115,18 @@ def test_backward_keeps_output_not_input(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_refuses_an_output_changed_in_place(backend):
+    """The saved y is y's storage: changing y in place after the forward must fail the backward, not feed it."""
+    require_kernel_where_registered("layer_norm_fwd", backend)
+    x = torch.randn(5, 33, device=DEVICE, requires_grad=True)
+    y = ops.layer_norm(x, backend=backend)
+    with torch.no_grad():
+        y.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(y.sum(), x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_bad_inputs(backend):
     require_kernel_where_registered("norm_fwd", backend)
     x = torch.randn(3, 8, device=DEVICE)

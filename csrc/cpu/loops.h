@@ -58,12 +58,22 @@ void dispatch_dtype(olmo_fast_dtype dtype, F&& f) {
 
 constexpr int kLanes = 16;
 
-// The sum of lane accumulators, by a pairwise fold.
-OLMO_FAST_INLINE float fold_lanes(float (&acc)[kLanes]) {
-  for (int width = kLanes / 2; width > 0; width /= 2) {
-    for (int j = 0; j < width; ++j) acc[j] += acc[j + width];
-  }
-  return acc[0];
+// combine(acc[0], ..., acc[kLanes - 1]) by a pairwise fold (lane j with lane j + width, width = 8, 4, 2, 1), its
+// first steps on 4-lane vectors (16 bytes: baseline SIMD on x86-64 and Arm). The same fold indexed through the
+// array is a chain of 15 stack stores and reloads (measured: the LayerNorm backward at 67x129 fp32, 2.6 -> 1.8 us
+// a call on AVX-512).
+template <class Combine>
+OLMO_FAST_INLINE float fold_lanes(const float (&acc)[kLanes], Combine combine) {
+  static_assert(kLanes == 16, "the fold is written for 4 quarters");
+  typedef float Quarter __attribute__((vector_size(4 * sizeof(float))));
+  Quarter q[4];
+  __builtin_memcpy(q, acc, sizeof q);
+  const Quarter by_lane_mod_4 = combine(combine(q[0], q[2]), combine(q[1], q[3]));
+  return combine(combine(by_lane_mod_4[0], by_lane_mod_4[2]), combine(by_lane_mod_4[1], by_lane_mod_4[3]));
+}
+
+OLMO_FAST_INLINE float fold_sum(const float (&acc)[kLanes]) {
+  return fold_lanes(acc, [](auto a, auto b) { return a + b; });
 }
 
 // sum_{i < n} term(i) in fp32 over 16 independent lanes (which the compiler maps to SIMD registers: a plain
@@ -77,7 +87,7 @@ OLMO_FAST_INLINE float lane_sum(int64_t n, F term) {
   }
   float tail = 0.0f;
   for (; i < n; ++i) tail += term(i);
-  return fold_lanes(acc) + tail;
+  return fold_sum(acc) + tail;
 }
 
 // lane_sum of two terms in one pass over the row (their common loads once): sum_a, sum_b as lane_sum gives them.
@@ -96,8 +106,8 @@ OLMO_FAST_INLINE void lane_sums(int64_t n, A term_a, B term_b, float& sum_a, flo
     tail_a += term_a(i);
     tail_b += term_b(i);
   }
-  sum_a = fold_lanes(acc_a) + tail_a;
-  sum_b = fold_lanes(acc_b) + tail_b;
+  sum_a = fold_sum(acc_a) + tail_a;
+  sum_b = fold_sum(acc_b) + tail_b;
 }
 
 // max_{i < n} term(i) (-inf for n = 0), over 16 lanes as lane_sum; a NaN term may be dropped (callers that must
@@ -117,10 +127,7 @@ OLMO_FAST_INLINE float lane_max(int64_t n, F term) {
     const float v = term(i);
     acc[0] = acc[0] > v ? acc[0] : v;
   }
-  for (int width = kLanes / 2; width > 0; width /= 2) {
-    for (int j = 0; j < width; ++j) acc[j] = acc[j] > acc[j + width] ? acc[j] : acc[j + width];
-  }
-  return acc[0];
+  return fold_lanes(acc, [](auto a, auto b) { return a > b ? a : b; });
 }
 
 }  // namespace cpu
