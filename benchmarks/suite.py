@@ -1,5 +1,7 @@
 """The benchmark loop: for each case, each provider and each mode, check the output against eager, time it,
-and score it against the op's least work (`roofline.py`) and the ceilings measured in the same run.
+and score it against the op's least work (`roofline.py`) and the ceilings measured in the same run. On the CPU
+a case's providers are timed together for each mode, their repetitions in alternating rounds, so that the
+ratios hold on a shared, noisy host; on a GPU one after another.
 
 Each (case, provider, mode) gives one row; a provider that cannot run gives rows saying why ("not installed",
 "unavailable: <reason>", "error: <message>"), never silence. Once a case's providers have run, our rows get
@@ -29,7 +31,7 @@ from olmo_fast.ops import BackendError
 from . import ceilings, interrupt, report, roofline
 from .cases import DTYPES, OPS, Case, differentiable, make_inputs, modes, shape_set
 from .providers import Impl, NotInstalled, Unavailable, op_fn, registry
-from .timing import peak_memory_mb, time_fn
+from .timing import peak_memory_mb, time_all
 
 # Sanity bound for the output check (relative to the reference's largest magnitude): it catches a provider
 # computing another function (a layout mix-up), not precision - the kernel tests judge that.
@@ -243,6 +245,7 @@ class Suite:
         sets = input_sets(case, self.dtype, self.device)
         reference, grads = references(case, sets[0], backward=any(m != "fwd" for m in case_modes))
         first_row = len(self.rows)
+        ready: list[tuple[str, Impl, dict[str, tuple[float, str]]]] = []  # (name, impl, mode -> (error, check))
         for provider in registry()[case.op]:
             why_not = self.selected(provider.name, case)
             if why_not is None and self.deadline is not None:
@@ -255,14 +258,29 @@ class Suite:
                 for mode in case_modes:
                     self.row(case, mode, provider.name, "skipped", why_not)
                 continue
-            self._run_provider(case, provider, case_modes, sets, reference, grads)
+            checked = self._check_provider(case, provider, case_modes, sets, reference, grads)
+            if checked is not None:
+                ready.append(checked)
+        for mode in case_modes:
+            for batch in self._batches(ready):
+                self._time(case, mode, batch, sets)
         report.add_speedups(self.rows[first_row:])  # ours against eager and SDPA, all from this case's run
         self.on_row()
         del sets, reference, grads
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _run_provider(self, case, provider, case_modes, sets, reference, grads) -> None:
+    def _batches(self, ready: list) -> list[list]:
+        """The providers timed together. On the CPU a mode's compiled providers, their repetitions interleaved
+        (timing.time_all), so their ratios survive a noisy host; the interpreted Triton ones alone (the garbage of
+        the interpreter would slow the call timed after it). On a GPU one at a time: one provider's graphs held."""
+        if self.device.type != "cpu":
+            return [[entry] for entry in ready]
+        compiled = [entry for entry in ready if entry[1].note != report.INTERPRETED]
+        return ([compiled] if compiled else []) + [[entry] for entry in ready if entry[1].note == report.INTERPRETED]
+
+    def _check_provider(self, case, provider, case_modes, sets, reference, grads):
+        """(name, impl, mode -> (worst error, check)) of a provider that built and ran; else its rows say why."""
         try:
             impl = provider.build(case, self.device)
             err = forward_error(impl, case, sets[0], reference)
@@ -271,35 +289,60 @@ class Suite:
             for mode in case_modes:
                 self.row(case, mode, provider.name, status, reason)
             self.log(f"  {case.op:<16} {case.label:<28} {provider.name:<15} {status}: {reason}")
-            return
+            return None
         grad_err = None
         if grads is not None:
             with contextlib.suppress(Exception):  # the backward's own failure is recorded by its timed rows
                 grad_err = grad_error(impl, case, sets[0], grads)
         tol = CHECK_TOL[self.dtype]
+        checks = {}
         for mode in case_modes:
             worst = err if mode == "fwd" or grad_err is None else max(err, grad_err)
             check = "ok" if worst <= tol else "MISMATCH"  # nan fails too
             if mode != "fwd" and grad_err is None:
                 check += " (forward only)"
-            try:
-                self._time(case, provider.name, impl, mode, sets, worst, check)
-            except Exception as exc:  # noqa: BLE001
-                status, reason = failure_status(exc)
-                self.row(case, mode, provider.name, status, reason, note=impl.note)
-                self.log(f"  {case.op:<16} {case.label:<28} {provider.name:<15} {mode:<8} {status}: {reason}")
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
+            checks[mode] = (worst, check)
+        return provider.name, impl, checks
 
-    def _time(self, case, name, impl, mode, sets, err, check) -> None:
-        run = runner(impl, case, sets, mode)
-        timing = time_fn(run, self.device, len(sets), self.warmup_ms, self.rep_ms)
-        peak = peak_memory_mb(lambda: run(0), self.device)
-        scores = roofline.rates(case.op, case.params, self.dtype.itemsize, mode, timing.median_ms * 1e-3,
-                                self.ceilings)
-        row = self.row(case, mode, name, "ok", note=impl.note, median_ms=timing.median_ms, p20_ms=timing.p20_ms,
-                       p80_ms=timing.p80_ms, n=timing.n, **scores, peak_mem_mb=peak, check_err=err, check=check)
-        self.log(f"  {case.op:<16} {case.label:<28} {name:<15} {mode:<8} {report.rate(row)}")
+    def _time(self, case, mode, batch, sets) -> None:
+        """Times `mode` for each (name, impl, checks) of `batch` together; a row for each, measured or failed."""
+        runs = {}
+        for name, impl, _checks in batch:
+            try:
+                runs[name] = runner(impl, case, sets, mode)
+            except Exception as exc:  # noqa: BLE001
+                self._failed(case, mode, name, impl, exc)
+        timings = dict(zip(runs, time_all(list(runs.values()), self.device, len(sets), self.warmup_ms,
+                                          self.rep_ms)))
+        for name, impl, checks in batch:
+            if name not in timings:
+                continue
+            timing = timings[name]
+            if isinstance(timing, Exception):
+                self._failed(case, mode, name, impl, timing)
+                continue
+            try:
+                peak = peak_memory_mb(lambda run=runs[name]: run(0), self.device)
+            except Exception as exc:  # noqa: BLE001
+                self._failed(case, mode, name, impl, exc)
+                continue
+            err, check = checks[mode]
+            scores = roofline.rates(case.op, case.params, self.dtype.itemsize, mode, timing.median_ms * 1e-3,
+                                    self.ceilings)
+            row = self.row(case, mode, name, "ok", note=impl.note, median_ms=timing.median_ms,
+                           p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, n=timing.n, **scores, peak_mem_mb=peak,
+                           check_err=err, check=check)
+            self.log(f"  {case.op:<16} {case.label:<28} {name:<15} {mode:<8} {report.rate(row)}")
+        del runs
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def _failed(self, case, mode, name, impl, exc) -> None:
+        status, reason = failure_status(exc)
+        self.row(case, mode, name, status, reason, note=impl.note)
+        self.log(f"  {case.op:<16} {case.label:<28} {name:<15} {mode:<8} {status}: {reason}")
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def run(ops_wanted: list[str], shapes: str, modes_wanted: list[str], dtype: str, device: torch.device,
