@@ -864,6 +864,12 @@ void decode_attention_gpu(const char* op, const Tensor& q, olmo_fast_decode_atte
 #ifdef OLMO_FAST_WITH_GPU
   TORCH_CHECK(args.head_dim <= 256, "olmo_fast_C::", op, ": the GPU kernel takes head_dim <= 256, got ",
               args.head_dim);
+  {
+    const c10::DeviceGuard guard(q.device());
+    args.multiprocessors = olmo_fast_gpu_multiprocessors();
+  }
+  TORCH_CHECK(args.multiprocessors > 0, "olmo_fast_C::", op, ": the GPU runtime gave no multiprocessor count for ",
+              q.device());
   Tensor workspace;
   if (const int64_t floats = olmo_fast_decode_attention_workspace_floats(&args); floats > 0) {
     workspace = at::empty({floats}, q.options().dtype(at::kFloat));

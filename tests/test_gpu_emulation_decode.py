@@ -27,7 +27,9 @@ from olmo_fast.ops import reference
 DecodeAttention = _struct("DecodeAttention", [
     ("dtype", i32), ("batch", i64), ("q_len", i64), ("heads", i64), ("kv_heads", i64), ("head_dim", i64),
     ("slots", i64), ("q", ptr), ("q_strides", i64 * 3), ("k", ptr), ("k_strides", i64 * 3), ("v", ptr),
-    ("v_strides", i64 * 3), ("seqlens", ptr), ("out", ptr), ("scale", f32), ("window", i64), ("workspace", ptr)])
+    ("v_strides", i64 * 3), ("seqlens", ptr), ("out", ptr), ("scale", f32), ("window", i64), ("workspace", ptr),
+    ("multiprocessors", i64)])
+H100_SMS = 132
 
 
 def _workspace_floats(gpu: ctypes.CDLL, args: ctypes.Structure) -> int:
@@ -58,14 +60,15 @@ def decode_inputs(B: int, Tq: int, H: int, Hkv: int, S: int, D: int, window: int
     return q, k, v, seqlens, clean_k, clean_v
 
 
-def _run(gpu, q, k, v, seqlens, scale, window) -> tuple[torch.Tensor, int]:
-    """The kernel's output (poisoned first) and the number of splits its launcher chose."""
+def _run(gpu, q, k, v, seqlens, scale, window, multiprocessors=H100_SMS) -> tuple[torch.Tensor, int]:
+    """The kernel's output (poisoned first) and the number of splits its launcher chose for a device of
+    `multiprocessors`."""
     B, Tq, H, D = q.shape
     S, Hkv = k.shape[1], k.shape[2]
     out = _nan(B, Tq, H, D, dtype=q.dtype)
     args = DecodeAttention(DTYPE_CODES[q.dtype], B, Tq, H, Hkv, D, S, _p(q), (i64 * 3)(*q.stride()[:3]), _p(k),
                            (i64 * 3)(*k.stride()[:3]), _p(v), (i64 * 3)(*v.stride()[:3]), _p(seqlens), _p(out),
-                           scale, window or 0, None)
+                           scale, window or 0, None, multiprocessors)
     floats = _workspace_floats(gpu, args)
     workspace = _nan(floats, dtype=torch.float32) if floats else None
     args.workspace = _p(workspace)
@@ -99,6 +102,23 @@ def test_decode_attention(gpu, dtype, case):
     same = reference.decode_attention(q, clean_k, clean_v, seqlens, scale, window)
     ref = reference.decode_attention(q.double(), clean_k.double(), clean_v.double(), seqlens, scale, window)
     assert_within_2x("out", out, same, ref)
+
+
+def test_splits_follow_the_multiprocessor_count(gpu):
+    """~2 blocks per multiprocessor: 2 (sequence, kv head) blocks over 2048 keys take 66 splits on 66 SMs, capped
+    at 8 (>= 256 keys each) on 132; no multiprocessor count is refused, not guessed."""
+    q, k, v, seqlens, clean_k, clean_v = decode_inputs(1, 1, 2, 2, 2048, 64, None, 0, torch.float32)
+    scale = 64 ** -0.5
+    ref = reference.decode_attention(q.double(), clean_k.double(), clean_v.double(), seqlens, scale, None)
+    same = reference.decode_attention(q, clean_k, clean_v, seqlens, scale, None)
+    for sms, splits in ((1, 1), (3, 3), (132, 8)):
+        out, chosen = _run(gpu, q, k, v, seqlens, scale, None, multiprocessors=sms)
+        assert chosen == splits, f"{sms} multiprocessors: {chosen} splits, expected {splits}"
+        assert_within_2x(f"out ({sms} multiprocessors)", out, same, ref)
+    with pytest.raises(AssertionError, match="launch failed"):
+        _run(gpu, q, k, v, seqlens, scale, None, multiprocessors=0)
+    gpu.olmo_fast_gpu_multiprocessors.restype = ctypes.c_int
+    assert gpu.olmo_fast_gpu_multiprocessors() == H100_SMS  # the emulated device the binding would ask
 
 
 def test_query_without_keys_gets_zero(gpu):

@@ -14,7 +14,8 @@
 //     emulated warp size; each lane publishes its value, the warp meets at a barrier, reads its partner's, and
 //     meets again before the slots are reused;
 //   - gpuGetLastError: a bad launch configuration (no thread, more than OF_MAX_THREADS) is reported, as the
-//     runtime would, and the launch does not run.
+//     runtime would, and the launch does not run; gpuGetDevice / gpuDeviceGetAttribute: one device of 132
+//     multiprocessors;
 //   - the tensor-core matrix instructions (csrc/kernels/mma.cuh): warp_gather hands each lane the fragments of its
 //     warp, from which mma.cuh forms the product by the instructions' documented fragment layouts;
 // Not emulated: concurrency between blocks, atomics, memory ordering beyond the barriers; device math is the host's
@@ -106,6 +107,18 @@ inline int last_error() {
 }
 
 inline const char* error_string(int error) { return error == 0 ? "no error" : "invalid launch configuration"; }
+
+// One device, device 0, with an H100 SXM's 132 multiprocessors.
+enum DeviceAttribute { kMultiprocessorCount };
+inline int get_device(int* device) {
+  *device = 0;
+  return 0;
+}
+inline int device_attribute(int* value, DeviceAttribute attribute, int device) {
+  if (device != 0 || attribute != kMultiprocessorCount) return 1;
+  *value = 132;
+  return 0;
+}
 
 inline int linear_thread() { return int(threadIdx.x + blockDim.x * (threadIdx.y + blockDim.y * threadIdx.z)); }
 

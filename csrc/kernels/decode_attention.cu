@@ -18,8 +18,9 @@
 // workspace and kernel 2 (one block per output row) merges the splits the same way and writes out.
 // Warp-size agnostic (32 or 64): the lane groups, the streams and the shuffle masks derive from OF_WARP_SIZE; every
 // loop around a shuffle is uniform over the warp, every loop around a barrier over the block.
-// Split policy (launcher): enough blocks for ~2 per SM of a 132-SM H100 (>= 2 per CU of a 110-CU MI250X GCD), at
-// least kMinSplitKeys keys per split of the longest possible span (the cache, or the window plus q_len - 1).
+// Split policy (launcher): enough blocks for ~kBlocksPerMultiprocessor on each of the device's multiprocessors
+// (args.multiprocessors: 132 SMs on an H100 SXM, 108 on an A100, 110 CUs on an MI250X GCD), at least kMinSplitKeys
+// keys per split of the longest possible span (the cache, or the window plus q_len - 1).
 // DRAM bytes: K and V once per (sequence, kv head, chunk): e * B * Hkv * L * 2D (dominant; L = keys seen, at most
 // window + q_len - 1 with a window), q and out once (e * B * q_len * H * D each), plus with splits > 1 the
 // workspace written and read once: 4 * B * H * q_len * splits * (D + 2).
@@ -34,7 +35,7 @@ constexpr int kWarps = 4;           // warps (wavefronts) per split block
 constexpr int kMaxThreads = 256;    // kWarps x 64
 constexpr int64_t kMaxHeadDim = 256;
 constexpr int64_t kMinSplitKeys = 256;
-constexpr int64_t kTargetBlocks = 2 * 132;
+constexpr int64_t kBlocksPerMultiprocessor = 2;
 constexpr float kLog2e = 1.4426950408889634f;
 
 OF_HD int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
@@ -269,7 +270,8 @@ Plan plan_of(const olmo_fast_decode_attention_args& a) {
   p.chunks = (p.rows + p.rows_per_block - 1) / p.rows_per_block;
   const int64_t span = a.window > 0 ? min64(a.slots, a.window + a.q_len - 1) : a.slots;  // keys a chunk may see
   const int64_t blocks = a.batch * a.kv_heads * p.chunks;
-  const int64_t wanted = (kTargetBlocks + blocks - 1) / blocks;
+  const int64_t target = kBlocksPerMultiprocessor * a.multiprocessors;
+  const int64_t wanted = (target + blocks - 1) / blocks;
   p.splits = max64(1, min64(wanted, span / kMinSplitKeys));
   return p;
 }
@@ -280,7 +282,7 @@ bool empty(const olmo_fast_decode_attention_args& a) {
 
 bool valid(const olmo_fast_decode_attention_args& a) {
   return a.batch >= 0 && a.q_len >= 0 && a.heads >= 0 && a.kv_heads > 0 && a.heads % a.kv_heads == 0 &&
-         a.head_dim >= 0 && a.head_dim <= kMaxHeadDim && a.slots >= 0 && a.slots <= INT32_MAX && a.window >= 0;
+         a.multiprocessors > 0 && a.head_dim >= 0 && a.head_dim <= kMaxHeadDim && a.slots >= 0 && a.slots <= INT32_MAX && a.window >= 0;
 }
 
 // Whether q, k and v split into aligned vectors of V elements along head_dim.

@@ -234,8 +234,8 @@ typedef struct {
  * reads kv head h / (heads / kv_heads). Out [batch, q_len, heads, head_dim] contiguous, softmax(scale q k^T) v in
  * fp32. A "row" of the CPU loop is one (b, kv head) pair.
  * The GPU launcher (head_dim <= 256) splits the cache into spans whose partial results it merges through `workspace`:
- * olmo_fast_decode_attention_workspace_floats(args) fp32 values on the device (NULL when that is 0; the CPU loop
- * ignores it). */
+ * olmo_fast_decode_attention_workspace_floats(args) fp32 values on the device (NULL when that is 0); how many spans
+ * depends on `multiprocessors` (olmo_fast_gpu_multiprocessors()). The CPU loop ignores both. */
 typedef struct {
   olmo_fast_dtype dtype;
   int64_t batch, q_len, heads, kv_heads, head_dim, slots;
@@ -249,7 +249,8 @@ typedef struct {
   void* out;
   float scale;
   int64_t window;   /* sliding window in keys; 0 = unlimited */
-  float* workspace; /* GPU only: see above */
+  float* workspace;        /* GPU only: see above */
+  int64_t multiprocessors; /* GPU only: the device's SMs (AMD: CUs), > 0 */
 } olmo_fast_decode_attention_args;
 
 /* Training attention (flash style), per batch b and query head h (kv head h / (heads / kv_heads), never
@@ -330,6 +331,8 @@ int olmo_fast_attention_bwd_gpu(const olmo_fast_attention_bwd_args* args, void* 
 /* floats of the backward's GPU workspace: batch * heads * q_len */
 int64_t olmo_fast_attention_bwd_workspace_floats(const olmo_fast_attention_bwd_args* args);
 const char* olmo_fast_gpu_error_string(int error);
+/* the current device's multiprocessors (SMs; on AMD, CUs), or 0 if the runtime cannot tell */
+int olmo_fast_gpu_multiprocessors(void);
 
 void olmo_fast_norm_fwd_cpu(const olmo_fast_norm_fwd_args* args, int64_t row_begin, int64_t row_end);
 /* adds the rows' dweight/dbias terms into accumulator row `partial` */

@@ -66,6 +66,9 @@ typedef int gpuError_t;
 #define gpuSuccess 0
 #define gpuGetLastError ::olmo_fast::emu::last_error
 #define gpuGetErrorString ::olmo_fast::emu::error_string
+#define gpuGetDevice ::olmo_fast::emu::get_device
+#define gpuDeviceGetAttribute ::olmo_fast::emu::device_attribute
+#define gpuDevAttrMultiProcessorCount ::olmo_fast::emu::kMultiprocessorCount
 #define gpuErrorInvalidValue 1
 #elif defined(OF_HIP)
 #if defined(__AMDGCN_WAVEFRONT_SIZE__)
@@ -80,6 +83,9 @@ typedef hipError_t gpuError_t;
 #define gpuSuccess hipSuccess
 #define gpuGetLastError hipGetLastError
 #define gpuGetErrorString hipGetErrorString
+#define gpuGetDevice hipGetDevice
+#define gpuDeviceGetAttribute hipDeviceGetAttribute
+#define gpuDevAttrMultiProcessorCount hipDeviceAttributeMultiprocessorCount
 #define gpuErrorInvalidValue hipErrorInvalidValue
 #else
 #define OF_WARP_SIZE 32
@@ -88,6 +94,9 @@ typedef cudaError_t gpuError_t;
 #define gpuSuccess cudaSuccess
 #define gpuGetLastError cudaGetLastError
 #define gpuGetErrorString cudaGetErrorString
+#define gpuGetDevice cudaGetDevice
+#define gpuDeviceGetAttribute cudaDeviceGetAttribute
+#define gpuDevAttrMultiProcessorCount cudaDevAttrMultiProcessorCount
 #define gpuErrorInvalidValue cudaErrorInvalidValue
 #endif
 
