@@ -64,6 +64,28 @@ def test_matches_float64_cross_entropy(backend, reduction, chunk_size):
     _check_close(ours, plain, ref)
 
 
+def test_default_chunk_size():
+    from olmo_fast.ops.cross_entropy import MIN_CHUNK_LOGITS, default_chunk_size
+
+    # a large vocabulary: Liger's rule, logits about x's size (8192 tokens x 4096 wide over 100352 words: 25
+    # chunks of 328 tokens -> 512, a power of two)
+    assert default_chunk_size(8192, 100352, 4096) == 512
+    # a small one: the floor of MIN_CHUNK_LOGITS logits (the whole of 67 tokens x 515 words in one chunk)
+    assert default_chunk_size(67, 515, 48) == 2048 and 2048 * 515 >= MIN_CHUNK_LOGITS > 1024 * 515
+
+
+def test_labels_out_of_range_fail_before_any_work():
+    x, w = torch.randn(5, 4, device=DEVICE), torch.randn(7, 4, device=DEVICE)
+    for bad in (7, -1, -99):
+        y = torch.tensor([0, -100, 6, bad, 3], device=DEVICE)
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 7\) or equal ignore_index=-100"):
+            ops.linear_cross_entropy(x, w, y, backend="torch")
+    y = torch.tensor([0, -100, 6, 1, 3], device=DEVICE)  # ignore_index itself is fine, so is an empty batch
+    assert torch.isfinite(ops.linear_cross_entropy(x, w, y, backend="torch"))
+    empty = ops.linear_cross_entropy(x[:0], w, y[:0], reduction="sum", backend="torch")
+    assert empty.item() == 0
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_custom_ignore_index_non_contiguous_and_single_token(backend):
     _require(backend)
