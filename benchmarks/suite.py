@@ -259,8 +259,13 @@ class Suite:
                     self.row(case, mode, provider.name, "skipped", why_not)
                 continue
             checked = self._check_provider(case, provider, case_modes, sets, reference, grads)
-            if checked is not None:
+            if checked is None:
+                continue
+            if self.interleaves():
                 ready.append(checked)
+            else:  # timed at once: a later provider that hangs or dies costs none of these rows
+                for mode in case_modes:
+                    self._time(case, mode, [checked], sets)
         for mode in case_modes:
             for batch in self._batches(ready):
                 self._time(case, mode, batch, sets)
@@ -270,12 +275,17 @@ class Suite:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    def _batches(self, ready: list) -> list[list]:
-        """The providers timed together. On the CPU a mode's compiled providers, their repetitions interleaved
-        (timing.time_all), so their ratios survive a noisy host; the interpreted Triton ones alone (the garbage of
-        the interpreter would slow the call timed after it). On a GPU one at a time: one provider's graphs held."""
-        if self.device.type != "cpu":
-            return [[entry] for entry in ready]
+    def interleaves(self) -> bool:
+        """Whether a case's providers are timed together once all are checked (the CPU: their ratios survive a
+        noisy host) or each as soon as it is checked (a GPU, whose CUDA-event times are steady: a provider that
+        hangs in a slot's last minutes - a compiler - then costs none of the rows measured before it, and only one
+        provider's graphs are held at a time)."""
+        return self.device.type == "cpu"
+
+    @staticmethod
+    def _batches(ready: list) -> list[list]:
+        """The providers timed together: a mode's compiled ones, their repetitions interleaved (timing.time_all);
+        the interpreted Triton ones alone (the interpreter's garbage would slow the call timed after it)."""
         compiled = [entry for entry in ready if entry[1].note != report.INTERPRETED]
         return ([compiled] if compiled else []) + [[entry] for entry in ready if entry[1].note == report.INTERPRETED]
 

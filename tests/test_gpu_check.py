@@ -43,11 +43,24 @@ def _signalling(sig: int, swallow: bool):
     return build
 
 
+@pytest.mark.parametrize("interleaved", [False, True], ids=["each-at-once", "interleaved"])
 @pytest.mark.parametrize("sig,swallow", [(signal.SIGTERM, False), (signal.SIGINT, True)], ids=["term", "swallowed-int"])
-def test_signal_stops_the_suite_and_keeps_the_rows(monkeypatch, tmp_path, sig, swallow):
+def test_signal_stops_the_suite_and_keeps_the_rows(monkeypatch, tmp_path, sig, swallow, interleaved):
     # Eager's rows (fwd, bwd), then a provider that signals: eager's rows are in bench.json, marked interrupted.
-    signalling = providers.Provider("signal", _signalling(sig, swallow))
+    # Timed each at once (a GPU's order), eager's rows of the case are written before the next provider is even
+    # built; interleaved (the CPU's), a case's rows come once all its providers are checked, so the signal comes in
+    # the second case (the first case's rows are kept).
+    builds = []
+
+    def signalling_build(case, device):
+        builds.append(case)
+        if interleaved and len(builds) == 1:
+            return _eager_swiglu(case, device)
+        return _signalling(sig, swallow)(case, device)
+
+    signalling = providers.Provider("signal", signalling_build)
     monkeypatch.setattr(suite, "registry", lambda: {"swiglu": [providers.Provider("eager", _eager_swiglu), signalling]})
+    monkeypatch.setattr(suite.Suite, "interleaves", lambda self: interleaved)
     previous = signal.getsignal(sig)
     with pytest.raises(KeyboardInterrupt):
         suite.run(["swiglu"], "cpu-small", ["fwd", "bwd"], "fp32", CPU, out_dir=tmp_path, warmup_ms=0, rep_ms=0,
@@ -57,6 +70,7 @@ def test_signal_stops_the_suite_and_keeps_the_rows(monkeypatch, tmp_path, sig, s
     assert data["state"] == "interrupted" and data["interrupted_by"] == signal.Signals(sig).name
     eager = [r for r in data["rows"] if r["provider"] == "eager"]
     assert [(r["mode"], r["status"]) for r in eager] == [("fwd", "ok"), ("bwd", "ok")]
+    assert interleaved == any(r["provider"] == "signal" and r["status"] == "ok" for r in data["rows"])
     assert len((tmp_path / "bench.csv").read_text().splitlines()) == 1 + len(data["rows"])
     assert not list(tmp_path.glob(".*.tmp"))
 
