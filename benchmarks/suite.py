@@ -343,9 +343,6 @@ class Suite:
                            p20_ms=timing.p20_ms, p80_ms=timing.p80_ms, n=timing.n, **scores, peak_mem_mb=peak,
                            check_err=err, check=check)
             self.log(f"  {case.op:<16} {case.label:<28} {name:<15} {mode:<8} {report.rate(row)}")
-        del runs
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
 
     def _failed(self, case, mode, name, impl, exc) -> None:
         status, reason = failure_status(exc)

@@ -105,8 +105,9 @@ def test_decode_attention(gpu, dtype, case):
 
 
 def test_splits_follow_the_multiprocessor_count(gpu):
-    """~2 blocks per multiprocessor: 2 (sequence, kv head) blocks over 2048 keys take 66 splits on 66 SMs, capped
-    at 8 (>= 256 keys each) on 132; no multiprocessor count is refused, not guessed."""
+    """~2 blocks per multiprocessor: 2 (sequence, kv head) blocks over 2048 keys take 1 split on 1 multiprocessor,
+    3 on 3, and on 132 the 132 wanted are capped at 8 (>= 256 keys each); no multiprocessor count is refused, not
+    guessed."""
     q, k, v, seqlens, clean_k, clean_v = decode_inputs(1, 1, 2, 2, 2048, 64, None, 0, torch.float32)
     scale = 64 ** -0.5
     ref = reference.decode_attention(q.double(), clean_k.double(), clean_v.double(), seqlens, scale, None)

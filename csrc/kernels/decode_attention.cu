@@ -282,7 +282,8 @@ bool empty(const olmo_fast_decode_attention_args& a) {
 
 bool valid(const olmo_fast_decode_attention_args& a) {
   return a.batch >= 0 && a.q_len >= 0 && a.heads >= 0 && a.kv_heads > 0 && a.heads % a.kv_heads == 0 &&
-         a.multiprocessors > 0 && a.head_dim >= 0 && a.head_dim <= kMaxHeadDim && a.slots >= 0 && a.slots <= INT32_MAX && a.window >= 0;
+         a.multiprocessors > 0 && a.head_dim >= 0 && a.head_dim <= kMaxHeadDim && a.slots >= 0 &&
+         a.slots <= INT32_MAX && a.window >= 0;
 }
 
 // Whether q, k and v split into aligned vectors of V elements along head_dim.
