@@ -9,11 +9,20 @@
 // The row loops are compiled three times on x86-64 (GCC/Clang, ELF): for AVX-512 (x86-64-v4), AVX2 + FMA
 // (x86-64-v3) and the baseline; the best one the CPU runs is picked at load time (measured on AVX-512: SwiGLU
 // 0.85 -> 0.42 ns per element from v3 to v4).
+// The loops of the norms and the qkv prologues, whose calls at model shapes last microseconds, are compiled without
+// the AVX-512 clone (OLMO_FAST_CPU_CLONES_256: 256-bit vectors at most). Measured on a Sapphire Rapids class Xeon
+// VM, 1 thread, LayerNorm backward 67x129 fp32 in torch.autograd.grad: with 512-bit vectors in the loop, the code
+// around each call (the autograd engine, the Python interpreter) ran slower - perf gave the same Python code 13%
+// more samples - and the whole call was 3% behind eager PyTorch's; with 256-bit vectors it is 3% ahead (the VM
+// shows no hardware counters; the likely cause is the clock drop that 512-bit instructions bring). The loops that
+// run long (attention, SwiGLU, cross-entropy) keep the 512-bit clone, measured faster there.
 // Elsewhere, once.
 #if defined(__x86_64__) && defined(__ELF__) && (defined(__GNUC__) || defined(__clang__))
 #define OLMO_FAST_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define OLMO_FAST_CPU_CLONES_256 __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define OLMO_FAST_CPU_CLONES
+#define OLMO_FAST_CPU_CLONES_256
 #endif
 
 // Before a loop whose iterations are independent (no output overlaps an input): no runtime overlap test.

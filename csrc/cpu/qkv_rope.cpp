@@ -12,7 +12,7 @@ namespace cpu {
 namespace {
 
 template <class T, class Pre>
-OLMO_FAST_CPU_CLONES void qkv_rope_fwd_tokens(const olmo_fast_qkv_rope_fwd_args& a, Pre pre, int64_t token_begin,
+OLMO_FAST_CPU_CLONES_256 void qkv_rope_fwd_tokens(const olmo_fast_qkv_rope_fwd_args& a, Pre pre, int64_t token_begin,
                                               int64_t token_end) {
   const int64_t D = a.head_dim, half = D / 2;
   RopeAngles angles(D, a.theta, false);
@@ -39,7 +39,7 @@ OLMO_FAST_CPU_CLONES void qkv_rope_fwd_tokens(const olmo_fast_qkv_rope_fwd_args&
 }
 
 template <class T>
-OLMO_FAST_CPU_CLONES void qkv_rope_bwd_tokens(const olmo_fast_qkv_rope_bwd_args& a, int64_t token_begin,
+OLMO_FAST_CPU_CLONES_256 void qkv_rope_bwd_tokens(const olmo_fast_qkv_rope_bwd_args& a, int64_t token_begin,
                                               int64_t token_end) {
   const int64_t D = a.head_dim, half = D / 2;
   const int64_t heads[3] = {a.q_heads, a.kv_heads, a.kv_heads};

@@ -1,5 +1,5 @@
-// RoPE pieces shared by the CPU loops that rotate (rope.cpp, qkv_rope.cpp, qk_norm_rope.cpp): one code path for the angles and the
-// rotation, so that the fused prologue and the separate rope op agree bitwise.
+// RoPE pieces shared by the CPU loops that rotate (rope.cpp, qkv_rope.cpp, qk_norm_rope.cpp): one code path for the
+// angles and the rotation, so that the fused prologue and the separate rope op agree bitwise.
 #pragma once
 
 #include <math.h>
