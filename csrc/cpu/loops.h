@@ -127,6 +127,9 @@ OLMO_FAST_INLINE float lane_max(int64_t n, F term) {
   for (int j = 0; j < kLanes; ++j) acc[j] = -INFINITY;
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
+    // Kept a loop for the loop vectoriser (which turns the select into vmaxps): fully unrolled first, the
+    // basic-block vectoriser leaves it as 16 scalar vmaxss (measured: GCC 12, every fp32 clone).
+#pragma GCC unroll 1
     for (int j = 0; j < kLanes; ++j) {
       const float v = term(i + j);
       acc[j] = acc[j] > v ? acc[j] : v;
