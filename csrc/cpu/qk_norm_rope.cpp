@@ -30,7 +30,7 @@ OLMO_FAST_INLINE float part_rstd(const T* x, int64_t n, float eps) {
 
 template <class T>
 OLMO_FAST_CPU_CLONES_256 void qk_norm_rope_fwd_tokens(const olmo_fast_qk_norm_rope_fwd_args& a, int64_t token_begin,
-                                                  int64_t token_end) {
+                                                      int64_t token_end) {
   const int64_t D = a.head_dim, half = D / 2;
   const int64_t heads[2] = {a.q_heads, a.kv_heads};
   const float* weights[2] = {a.q_weight, a.k_weight};
@@ -65,7 +65,7 @@ OLMO_FAST_CPU_CLONES_256 void qk_norm_rope_fwd_tokens(const olmo_fast_qk_norm_ro
 
 template <class T>
 OLMO_FAST_CPU_CLONES_256 void qk_norm_rope_bwd_tokens(const olmo_fast_qk_norm_rope_bwd_args& a, int64_t token_begin,
-                                                  int64_t token_end, int64_t partial) {
+                                                      int64_t token_end, int64_t partial) {
   const int64_t D = a.head_dim, half = D / 2;
   const int64_t heads[2] = {a.q_heads, a.kv_heads};
   const float* weights[2] = {a.q_weight, a.k_weight};

@@ -13,7 +13,7 @@ namespace {
 
 template <class T, class Pre>
 OLMO_FAST_CPU_CLONES_256 void qkv_rope_fwd_tokens(const olmo_fast_qkv_rope_fwd_args& a, Pre pre, int64_t token_begin,
-                                              int64_t token_end) {
+                                                  int64_t token_end) {
   const int64_t D = a.head_dim, half = D / 2;
   RopeAngles angles(D, a.theta, false);
   for (int64_t token = token_begin; token < token_end; ++token) {
@@ -40,7 +40,7 @@ OLMO_FAST_CPU_CLONES_256 void qkv_rope_fwd_tokens(const olmo_fast_qkv_rope_fwd_a
 
 template <class T>
 OLMO_FAST_CPU_CLONES_256 void qkv_rope_bwd_tokens(const olmo_fast_qkv_rope_bwd_args& a, int64_t token_begin,
-                                              int64_t token_end) {
+                                                  int64_t token_end) {
   const int64_t D = a.head_dim, half = D / 2;
   const int64_t heads[3] = {a.q_heads, a.kv_heads, a.kv_heads};
   const int64_t width = (a.q_heads + 2 * a.kv_heads) * D;
